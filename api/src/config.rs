@@ -1,0 +1,791 @@
+//! The VM configuration.
+//!
+//! One set of types serves the JSON config file (`vmm --config FILE`), the
+//! `vmm` command line (`--disk path=...,readonly=on`), the `vm.create` request
+//! body, `vm.info`, and the migration payload. Every struct rejects unknown
+//! fields and has a `validate()` whose error names the offending field.
+
+use std::fmt;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// The largest number of vCPUs a VM may have.
+pub const MAX_VCPUS: u8 = 32;
+/// The smallest guest memory the boot layout fits into.
+pub const MIN_MEMORY_MIB: u64 = 16;
+/// The largest guest memory accepted (1 TiB).
+pub const MAX_MEMORY_MIB: u64 = 1 << 20;
+
+/// A configuration error: which field is wrong and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The field, as a dotted path (`disks[1].path`) or a command-line option.
+    pub field: String,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+impl ConfigError {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+
+    /// The same error seen from an enclosing field, e.g. `path` -> `disks[0].path`.
+    pub fn within(self, prefix: &str) -> Self {
+        ConfigError {
+            field: format!("{prefix}.{}", self.field),
+            message: self.message,
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+pub type ConfigResult<T> = Result<T, ConfigError>;
+
+/// The whole VM.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    #[serde(default)]
+    pub cpus: CpusConfig,
+    #[serde(default)]
+    pub memory: MemoryConfig,
+    pub payload: PayloadConfig,
+    #[serde(default)]
+    pub serial: SerialConfig,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<DiskConfig>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nets: Vec<NetConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balloon: Option<BalloonConfig>,
+    /// What a guest reset (i8042 or 0xCF9 reset, triple fault) does.
+    #[serde(default)]
+    pub on_reset: ResetAction,
+}
+
+impl VmConfig {
+    /// Parse a JSON document (config file or API body) and validate it.
+    pub fn from_json(text: &[u8]) -> ConfigResult<VmConfig> {
+        let config: VmConfig = serde_json::from_slice(text).map_err(json_error)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks every field; assigns default device ids where none were given.
+    pub fn validate(&self) -> ConfigResult<()> {
+        self.cpus.validate().map_err(|e| e.within("cpus"))?;
+        self.memory.validate().map_err(|e| e.within("memory"))?;
+        self.payload.validate().map_err(|e| e.within("payload"))?;
+        self.serial.validate().map_err(|e| e.within("serial"))?;
+        let mut ids = std::collections::BTreeSet::new();
+        for (i, disk) in self.disks.iter().enumerate() {
+            let field = format!("disks[{i}]");
+            disk.validate().map_err(|e| e.within(&field))?;
+            if let Some(id) = &disk.id {
+                if !ids.insert(id.clone()) {
+                    return Err(ConfigError::new(
+                        format!("{field}.id"),
+                        format!("id {id:?} is used twice"),
+                    ));
+                }
+            }
+        }
+        for (i, net) in self.nets.iter().enumerate() {
+            let field = format!("nets[{i}]");
+            net.validate().map_err(|e| e.within(&field))?;
+            if let Some(id) = &net.id {
+                if !ids.insert(id.clone()) {
+                    return Err(ConfigError::new(
+                        format!("{field}.id"),
+                        format!("id {id:?} is used twice"),
+                    ));
+                }
+            }
+        }
+        if let Some(balloon) = &self.balloon {
+            balloon.validate().map_err(|e| e.within("balloon"))?;
+        }
+        Ok(())
+    }
+
+    /// Fills in the ids of disks and nets that have none (`disk0`, `net0`, ...),
+    /// so every device has a stable name in `vm.info` and `vm.counters`.
+    pub fn assign_device_ids(&mut self) {
+        for (i, disk) in self.disks.iter_mut().enumerate() {
+            disk.id.get_or_insert_with(|| format!("disk{i}"));
+        }
+        for (i, net) in self.nets.iter_mut().enumerate() {
+            net.id.get_or_insert_with(|| format!("net{i}"));
+        }
+    }
+}
+
+/// Turns a serde_json error into a config error that names the place.
+pub fn json_error(e: serde_json::Error) -> ConfigError {
+    let field = format!("line {} column {}", e.line(), e.column());
+    ConfigError::new(field, e.to_string())
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CpusConfig {
+    #[serde(default = "default_vcpus")]
+    pub boot_vcpus: u8,
+}
+
+fn default_vcpus() -> u8 {
+    1
+}
+
+impl Default for CpusConfig {
+    fn default() -> Self {
+        CpusConfig {
+            boot_vcpus: default_vcpus(),
+        }
+    }
+}
+
+impl CpusConfig {
+    pub fn validate(&self) -> ConfigResult<()> {
+        if self.boot_vcpus == 0 || self.boot_vcpus > MAX_VCPUS {
+            return Err(ConfigError::new(
+                "boot_vcpus",
+                format!("must be between 1 and {MAX_VCPUS} (got {})", self.boot_vcpus),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Where guest RAM comes from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MemoryBacking {
+    /// Private anonymous mapping (the default; the only one KSM merges).
+    #[default]
+    Anonymous,
+    /// A memfd, shared mapping.
+    Memfd,
+    /// A memfd on hugetlbfs (2 MiB pages); the host must have them reserved.
+    Hugetlbfs,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryConfig {
+    #[serde(default = "default_memory_mib")]
+    pub size_mib: u64,
+    #[serde(default)]
+    pub backing: MemoryBacking,
+    /// Mark guest RAM MADV_MERGEABLE so KSM may merge identical pages.
+    #[serde(default)]
+    pub mergeable: bool,
+}
+
+fn default_memory_mib() -> u64 {
+    128
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        MemoryConfig {
+            size_mib: default_memory_mib(),
+            backing: MemoryBacking::default(),
+            mergeable: false,
+        }
+    }
+}
+
+impl MemoryConfig {
+    pub fn validate(&self) -> ConfigResult<()> {
+        if self.size_mib < MIN_MEMORY_MIB || self.size_mib > MAX_MEMORY_MIB {
+            return Err(ConfigError::new(
+                "size_mib",
+                format!(
+                    "must be between {MIN_MEMORY_MIB} and {MAX_MEMORY_MIB} MiB (got {})",
+                    self.size_mib
+                ),
+            ));
+        }
+        if self.backing == MemoryBacking::Hugetlbfs && self.size_mib % 2 != 0 {
+            return Err(ConfigError::new(
+                "size_mib",
+                "must be a multiple of 2 MiB with hugetlbfs backing",
+            ));
+        }
+        if self.mergeable && self.backing != MemoryBacking::Anonymous {
+            return Err(ConfigError::new(
+                "mergeable",
+                "KSM only merges anonymous memory: use backing \"anonymous\"",
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn size_bytes(&self) -> u64 {
+        self.size_mib << 20
+    }
+}
+
+/// What to boot.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PayloadConfig {
+    /// A Linux bzImage, or an ELF (vmlinux or the test guest; PVH entry if it has one).
+    pub kernel: PathBuf,
+    #[serde(default)]
+    pub cmdline: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<PathBuf>,
+}
+
+/// The longest kernel command line accepted, including the terminating NUL.
+pub const MAX_CMDLINE_LEN: usize = 4096;
+
+impl PayloadConfig {
+    pub fn validate(&self) -> ConfigResult<()> {
+        if self.kernel.as_os_str().is_empty() {
+            return Err(ConfigError::new("kernel", "a kernel image path is required"));
+        }
+        if self.cmdline.len() >= MAX_CMDLINE_LEN {
+            return Err(ConfigError::new(
+                "cmdline",
+                format!("longer than {} bytes", MAX_CMDLINE_LEN - 1),
+            ));
+        }
+        if self.cmdline.bytes().any(|b| b == 0 || !b.is_ascii()) {
+            return Err(ConfigError::new(
+                "cmdline",
+                "must be ASCII without NUL bytes",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Where the 8250 serial port at 0x3f8 goes.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "mode", rename_all = "lowercase", deny_unknown_fields)]
+pub enum SerialConfig {
+    /// The VMM's stdout; input from its stdin.
+    #[default]
+    Stdout,
+    /// Output appended to a file; no input.
+    File { path: PathBuf },
+    /// A new pseudo-terminal; its path is in `vm.info`.
+    Pty,
+    /// A Unix socket the VMM listens on; one client at a time, both ways.
+    Socket { path: PathBuf },
+    /// No serial port output.
+    Off,
+}
+
+impl SerialConfig {
+    pub fn validate(&self) -> ConfigResult<()> {
+        match self {
+            SerialConfig::File { path } | SerialConfig::Socket { path }
+                if path.as_os_str().is_empty() =>
+            {
+                Err(ConfigError::new("path", "must not be empty"))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Parses the command-line form: `stdout`, `off`, `pty`, `file=PATH`, `socket=PATH`.
+    pub fn parse(text: &str) -> ConfigResult<SerialConfig> {
+        let bad = || {
+            ConfigError::new(
+                "--serial",
+                format!("{text:?} is not one of stdout, off, pty, file=PATH, socket=PATH"),
+            )
+        };
+        let config = match text.split_once('=') {
+            None => match text {
+                "stdout" => SerialConfig::Stdout,
+                "off" => SerialConfig::Off,
+                "pty" => SerialConfig::Pty,
+                _ => return Err(bad()),
+            },
+            Some(("file", path)) => SerialConfig::File { path: path.into() },
+            Some(("socket", path)) => SerialConfig::Socket { path: path.into() },
+            Some(_) => return Err(bad()),
+        };
+        config.validate().map_err(|e| e.within("--serial"))?;
+        Ok(config)
+    }
+}
+
+/// What a guest reset does.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ResetAction {
+    /// The VMM exits with the "reset" status, so a cluster manager sees it.
+    #[default]
+    Exit,
+    /// The VM restarts in place from its kernel.
+    Reboot,
+}
+
+/// A token bucket: sustained rate and burst size.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// Bytes per second (0 or absent: unlimited).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_per_sec: Option<u64>,
+    /// Requests (or frames) per second (0 or absent: unlimited).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ops_per_sec: Option<u64>,
+}
+
+impl RateLimitConfig {
+    pub fn is_unlimited(&self) -> bool {
+        self.bytes_per_sec.unwrap_or(0) == 0 && self.ops_per_sec.unwrap_or(0) == 0
+    }
+}
+
+/// A virtio-blk disk.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    /// A regular file or a block device (LV, DRBD device, loop device).
+    pub path: PathBuf,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(default)]
+    pub readonly: bool,
+    /// Open with O_DIRECT (no host page cache; the safe mode for live migration).
+    #[serde(default)]
+    pub direct: bool,
+    /// The serial string the guest reads with GET_ID (at most 20 bytes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<String>,
+    /// Logical block size reported to the guest (512 or 4096); default: the device's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logical_block_size: Option<u32>,
+    /// Physical block size reported to the guest; default: the device's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub physical_block_size: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimitConfig>,
+}
+
+/// The virtio-blk serial field is 20 bytes.
+pub const MAX_DISK_SERIAL_LEN: usize = 20;
+
+impl DiskConfig {
+    pub fn validate(&self) -> ConfigResult<()> {
+        if self.path.as_os_str().is_empty() {
+            return Err(ConfigError::new("path", "must not be empty"));
+        }
+        validate_id(self.id.as_deref())?;
+        if let Some(serial) = &self.serial {
+            if serial.len() > MAX_DISK_SERIAL_LEN || !serial.is_ascii() {
+                return Err(ConfigError::new(
+                    "serial",
+                    format!("must be ASCII, at most {MAX_DISK_SERIAL_LEN} bytes"),
+                ));
+            }
+        }
+        for (field, size) in [
+            ("logical_block_size", self.logical_block_size),
+            ("physical_block_size", self.physical_block_size),
+        ] {
+            if let Some(size) = size {
+                if !(512..=65536).contains(&size) || !size.is_power_of_two() {
+                    return Err(ConfigError::new(
+                        field,
+                        format!("must be a power of two from 512 to 65536 (got {size})"),
+                    ));
+                }
+            }
+        }
+        if let (Some(l), Some(p)) = (self.logical_block_size, self.physical_block_size) {
+            if p < l {
+                return Err(ConfigError::new(
+                    "physical_block_size",
+                    "must not be smaller than logical_block_size",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Parses the command-line form:
+    /// `path=P[,id=ID][,readonly=on][,direct=on][,serial=S][,logical_block_size=N]`
+    /// `[,physical_block_size=N][,rate_bytes=N][,rate_ops=N]`.
+    pub fn parse(text: &str) -> ConfigResult<DiskConfig> {
+        let mut disk = DiskConfig::default();
+        let mut rate = RateLimitConfig::default();
+        for (key, value) in key_values("--disk", text)? {
+            let field = || format!("--disk {key}");
+            match key {
+                "path" => disk.path = value.into(),
+                "id" => disk.id = Some(value.to_string()),
+                "readonly" => disk.readonly = parse_bool(&field(), value)?,
+                "direct" => disk.direct = parse_bool(&field(), value)?,
+                "serial" => disk.serial = Some(value.to_string()),
+                "logical_block_size" => {
+                    disk.logical_block_size = Some(parse_number(&field(), value)?)
+                }
+                "physical_block_size" => {
+                    disk.physical_block_size = Some(parse_number(&field(), value)?)
+                }
+                "rate_bytes" => rate.bytes_per_sec = Some(parse_size(&field(), value)?),
+                "rate_ops" => rate.ops_per_sec = Some(parse_number(&field(), value)?),
+                _ => return Err(unknown_key("--disk", key)),
+            }
+        }
+        if !rate.is_unlimited() {
+            disk.rate_limit = Some(rate);
+        }
+        disk.validate().map_err(|e| e.within("--disk"))?;
+        Ok(disk)
+    }
+}
+
+/// A virtio-net NIC on a tap device.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    /// The tap interface name; created if missing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tap: Option<String>,
+    /// An already open tap file descriptor passed to the VMM (instead of `tap`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fd: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// The guest MAC address; default: a locally administered address from the id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimitConfig>,
+}
+
+/// Linux interface names are at most 15 bytes.
+pub const MAX_IFNAME_LEN: usize = 15;
+
+impl NetConfig {
+    pub fn validate(&self) -> ConfigResult<()> {
+        validate_id(self.id.as_deref())?;
+        match (&self.tap, self.fd) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::new("fd", "give either tap or fd, not both"))
+            }
+            (None, None) => return Err(ConfigError::new("tap", "a tap name or an fd is required")),
+            (Some(name), None) => {
+                if name.is_empty()
+                    || name.len() > MAX_IFNAME_LEN
+                    || name.contains(['/', ' ', '\0', ':'])
+                {
+                    return Err(ConfigError::new(
+                        "tap",
+                        format!("{name:?} is not a valid interface name (1-15 bytes, no '/', ':' or spaces)"),
+                    ));
+                }
+            }
+            (None, Some(fd)) => {
+                if fd < 0 {
+                    return Err(ConfigError::new("fd", format!("{fd} is not a valid fd")));
+                }
+            }
+        }
+        if let Some(mac) = &self.mac {
+            let bytes = parse_mac(mac).map_err(|m| ConfigError::new("mac", m))?;
+            if bytes[0] & 1 != 0 {
+                return Err(ConfigError::new("mac", "must be a unicast address"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Parses the command-line form: `tap=NAME|fd=N[,id=ID][,mac=MAC][,rate_bytes=N][,rate_ops=N]`.
+    pub fn parse(text: &str) -> ConfigResult<NetConfig> {
+        let mut net = NetConfig::default();
+        let mut rate = RateLimitConfig::default();
+        for (key, value) in key_values("--net", text)? {
+            let field = || format!("--net {key}");
+            match key {
+                "tap" => net.tap = Some(value.to_string()),
+                "fd" => net.fd = Some(parse_number(&field(), value)?),
+                "id" => net.id = Some(value.to_string()),
+                "mac" => net.mac = Some(value.to_string()),
+                "rate_bytes" => rate.bytes_per_sec = Some(parse_size(&field(), value)?),
+                "rate_ops" => rate.ops_per_sec = Some(parse_number(&field(), value)?),
+                _ => return Err(unknown_key("--net", key)),
+            }
+        }
+        if !rate.is_unlimited() {
+            net.rate_limit = Some(rate);
+        }
+        net.validate().map_err(|e| e.within("--net"))?;
+        Ok(net)
+    }
+}
+
+/// Parses `52:54:00:12:34:56`.
+pub fn parse_mac(text: &str) -> Result<[u8; 6], String> {
+    let mut mac = [0u8; 6];
+    let parts: Vec<&str> = text.split(':').collect();
+    if parts.len() != 6 {
+        return Err(format!("{text:?} is not a MAC address like 52:54:00:12:34:56"));
+    }
+    for (byte, part) in mac.iter_mut().zip(parts) {
+        if part.len() != 2 {
+            return Err(format!("{text:?} is not a MAC address like 52:54:00:12:34:56"));
+        }
+        *byte = u8::from_str_radix(part, 16)
+            .map_err(|_| format!("{text:?} is not a MAC address like 52:54:00:12:34:56"))?;
+    }
+    Ok(mac)
+}
+
+/// The virtio-balloon device.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalloonConfig {
+    /// The initial balloon target in MiB (memory taken from the guest).
+    #[serde(default)]
+    pub target_mib: u64,
+    /// Let the guest deflate the balloon when it runs out of memory.
+    #[serde(default)]
+    pub deflate_on_oom: bool,
+    /// Let the guest report free pages, which the host then reclaims.
+    #[serde(default)]
+    pub free_page_reporting: bool,
+    /// How often the guest is asked for statistics, in seconds (0: never).
+    #[serde(default)]
+    pub stats_interval_s: u32,
+}
+
+impl BalloonConfig {
+    pub fn validate(&self) -> ConfigResult<()> {
+        if self.stats_interval_s > 3600 {
+            return Err(ConfigError::new(
+                "stats_interval_s",
+                "must be at most 3600 seconds",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Parses `[target_mib=N][,deflate_on_oom=on][,free_page_reporting=on][,stats_interval_s=N]`.
+    pub fn parse(text: &str) -> ConfigResult<BalloonConfig> {
+        let mut balloon = BalloonConfig {
+            target_mib: 0,
+            deflate_on_oom: false,
+            free_page_reporting: false,
+            stats_interval_s: 0,
+        };
+        for (key, value) in key_values("--balloon", text)? {
+            let field = || format!("--balloon {key}");
+            match key {
+                "target_mib" => balloon.target_mib = parse_number(&field(), value)?,
+                "deflate_on_oom" => balloon.deflate_on_oom = parse_bool(&field(), value)?,
+                "free_page_reporting" => {
+                    balloon.free_page_reporting = parse_bool(&field(), value)?
+                }
+                "stats_interval_s" => balloon.stats_interval_s = parse_number(&field(), value)?,
+                _ => return Err(unknown_key("--balloon", key)),
+            }
+        }
+        balloon.validate().map_err(|e| e.within("--balloon"))?;
+        Ok(balloon)
+    }
+}
+
+impl MemoryConfig {
+    /// Parses `size=128M[,backing=anonymous|memfd|hugetlbfs][,mergeable=on]`.
+    /// A size without a unit is in MiB.
+    pub fn parse(text: &str) -> ConfigResult<MemoryConfig> {
+        let mut memory = MemoryConfig::default();
+        for (key, value) in key_values("--memory", text)? {
+            let field = || format!("--memory {key}");
+            match key {
+                "size" => {
+                    let bytes = if value.bytes().all(|b| b.is_ascii_digit()) {
+                        parse_number::<u64>(&field(), value)?.saturating_mul(1 << 20)
+                    } else {
+                        parse_size(&field(), value)?
+                    };
+                    if bytes % (1 << 20) != 0 {
+                        return Err(ConfigError::new(field(), "must be a whole number of MiB"));
+                    }
+                    memory.size_mib = bytes >> 20;
+                }
+                "backing" => {
+                    memory.backing = match value {
+                        "anonymous" => MemoryBacking::Anonymous,
+                        "memfd" => MemoryBacking::Memfd,
+                        "hugetlbfs" => MemoryBacking::Hugetlbfs,
+                        _ => {
+                            return Err(ConfigError::new(
+                                field(),
+                                format!("{value:?} is not one of anonymous, memfd, hugetlbfs"),
+                            ))
+                        }
+                    }
+                }
+                "mergeable" => memory.mergeable = parse_bool(&field(), value)?,
+                _ => return Err(unknown_key("--memory", key)),
+            }
+        }
+        memory.validate().map_err(|e| e.within("--memory"))?;
+        Ok(memory)
+    }
+}
+
+fn validate_id(id: Option<&str>) -> ConfigResult<()> {
+    if let Some(id) = id {
+        if id.is_empty()
+            || id.len() > 64
+            || !id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        {
+            return Err(ConfigError::new(
+                "id",
+                format!("{id:?} must be 1-64 characters of [A-Za-z0-9._-]"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Splits `k=v,k=v` into pairs; a key given twice is an error.
+fn key_values<'a>(option: &str, text: &'a str) -> ConfigResult<Vec<(&'a str, &'a str)>> {
+    let mut pairs: Vec<(&str, &str)> = Vec::new();
+    for item in text.split(',').filter(|s| !s.is_empty()) {
+        let (key, value) = item.split_once('=').ok_or_else(|| {
+            ConfigError::new(option, format!("{item:?} is not of the form key=value"))
+        })?;
+        if pairs.iter().any(|(k, _)| *k == key) {
+            return Err(ConfigError::new(option, format!("{key} is given twice")));
+        }
+        pairs.push((key, value));
+    }
+    Ok(pairs)
+}
+
+fn unknown_key(option: &str, key: &str) -> ConfigError {
+    ConfigError::new(option, format!("unknown key {key:?}"))
+}
+
+/// `on`/`off`, `true`/`false`, `yes`/`no`.
+pub fn parse_bool(field: &str, value: &str) -> ConfigResult<bool> {
+    match value {
+        "on" | "true" | "yes" => Ok(true),
+        "off" | "false" | "no" => Ok(false),
+        _ => Err(ConfigError::new(
+            field,
+            format!("{value:?} is not on or off"),
+        )),
+    }
+}
+
+pub fn parse_number<T: std::str::FromStr>(field: &str, value: &str) -> ConfigResult<T> {
+    value
+        .parse()
+        .map_err(|_| ConfigError::new(field, format!("{value:?} is not a valid number")))
+}
+
+/// A byte count with an optional binary unit: `4096`, `64K`, `128M`, `2G`.
+pub fn parse_size(field: &str, value: &str) -> ConfigResult<u64> {
+    let (digits, shift) = match value.as_bytes().last() {
+        Some(b'K' | b'k') => (&value[..value.len() - 1], 10),
+        Some(b'M' | b'm') => (&value[..value.len() - 1], 20),
+        Some(b'G' | b'g') => (&value[..value.len() - 1], 30),
+        Some(b'T' | b't') => (&value[..value.len() - 1], 40),
+        _ => (value, 0),
+    };
+    let number: u64 = digits
+        .parse()
+        .map_err(|_| ConfigError::new(field, format!("{value:?} is not a size like 128M")))?;
+    number
+        .checked_mul(1u64 << shift)
+        .ok_or_else(|| ConfigError::new(field, format!("{value:?} is too large")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn minimal() -> VmConfig {
+        VmConfig::from_json(br#"{"payload": {"kernel": "/k"}}"#).unwrap()
+    }
+
+    #[test]
+    fn defaults_fill_a_minimal_config() {
+        let c = minimal();
+        assert_eq!(c.cpus.boot_vcpus, 1);
+        assert_eq!(c.memory.size_mib, 128);
+        assert_eq!(c.serial, SerialConfig::Stdout);
+        assert_eq!(c.on_reset, ResetAction::Exit);
+    }
+
+    #[test]
+    fn json_roundtrip_keeps_everything() {
+        let mut c = minimal();
+        c.disks.push(DiskConfig::parse("path=/d,readonly=on,serial=abc,rate_ops=100").unwrap());
+        c.nets.push(NetConfig::parse("tap=tap0,mac=52:54:00:00:00:01").unwrap());
+        c.assign_device_ids();
+        let text = serde_json::to_vec(&c).unwrap();
+        assert_eq!(VmConfig::from_json(&text).unwrap(), c);
+        assert_eq!(c.disks[0].id.as_deref(), Some("disk0"));
+    }
+
+    #[test]
+    fn unknown_fields_are_named() {
+        let e = VmConfig::from_json(br#"{"payload": {"kernel": "/k"}, "memroy": {}}"#).unwrap_err();
+        assert!(e.to_string().contains("memroy"), "{e}");
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let e = VmConfig::from_json(br#"{"payload": {"kernel": "/k"}, "cpus": {"boot_vcpus": 0}}"#)
+            .unwrap_err();
+        assert_eq!(e.field, "cpus.boot_vcpus");
+        let e = DiskConfig::parse("path=/d,bogus=1").unwrap_err();
+        assert!(e.to_string().contains("bogus"), "{e}");
+        let e = NetConfig::parse("mac=52:54:00:00:00:01").unwrap_err();
+        assert_eq!(e.field, "--net.tap");
+        let e = NetConfig::parse("tap=t,mac=01:00:00:00:00:01").unwrap_err();
+        assert_eq!(e.field, "--net.mac");
+    }
+
+    #[test]
+    fn sizes_and_memory_parse() {
+        assert_eq!(MemoryConfig::parse("size=1G").unwrap().size_mib, 1024);
+        assert_eq!(MemoryConfig::parse("size=256").unwrap().size_mib, 256);
+        assert!(MemoryConfig::parse("size=1").is_err());
+        assert!(MemoryConfig::parse("size=100K").is_err());
+        assert!(MemoryConfig::parse("size=99999999999999999999").is_err());
+        assert!(MemoryConfig::parse("size=64M,backing=memfd,mergeable=on").is_err());
+        assert_eq!(parse_size("x", "64K").unwrap(), 65536);
+    }
+
+    #[test]
+    fn serial_forms_parse() {
+        assert_eq!(SerialConfig::parse("off").unwrap(), SerialConfig::Off);
+        assert_eq!(
+            SerialConfig::parse("socket=/tmp/s").unwrap(),
+            SerialConfig::Socket { path: "/tmp/s".into() }
+        );
+        assert!(SerialConfig::parse("file=").is_err());
+        assert!(SerialConfig::parse("tty").is_err());
+    }
+}

@@ -1,0 +1,247 @@
+//! `vmm`: one process per guest.
+//!
+//! `vmm --api-socket PATH` waits for API calls; with `--config FILE` or
+//! `--kernel PATH` (and other VM flags) it creates and boots at once. The
+//! exit code says how the guest ended (see `vmm --help`).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use api::config::{
+    parse_number, BalloonConfig, ConfigError, CpusConfig, DiskConfig, MemoryConfig, NetConfig,
+    PayloadConfig, ResetAction, SerialConfig, VmConfig,
+};
+use vmm::control::{ControlEvent, Controller};
+use vmm::exit::ExitStatus;
+
+const USAGE: &str = "\
+usage: vmm [--api-socket PATH] [--config FILE | VM FLAGS]
+
+Runs one VM on /dev/kvm. With --api-socket only, waits for vm.create/vm.boot
+on the REST API. With --config or --kernel, creates and boots the VM at once
+(and also serves the API if --api-socket is given).
+
+VM flags (the same fields as the JSON config file and the vm.create body):
+  --kernel PATH          Linux bzImage or ELF (vmlinux, PVH entry if present)
+  --cmdline STRING       kernel command line
+  --initrd PATH          initial ramdisk
+  --cpus N               number of vCPUs (default 1)
+  --memory SPEC          size=128M[,backing=anonymous|memfd|hugetlbfs][,mergeable=on]
+  --disk SPEC            path=P[,id=ID][,readonly=on][,direct=on][,serial=S]
+                         [,logical_block_size=N][,physical_block_size=N]
+                         [,rate_bytes=N][,rate_ops=N]   (repeatable)
+  --net SPEC             tap=NAME|fd=N[,id=ID][,mac=MAC][,rate_bytes=N][,rate_ops=N]
+                         (repeatable)
+  --balloon SPEC         [target_mib=N][,deflate_on_oom=on][,free_page_reporting=on]
+                         [,stats_interval_s=N]
+  --serial MODE          stdout (default) | off | pty | file=PATH | socket=PATH
+  --on-reset ACTION      exit (default) | reboot
+
+Other:
+  --config FILE          the VM as a JSON file (not combined with VM flags)
+  --api-socket PATH      serve the REST API on this Unix socket
+  -h, --help             this text
+  -V, --version          the version
+
+Exit codes:
+  0  the guest powered off (or shut down when asked), or no guest ran
+  1  VMM error
+  2  bad command line or config
+  3  the guest reset itself (on_reset=exit)
+  4  the guest crashed
+  5  the guest was stopped by request (forced shutdown, vmm.shutdown, SIGTERM)
+  6  the guest was migrated away
+";
+
+/// What the command line asks for.
+struct Args {
+    api_socket: Option<PathBuf>,
+    vm: Option<VmConfig>,
+}
+
+fn usage_error(e: impl std::fmt::Display) -> ExitCode {
+    eprintln!("vmm: {e}");
+    eprintln!("Try 'vmm --help'.");
+    ExitCode::from(ExitStatus::Usage.code() as u8)
+}
+
+fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Option<Args>, ConfigError> {
+    let mut api_socket = None;
+    let mut config_file: Option<PathBuf> = None;
+    let mut payload = PayloadConfig::default();
+    let mut vm = VmConfig::default();
+    let mut vm_flags = false;
+    while let Some(flag) = argv.next() {
+        if flag == "-h" || flag == "--help" {
+            print!("{USAGE}");
+            return Ok(None);
+        }
+        if flag == "-V" || flag == "--version" {
+            println!("vmm {}", env!("CARGO_PKG_VERSION"));
+            return Ok(None);
+        }
+        let (name, inline) = match flag.split_once('=') {
+            Some((n, v)) if n.starts_with("--") => (n.to_string(), Some(v.to_string())),
+            _ => (flag.clone(), None),
+        };
+        let mut value = || {
+            inline
+                .clone()
+                .or_else(|| argv.next())
+                .ok_or_else(|| ConfigError::new(name.clone(), "needs a value"))
+        };
+        match name.as_str() {
+            "--api-socket" => api_socket = Some(PathBuf::from(value()?)),
+            "--config" => config_file = Some(PathBuf::from(value()?)),
+            "--kernel" => payload.kernel = PathBuf::from(value()?),
+            "--cmdline" => payload.cmdline = value()?,
+            "--initrd" => payload.initrd = Some(PathBuf::from(value()?)),
+            "--cpus" => {
+                vm.cpus = CpusConfig {
+                    boot_vcpus: parse_number("--cpus", &value()?)?,
+                }
+            }
+            "--memory" => vm.memory = MemoryConfig::parse(&value()?)?,
+            "--disk" => vm.disks.push(DiskConfig::parse(&value()?)?),
+            "--net" => vm.nets.push(NetConfig::parse(&value()?)?),
+            "--balloon" => vm.balloon = Some(BalloonConfig::parse(&value()?)?),
+            "--serial" => vm.serial = SerialConfig::parse(&value()?)?,
+            "--on-reset" => {
+                vm.on_reset = match value()?.as_str() {
+                    "exit" => ResetAction::Exit,
+                    "reboot" => ResetAction::Reboot,
+                    other => {
+                        return Err(ConfigError::new(
+                            "--on-reset",
+                            format!("{other:?} is not exit or reboot"),
+                        ))
+                    }
+                }
+            }
+            other => {
+                return Err(ConfigError::new(other, "unknown option"));
+            }
+        }
+        if !matches!(name.as_str(), "--api-socket" | "--config") {
+            vm_flags = true;
+        }
+    }
+    let vm = match (config_file, vm_flags) {
+        (Some(_), true) => {
+            return Err(ConfigError::new(
+                "--config",
+                "cannot be combined with VM flags; put everything in the file",
+            ))
+        }
+        (Some(path), false) => {
+            let text = std::fs::read(&path).map_err(|e| {
+                ConfigError::new("--config", format!("cannot read {}: {e}", path.display()))
+            })?;
+            let config = VmConfig::from_json(&text)
+                .map_err(|e| ConfigError::new(format!("{}: {}", path.display(), e.field), e.message))?;
+            Some(config)
+        }
+        (None, true) => {
+            vm.payload = payload;
+            if vm.payload.kernel.as_os_str().is_empty() {
+                return Err(ConfigError::new("--kernel", "VM flags need a kernel"));
+            }
+            vm.validate()?;
+            Some(vm)
+        }
+        (None, false) => None,
+    };
+    if vm.is_none() && api_socket.is_none() {
+        return Err(ConfigError::new(
+            "arguments",
+            "give --api-socket, --config or --kernel",
+        ));
+    }
+    Ok(Some(Args { api_socket, vm }))
+}
+
+/// Blocks the termination signals in this thread (and so in every thread
+/// started later) and turns them into control events on a thread of their own.
+fn forward_signals(sender: std::sync::mpsc::Sender<ControlEvent>) -> std::io::Result<()> {
+    // SAFETY: sigset_t is plain data initialised by sigemptyset.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: set is a valid sigset_t; the signal numbers are valid.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGHUP);
+    }
+    // SAFETY: set is valid; a null old-set pointer is allowed.
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if rc != 0 {
+        return Err(std::io::Error::from_raw_os_error(rc));
+    }
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || loop {
+            let mut signal: libc::c_int = 0;
+            // SAFETY: set and signal are valid for the call.
+            if unsafe { libc::sigwait(&set, &mut signal) } == 0
+                && sender.send(ControlEvent::Signal(signal)).is_err()
+            {
+                return;
+            }
+        })?;
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args = match parse_args(std::env::args().skip(1)) {
+        Ok(Some(args)) => args,
+        Ok(None) => return ExitCode::SUCCESS,
+        Err(e) => return usage_error(e),
+    };
+    let exit = |status: ExitStatus| ExitCode::from(status.code() as u8);
+
+    let mut controller = Controller::new();
+    if let Err(e) = forward_signals(controller.sender()) {
+        eprintln!("vmm: cannot set up signal handling: {e}");
+        return exit(ExitStatus::Error);
+    }
+    if let Err(e) = vmm::vcpu::register_kick_handler() {
+        eprintln!("vmm: cannot install the vCPU kick handler: {e}");
+        return exit(ExitStatus::Error);
+    }
+
+    let _server = match &args.api_socket {
+        Some(path) => {
+            let sender = controller.sender();
+            let dispatch = move |call| {
+                // The control loop outlives the server; a send cannot fail
+                // before the process exits.
+                let _ = sender.send(ControlEvent::Api(call));
+            };
+            match api::http::start_server(path, dispatch) {
+                Ok(server) => Some(server),
+                Err(e) => {
+                    eprintln!("vmm: API socket {}: {e}", path.display());
+                    return exit(ExitStatus::Error);
+                }
+            }
+        }
+        None => None,
+    };
+
+    if let Some(config) = args.vm {
+        if let Err(e) = controller.create_and_boot(config) {
+            eprintln!("vmm: {e}");
+            let status = match e.kind {
+                api::request::ApiErrorKind::BadRequest => ExitStatus::Usage,
+                _ => ExitStatus::Error,
+            };
+            return exit(status);
+        }
+    }
+
+    let status = controller.run();
+    if status != ExitStatus::PoweredOff {
+        eprintln!("vmm: exiting: {}", status.describe());
+    }
+    exit(status)
+}

@@ -1,0 +1,279 @@
+//! A VM: the KVM VM with its in-kernel irqchip and PIT, guest memory, the
+//! buses and legacy devices, the loaded kernel and the vCPU threads.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use api::config::VmConfig;
+use api::request::Counters;
+use devices::bus::{Bus, BusError};
+use devices::legacy::{
+    I8042Device, PowerDevice, PowerEvent, PowerEventSink, ResetControl, SerialCounters,
+    SerialDevice, RESET_CONTROL_PORT, SLEEP_CONTROL_PORT,
+};
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::boot::{self, BootEntry, BootError};
+use crate::console::Console;
+use crate::layout;
+use crate::memory::{self, GuestMemoryMmap, MemoryError};
+use crate::vcpu::{Vcpu, VcpuError, VcpuSet, VcpuStop, VcpuStopSink};
+
+/// I/O ports of the legacy devices.
+const SERIAL_PORT: u64 = 0x3f8;
+const SERIAL_PORT_LEN: u64 = 8;
+const I8042_PORT: u64 = 0x60;
+const I8042_PORT_LEN: u64 = 5;
+
+/// What happened to the VM, for the control loop.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VmEvent {
+    /// The guest wrote a power-off or reset register.
+    Power(PowerEvent),
+    /// A vCPU stopped.
+    Vcpu(u8, VcpuStop),
+}
+
+pub type VmEventSink = Arc<dyn Fn(VmEvent) + Send + Sync>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("cannot open /dev/kvm: {0} (is KVM available and are you allowed to use it?)")]
+    Kvm(kvm_ioctls::Error),
+    #[error("KVM lacks a capability the VMM needs: {0}")]
+    MissingCapability(&'static str),
+    #[error("KVM: {what}: {source}")]
+    KvmCall {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error("device bus: {0}")]
+    Bus(#[from] BusError),
+    #[error("cannot create an eventfd: {0}")]
+    EventFd(std::io::Error),
+    #[error("cannot start vCPU threads: {0}")]
+    Thread(std::io::Error),
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::KvmCall { what, source }
+}
+
+/// A built VM, its vCPUs parked until [`Vm::resume`].
+pub struct Vm {
+    #[allow(dead_code)] // Kept open for the life of the VM.
+    kvm: Kvm,
+    vm_fd: Arc<VmFd>,
+    memory: Arc<GuestMemoryMmap>,
+    serial: Arc<Mutex<SerialDevice>>,
+    serial_counters: Arc<SerialCounters>,
+    i8042: Arc<Mutex<I8042Device>>,
+    vcpus: Option<VcpuSet>,
+    pub entry: BootEntry,
+}
+
+impl Vm {
+    /// Builds the VM described by `config` and loads its kernel. `events`
+    /// receives power requests and vCPU stops.
+    pub fn create(config: &VmConfig, console: &Console, events: VmEventSink) -> Result<Vm, VmError> {
+        let kvm = Kvm::new().map_err(VmError::Kvm)?;
+        for (cap, name) in [
+            (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
+            (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
+            (Cap::Irqfd, "KVM_CAP_IRQFD"),
+            (Cap::Ioeventfd, "KVM_CAP_IOEVENTFD"),
+            (Cap::Pit2, "KVM_CAP_PIT2"),
+            (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
+        ] {
+            if !kvm.check_extension(cap) {
+                return Err(VmError::MissingCapability(name));
+            }
+        }
+        let vm_fd = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
+        vm_fd
+            .set_tss_address(layout::KVM_TSS_ADDRESS as usize)
+            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+        vm_fd
+            .set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDRESS)
+            .map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
+        vm_fd.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm_fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+
+        let memory = Arc::new(memory::create_guest_memory(&config.memory)?);
+        register_memory(&vm_fd, &memory, false)?;
+
+        let pio = Arc::new(Bus::new());
+        let mmio = Arc::new(Bus::new());
+        let power_sink: PowerEventSink = {
+            let events = events.clone();
+            Arc::new(move |e| events(VmEvent::Power(e)))
+        };
+
+        let serial_irq = irq_line(&vm_fd, layout::SERIAL_IRQ)?;
+        let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, console.output())));
+        let serial_counters = serial.lock().unwrap_or_else(|e| e.into_inner()).counters();
+        pio.insert(SERIAL_PORT, SERIAL_PORT_LEN, serial.clone())?;
+        let kbd_irq = irq_line(&vm_fd, layout::I8042_KBD_IRQ)?;
+        let i8042 = Arc::new(Mutex::new(I8042Device::new(kbd_irq, power_sink.clone())));
+        pio.insert(I8042_PORT, I8042_PORT_LEN, i8042.clone())?;
+        pio.insert(
+            u64::from(SLEEP_CONTROL_PORT),
+            1,
+            Arc::new(Mutex::new(PowerDevice::new(power_sink.clone()))),
+        )?;
+        pio.insert(
+            u64::from(RESET_CONTROL_PORT),
+            1,
+            Arc::new(Mutex::new(ResetControl::new(power_sink))),
+        )?;
+
+        let cpus = config.cpus.boot_vcpus;
+        let entry = boot::load(&memory, &config.payload, cpus)?;
+
+        let msr_list = Arc::new(
+            kvm.get_msr_index_list()
+                .map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?
+                .as_slice()
+                .to_vec(),
+        );
+        let base_cpuid = crate::cpuid::supported(&kvm).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let mut vcpus = Vec::with_capacity(usize::from(cpus));
+        for id in 0..cpus {
+            let fd = vm_fd
+                .create_vcpu(u64::from(id))
+                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            let vcpu = Vcpu::new(id, fd, pio.clone(), mmio.clone(), msr_list.clone());
+            let cpuid = crate::cpuid::for_vcpu(&base_cpuid, id, cpus, vcpu.tsc_khz());
+            vcpu.configure(&cpuid)?;
+            vcpus.push(vcpu);
+        }
+        // Only the BSP starts at the kernel entry; APs wait for INIT-SIPI.
+        let bsp = &vcpus[0];
+        // Start from KVM's power-on special registers (APIC base and so on).
+        let sregs = bsp.get_sregs()?;
+        let (regs, sregs) = boot::boot_registers(&memory, entry.mode, entry.entry, sregs)?;
+        bsp.set_boot_registers(&regs, &sregs)?;
+
+        let on_stop: VcpuStopSink = Arc::new(move |id, stop| events(VmEvent::Vcpu(id, stop)));
+        let vcpus = VcpuSet::start(vcpus, on_stop).map_err(VmError::Thread)?;
+
+        Ok(Vm {
+            kvm,
+            vm_fd,
+            memory,
+            serial,
+            serial_counters,
+            i8042,
+            vcpus: Some(vcpus),
+            entry,
+        })
+    }
+
+    pub fn serial(&self) -> Arc<Mutex<SerialDevice>> {
+        self.serial.clone()
+    }
+
+    pub fn memory(&self) -> &Arc<GuestMemoryMmap> {
+        &self.memory
+    }
+
+    pub fn vm_fd(&self) -> &Arc<VmFd> {
+        &self.vm_fd
+    }
+
+    pub fn pause(&self) {
+        if let Some(v) = &self.vcpus {
+            v.pause();
+        }
+    }
+
+    pub fn resume(&self) {
+        if let Some(v) = &self.vcpus {
+            v.resume();
+        }
+    }
+
+    /// Asks the guest to shut down: Ctrl-Alt-Del on the i8042.
+    pub fn request_shutdown(&self) -> bool {
+        self.i8042
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send_ctrl_alt_del()
+    }
+
+    /// Stops the vCPU threads for good.
+    pub fn stop(&mut self) {
+        if let Some(v) = self.vcpus.take() {
+            v.stop();
+        }
+    }
+
+    pub fn counters(&self) -> Counters {
+        let mut counters = Counters::new();
+        if let Some(v) = &self.vcpus {
+            for vcpu in v.vcpus() {
+                let vcpu = vcpu.lock().unwrap_or_else(|e| e.into_inner());
+                counters.insert(format!("vcpu{}", vcpu.id), vcpu.counters.snapshot());
+            }
+        }
+        let s = &self.serial_counters;
+        counters.insert(
+            "serial".into(),
+            BTreeMap::from([
+                ("out_bytes".into(), s.out_bytes.load(Ordering::Relaxed)),
+                ("in_bytes".into(), s.in_bytes.load(Ordering::Relaxed)),
+                ("lost_bytes".into(), s.lost_bytes.load(Ordering::Relaxed)),
+            ]),
+        );
+        counters
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// An eventfd wired to IOAPIC pin `gsi` with KVM_IRQFD.
+fn irq_line(vm_fd: &VmFd, gsi: u32) -> Result<Arc<EventFd>, VmError> {
+    let fd = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
+    vm_fd.register_irqfd(&fd, gsi).map_err(kvm_err("KVM_IRQFD"))?;
+    Ok(Arc::new(fd))
+}
+
+/// Gives every RAM region to KVM as a memory slot (slot i = region i).
+pub fn register_memory(vm_fd: &VmFd, memory: &GuestMemoryMmap, log_dirty: bool) -> Result<(), VmError> {
+    for (slot, region) in memory.iter().enumerate() {
+        let flags = if log_dirty {
+            kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
+        } else {
+            0
+        };
+        let desc = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags,
+            guest_phys_addr: region.start_addr().raw_value(),
+            memory_size: region.len(),
+            userspace_addr: region.as_ptr() as u64,
+        };
+        // SAFETY: the region's mapping lives in `memory`, which the VM keeps
+        // (in an Arc) for as long as the VM fd exists.
+        unsafe { vm_fd.set_user_memory_region(desc) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+    }
+    Ok(())
+}
