@@ -162,7 +162,10 @@ impl CpusConfig {
         if self.boot_vcpus == 0 || self.boot_vcpus > MAX_VCPUS {
             return Err(ConfigError::new(
                 "boot_vcpus",
-                format!("must be between 1 and {MAX_VCPUS} (got {})", self.boot_vcpus),
+                format!(
+                    "must be between 1 and {MAX_VCPUS} (got {})",
+                    self.boot_vcpus
+                ),
             ));
         }
         Ok(())
@@ -257,7 +260,10 @@ pub const MAX_CMDLINE_LEN: usize = 4096;
 impl PayloadConfig {
     pub fn validate(&self) -> ConfigResult<()> {
         if self.kernel.as_os_str().is_empty() {
-            return Err(ConfigError::new("kernel", "a kernel image path is required"));
+            return Err(ConfigError::new(
+                "kernel",
+                "a kernel image path is required",
+            ));
         }
         if self.cmdline.len() >= MAX_CMDLINE_LEN {
             return Err(ConfigError::new(
@@ -542,11 +548,15 @@ pub fn parse_mac(text: &str) -> Result<[u8; 6], String> {
     let mut mac = [0u8; 6];
     let parts: Vec<&str> = text.split(':').collect();
     if parts.len() != 6 {
-        return Err(format!("{text:?} is not a MAC address like 52:54:00:12:34:56"));
+        return Err(format!(
+            "{text:?} is not a MAC address like 52:54:00:12:34:56"
+        ));
     }
     for (byte, part) in mac.iter_mut().zip(parts) {
         if part.len() != 2 {
-            return Err(format!("{text:?} is not a MAC address like 52:54:00:12:34:56"));
+            return Err(format!(
+                "{text:?} is not a MAC address like 52:54:00:12:34:56"
+            ));
         }
         *byte = u8::from_str_radix(part, 16)
             .map_err(|_| format!("{text:?} is not a MAC address like 52:54:00:12:34:56"))?;
@@ -596,9 +606,7 @@ impl BalloonConfig {
             match key {
                 "target_mib" => balloon.target_mib = parse_number(&field(), value)?,
                 "deflate_on_oom" => balloon.deflate_on_oom = parse_bool(&field(), value)?,
-                "free_page_reporting" => {
-                    balloon.free_page_reporting = parse_bool(&field(), value)?
-                }
+                "free_page_reporting" => balloon.free_page_reporting = parse_bool(&field(), value)?,
                 "stats_interval_s" => balloon.stats_interval_s = parse_number(&field(), value)?,
                 _ => return Err(unknown_key("--balloon", key)),
             }
@@ -740,8 +748,10 @@ mod tests {
     #[test]
     fn json_roundtrip_keeps_everything() {
         let mut c = minimal();
-        c.disks.push(DiskConfig::parse("path=/d,readonly=on,serial=abc,rate_ops=100").unwrap());
-        c.nets.push(NetConfig::parse("tap=tap0,mac=52:54:00:00:00:01").unwrap());
+        c.disks
+            .push(DiskConfig::parse("path=/d,readonly=on,serial=abc,rate_ops=100").unwrap());
+        c.nets
+            .push(NetConfig::parse("tap=tap0,mac=52:54:00:00:00:01").unwrap());
         c.assign_device_ids();
         let text = serde_json::to_vec(&c).unwrap();
         assert_eq!(VmConfig::from_json(&text).unwrap(), c);
@@ -783,7 +793,9 @@ mod tests {
         assert_eq!(SerialConfig::parse("off").unwrap(), SerialConfig::Off);
         assert_eq!(
             SerialConfig::parse("socket=/tmp/s").unwrap(),
-            SerialConfig::Socket { path: "/tmp/s".into() }
+            SerialConfig::Socket {
+                path: "/tmp/s".into()
+            }
         );
         assert!(SerialConfig::parse("file=").is_err());
         assert!(SerialConfig::parse("tty").is_err());

@@ -1,0 +1,28 @@
+//! HTTP/1.1 over a Unix socket: the REST API of a `vmm` process.
+//!
+//! - [`routes`]: the one static route table ([`ROUTES`]): method, path, body
+//!   kind, reply kind and how a body becomes an [`ApiRequest`](crate::ApiRequest).
+//!   Routing, the client, `vmmctl` and the OpenAPI test all derive from it, so a
+//!   new endpoint is one new row (plus its `ApiRequest` variant).
+//! - [`server`]: [`start_server`], the tokio server (one dedicated thread, a
+//!   current-thread runtime) that turns requests into [`ApiCall`]s for the
+//!   VMM's control loop.
+//! - [`client`]: [`ApiClient`], a blocking client on a std `UnixStream`
+//!   (what `vmmctl` uses; no tokio on that side).
+//!
+//! Routes are Cloud Hypervisor-style: `PUT /api/v1/vm.boot`, `GET /api/v1/vm.info`.
+//! A query answers 200 with a JSON body, an action 204; an error answers
+//! `{"kind": "...", "message": "..."}` with the status of its
+//! [`ApiErrorKind`](crate::request::ApiErrorKind).
+
+pub mod client;
+pub mod routes;
+pub mod server;
+mod wire;
+
+pub use client::{ApiClient, ClientError, DEFAULT_CLIENT_TIMEOUT};
+pub use routes::{find_route, BodyKind, Method, ReplyKind, Route, RouteError, API_PREFIX, ROUTES};
+pub use server::{
+    start_server, start_server_with, ApiCall, ApiServer, ServerOptions, IDLE_TIMEOUT,
+    MAX_BODY_SIZE, MAX_CONNECTIONS, MAX_HEAD_SIZE, REQUEST_TIMEOUT,
+};

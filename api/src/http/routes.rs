@@ -1,0 +1,421 @@
+//! The route table: every endpoint of the API, in one place.
+//!
+//! The server routes with [`find_route`] and builds the [`ApiRequest`] with
+//! [`Route::parse`]; the client turns an [`ApiRequest`] back into a route and
+//! body with [`encode`] and decodes the reply with [`ReplyKind::decode`]; the
+//! OpenAPI test checks that `api/openapi.yaml` describes exactly [`ROUTES`].
+//!
+//! To add an endpoint: add its [`ApiRequest`] variant, one row to [`ROUTES`],
+//! one arm to [`encode`] (the compiler asks for it), and the path to
+//! `openapi.yaml` (the OpenAPI test asks for it).
+
+use std::fmt;
+
+use serde::de::DeserializeOwned;
+
+use crate::config::{json_error, VmConfig};
+use crate::request::{
+    ApiError, ApiRequest, ApiResponse, Counters, PingInfo, ShutdownRequest, VmInfo,
+};
+
+/// Every path starts with this.
+pub const API_PREFIX: &str = "/api/v1/";
+
+/// The HTTP methods the API (and the client) know.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Method {
+    Get,
+    Put,
+    Post,
+    Patch,
+    Delete,
+}
+
+impl Method {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Method::Get => "GET",
+            Method::Put => "PUT",
+            Method::Post => "POST",
+            Method::Patch => "PATCH",
+            Method::Delete => "DELETE",
+        }
+    }
+
+    /// Parses an upper-case method name (HTTP methods are case-sensitive).
+    pub fn parse(text: &str) -> Option<Method> {
+        Some(match text {
+            "GET" => Method::Get,
+            "PUT" => Method::Put,
+            "POST" => Method::Post,
+            "PATCH" => Method::Patch,
+            "DELETE" => Method::Delete,
+            _ => return None,
+        })
+    }
+}
+
+impl fmt::Display for Method {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What request body an endpoint takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BodyKind {
+    /// None: a non-empty body is refused (400).
+    None,
+    /// A JSON document of the named schema (`components/schemas` in
+    /// openapi.yaml), or nothing for its default.
+    Optional(&'static str),
+    /// A JSON document of the named schema; an empty body is refused.
+    Required(&'static str),
+}
+
+/// What a successful reply carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReplyKind {
+    /// Nothing: 204.
+    Empty,
+    /// 200 with a [`PingInfo`].
+    Ping,
+    /// 200 with a [`VmInfo`].
+    Info,
+    /// 200 with [`Counters`].
+    Counters,
+}
+
+impl ReplyKind {
+    /// The schema name of the 200 body in openapi.yaml (None for 204).
+    pub fn schema(self) -> Option<&'static str> {
+        match self {
+            ReplyKind::Empty => None,
+            ReplyKind::Ping => Some("PingInfo"),
+            ReplyKind::Info => Some("VmInfo"),
+            ReplyKind::Counters => Some("Counters"),
+        }
+    }
+
+    /// The success status: 204 for empty replies, 200 otherwise.
+    pub fn status(self) -> u16 {
+        match self {
+            ReplyKind::Empty => 204,
+            _ => 200,
+        }
+    }
+
+    /// Decodes the body of a 2xx reply.
+    pub fn decode(self, body: &[u8]) -> Result<ApiResponse, String> {
+        fn json<T: DeserializeOwned>(body: &[u8]) -> Result<T, String> {
+            serde_json::from_slice(body).map_err(|e| format!("cannot decode the reply: {e}"))
+        }
+        Ok(match self {
+            ReplyKind::Empty => ApiResponse::Empty,
+            ReplyKind::Ping => ApiResponse::Ping(json::<PingInfo>(body)?),
+            ReplyKind::Info => ApiResponse::Info(Box::new(json::<VmInfo>(body)?)),
+            ReplyKind::Counters => ApiResponse::Counters(json::<Counters>(body)?),
+        })
+    }
+}
+
+/// One endpoint.
+#[derive(Clone, Copy, Debug)]
+pub struct Route {
+    pub method: Method,
+    /// The full path, e.g. `/api/v1/vm.boot`.
+    pub path: &'static str,
+    pub body: BodyKind,
+    pub reply: ReplyKind,
+    /// Builds the request from the body (None for an empty body). Only called
+    /// after the body was checked against [`Route::body`].
+    pub parse: fn(Option<&[u8]>) -> Result<ApiRequest, ApiError>,
+}
+
+impl Route {
+    /// The endpoint name: the path without [`API_PREFIX`] (`vm.boot`).
+    pub fn name(&self) -> &'static str {
+        self.path.strip_prefix(API_PREFIX).unwrap_or(self.path)
+    }
+}
+
+/// Parses a JSON body into `T`, naming the line and column of any error.
+fn json_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::from(json_error(e)))
+}
+
+/// The API. Paths are unique per method; see the module doc to add one.
+pub static ROUTES: &[Route] = &[
+    Route {
+        method: Method::Get,
+        path: "/api/v1/vmm.ping",
+        body: BodyKind::None,
+        reply: ReplyKind::Ping,
+        parse: |_| Ok(ApiRequest::VmmPing),
+    },
+    Route {
+        method: Method::Put,
+        path: "/api/v1/vmm.shutdown",
+        body: BodyKind::None,
+        reply: ReplyKind::Empty,
+        parse: |_| Ok(ApiRequest::VmmShutdown),
+    },
+    Route {
+        method: Method::Put,
+        path: "/api/v1/vm.create",
+        body: BodyKind::Required("VmConfig"),
+        reply: ReplyKind::Empty,
+        parse: |body| match body {
+            Some(body) => Ok(ApiRequest::VmCreate(Box::new(VmConfig::from_json(body)?))),
+            None => Err(ApiError::bad_request(
+                "vm.create needs a VmConfig JSON body",
+            )),
+        },
+    },
+    Route {
+        method: Method::Put,
+        path: "/api/v1/vm.boot",
+        body: BodyKind::None,
+        reply: ReplyKind::Empty,
+        parse: |_| Ok(ApiRequest::VmBoot),
+    },
+    Route {
+        method: Method::Put,
+        path: "/api/v1/vm.pause",
+        body: BodyKind::None,
+        reply: ReplyKind::Empty,
+        parse: |_| Ok(ApiRequest::VmPause),
+    },
+    Route {
+        method: Method::Put,
+        path: "/api/v1/vm.resume",
+        body: BodyKind::None,
+        reply: ReplyKind::Empty,
+        parse: |_| Ok(ApiRequest::VmResume),
+    },
+    Route {
+        method: Method::Put,
+        path: "/api/v1/vm.shutdown",
+        body: BodyKind::Optional("ShutdownRequest"),
+        reply: ReplyKind::Empty,
+        parse: |body| {
+            let request = match body {
+                Some(body) => json_body::<ShutdownRequest>(body)?,
+                None => ShutdownRequest::default(),
+            };
+            Ok(ApiRequest::VmShutdown(request))
+        },
+    },
+    Route {
+        method: Method::Get,
+        path: "/api/v1/vm.info",
+        body: BodyKind::None,
+        reply: ReplyKind::Info,
+        parse: |_| Ok(ApiRequest::VmInfo),
+    },
+    Route {
+        method: Method::Get,
+        path: "/api/v1/vm.counters",
+        body: BodyKind::None,
+        reply: ReplyKind::Counters,
+        parse: |_| Ok(ApiRequest::VmCounters),
+    },
+];
+
+/// Why [`find_route`] found no route.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RouteError {
+    /// No endpoint has this path (404).
+    NotFound,
+    /// The path exists, with other methods (405): the `Allow` header value.
+    MethodNotAllowed { allow: String },
+}
+
+/// The route for `method` (as sent) and `path` (without query string).
+pub fn find_route(method: &str, path: &str) -> Result<&'static Route, RouteError> {
+    let mut allowed: Vec<&'static str> = Vec::new();
+    for route in ROUTES.iter().filter(|r| r.path == path) {
+        if route.method.as_str() == method {
+            return Ok(route);
+        }
+        allowed.push(route.method.as_str());
+    }
+    if allowed.is_empty() {
+        Err(RouteError::NotFound)
+    } else {
+        allowed.sort_unstable();
+        allowed.dedup();
+        Err(RouteError::MethodNotAllowed {
+            allow: allowed.join(", "),
+        })
+    }
+}
+
+/// The route of an endpoint name (`vm.boot`) and method.
+pub fn route_named(method: Method, name: &str) -> Option<&'static Route> {
+    ROUTES
+        .iter()
+        .find(|r| r.method == method && r.name() == name)
+}
+
+/// The route and JSON body that carry `request` (the client side of
+/// [`Route::parse`]). Fails only if the request cannot be serialized (a path
+/// that is not UTF-8).
+pub fn encode(request: &ApiRequest) -> Result<(&'static Route, Option<Vec<u8>>), String> {
+    fn json<T: serde::Serialize>(value: &T) -> Result<Option<Vec<u8>>, String> {
+        serde_json::to_vec(value)
+            .map(Some)
+            .map_err(|e| e.to_string())
+    }
+    let (method, name, body) = match request {
+        ApiRequest::VmmPing => (Method::Get, "vmm.ping", None),
+        ApiRequest::VmmShutdown => (Method::Put, "vmm.shutdown", None),
+        ApiRequest::VmCreate(config) => (Method::Put, "vm.create", json(config)?),
+        ApiRequest::VmBoot => (Method::Put, "vm.boot", None),
+        ApiRequest::VmPause => (Method::Put, "vm.pause", None),
+        ApiRequest::VmResume => (Method::Put, "vm.resume", None),
+        ApiRequest::VmShutdown(shutdown) => (Method::Put, "vm.shutdown", json(shutdown)?),
+        ApiRequest::VmInfo => (Method::Get, "vm.info", None),
+        ApiRequest::VmCounters => (Method::Get, "vm.counters", None),
+    };
+    let route = route_named(method, name).ok_or_else(|| format!("no route for {method} {name}"))?;
+    Ok((route, body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::request::{ShutdownMode, VmState};
+
+    /// One request per route: the round trip below must cover every route.
+    fn samples() -> Vec<ApiRequest> {
+        vec![
+            ApiRequest::VmmPing,
+            ApiRequest::VmmShutdown,
+            ApiRequest::VmCreate(Box::new(
+                VmConfig::from_json(br#"{"payload": {"kernel": "/k"}, "cpus": {"boot_vcpus": 2}}"#)
+                    .unwrap(),
+            )),
+            ApiRequest::VmBoot,
+            ApiRequest::VmPause,
+            ApiRequest::VmResume,
+            ApiRequest::VmShutdown(ShutdownRequest {
+                mode: ShutdownMode::Graceful,
+                timeout_ms: Some(1500),
+            }),
+            ApiRequest::VmInfo,
+            ApiRequest::VmCounters,
+        ]
+    }
+
+    #[test]
+    fn every_route_round_trips() {
+        let mut covered = std::collections::BTreeSet::new();
+        for request in samples() {
+            let (route, body) = encode(&request).unwrap();
+            let parsed = (route.parse)(body.as_deref()).unwrap();
+            assert_eq!(parsed, request, "{}", route.path);
+            match route.body {
+                BodyKind::None => assert!(body.is_none(), "{}", route.path),
+                BodyKind::Required(_) => assert!(body.is_some(), "{}", route.path),
+                BodyKind::Optional(_) => {}
+            }
+            covered.insert((route.method, route.path));
+        }
+        for route in ROUTES {
+            assert!(
+                covered.contains(&(route.method, route.path)),
+                "no sample request for {} {}",
+                route.method,
+                route.path
+            );
+        }
+    }
+
+    #[test]
+    fn the_table_is_well_formed() {
+        let mut seen = std::collections::BTreeSet::new();
+        for route in ROUTES {
+            assert!(route.path.starts_with(API_PREFIX), "{}", route.path);
+            assert!(
+                seen.insert((route.method, route.path)),
+                "duplicate {}",
+                route.path
+            );
+            // Queries are GETs with a reply; actions are PUTs.
+            assert_eq!(
+                route.method == Method::Get,
+                route.reply != ReplyKind::Empty,
+                "{}",
+                route.path
+            );
+            if route.method == Method::Get {
+                assert_eq!(route.body, BodyKind::None, "{}", route.path);
+            }
+        }
+    }
+
+    #[test]
+    fn lookups_distinguish_404_and_405() {
+        assert_eq!(
+            find_route("GET", "/api/v1/vm.info").unwrap().name(),
+            "vm.info"
+        );
+        assert_eq!(
+            find_route("GET", "/api/v1/nope").err(),
+            Some(RouteError::NotFound)
+        );
+        assert_eq!(
+            find_route("GET", "/api/v1/vm.boot").err(),
+            Some(RouteError::MethodNotAllowed {
+                allow: "PUT".into()
+            })
+        );
+        assert_eq!(
+            find_route("get", "/api/v1/vm.info").err(),
+            Some(RouteError::MethodNotAllowed {
+                allow: "GET".into()
+            })
+        );
+    }
+
+    #[test]
+    fn bodies_are_checked() {
+        let shutdown = route_named(Method::Put, "vm.shutdown").unwrap();
+        assert_eq!(
+            (shutdown.parse)(None).unwrap(),
+            ApiRequest::VmShutdown(ShutdownRequest::default())
+        );
+        assert_eq!(
+            (shutdown.parse)(Some(br#"{"mode": "force"}"#)).unwrap(),
+            ApiRequest::VmShutdown(ShutdownRequest {
+                mode: ShutdownMode::Force,
+                timeout_ms: None
+            })
+        );
+        let e = (shutdown.parse)(Some(br#"{"mode": "force", "later": 1}"#)).unwrap_err();
+        assert!(e.message.contains("later"), "{e}");
+        let e = (shutdown.parse)(Some(br#"{"mode": "soon"}"#)).unwrap_err();
+        assert!(e.message.contains("soon"), "{e}");
+        let create = route_named(Method::Put, "vm.create").unwrap();
+        let e = (create.parse)(Some(br#"{"payload": {"kernel": 5}}"#)).unwrap_err();
+        assert!(e.message.contains("line 1 column"), "{e}");
+        assert_eq!(e.kind.http_status(), 400);
+    }
+
+    #[test]
+    fn replies_decode() {
+        let ping = PingInfo {
+            version: "1".into(),
+            pid: 7,
+            state: VmState::Paused,
+        };
+        let json = ApiResponse::Ping(ping.clone()).to_json().unwrap();
+        assert_eq!(
+            ReplyKind::Ping.decode(json.as_bytes()).unwrap(),
+            ApiResponse::Ping(ping)
+        );
+        assert!(ReplyKind::Info.decode(b"{}").is_err());
+        assert_eq!(ReplyKind::Empty.decode(b"").unwrap(), ApiResponse::Empty);
+    }
+}

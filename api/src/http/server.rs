@@ -1,0 +1,686 @@
+//! The API server: HTTP/1.1 on a Unix socket, served by a current-thread
+//! tokio runtime on one dedicated thread.
+//!
+//! Each request becomes an [`ApiCall`] handed to the VMM's `dispatch`
+//! callback; the VMM's control loop answers through the call's oneshot sender
+//! and the server writes that answer back. The server never panics on input:
+//! a malformed request gets a 4xx and its connection is closed; other
+//! connections carry on.
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::net::{UnixListener as StdUnixListener, UnixStream as StdUnixStream};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinSet;
+use tokio::time::{timeout, timeout_at, Instant};
+
+use super::routes::{find_route, BodyKind, RouteError};
+use super::wire::{clip, find_head, has_token, parse_content_length, reason, split_head};
+use crate::request::{ApiError, ApiErrorKind, ApiRequest, ApiResponse, ApiResult};
+
+/// The largest request body accepted; a larger one is refused with 413
+/// before it is read.
+pub const MAX_BODY_SIZE: usize = 64 * 1024;
+/// The largest request head (request line and headers) accepted; a larger
+/// one is refused with 431.
+pub const MAX_HEAD_SIZE: usize = 8 * 1024;
+/// How long a client has to send a whole request, from its first byte
+/// (against slowloris clients): then 408 and the connection is closed.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a keep-alive connection may sit idle between requests.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How many connections are served at once; more are answered 503 and closed.
+pub const MAX_CONNECTIONS: usize = 64;
+/// How long writing a response may take.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// On shutdown, how long requests already handed to the VMM get to be answered.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
+/// One request waiting for its answer.
+#[derive(Debug)]
+pub struct ApiCall {
+    pub request: ApiRequest,
+    pub reply: oneshot::Sender<ApiResult>,
+}
+
+/// Tunables of the server; [`Default`] gives the documented constants.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServerOptions {
+    pub request_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_connections: usize,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        ServerOptions {
+            request_timeout: REQUEST_TIMEOUT,
+            idle_timeout: IDLE_TIMEOUT,
+            max_connections: MAX_CONNECTIONS,
+        }
+    }
+}
+
+type Dispatch = Arc<dyn Fn(ApiCall) + Send + Sync>;
+
+/// A running API server. Dropping it (or [`ApiServer::shutdown`]) removes the
+/// socket file, stops accepting, lets requests already handed to the VMM be
+/// answered (for up to 2 s), and joins the server thread.
+#[derive(Debug)]
+pub struct ApiServer {
+    path: PathBuf,
+    /// Device and inode of the socket we bound, so we never remove a socket
+    /// that another process has put at the same path since.
+    identity: Option<(u64, u64)>,
+    stop: Option<watch::Sender<bool>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ApiServer {
+    /// The socket path the server listens on.
+    pub fn socket_path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Whether the server thread is still running.
+    pub fn is_running(&self) -> bool {
+        self.thread.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
+    /// Stops serving and removes the socket file (as dropping does).
+    pub fn shutdown(mut self) {
+        self.stop_now();
+    }
+
+    fn stop_now(&mut self) {
+        if let Some((dev, ino)) = self.identity.take() {
+            let ours = fs::symlink_metadata(&self.path)
+                .map(|m| m.dev() == dev && m.ino() == ino)
+                .unwrap_or(false);
+            if ours {
+                let _ = fs::remove_file(&self.path);
+            }
+        }
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(true);
+        }
+        if let Some(thread) = self.thread.take() {
+            // Dropped from the dispatch callback (on the server thread itself):
+            // the serve loop ends on its own; joining would deadlock.
+            if thread.thread().id() != thread::current().id() {
+                let _ = thread.join();
+            }
+        }
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        self.stop_now();
+    }
+}
+
+/// Binds the socket synchronously (so it exists and accepts when this
+/// returns), then serves on a new thread.
+///
+/// A stale socket file at `socket_path` (nobody answers on it) is replaced; a
+/// live one is an error ("... is in use by another VMM"), and so is a file
+/// that is not a socket.
+///
+/// `dispatch` is called on the server thread for each valid request: it must
+/// not block (hand the call to the VMM's control loop, which answers through
+/// [`ApiCall::reply`]). If the reply sender is dropped unanswered, the client
+/// gets a 500.
+pub fn start_server(
+    socket_path: &Path,
+    dispatch: impl Fn(ApiCall) + Send + Sync + 'static,
+) -> io::Result<ApiServer> {
+    start_server_with(socket_path, ServerOptions::default(), dispatch)
+}
+
+/// [`start_server`] with other timeouts or connection limit.
+pub fn start_server_with(
+    socket_path: &Path,
+    options: ServerOptions,
+    dispatch: impl Fn(ApiCall) + Send + Sync + 'static,
+) -> io::Result<ApiServer> {
+    let listener = bind(socket_path)?;
+    let identity = fs::symlink_metadata(socket_path)
+        .ok()
+        .map(|m| (m.dev(), m.ino()));
+    let mut server = ApiServer {
+        path: socket_path.to_path_buf(),
+        identity,
+        stop: None,
+        thread: None,
+    };
+    // From here on, an error drops `server`, which removes the socket file.
+    listener.set_nonblocking(true)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .enable_time()
+        .build()?;
+    let listener = {
+        let _guard = runtime.enter();
+        UnixListener::from_std(listener)?
+    };
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let dispatch: Dispatch = Arc::new(dispatch);
+    let thread = thread::Builder::new()
+        .name("vmm-api".into())
+        .spawn(move || runtime.block_on(serve(listener, dispatch, stop_rx, options)))?;
+    server.stop = Some(stop_tx);
+    server.thread = Some(thread);
+    Ok(server)
+}
+
+/// Binds `path`, replacing a stale socket file.
+fn bind(path: &Path) -> io::Result<StdUnixListener> {
+    let context = |e: io::Error, what: &str| {
+        io::Error::new(e.kind(), format!("{what} {}: {e}", path.display()))
+    };
+    match StdUnixListener::bind(path) {
+        Ok(listener) => return Ok(listener),
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => {}
+        Err(e) => return Err(context(e, "cannot bind the API socket")),
+    }
+    let meta = fs::symlink_metadata(path).map_err(|e| context(e, "cannot inspect"))?;
+    if !meta.file_type().is_socket() {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!(
+                "the API socket path {} exists and is not a socket; not replacing it",
+                path.display()
+            ),
+        ));
+    }
+    match StdUnixStream::connect(path) {
+        Ok(_) => Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            format!("the API socket {} is in use by another VMM", path.display()),
+        )),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+            // Stale: left by a VMM that died without cleaning up.
+            fs::remove_file(path).map_err(|e| context(e, "cannot remove the stale socket"))?;
+            StdUnixListener::bind(path).map_err(|e| context(e, "cannot bind the API socket"))
+        }
+        Err(e) => Err(context(e, "cannot check whether another VMM uses")),
+    }
+}
+
+async fn serve(
+    listener: UnixListener,
+    dispatch: Dispatch,
+    mut stop: watch::Receiver<bool>,
+    options: ServerOptions,
+) {
+    let options = Arc::new(options);
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            // A change, or the sender gone: either way, stop.
+            _ = stop.changed() => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    if connections.len() >= options.max_connections {
+                        // Answered apart, so the limit holds against a flood.
+                        tokio::spawn(refuse(stream));
+                    } else {
+                        connections.spawn(connection(stream, dispatch.clone(), stop.clone(), options.clone()));
+                    }
+                }
+                // Out of fds or similar: back off instead of spinning.
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            },
+        }
+    }
+    drop(listener);
+    // Connections close when idle or after their current request; give
+    // requests already handed to the VMM a moment to be answered.
+    let _ = timeout(SHUTDOWN_GRACE, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+}
+
+async fn refuse(mut stream: UnixStream) {
+    let response = Response::error(
+        503,
+        ApiError::internal("too many API connections; try again later"),
+    );
+    let _ = timeout(
+        Duration::from_secs(1),
+        write_response(&mut stream, &response),
+    )
+    .await;
+}
+
+/// A parsed request.
+struct Request {
+    method: String,
+    path: String,
+    body: Vec<u8>,
+    /// Whether the client sent a Content-Length header.
+    has_length: bool,
+    /// Close the connection after answering.
+    close: bool,
+}
+
+/// A response to write.
+struct Response {
+    status: u16,
+    body: Option<String>,
+    allow: Option<String>,
+    close: bool,
+}
+
+impl Response {
+    fn error(status: u16, error: ApiError) -> Response {
+        let body = serde_json::to_string(&error).unwrap_or_else(|_| {
+            r#"{"kind":"internal","message":"cannot serialize the error"}"#.to_string()
+        });
+        Response {
+            status,
+            body: Some(body),
+            allow: None,
+            close: false,
+        }
+    }
+
+    fn api_error(error: ApiError) -> Response {
+        Response::error(error.kind.http_status(), error)
+    }
+
+    /// A framing error: the request could not be read, so the connection
+    /// cannot go on.
+    fn fatal(status: u16, message: impl Into<String>) -> Response {
+        let kind = if status == 413 {
+            ApiErrorKind::TooLarge
+        } else {
+            ApiErrorKind::BadRequest
+        };
+        let mut response = Response::error(status, ApiError::new(kind, message));
+        response.close = true;
+        response
+    }
+}
+
+enum ReadOutcome {
+    Request(Request),
+    /// The client went away (or stayed idle too long, or the server stops):
+    /// nothing to answer.
+    Closed,
+    /// Answer this and close.
+    Fatal(Response),
+}
+
+async fn connection(
+    mut stream: UnixStream,
+    dispatch: Dispatch,
+    mut stop: watch::Receiver<bool>,
+    options: Arc<ServerOptions>,
+) {
+    let mut buf = Vec::new();
+    loop {
+        let request = match read_request(&mut stream, &mut buf, &mut stop, &options).await {
+            ReadOutcome::Request(request) => request,
+            ReadOutcome::Closed => return,
+            ReadOutcome::Fatal(response) => {
+                let _ = write_response(&mut stream, &response).await;
+                return;
+            }
+        };
+        let close = request.close;
+        let mut response = answer(request, &dispatch).await;
+        response.close |= close || *stop.borrow();
+        if write_response(&mut stream, &response).await.is_err() || response.close {
+            return;
+        }
+    }
+}
+
+/// Reads into `buf`; Ok(0) at end of stream.
+async fn read_more(stream: &mut UnixStream, buf: &mut Vec<u8>) -> io::Result<usize> {
+    let mut chunk = [0u8; 8192];
+    let n = stream.read(&mut chunk).await?;
+    buf.extend_from_slice(&chunk[..n]);
+    Ok(n)
+}
+
+async fn read_request(
+    stream: &mut UnixStream,
+    buf: &mut Vec<u8>,
+    stop: &mut watch::Receiver<bool>,
+    options: &ServerOptions,
+) -> ReadOutcome {
+    // Idle: wait for the first byte of the next request.
+    if buf.is_empty() {
+        if *stop.borrow() {
+            return ReadOutcome::Closed;
+        }
+        tokio::select! {
+            read = timeout(options.idle_timeout, read_more(stream, buf)) => match read {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => return ReadOutcome::Closed,
+            },
+            _ = stop.changed() => return ReadOutcome::Closed,
+        }
+    }
+    let deadline = Instant::now() + options.request_timeout;
+    let timed_out = || ReadOutcome::Fatal(Response::fatal(408, "timed out reading the request"));
+
+    // The head.
+    let (start, end) = loop {
+        if let Some(found) = find_head(buf) {
+            break found;
+        }
+        if buf.len() >= MAX_HEAD_SIZE {
+            return ReadOutcome::Fatal(Response::fatal(
+                431,
+                format!("the request head is over {MAX_HEAD_SIZE} bytes"),
+            ));
+        }
+        match timeout_at(deadline, read_more(stream, buf)).await {
+            Err(_) => return timed_out(),
+            Ok(Ok(0)) | Ok(Err(_)) => return ReadOutcome::Closed,
+            Ok(Ok(_)) => {}
+        }
+    };
+    if end - start > MAX_HEAD_SIZE {
+        return ReadOutcome::Fatal(Response::fatal(
+            431,
+            format!("the request head is over {MAX_HEAD_SIZE} bytes"),
+        ));
+    }
+    let head = match parse_head(&buf[start..end]) {
+        Ok(head) => head,
+        Err(response) => return ReadOutcome::Fatal(response),
+    };
+    buf.drain(..end);
+
+    // The body.
+    let length = head.content_length.unwrap_or(0);
+    if length > MAX_BODY_SIZE as u64 {
+        return ReadOutcome::Fatal(Response::fatal(
+            413,
+            format!("the request body ({length} bytes) is over the {MAX_BODY_SIZE}-byte limit"),
+        ));
+    }
+    let length = length as usize;
+    if head.expect_continue && buf.len() < length {
+        let sent = timeout_at(deadline, stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")).await;
+        if !matches!(sent, Ok(Ok(()))) {
+            return ReadOutcome::Closed;
+        }
+    }
+    while buf.len() < length {
+        match timeout_at(deadline, read_more(stream, buf)).await {
+            Err(_) => return timed_out(),
+            Ok(Ok(0)) | Ok(Err(_)) => return ReadOutcome::Closed,
+            Ok(Ok(_)) => {}
+        }
+    }
+    let body: Vec<u8> = buf.drain(..length).collect();
+    ReadOutcome::Request(Request {
+        method: head.method,
+        path: head.path,
+        body,
+        has_length: head.content_length.is_some(),
+        close: head.close,
+    })
+}
+
+struct Head {
+    method: String,
+    path: String,
+    content_length: Option<u64>,
+    close: bool,
+    expect_continue: bool,
+}
+
+fn parse_head(head: &[u8]) -> Result<Head, Response> {
+    let bad = |message: String| Response::fatal(400, message);
+    let (first, headers) = split_head(head).map_err(bad)?;
+    let mut parts = first.split(' ');
+    let (Some(method), Some(target), Some(version), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(bad(format!("malformed request line {:?}", clip(first))));
+    };
+    if method.is_empty() || !method.bytes().all(super::wire::is_token_byte) {
+        return Err(bad(format!("malformed method {:?}", clip(method))));
+    }
+    if !target.starts_with('/') {
+        return Err(bad(format!(
+            "the request target {:?} is not a path",
+            clip(target)
+        )));
+    }
+    let http10 = match version {
+        "HTTP/1.1" => false,
+        "HTTP/1.0" => true,
+        _ if version.starts_with("HTTP/") => {
+            return Err(Response::fatal(
+                505,
+                format!("{} is not supported; use HTTP/1.1", clip(version)),
+            ))
+        }
+        _ => return Err(bad(format!("malformed request line {:?}", clip(first)))),
+    };
+    let path = target.split(['?', '#']).next().unwrap_or(target);
+
+    let mut content_length = None;
+    let mut close = http10;
+    let mut expect_continue = false;
+    for (name, value) in headers {
+        if name.eq_ignore_ascii_case("content-length") {
+            let length = parse_content_length(value)
+                .ok_or_else(|| bad(format!("bad Content-Length {:?}", clip(value))))?;
+            if content_length.is_some_and(|l| l != length) {
+                return Err(bad("conflicting Content-Length headers".to_string()));
+            }
+            content_length = Some(length);
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            return Err(Response::fatal(
+                411,
+                "chunked or encoded request bodies are not supported: send a Content-Length",
+            ));
+        } else if name.eq_ignore_ascii_case("connection") {
+            if has_token(value, "close") {
+                close = true;
+            } else if has_token(value, "keep-alive") {
+                close = false;
+            }
+        } else if name.eq_ignore_ascii_case("expect") {
+            expect_continue = value.eq_ignore_ascii_case("100-continue");
+        }
+    }
+    Ok(Head {
+        method: method.to_string(),
+        path: path.to_string(),
+        content_length,
+        close,
+        expect_continue,
+    })
+}
+
+/// Routes a request, hands it to the VMM and waits for the answer.
+async fn answer(request: Request, dispatch: &Dispatch) -> Response {
+    let route = match find_route(&request.method, &request.path) {
+        Ok(route) => route,
+        Err(RouteError::NotFound) => {
+            return Response::api_error(ApiError::new(
+                ApiErrorKind::NotFound,
+                format!("no endpoint {}", clip(&request.path)),
+            ))
+        }
+        Err(RouteError::MethodNotAllowed { allow }) => {
+            let mut response = Response::api_error(ApiError::new(
+                ApiErrorKind::MethodNotAllowed,
+                format!(
+                    "{} takes {allow}, not {}",
+                    clip(&request.path),
+                    clip(&request.method)
+                ),
+            ));
+            response.allow = Some(allow);
+            return response;
+        }
+    };
+    let body = (!request.body.is_empty()).then_some(&request.body[..]);
+    match (route.body, body) {
+        (BodyKind::None, Some(_)) => {
+            return Response::api_error(ApiError::bad_request(format!(
+                "{} takes no request body",
+                route.name()
+            )))
+        }
+        (BodyKind::Required(schema), None) if !request.has_length => {
+            return Response::error(
+                411,
+                ApiError::bad_request(format!(
+                    "{} needs a {schema} JSON body with a Content-Length",
+                    route.name()
+                )),
+            )
+        }
+        (BodyKind::Required(schema), None) => {
+            return Response::api_error(ApiError::bad_request(format!(
+                "{} needs a {schema} JSON body",
+                route.name()
+            )))
+        }
+        _ => {}
+    }
+    let api_request = match (route.parse)(body) {
+        Ok(api_request) => api_request,
+        Err(error) => return Response::api_error(error),
+    };
+
+    let (reply, answer) = oneshot::channel();
+    let call = ApiCall {
+        request: api_request,
+        reply,
+    };
+    if catch_unwind(AssertUnwindSafe(|| dispatch(call))).is_err() {
+        return Response::api_error(ApiError::internal(format!(
+            "the VMM failed on {}",
+            route.name()
+        )));
+    }
+    match answer.await {
+        Ok(Ok(ApiResponse::Empty)) => Response {
+            status: 204,
+            body: None,
+            allow: None,
+            close: false,
+        },
+        Ok(Ok(response)) => Response {
+            status: 200,
+            body: response.to_json(),
+            allow: None,
+            close: false,
+        },
+        Ok(Err(error)) => Response::api_error(error),
+        Err(_) => Response::api_error(ApiError::internal(format!(
+            "the VMM dropped the {} request without answering",
+            route.name()
+        ))),
+    }
+}
+
+async fn write_response(stream: &mut UnixStream, response: &Response) -> io::Result<()> {
+    let mut out = format!(
+        "HTTP/1.1 {} {}\r\n",
+        response.status,
+        reason(response.status)
+    );
+    if let Some(allow) = &response.allow {
+        out.push_str(&format!("Allow: {allow}\r\n"));
+    }
+    if let Some(body) = &response.body {
+        out.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        ));
+    } else if response.status != 204 {
+        out.push_str("Content-Length: 0\r\n");
+    }
+    if response.close {
+        out.push_str("Connection: close\r\n");
+    }
+    out.push_str("\r\n");
+    if let Some(body) = &response.body {
+        out.push_str(body);
+    }
+    let write = async {
+        stream.write_all(out.as_bytes()).await?;
+        if response.close {
+            stream.shutdown().await?;
+        }
+        Ok(())
+    };
+    match timeout(WRITE_TIMEOUT, write).await {
+        Ok(result) => result,
+        Err(_) => Err(io::ErrorKind::TimedOut.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_heads_parse() {
+        let head = parse_head(b"PUT /api/v1/vm.create?x=1 HTTP/1.1\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+            .ok()
+            .unwrap();
+        assert_eq!(head.method, "PUT");
+        assert_eq!(head.path, "/api/v1/vm.create");
+        assert_eq!(head.content_length, Some(5));
+        assert!(head.expect_continue);
+        assert!(!head.close);
+        let head = parse_head(b"GET / HTTP/1.0\r\n\r\n").ok().unwrap();
+        assert!(head.close);
+        let head = parse_head(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+            .ok()
+            .unwrap();
+        assert!(!head.close);
+    }
+
+    #[test]
+    fn bad_heads_are_refused() {
+        let status = |head: &[u8]| parse_head(head).err().map(|r| r.status);
+        assert_eq!(status(b"GET /\r\n\r\n"), Some(400));
+        assert_eq!(status(b"GET  / HTTP/1.1\r\n\r\n"), Some(400));
+        assert_eq!(status(b"GET / HTTP/2.0\r\n\r\n"), Some(505));
+        assert_eq!(status(b"GET / FTP/1.0\r\n\r\n"), Some(400));
+        assert_eq!(status(b"GET x HTTP/1.1\r\n\r\n"), Some(400));
+        assert_eq!(status(b"G(T / HTTP/1.1\r\n\r\n"), Some(400));
+        assert_eq!(
+            status(b"PUT / HTTP/1.1\r\nContent-Length: x\r\n\r\n"),
+            Some(400)
+        );
+        assert_eq!(
+            status(b"PUT / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"),
+            Some(400)
+        );
+        assert_eq!(
+            status(b"PUT / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"),
+            Some(411)
+        );
+        assert!(
+            parse_head(b"PUT / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n").is_ok()
+        );
+    }
+}
