@@ -27,7 +27,10 @@ impl fmt::Display for BusError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             BusError::Overlap { base, len } => {
-                write!(f, "range {base:#x}+{len:#x} overlaps a device already on the bus")
+                write!(
+                    f,
+                    "range {base:#x}+{len:#x} overlaps a device already on the bus"
+                )
             }
             BusError::BadRange { base, len } => write!(f, "invalid range {base:#x}+{len:#x}"),
         }
@@ -141,11 +144,17 @@ mod tests {
         bus.insert(0x100, 0x10, dev.clone()).unwrap();
         assert_eq!(
             bus.insert(0x108, 0x10, dev.clone()),
-            Err(BusError::Overlap { base: 0x108, len: 0x10 })
+            Err(BusError::Overlap {
+                base: 0x108,
+                len: 0x10
+            })
         );
         assert_eq!(
             bus.insert(0xf8, 0x10, dev.clone()),
-            Err(BusError::Overlap { base: 0xf8, len: 0x10 })
+            Err(BusError::Overlap {
+                base: 0xf8,
+                len: 0x10
+            })
         );
         bus.insert(0x110, 0x10, dev.clone()).unwrap();
         let mut data = [0u8; 2];
@@ -158,6 +167,12 @@ mod tests {
         assert_eq!(dev.lock().unwrap().last_write, Some((1, vec![1, 2])));
         assert!(bus.remove(0x100));
         assert!(!bus.write(0x101, &[1]));
-        assert_eq!(bus.insert(u64::MAX, 2, dev), Err(BusError::BadRange { base: u64::MAX, len: 2 }));
+        assert_eq!(
+            bus.insert(u64::MAX, 2, dev),
+            Err(BusError::BadRange {
+                base: u64::MAX,
+                len: 2
+            })
+        );
     }
 }

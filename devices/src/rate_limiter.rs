@@ -163,7 +163,10 @@ mod tests {
     #[test]
     fn a_large_request_goes_into_debt_and_the_next_waits() {
         let mut rl = RateLimiter::new(Some(1000), None).unwrap();
-        assert!(rl.consume(5000), "a request larger than the bucket is not refused forever");
+        assert!(
+            rl.consume(5000),
+            "a request larger than the bucket is not refused forever"
+        );
         assert!(!rl.consume(1), "the debt must be paid first");
         let start = Instant::now();
         while !rl.consume(1) {
@@ -171,6 +174,10 @@ mod tests {
             assert!(start.elapsed() < Duration::from_secs(10));
         }
         // About 4 s of debt at 1000 B/s.
-        assert!(start.elapsed() >= Duration::from_secs(3), "{:?}", start.elapsed());
+        assert!(
+            start.elapsed() >= Duration::from_secs(3),
+            "{:?}",
+            start.elapsed()
+        );
     }
 }

@@ -19,9 +19,15 @@ pub type InputTarget = Arc<Mutex<Option<Arc<Mutex<SerialDevice>>>>>;
 #[derive(Debug, thiserror::Error)]
 pub enum ConsoleError {
     #[error("serial file {path}: {source}")]
-    File { path: PathBuf, source: std::io::Error },
+    File {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("serial socket {path}: {source}")]
-    Socket { path: PathBuf, source: std::io::Error },
+    Socket {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot open a pseudo-terminal: {0}")]
     Pty(std::io::Error),
     #[error("cannot start the console input thread: {0}")]
@@ -207,7 +213,9 @@ fn spawn_socket_acceptor(
         .spawn(move || {
             for stream in listener.incoming() {
                 let Ok(stream) = stream else { continue };
-                let Ok(reader) = stream.try_clone() else { continue };
+                let Ok(reader) = stream.try_clone() else {
+                    continue;
+                };
                 *output.0.lock().unwrap_or_else(|e| e.into_inner()) = Output::Client(Some(stream));
                 // One client at a time: serve its input until it disconnects.
                 pump(reader, &input);
@@ -226,9 +234,11 @@ fn open_pty() -> std::io::Result<(File, PathBuf)> {
         return Err(std::io::Error::last_os_error());
     }
     // SAFETY: fd is a fresh descriptor we own.
-    let master = OwnedFd::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    let master = unsafe { OwnedFd::from_raw_fd(fd) };
     // SAFETY: grantpt/unlockpt on our own master fd.
-    if unsafe { libc::grantpt(master.as_raw_fd()) } != 0 || unsafe { libc::unlockpt(master.as_raw_fd()) } != 0 {
+    if unsafe { libc::grantpt(master.as_raw_fd()) } != 0
+        || unsafe { libc::unlockpt(master.as_raw_fd()) } != 0
+    {
         return Err(std::io::Error::last_os_error());
     }
     let mut name = [0 as libc::c_char; 128];

@@ -87,10 +87,26 @@ mod tests {
 
     fn base() -> CpuId {
         CpuId::from_entries(&[
-            kvm_cpuid_entry2 { function: 0x1, ebx: 0xff00_1234, ..Default::default() },
-            kvm_cpuid_entry2 { function: 0xb, index: 0, ..Default::default() },
-            kvm_cpuid_entry2 { function: 0xb, index: 1, ..Default::default() },
-            kvm_cpuid_entry2 { function: HYPERVISOR_LEAF, eax: 0x4000_0001, ..Default::default() },
+            kvm_cpuid_entry2 {
+                function: 0x1,
+                ebx: 0xff00_1234,
+                ..Default::default()
+            },
+            kvm_cpuid_entry2 {
+                function: 0xb,
+                index: 0,
+                ..Default::default()
+            },
+            kvm_cpuid_entry2 {
+                function: 0xb,
+                index: 1,
+                ..Default::default()
+            },
+            kvm_cpuid_entry2 {
+                function: HYPERVISOR_LEAF,
+                eax: 0x4000_0001,
+                ..Default::default()
+            },
         ])
         .unwrap()
     }
@@ -98,7 +114,12 @@ mod tests {
     #[test]
     fn topology_and_hypervisor_leaves() {
         let c = for_vcpu(&base(), 2, 3, Some(2_000_000));
-        let get = |f, i| *c.as_slice().iter().find(|e| e.function == f && e.index == i).unwrap();
+        let get = |f, i| {
+            *c.as_slice()
+                .iter()
+                .find(|e| e.function == f && e.index == i)
+                .unwrap()
+        };
         let leaf1 = get(0x1, 0);
         assert_eq!(leaf1.ebx >> 24, 2, "APIC id");
         assert_eq!((leaf1.ebx >> 16) & 0xff, 3, "logical count");

@@ -74,7 +74,10 @@ pub fn ram_ranges(size: u64) -> Vec<(u64, u64)> {
     if size <= MMIO_HOLE_START {
         vec![(0, size)]
     } else {
-        vec![(0, MMIO_HOLE_START), (RAM_64BIT_START, size - MMIO_HOLE_START)]
+        vec![
+            (0, MMIO_HOLE_START),
+            (RAM_64BIT_START, size - MMIO_HOLE_START),
+        ]
     }
 }
 
@@ -88,7 +91,10 @@ mod tests {
         assert_eq!(ram_ranges(MMIO_HOLE_START), vec![(0, MMIO_HOLE_START)]);
         assert_eq!(
             ram_ranges(4 << 30),
-            vec![(0, MMIO_HOLE_START), (RAM_64BIT_START, (4 << 30) - MMIO_HOLE_START)]
+            vec![
+                (0, MMIO_HOLE_START),
+                (RAM_64BIT_START, (4 << 30) - MMIO_HOLE_START)
+            ]
         );
     }
 }

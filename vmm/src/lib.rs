@@ -1,11 +1,14 @@
 //! The VMM core: one process per guest on /dev/kvm.
 
 pub mod boot;
+pub mod console;
+pub mod control;
 pub mod cpuid;
+pub mod exit;
+pub mod interrupt;
 pub mod layout;
 pub mod memory;
+pub mod pci;
 pub mod vcpu;
-pub mod console;
 pub mod vm;
-pub mod exit;
-pub mod control;
+pub mod device_manager;

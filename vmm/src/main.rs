@@ -137,8 +137,9 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Option<Args>, Co
             let text = std::fs::read(&path).map_err(|e| {
                 ConfigError::new("--config", format!("cannot read {}: {e}", path.display()))
             })?;
-            let config = VmConfig::from_json(&text)
-                .map_err(|e| ConfigError::new(format!("{}: {}", path.display(), e.field), e.message))?;
+            let config = VmConfig::from_json(&text).map_err(|e| {
+                ConfigError::new(format!("{}: {}", path.display(), e.field), e.message)
+            })?;
             Some(config)
         }
         (None, true) => {

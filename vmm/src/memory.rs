@@ -14,7 +14,7 @@ use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion}
 
 use crate::layout;
 
-pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<AtomicBitmap>;
+pub use devices::GuestMemoryMmap;
 pub type GuestRegionMmap = vm_memory::GuestRegionMmap<AtomicBitmap>;
 
 /// Guest pages are 4 KiB for dirty tracking, ballooning and migration.
@@ -29,11 +29,18 @@ pub enum MemoryError {
     #[error("cannot size the memory backing to {size} bytes: {source}")]
     Truncate { size: u64, source: std::io::Error },
     #[error("cannot map {size} bytes of guest memory at {start:#x}: {message}")]
-    Map { start: u64, size: u64, message: String },
+    Map {
+        start: u64,
+        size: u64,
+        message: String,
+    },
     #[error("invalid guest memory layout: {0}")]
     Layout(String),
     #[error("madvise({advice}) on guest memory failed: {source}")]
-    Madvise { advice: &'static str, source: std::io::Error },
+    Madvise {
+        advice: &'static str,
+        source: std::io::Error,
+    },
 }
 
 /// Maps guest RAM as `config` asks.
@@ -61,7 +68,8 @@ pub fn create_guest_memory(config: &MemoryConfig) -> Result<GuestMemoryMmap, Mem
         let mut builder = MmapRegionBuilder::new_with_bitmap(len_usize, bitmap)
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE);
         builder = match &file {
-            None => builder.with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE),
+            None => builder
+                .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE),
             Some(f) => {
                 let f = f.try_clone().map_err(|e| map_error(e.to_string()))?;
                 builder
@@ -101,7 +109,10 @@ fn memfd(size: u64, flags: libc::c_uint) -> Result<File, MemoryError> {
         size
     };
     file.set_len(rounded)
-        .map_err(|source| MemoryError::Truncate { size: rounded, source })?;
+        .map_err(|source| MemoryError::Truncate {
+            size: rounded,
+            source,
+        })?;
     Ok(file)
 }
 
@@ -151,7 +162,10 @@ mod tests {
             let mem = create_guest_memory(&config(backing)).unwrap();
             assert_eq!(total_size(&mem), 16 << 20);
             mem.write_obj(0xdead_beefu32, GuestAddress(0x5000)).unwrap();
-            assert_eq!(mem.read_obj::<u32>(GuestAddress(0x5000)).unwrap(), 0xdead_beef);
+            assert_eq!(
+                mem.read_obj::<u32>(GuestAddress(0x5000)).unwrap(),
+                0xdead_beef
+            );
             let region = mem.find_region(GuestAddress(0)).unwrap();
             let bitmap = region.bitmap();
             use vm_memory::bitmap::Bitmap;

@@ -17,16 +17,16 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 /// MSRs set at boot, with their reset values.
 const BOOT_MSRS: &[(u32, u64)] = &[
-    (0x174, 0),           // IA32_SYSENTER_CS
-    (0x175, 0),           // IA32_SYSENTER_ESP
-    (0x176, 0),           // IA32_SYSENTER_EIP
-    (0xc000_0081, 0),     // STAR
-    (0xc000_0082, 0),     // LSTAR
-    (0xc000_0083, 0),     // CSTAR
-    (0xc000_0084, 0),     // SFMASK
-    (0xc000_0102, 0),     // KERNEL_GS_BASE
-    (0x10, 0),            // IA32_TSC
-    (0x1a0, 1),           // IA32_MISC_ENABLE: fast strings
+    (0x174, 0),             // IA32_SYSENTER_CS
+    (0x175, 0),             // IA32_SYSENTER_ESP
+    (0x176, 0),             // IA32_SYSENTER_EIP
+    (0xc000_0081, 0),       // STAR
+    (0xc000_0082, 0),       // LSTAR
+    (0xc000_0083, 0),       // CSTAR
+    (0xc000_0084, 0),       // SFMASK
+    (0xc000_0102, 0),       // KERNEL_GS_BASE
+    (0x10, 0),              // IA32_TSC
+    (0x1a0, 1),             // IA32_MISC_ENABLE: fast strings
     (0x2ff, (1 << 11) | 6), // MTRR default type: enabled, write-back
 ];
 
@@ -140,13 +140,7 @@ pub struct Vcpu {
 }
 
 impl Vcpu {
-    pub fn new(
-        id: u8,
-        fd: VcpuFd,
-        pio: Arc<Bus>,
-        mmio: Arc<Bus>,
-        msr_list: Arc<Vec<u32>>,
-    ) -> Self {
+    pub fn new(id: u8, fd: VcpuFd, pio: Arc<Bus>, mmio: Arc<Bus>, msr_list: Arc<Vec<u32>>) -> Self {
         Vcpu {
             id,
             fd,
@@ -164,7 +158,9 @@ impl Vcpu {
 
     /// CPUID, boot MSRs, FPU and LAPIC pins: the power-on state.
     pub fn configure(&self, cpuid: &CpuId) -> Result<(), VcpuError> {
-        self.fd.set_cpuid2(cpuid).map_err(self.err("KVM_SET_CPUID2"))?;
+        self.fd
+            .set_cpuid2(cpuid)
+            .map_err(self.err("KVM_SET_CPUID2"))?;
         let entries: Vec<kvm_msr_entry> = BOOT_MSRS
             .iter()
             .map(|&(index, data)| kvm_msr_entry {
@@ -184,12 +180,16 @@ impl Vcpu {
         let mut lapic = self.fd.get_lapic().map_err(self.err("KVM_GET_LAPIC"))?;
         set_lapic_delivery_mode(&mut lapic, APIC_LVT_LINT0, APIC_MODE_EXTINT);
         set_lapic_delivery_mode(&mut lapic, APIC_LVT_LINT1, APIC_MODE_NMI);
-        self.fd.set_lapic(&lapic).map_err(self.err("KVM_SET_LAPIC"))?;
+        self.fd
+            .set_lapic(&lapic)
+            .map_err(self.err("KVM_SET_LAPIC"))?;
         Ok(())
     }
 
     pub fn set_boot_registers(&self, regs: &kvm_regs, sregs: &kvm_sregs) -> Result<(), VcpuError> {
-        self.fd.set_sregs(sregs).map_err(self.err("KVM_SET_SREGS"))?;
+        self.fd
+            .set_sregs(sregs)
+            .map_err(self.err("KVM_SET_SREGS"))?;
         self.fd.set_regs(regs).map_err(self.err("KVM_SET_REGS"))?;
         Ok(())
     }
@@ -213,7 +213,10 @@ impl Vcpu {
             what: "MSR list",
             source: kvm_ioctls::Error::new(libc::E2BIG),
         })?;
-        let read = self.fd.get_msrs(&mut msrs).map_err(self.err("KVM_GET_MSRS"))?;
+        let read = self
+            .fd
+            .get_msrs(&mut msrs)
+            .map_err(self.err("KVM_GET_MSRS"))?;
         let msrs = msrs.as_slice()[..read]
             .iter()
             .map(|e| (e.index, e.data))
@@ -226,9 +229,18 @@ impl Vcpu {
             xcrs: self.fd.get_xcrs().map_err(self.err("KVM_GET_XCRS"))?,
             lapic: self.fd.get_lapic().map_err(self.err("KVM_GET_LAPIC"))?,
             msrs,
-            events: self.fd.get_vcpu_events().map_err(self.err("KVM_GET_VCPU_EVENTS"))?,
-            mp_state: self.fd.get_mp_state().map_err(self.err("KVM_GET_MP_STATE"))?,
-            debugregs: self.fd.get_debug_regs().map_err(self.err("KVM_GET_DEBUGREGS"))?,
+            events: self
+                .fd
+                .get_vcpu_events()
+                .map_err(self.err("KVM_GET_VCPU_EVENTS"))?,
+            mp_state: self
+                .fd
+                .get_mp_state()
+                .map_err(self.err("KVM_GET_MP_STATE"))?,
+            debugregs: self
+                .fd
+                .get_debug_regs()
+                .map_err(self.err("KVM_GET_DEBUGREGS"))?,
             tsc_khz: self.tsc_khz(),
         })
     }
@@ -241,12 +253,20 @@ impl Vcpu {
             // Hosts that cannot scale the TSC refuse; the guest then sees ours.
             let _ = self.fd.set_tsc_khz(khz);
         }
-        self.fd.set_sregs(&state.sregs).map_err(self.err("KVM_SET_SREGS"))?;
-        self.fd.set_regs(&state.regs).map_err(self.err("KVM_SET_REGS"))?;
+        self.fd
+            .set_sregs(&state.sregs)
+            .map_err(self.err("KVM_SET_SREGS"))?;
+        self.fd
+            .set_regs(&state.regs)
+            .map_err(self.err("KVM_SET_REGS"))?;
         // SAFETY: the xsave area came from KVM_GET_XSAVE of the same size.
         unsafe { self.fd.set_xsave(&state.xsave) }.map_err(self.err("KVM_SET_XSAVE"))?;
-        self.fd.set_xcrs(&state.xcrs).map_err(self.err("KVM_SET_XCRS"))?;
-        self.fd.set_lapic(&state.lapic).map_err(self.err("KVM_SET_LAPIC"))?;
+        self.fd
+            .set_xcrs(&state.xcrs)
+            .map_err(self.err("KVM_SET_XCRS"))?;
+        self.fd
+            .set_lapic(&state.lapic)
+            .map_err(self.err("KVM_SET_LAPIC"))?;
         let entries: Vec<kvm_msr_entry> = state
             .msrs
             .iter()
@@ -265,7 +285,9 @@ impl Vcpu {
         self.fd
             .set_vcpu_events(&state.events)
             .map_err(self.err("KVM_SET_VCPU_EVENTS"))?;
-        self.fd.set_mp_state(state.mp_state).map_err(self.err("KVM_SET_MP_STATE"))?;
+        self.fd
+            .set_mp_state(state.mp_state)
+            .map_err(self.err("KVM_SET_MP_STATE"))?;
         self.fd
             .set_debug_regs(&state.debugregs)
             .map_err(self.err("KVM_SET_DEBUGREGS"))?;

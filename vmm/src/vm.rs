@@ -10,7 +10,11 @@ use api::request::Counters;
 use devices::bus::{Bus, BusError};
 use devices::legacy::{
     I8042Device, PowerDevice, PowerEvent, PowerEventSink, ResetControl, SerialCounters,
-    SerialDevice, RESET_CONTROL_PORT, SLEEP_CONTROL_PORT,
+    SerialDevice, SLEEP_CONTROL_PORT,
+};
+use devices::pci::{
+    PciConfigIo, PciEcam, PciRoot, CONFIG_IO_LEN as PCI_CONFIG_IO_LEN,
+    CONFIG_IO_PORT as PCI_CONFIG_IO_PORT,
 };
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VmFd};
@@ -19,8 +23,11 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::{self, BootEntry, BootError};
 use crate::console::Console;
+use crate::device_manager::DeviceManager;
+use crate::interrupt::GsiRouter;
 use crate::layout;
 use crate::memory::{self, GuestMemoryMmap, MemoryError};
+use crate::pci::VmBarMapper;
 use crate::vcpu::{Vcpu, VcpuError, VcpuSet, VcpuStop, VcpuStopSink};
 
 /// I/O ports of the legacy devices.
@@ -79,13 +86,18 @@ pub struct Vm {
     serial_counters: Arc<SerialCounters>,
     i8042: Arc<Mutex<I8042Device>>,
     vcpus: Option<VcpuSet>,
+    device_manager: DeviceManager,
     pub entry: BootEntry,
 }
 
 impl Vm {
     /// Builds the VM described by `config` and loads its kernel. `events`
     /// receives power requests and vCPU stops.
-    pub fn create(config: &VmConfig, console: &Console, events: VmEventSink) -> Result<Vm, VmError> {
+    pub fn create(
+        config: &VmConfig,
+        console: &Console,
+        events: VmEventSink,
+    ) -> Result<Vm, VmError> {
         let kvm = Kvm::new().map_err(VmError::Kvm)?;
         for (cap, name) in [
             (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
@@ -106,7 +118,9 @@ impl Vm {
         vm_fd
             .set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDRESS)
             .map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
-        vm_fd.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        vm_fd
+            .create_irq_chip()
+            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
         let pit = kvm_pit_config {
             flags: KVM_PIT_SPEAKER_DUMMY,
             ..Default::default()
@@ -135,11 +149,29 @@ impl Vm {
             1,
             Arc::new(Mutex::new(PowerDevice::new(power_sink.clone()))),
         )?;
+
+        // PCI bus 0: config ports 0xCF8-0xCFF (which also carry the reset
+        // control register at 0xCF9) and ECAM.
+        let gsi_router = Arc::new(GsiRouter::new(vm_fd.clone()));
+        let pci_root = Arc::new(Mutex::new(PciRoot::new(Arc::new(VmBarMapper {
+            mmio: mmio.clone(),
+            vm_fd: vm_fd.clone(),
+        }))));
         pio.insert(
-            u64::from(RESET_CONTROL_PORT),
-            1,
-            Arc::new(Mutex::new(ResetControl::new(power_sink))),
+            PCI_CONFIG_IO_PORT,
+            PCI_CONFIG_IO_LEN,
+            Arc::new(Mutex::new(PciConfigIo::new(
+                pci_root.clone(),
+                Box::new(ResetControl::new(power_sink)),
+            ))),
         )?;
+        mmio.insert(
+            layout::PCI_ECAM_START,
+            layout::PCI_ECAM_SIZE,
+            Arc::new(Mutex::new(PciEcam::new(pci_root.clone()))),
+        )?;
+
+        let device_manager = DeviceManager::new(pci_root, gsi_router, memory.clone());
 
         let cpus = config.cpus.boot_vcpus;
         let entry = boot::load(&memory, &config.payload, cpus)?;
@@ -150,7 +182,8 @@ impl Vm {
                 .as_slice()
                 .to_vec(),
         );
-        let base_cpuid = crate::cpuid::supported(&kvm).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let base_cpuid =
+            crate::cpuid::supported(&kvm).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
         let mut vcpus = Vec::with_capacity(usize::from(cpus));
         for id in 0..cpus {
             let fd = vm_fd
@@ -179,6 +212,7 @@ impl Vm {
             serial_counters,
             i8042,
             vcpus: Some(vcpus),
+            device_manager,
             entry,
         })
     }
@@ -239,6 +273,7 @@ impl Vm {
                 ("lost_bytes".into(), s.lost_bytes.load(Ordering::Relaxed)),
             ]),
         );
+        counters.extend(self.device_manager.counters());
         counters
     }
 }
@@ -252,12 +287,18 @@ impl Drop for Vm {
 /// An eventfd wired to IOAPIC pin `gsi` with KVM_IRQFD.
 fn irq_line(vm_fd: &VmFd, gsi: u32) -> Result<Arc<EventFd>, VmError> {
     let fd = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
-    vm_fd.register_irqfd(&fd, gsi).map_err(kvm_err("KVM_IRQFD"))?;
+    vm_fd
+        .register_irqfd(&fd, gsi)
+        .map_err(kvm_err("KVM_IRQFD"))?;
     Ok(Arc::new(fd))
 }
 
 /// Gives every RAM region to KVM as a memory slot (slot i = region i).
-pub fn register_memory(vm_fd: &VmFd, memory: &GuestMemoryMmap, log_dirty: bool) -> Result<(), VmError> {
+pub fn register_memory(
+    vm_fd: &VmFd,
+    memory: &GuestMemoryMmap,
+    log_dirty: bool,
+) -> Result<(), VmError> {
     for (slot, region) in memory.iter().enumerate() {
         let flags = if log_dirty {
             kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
@@ -273,7 +314,8 @@ pub fn register_memory(vm_fd: &VmFd, memory: &GuestMemoryMmap, log_dirty: bool) 
         };
         // SAFETY: the region's mapping lives in `memory`, which the VM keeps
         // (in an Arc) for as long as the VM fd exists.
-        unsafe { vm_fd.set_user_memory_region(desc) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+        unsafe { vm_fd.set_user_memory_region(desc) }
+            .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
     }
     Ok(())
 }

@@ -252,7 +252,10 @@ mod tests {
         dev.write(STATUS_OFFSET, &[CMD_RESET_CPU]);
         dev.write(STATUS_OFFSET, &[CMD_WRITE_OUTPUT_PORT]);
         dev.write(DATA_OFFSET, &[0xfe]);
-        assert_eq!(*events.lock().unwrap(), vec![PowerEvent::Reset, PowerEvent::Reset]);
+        assert_eq!(
+            *events.lock().unwrap(),
+            vec![PowerEvent::Reset, PowerEvent::Reset]
+        );
     }
 
     #[test]

@@ -156,7 +156,9 @@ impl BusDevice for SerialDevice {
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
-        let Ok(offset) = u8::try_from(offset) else { return };
+        let Ok(offset) = u8::try_from(offset) else {
+            return;
+        };
         // String I/O (`rep outsb`) arrives as several bytes for one port.
         for &byte in data {
             // An interrupt that cannot be raised is not fatal for a console.

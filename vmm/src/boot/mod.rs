@@ -9,7 +9,9 @@ use std::path::Path;
 
 use api::config::PayloadConfig;
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
-use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info};
+use linux_loader::loader::elf::start_info::{
+    hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
+};
 use linux_loader::loader::{BzImage, Elf, KernelLoader, PvhBootCapability};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
@@ -24,7 +26,10 @@ use crate::memory::{GuestMemoryMmap, PAGE_SIZE};
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
     #[error("cannot open {path}: {source}")]
-    Open { path: String, source: std::io::Error },
+    Open {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("{path} is neither an ELF kernel nor a bzImage: {message}")]
     Format { path: String, message: String },
     #[error("cannot load kernel {path}: {message}")]
@@ -32,7 +37,10 @@ pub enum BootError {
     #[error("initrd {path} ({size} bytes) does not fit in guest memory below {limit:#x}")]
     InitrdTooLarge { path: String, size: u64, limit: u64 },
     #[error("cannot read initrd {path}: {source}")]
-    Initrd { path: String, source: std::io::Error },
+    Initrd {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("cannot write the {0} into guest memory")]
     Memory(&'static str),
     #[error("{0} vCPUs do not fit in the MP table")]
@@ -101,11 +109,14 @@ pub fn load(
             };
             (entry, None, result.kernel_end)
         }
-        Err(linux_loader::loader::Error::Elf(linux_loader::loader::elf::Error::InvalidElfMagicNumber)) => {
-            let result = BzImage::load(mem, None, &mut kernel, high).map_err(|e| BootError::Format {
-                path: path.clone(),
-                message: e.to_string(),
-            })?;
+        Err(linux_loader::loader::Error::Elf(
+            linux_loader::loader::elf::Error::InvalidElfMagicNumber,
+        )) => {
+            let result =
+                BzImage::load(mem, None, &mut kernel, high).map_err(|e| BootError::Format {
+                    path: path.clone(),
+                    message: e.to_string(),
+                })?;
             let entry = BootEntry {
                 mode: EntryMode::Linux64,
                 entry: result.kernel_load.raw_value() + BZIMAGE_64BIT_ENTRY_OFFSET,
@@ -259,7 +270,11 @@ fn write_boot_params(
         return Err(BootError::Memory("e820 map (too many entries)"));
     }
     for (slot, &(addr, size, kind)) in params.e820_table.iter_mut().zip(map) {
-        *slot = boot_e820_entry { addr, size, r#type: kind };
+        *slot = boot_e820_entry {
+            addr,
+            size,
+            r#type: kind,
+        };
     }
     params.e820_entries = map.len() as u8;
     mem.write_obj(params, GuestAddress(ZERO_PAGE_START))

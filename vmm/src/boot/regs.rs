@@ -93,7 +93,12 @@ pub fn boot_registers(
         EntryMode::Pvh => gdt_entry(CODE32, 0, 0xfffff),
         EntryMode::Linux64 => gdt_entry(CODE64, 0, 0xfffff),
     };
-    let gdt = [0, code, gdt_entry(DATA, 0, 0xfffff), gdt_entry(TSS32_BUSY, 0, 0x67)];
+    let gdt = [
+        0,
+        code,
+        gdt_entry(DATA, 0, 0xfffff),
+        gdt_entry(TSS32_BUSY, 0, 0x67),
+    ];
     for (i, e) in gdt.iter().enumerate() {
         mem.write_obj(*e, GuestAddress(BOOT_GDT_START + 8 * i as u64))
             .map_err(|_| BootError::Memory("boot GDT"))?;
@@ -140,10 +145,16 @@ pub fn boot_registers(
 /// Identity-maps the first 1 GiB with 2 MiB pages, for the 64-bit entry.
 fn write_identity_map(mem: &GuestMemoryMmap) -> Result<(), BootError> {
     let err = |_| BootError::Memory("boot page tables");
-    mem.write_obj(PDPTE_START | PTE_PRESENT | PTE_WRITE, GuestAddress(PML4_START))
-        .map_err(err)?;
-    mem.write_obj(PDE_START | PTE_PRESENT | PTE_WRITE, GuestAddress(PDPTE_START))
-        .map_err(err)?;
+    mem.write_obj(
+        PDPTE_START | PTE_PRESENT | PTE_WRITE,
+        GuestAddress(PML4_START),
+    )
+    .map_err(err)?;
+    mem.write_obj(
+        PDE_START | PTE_PRESENT | PTE_WRITE,
+        GuestAddress(PDPTE_START),
+    )
+    .map_err(err)?;
     let mut pd = [0u8; 4096];
     for (i, chunk) in pd.chunks_exact_mut(8).enumerate() {
         let pde = ((i as u64) << 21) | PTE_PRESENT | PTE_WRITE | PTE_HUGE;
@@ -161,11 +172,17 @@ mod tests {
     fn gdt_entries_decode_to_flat_segments() {
         let code = segment(gdt_entry(CODE64, 0, 0xfffff), 1);
         assert_eq!((code.base, code.limit, code.selector), (0, 0xffff_ffff, 8));
-        assert_eq!((code.type_, code.l, code.db, code.g, code.present), (0xb, 1, 0, 1, 1));
+        assert_eq!(
+            (code.type_, code.l, code.db, code.g, code.present),
+            (0xb, 1, 0, 1, 1)
+        );
         let data = segment(gdt_entry(DATA, 0, 0xfffff), 2);
         assert_eq!((data.type_, data.db, data.s, data.l), (3, 1, 1, 0));
         let tss = segment(gdt_entry(TSS32_BUSY, 0x1234_5678, 0x67), 3);
-        assert_eq!((tss.base, tss.limit, tss.s, tss.g), (0x1234_5678, 0x67, 0, 0));
+        assert_eq!(
+            (tss.base, tss.limit, tss.s, tss.g),
+            (0x1234_5678, 0x67, 0, 0)
+        );
         assert_eq!(gdt_entry(CODE64, 0, 0xfffff), 0x00af_9b00_0000_ffff);
     }
 }

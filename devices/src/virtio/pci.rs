@@ -1,0 +1,811 @@
+//! The virtio-pci transport (virtio 1.2, 4.1, modern only): a PCI function
+//! whose BAR 0 holds the common configuration, ISR, device configuration,
+//! queue notification and MSI-X regions, found through vendor capabilities.
+//! Notifications arrive as ioeventfds; interrupts leave as MSI-X vectors.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU16, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+use virtio_queue::{Queue, QueueT};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{
+    ActivateContext, VirtioDevice, VirtioInterrupt, STATUS_ACKNOWLEDGE, STATUS_DRIVER,
+    STATUS_DRIVER_OK, STATUS_FAILED, STATUS_FEATURES_OK, STATUS_NEEDS_RESET, TYPE_BALLOON,
+    TYPE_BLOCK, TYPE_NET,
+};
+use crate::pci::config::{BarInfo, PciConfig, PciHeader, COMMAND_BUS_MASTER, COMMAND_MEMORY};
+use crate::pci::msix::{MsiController, Msix, MsixState};
+use crate::pci::PciDevice;
+use crate::GuestMemoryMmap;
+
+/// PCI IDs of modern virtio devices.
+const VIRTIO_VENDOR: u16 = 0x1af4;
+const MODERN_DEVICE_BASE: u16 = 0x1040;
+
+/// BAR 0 layout.
+const COMMON_OFFSET: u64 = 0x0000;
+const COMMON_SIZE: u64 = 0x40;
+const ISR_OFFSET: u64 = 0x1000;
+const ISR_SIZE: u64 = 1;
+const DEVICE_OFFSET: u64 = 0x2000;
+const DEVICE_SIZE: u64 = 0x1000;
+const NOTIFY_OFFSET: u64 = 0x3000;
+/// Each queue's notify address is this many bytes after the previous one.
+const NOTIFY_MULTIPLIER: u32 = 4;
+const NOTIFY_SIZE: u64 = 0x1000;
+const MSIX_TABLE_OFFSET: u64 = 0x4000;
+const MSIX_PBA_OFFSET: u64 = 0x6000;
+pub const BAR_SIZE: u64 = 0x8000;
+const BAR_INDEX: usize = 0;
+
+/// Vendor capability types.
+const CAP_VENDOR: u8 = 0x09;
+const CAP_COMMON: u8 = 1;
+const CAP_NOTIFY: u8 = 2;
+const CAP_ISR: u8 = 3;
+const CAP_DEVICE: u8 = 4;
+const CAP_PCI_CFG: u8 = 5;
+
+/// No MSI-X vector assigned.
+pub const NO_VECTOR: u16 = 0xffff;
+/// ISR bits.
+const ISR_QUEUE: u8 = 1;
+const ISR_CONFIG: u8 = 2;
+
+/// Common configuration registers (byte offsets in the common region).
+mod common {
+    pub const DEVICE_FEATURE_SELECT: u64 = 0x00;
+    pub const DEVICE_FEATURE: u64 = 0x04;
+    pub const DRIVER_FEATURE_SELECT: u64 = 0x08;
+    pub const DRIVER_FEATURE: u64 = 0x0c;
+    pub const CONFIG_MSIX_VECTOR: u64 = 0x10;
+    pub const NUM_QUEUES: u64 = 0x12;
+    pub const DEVICE_STATUS: u64 = 0x14;
+    pub const CONFIG_GENERATION: u64 = 0x15;
+    pub const QUEUE_SELECT: u64 = 0x16;
+    pub const QUEUE_SIZE: u64 = 0x18;
+    pub const QUEUE_MSIX_VECTOR: u64 = 0x1a;
+    pub const QUEUE_ENABLE: u64 = 0x1c;
+    pub const QUEUE_NOTIFY_OFF: u64 = 0x1e;
+    pub const QUEUE_DESC_LO: u64 = 0x20;
+    pub const QUEUE_DESC_HI: u64 = 0x24;
+    pub const QUEUE_DRIVER_LO: u64 = 0x28;
+    pub const QUEUE_DRIVER_HI: u64 = 0x2c;
+    pub const QUEUE_DEVICE_LO: u64 = 0x30;
+    pub const QUEUE_DEVICE_HI: u64 = 0x34;
+}
+
+/// Interrupt delivery shared with the device's worker thread: it never
+/// takes the transport's lock, so a vCPU holding that lock (e.g. while
+/// resetting the device and joining its worker) cannot deadlock with it.
+pub struct PciInterrupt {
+    msix: Mutex<Msix>,
+    queue_vectors: Vec<AtomicU16>,
+    config_vector: AtomicU16,
+    isr: AtomicU8,
+}
+
+impl PciInterrupt {
+    fn fire(&self, vector: u16, isr: u8) -> std::io::Result<()> {
+        self.isr.fetch_or(isr, Ordering::SeqCst);
+        if vector != NO_VECTOR {
+            self.msix
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .trigger(vector);
+        }
+        Ok(())
+    }
+}
+
+impl VirtioInterrupt for PciInterrupt {
+    fn notify_queue(&self, index: u16) -> std::io::Result<()> {
+        let vector = self
+            .queue_vectors
+            .get(usize::from(index))
+            .map(|v| v.load(Ordering::SeqCst))
+            .unwrap_or(NO_VECTOR);
+        self.fire(vector, ISR_QUEUE)
+    }
+
+    fn notify_config(&self) -> std::io::Result<()> {
+        self.fire(self.config_vector.load(Ordering::SeqCst), ISR_CONFIG)
+    }
+}
+
+/// A queue as the driver configures it, before activation.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueSetup {
+    pub size: u16,
+    pub max_size: u16,
+    pub enabled: bool,
+    pub desc: u64,
+    pub driver: u64,
+    pub device: u64,
+}
+
+/// Transport state, for migration.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VirtioPciState {
+    pub status: u8,
+    pub device_feature_select: u32,
+    pub driver_feature_select: u32,
+    pub driver_features: u64,
+    pub queue_select: u16,
+    pub queues: Vec<QueueSetup>,
+    pub queue_vectors: Vec<u16>,
+    pub config_vector: u16,
+    pub config_generation: u8,
+    pub msix: MsixState,
+    pub pci_config: Vec<u8>,
+}
+
+pub struct VirtioPciDevice {
+    id: String,
+    config: PciConfig,
+    device: Box<dyn VirtioDevice>,
+    memory: Arc<GuestMemoryMmap>,
+    interrupt: Arc<PciInterrupt>,
+    queue_events: Vec<EventFd>,
+    queues: Vec<QueueSetup>,
+    status: u8,
+    device_feature_select: u32,
+    driver_feature_select: u32,
+    driver_features: u64,
+    queue_select: u16,
+    config_generation: u8,
+    /// Offset of the VIRTIO_PCI_CAP_PCI_CFG capability.
+    pci_cfg_cap: usize,
+    msix_cap: usize,
+    activated: bool,
+}
+
+fn class_of(device_type: u32) -> (u8, u8, u8) {
+    match device_type {
+        TYPE_NET => (0x02, 0x00, 0x00),
+        TYPE_BLOCK => (0x01, 0x80, 0x00),
+        TYPE_BALLOON => (0x05, 0x00, 0x00),
+        _ => (0xff, 0x00, 0x00),
+    }
+}
+
+/// A virtio vendor capability: cap_vndr, cap_next, cap_len, cfg_type, bar,
+/// id, padding, offset, length (+ extra).
+fn vendor_capability(cfg_type: u8, offset: u64, length: u64, extra: &[u8]) -> Vec<u8> {
+    let mut cap = vec![
+        CAP_VENDOR,
+        0,
+        (16 + extra.len()) as u8,
+        cfg_type,
+        BAR_INDEX as u8,
+        0,
+        0,
+        0,
+    ];
+    cap.extend((offset as u32).to_le_bytes());
+    cap.extend((length as u32).to_le_bytes());
+    cap.extend(extra);
+    cap
+}
+
+impl VirtioPciDevice {
+    /// Wraps `device` with its BAR 0 at `bar_address`. `id` names it in errors.
+    pub fn new(
+        id: &str,
+        device: Box<dyn VirtioDevice>,
+        memory: Arc<GuestMemoryMmap>,
+        msi: Arc<dyn MsiController>,
+        bar_address: u64,
+    ) -> Result<VirtioPciDevice, String> {
+        let device_type = device.device_type();
+        let max_sizes = device.queue_max_sizes();
+        let queue_count = max_sizes.len();
+        let mut config = PciConfig::new(&PciHeader {
+            vendor_id: VIRTIO_VENDOR,
+            device_id: MODERN_DEVICE_BASE + device_type as u16,
+            revision_id: 1,
+            class: class_of(device_type),
+            subsystem_vendor_id: VIRTIO_VENDOR,
+            subsystem_id: 0x40,
+        });
+        config
+            .add_bar(
+                BAR_INDEX,
+                BarInfo {
+                    size: BAR_SIZE,
+                    is_64bit: true,
+                    prefetchable: false,
+                },
+                bar_address,
+            )
+            .map_err(|e| format!("{id}: {e}"))?;
+        // Firmware duty: BARs assigned, decoding and bus mastering on.
+        config.set_command(COMMAND_MEMORY | COMMAND_BUS_MASTER);
+        let cap_err = |e| format!("{id}: {e}");
+        config
+            .add_capability(
+                &vendor_capability(CAP_COMMON, COMMON_OFFSET, COMMON_SIZE, &[]),
+                &[],
+            )
+            .map_err(cap_err)?;
+        config
+            .add_capability(
+                &vendor_capability(
+                    CAP_NOTIFY,
+                    NOTIFY_OFFSET,
+                    NOTIFY_SIZE,
+                    &NOTIFY_MULTIPLIER.to_le_bytes(),
+                ),
+                &[],
+            )
+            .map_err(cap_err)?;
+        config
+            .add_capability(&vendor_capability(CAP_ISR, ISR_OFFSET, ISR_SIZE, &[]), &[])
+            .map_err(cap_err)?;
+        config
+            .add_capability(
+                &vendor_capability(CAP_DEVICE, DEVICE_OFFSET, DEVICE_SIZE, &[]),
+                &[],
+            )
+            .map_err(cap_err)?;
+        // The PCI configuration access window: bar, offset, length and data are the driver's.
+        let mut pci_cfg_writable = vec![0u8; 20];
+        pci_cfg_writable[4] = 0xff;
+        pci_cfg_writable[8..20].fill(0xff);
+        let pci_cfg_cap = config
+            .add_capability(
+                &vendor_capability(CAP_PCI_CFG, 0, 0, &[0; 4]),
+                &pci_cfg_writable,
+            )
+            .map_err(cap_err)?;
+
+        // One vector per queue plus one for configuration changes.
+        let vectors = queue_count as u16 + 1;
+        let msix = Msix::new(vectors, msi).map_err(|e| format!("{id}: MSI-X vectors: {e}"))?;
+        let (cap, writable) = msix.capability(
+            BAR_INDEX as u8,
+            MSIX_TABLE_OFFSET as u32,
+            MSIX_PBA_OFFSET as u32,
+        );
+        let msix_cap = config.add_capability(&cap, &writable).map_err(cap_err)?;
+
+        let queue_events = (0..queue_count)
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK))
+            .collect::<std::io::Result<Vec<_>>>()
+            .map_err(|e| format!("{id}: queue eventfds: {e}"))?;
+        let queues = max_sizes
+            .iter()
+            .map(|&max| QueueSetup {
+                size: max,
+                max_size: max,
+                ..Default::default()
+            })
+            .collect();
+        Ok(VirtioPciDevice {
+            id: id.to_string(),
+            config,
+            device,
+            memory,
+            interrupt: Arc::new(PciInterrupt {
+                msix: Mutex::new(msix),
+                queue_vectors: (0..queue_count)
+                    .map(|_| AtomicU16::new(NO_VECTOR))
+                    .collect(),
+                config_vector: AtomicU16::new(NO_VECTOR),
+                isr: AtomicU8::new(0),
+            }),
+            queue_events,
+            queues,
+            status: 0,
+            device_feature_select: 0,
+            driver_feature_select: 0,
+            driver_features: 0,
+            queue_select: 0,
+            config_generation: 0,
+            pci_cfg_cap,
+            msix_cap,
+            activated: false,
+        })
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn device(&self) -> &dyn VirtioDevice {
+        self.device.as_ref()
+    }
+
+    pub fn device_mut(&mut self) -> &mut dyn VirtioDevice {
+        self.device.as_mut()
+    }
+
+    pub fn interrupt(&self) -> Arc<PciInterrupt> {
+        self.interrupt.clone()
+    }
+
+    pub fn counters(&self) -> BTreeMap<String, u64> {
+        self.device.counters()
+    }
+
+    fn selected_queue(&mut self) -> Option<&mut QueueSetup> {
+        self.queues.get_mut(usize::from(self.queue_select))
+    }
+
+    fn read_common(&mut self, offset: u64, data: &mut [u8]) {
+        let value: u64 = match offset {
+            common::DEVICE_FEATURE_SELECT => u64::from(self.device_feature_select),
+            common::DEVICE_FEATURE => match self.device_feature_select {
+                0 => self.device.features() & 0xffff_ffff,
+                1 => self.device.features() >> 32,
+                _ => 0,
+            },
+            common::DRIVER_FEATURE_SELECT => u64::from(self.driver_feature_select),
+            common::DRIVER_FEATURE => match self.driver_feature_select {
+                0 => self.driver_features & 0xffff_ffff,
+                1 => self.driver_features >> 32,
+                _ => 0,
+            },
+            common::CONFIG_MSIX_VECTOR => {
+                u64::from(self.interrupt.config_vector.load(Ordering::SeqCst))
+            }
+            common::NUM_QUEUES => self.queues.len() as u64,
+            common::DEVICE_STATUS => u64::from(self.status),
+            common::CONFIG_GENERATION => u64::from(self.config_generation),
+            common::QUEUE_SELECT => u64::from(self.queue_select),
+            common::QUEUE_SIZE => self.selected_queue().map_or(0, |q| u64::from(q.size)),
+            common::QUEUE_MSIX_VECTOR => self
+                .interrupt
+                .queue_vectors
+                .get(usize::from(self.queue_select))
+                .map_or(u64::from(NO_VECTOR), |v| {
+                    u64::from(v.load(Ordering::SeqCst))
+                }),
+            common::QUEUE_ENABLE => self.selected_queue().map_or(0, |q| u64::from(q.enabled)),
+            // Queue i notifies at NOTIFY_OFFSET + i * NOTIFY_MULTIPLIER.
+            common::QUEUE_NOTIFY_OFF => u64::from(self.queue_select),
+            common::QUEUE_DESC_LO => self.selected_queue().map_or(0, |q| q.desc & 0xffff_ffff),
+            common::QUEUE_DESC_HI => self.selected_queue().map_or(0, |q| q.desc >> 32),
+            common::QUEUE_DRIVER_LO => self.selected_queue().map_or(0, |q| q.driver & 0xffff_ffff),
+            common::QUEUE_DRIVER_HI => self.selected_queue().map_or(0, |q| q.driver >> 32),
+            common::QUEUE_DEVICE_LO => self.selected_queue().map_or(0, |q| q.device & 0xffff_ffff),
+            common::QUEUE_DEVICE_HI => self.selected_queue().map_or(0, |q| q.device >> 32),
+            _ => 0,
+        };
+        let bytes = value.to_le_bytes();
+        let len = data.len().min(8);
+        data[..len].copy_from_slice(&bytes[..len]);
+    }
+
+    fn write_common(&mut self, offset: u64, data: &[u8]) {
+        let mut raw = [0u8; 8];
+        let len = data.len().min(8);
+        raw[..len].copy_from_slice(&data[..len]);
+        let value = u64::from_le_bytes(raw);
+        let v32 = value as u32;
+        let v16 = value as u16;
+        // Queue layout may only change before the driver starts the device.
+        let configurable = self.status & STATUS_DRIVER_OK == 0;
+        match offset {
+            common::DEVICE_FEATURE_SELECT => self.device_feature_select = v32,
+            common::DRIVER_FEATURE_SELECT => self.driver_feature_select = v32,
+            common::DRIVER_FEATURE if self.status & STATUS_FEATURES_OK == 0 => {
+                match self.driver_feature_select {
+                    0 => {
+                        self.driver_features =
+                            (self.driver_features & !0xffff_ffff) | u64::from(v32)
+                    }
+                    1 => {
+                        self.driver_features =
+                            (self.driver_features & 0xffff_ffff) | (u64::from(v32) << 32)
+                    }
+                    _ => {}
+                }
+            }
+            common::CONFIG_MSIX_VECTOR => {
+                let vector = self.valid_vector(v16);
+                self.interrupt.config_vector.store(vector, Ordering::SeqCst);
+            }
+            common::DEVICE_STATUS => self.write_status(value as u8),
+            common::QUEUE_SELECT => self.queue_select = v16,
+            common::QUEUE_SIZE if configurable => {
+                if let Some(q) = self.selected_queue() {
+                    // Split queues need a power-of-two size within the maximum.
+                    if v16.is_power_of_two() && v16 <= q.max_size {
+                        q.size = v16;
+                    }
+                }
+            }
+            common::QUEUE_MSIX_VECTOR => {
+                let vector = self.valid_vector(v16);
+                if let Some(v) = self
+                    .interrupt
+                    .queue_vectors
+                    .get(usize::from(self.queue_select))
+                {
+                    v.store(vector, Ordering::SeqCst);
+                }
+            }
+            common::QUEUE_ENABLE if configurable => {
+                if let Some(q) = self.selected_queue() {
+                    q.enabled = v16 == 1;
+                }
+            }
+            common::QUEUE_DESC_LO if configurable => {
+                self.set_queue_address(|q| &mut q.desc, v32, false)
+            }
+            common::QUEUE_DESC_HI if configurable => {
+                self.set_queue_address(|q| &mut q.desc, v32, true)
+            }
+            common::QUEUE_DRIVER_LO if configurable => {
+                self.set_queue_address(|q| &mut q.driver, v32, false)
+            }
+            common::QUEUE_DRIVER_HI if configurable => {
+                self.set_queue_address(|q| &mut q.driver, v32, true)
+            }
+            common::QUEUE_DEVICE_LO if configurable => {
+                self.set_queue_address(|q| &mut q.device, v32, false)
+            }
+            common::QUEUE_DEVICE_HI if configurable => {
+                self.set_queue_address(|q| &mut q.device, v32, true)
+            }
+            _ => {}
+        }
+        // 64-bit writes to address pairs arrive as one access.
+        if data.len() == 8
+            && configurable
+            && matches!(
+                offset,
+                common::QUEUE_DESC_LO | common::QUEUE_DRIVER_LO | common::QUEUE_DEVICE_LO
+            )
+        {
+            self.write_common(offset + 4, &data[4..8]);
+        }
+    }
+
+    fn set_queue_address(
+        &mut self,
+        field: impl Fn(&mut QueueSetup) -> &mut u64,
+        value: u32,
+        high: bool,
+    ) {
+        if let Some(q) = self.selected_queue() {
+            let f = field(q);
+            *f = if high {
+                (*f & 0xffff_ffff) | (u64::from(value) << 32)
+            } else {
+                (*f & !0xffff_ffff) | u64::from(value)
+            };
+        }
+    }
+
+    /// A vector the device has, or NO_VECTOR (which the driver reads back
+    /// to learn that its choice failed).
+    fn valid_vector(&self, vector: u16) -> u16 {
+        let count = self
+            .interrupt
+            .msix
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .count();
+        if vector < count {
+            vector
+        } else {
+            NO_VECTOR
+        }
+    }
+
+    fn write_status(&mut self, status: u8) {
+        if status == 0 {
+            self.reset();
+            return;
+        }
+        let mut status = status;
+        // FEATURES_OK sticks only if the driver asked for offered features,
+        // including VERSION_1 (no legacy interface here).
+        if status & STATUS_FEATURES_OK != 0 && self.status & STATUS_FEATURES_OK == 0 {
+            let offered = self.device.features();
+            let ok = self.driver_features & !offered == 0
+                && self.driver_features & (1 << super::F_VERSION_1) != 0;
+            if !ok {
+                status &= !STATUS_FEATURES_OK;
+            }
+        }
+        let newly_ok = status & STATUS_DRIVER_OK != 0 && self.status & STATUS_DRIVER_OK == 0;
+        self.status = status
+            & (STATUS_ACKNOWLEDGE
+                | STATUS_DRIVER
+                | STATUS_FEATURES_OK
+                | STATUS_DRIVER_OK
+                | STATUS_FAILED
+                | STATUS_NEEDS_RESET);
+        if newly_ok && self.status & STATUS_FEATURES_OK != 0 && !self.activated {
+            if let Err(e) = self.activate() {
+                eprintln!("vmm: {}: cannot activate: {e}", self.id);
+                self.status |= STATUS_NEEDS_RESET;
+                self.config_generation = self.config_generation.wrapping_add(1);
+                let _ = self.interrupt.notify_config();
+            }
+        }
+    }
+
+    fn activate(&mut self) -> Result<(), String> {
+        let mut queues = Vec::with_capacity(self.queues.len());
+        for (index, setup) in self.queues.iter().enumerate() {
+            let mut queue =
+                Queue::new(setup.max_size).map_err(|e| format!("queue {index}: {e:?}"))?;
+            if setup.enabled {
+                queue.set_size(setup.size);
+                queue.set_desc_table_address(
+                    Some(setup.desc as u32),
+                    Some((setup.desc >> 32) as u32),
+                );
+                queue.set_avail_ring_address(
+                    Some(setup.driver as u32),
+                    Some((setup.driver >> 32) as u32),
+                );
+                queue.set_used_ring_address(
+                    Some(setup.device as u32),
+                    Some((setup.device >> 32) as u32),
+                );
+                queue.set_event_idx(self.driver_features & (1 << super::F_EVENT_IDX) != 0);
+                if !queue.is_valid(self.memory.as_ref()) {
+                    return Err(format!(
+                        "queue {index}: rings outside guest memory or misaligned"
+                    ));
+                }
+                queue.set_ready(true);
+            }
+            let event = self.queue_events[index]
+                .try_clone()
+                .map_err(|e| format!("queue {index} eventfd: {e}"))?;
+            queues.push((queue, event));
+        }
+        self.device
+            .activate(ActivateContext {
+                memory: self.memory.clone(),
+                queues,
+                interrupt: self.interrupt.clone(),
+                acked_features: self.driver_features,
+            })
+            .map_err(|e| e.to_string())?;
+        self.activated = true;
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        if self.activated {
+            self.device.reset();
+            self.activated = false;
+        }
+        self.status = 0;
+        self.driver_features = 0;
+        self.device_feature_select = 0;
+        self.driver_feature_select = 0;
+        self.queue_select = 0;
+        for q in &mut self.queues {
+            *q = QueueSetup {
+                size: q.max_size,
+                max_size: q.max_size,
+                ..Default::default()
+            };
+        }
+        for v in &self.interrupt.queue_vectors {
+            v.store(NO_VECTOR, Ordering::SeqCst);
+        }
+        self.interrupt
+            .config_vector
+            .store(NO_VECTOR, Ordering::SeqCst);
+        self.interrupt.isr.store(0, Ordering::SeqCst);
+    }
+
+    /// Reads or writes BAR 0 through the VIRTIO_PCI_CAP_PCI_CFG window.
+    fn pci_cfg_access(&mut self, data: Option<&[u8]>, out: Option<&mut [u8]>) {
+        let cap = self.pci_cfg_cap;
+        let bar = self.config.bytes(cap + 4, 1)[0] as usize;
+        let offset = u64::from(self.config.u32_at(cap + 8));
+        let length = self.config.u32_at(cap + 12) as usize;
+        if bar != BAR_INDEX || !matches!(length, 1 | 2 | 4) {
+            return;
+        }
+        match (data, out) {
+            (Some(data), _) => {
+                let len = length.min(data.len());
+                self.write_bar(BAR_INDEX, offset, &data[..len]);
+            }
+            (None, Some(out)) => {
+                let mut buf = [0u8; 4];
+                self.read_bar(BAR_INDEX, offset, &mut buf[..length]);
+                let len = out.len().min(4);
+                out[..len].copy_from_slice(&buf[..len]);
+            }
+            _ => {}
+        }
+    }
+
+    pub fn state(&self) -> VirtioPciState {
+        VirtioPciState {
+            status: self.status,
+            device_feature_select: self.device_feature_select,
+            driver_feature_select: self.driver_feature_select,
+            driver_features: self.driver_features,
+            queue_select: self.queue_select,
+            queues: self.queues.clone(),
+            queue_vectors: self
+                .interrupt
+                .queue_vectors
+                .iter()
+                .map(|v| v.load(Ordering::SeqCst))
+                .collect(),
+            config_vector: self.interrupt.config_vector.load(Ordering::SeqCst),
+            config_generation: self.config_generation,
+            msix: self
+                .interrupt
+                .msix
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .state(),
+            pci_config: self.config.snapshot(),
+        }
+    }
+
+    /// Puts the transport back as it was on the source, without activating
+    /// the device (the device restores its own queues and activation).
+    pub fn restore(&mut self, state: &VirtioPciState) -> Result<(), String> {
+        if state.queues.len() != self.queues.len() || state.queue_vectors.len() != self.queues.len()
+        {
+            return Err(format!(
+                "{}: snapshot has {} queues, the device {}",
+                self.id,
+                state.queues.len(),
+                self.queues.len()
+            ));
+        }
+        for (q, s) in self.queues.iter().zip(&state.queues) {
+            if s.max_size != q.max_size || s.size > q.max_size {
+                return Err(format!("{}: queue sizes differ from the snapshot", self.id));
+            }
+        }
+        self.config.restore(&state.pci_config)?;
+        self.interrupt
+            .msix
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .restore(&state.msix)?;
+        self.status = state.status;
+        self.device_feature_select = state.device_feature_select;
+        self.driver_feature_select = state.driver_feature_select;
+        self.driver_features = state.driver_features;
+        self.queue_select = state.queue_select;
+        self.queues = state.queues.clone();
+        for (v, s) in self
+            .interrupt
+            .queue_vectors
+            .iter()
+            .zip(&state.queue_vectors)
+        {
+            v.store(*s, Ordering::SeqCst);
+        }
+        self.interrupt
+            .config_vector
+            .store(state.config_vector, Ordering::SeqCst);
+        self.config_generation = state.config_generation;
+        self.activated = state.status & STATUS_DRIVER_OK != 0;
+        Ok(())
+    }
+
+    /// The queue eventfds, for a device restoring its activation.
+    pub fn queue_events(&self) -> &[EventFd] {
+        &self.queue_events
+    }
+}
+
+impl PciDevice for VirtioPciDevice {
+    fn config(&self) -> &PciConfig {
+        &self.config
+    }
+
+    fn read_config(&mut self, offset: usize, data: &mut [u8]) {
+        let window = self.pci_cfg_cap + 16;
+        if offset == window && data.len() <= 4 {
+            self.pci_cfg_access(None, Some(data));
+            return;
+        }
+        self.config.read(offset, data);
+    }
+
+    fn write_config(&mut self, offset: usize, data: &[u8]) {
+        let window = self.pci_cfg_cap + 16;
+        if offset == window && data.len() <= 4 {
+            self.pci_cfg_access(Some(data), None);
+            return;
+        }
+        self.config.write(offset, data);
+        let control = self.msix_cap + 2;
+        if offset <= control + 1 && control < offset + data.len() {
+            let value = self.config.u16_at(control);
+            self.interrupt
+                .msix
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .set_control(value);
+        }
+    }
+
+    fn read_bar(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        if bar != BAR_INDEX {
+            return;
+        }
+        match offset {
+            o if (COMMON_OFFSET..COMMON_OFFSET + COMMON_SIZE).contains(&o) => {
+                self.read_common(o - COMMON_OFFSET, data)
+            }
+            o if (ISR_OFFSET..ISR_OFFSET + ISR_SIZE).contains(&o) => {
+                // Reading the ISR clears it.
+                data[0] = self.interrupt.isr.swap(0, Ordering::SeqCst);
+            }
+            o if (DEVICE_OFFSET..DEVICE_OFFSET + DEVICE_SIZE).contains(&o) => {
+                self.device.read_config(o - DEVICE_OFFSET, data)
+            }
+            o if (MSIX_TABLE_OFFSET..MSIX_PBA_OFFSET).contains(&o) => self
+                .interrupt
+                .msix
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .read_table(o - MSIX_TABLE_OFFSET, data),
+            o if (MSIX_PBA_OFFSET..BAR_SIZE).contains(&o) => self
+                .interrupt
+                .msix
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .read_pba(o - MSIX_PBA_OFFSET, data),
+            _ => {}
+        }
+    }
+
+    fn write_bar(&mut self, bar: usize, offset: u64, data: &[u8]) {
+        if bar != BAR_INDEX {
+            return;
+        }
+        match offset {
+            o if (COMMON_OFFSET..COMMON_OFFSET + COMMON_SIZE).contains(&o) => {
+                self.write_common(o - COMMON_OFFSET, data)
+            }
+            o if (DEVICE_OFFSET..DEVICE_OFFSET + DEVICE_SIZE).contains(&o) => {
+                self.device.write_config(o - DEVICE_OFFSET, data)
+            }
+            o if (NOTIFY_OFFSET..NOTIFY_OFFSET + NOTIFY_SIZE).contains(&o) => {
+                // Reached only when the ioeventfd is not registered (yet).
+                let index = ((o - NOTIFY_OFFSET) / u64::from(NOTIFY_MULTIPLIER)) as usize;
+                if let Some(event) = self.queue_events.get(index) {
+                    let _ = event.write(1);
+                }
+            }
+            o if (MSIX_TABLE_OFFSET..MSIX_PBA_OFFSET).contains(&o) => self
+                .interrupt
+                .msix
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .write_table(o - MSIX_TABLE_OFFSET, data),
+            _ => {}
+        }
+    }
+
+    fn ioeventfds(&self, bar: usize) -> Vec<(u64, EventFd)> {
+        if bar != BAR_INDEX {
+            return Vec::new();
+        }
+        self.queue_events
+            .iter()
+            .enumerate()
+            .filter_map(|(i, e)| {
+                let offset = NOTIFY_OFFSET + i as u64 * u64::from(NOTIFY_MULTIPLIER);
+                e.try_clone().ok().map(|e| (offset, e))
+            })
+            .collect()
+    }
+}
