@@ -78,7 +78,7 @@ pub struct VmConfig {
 impl VmConfig {
     /// Parse a JSON document (config file or API body) and validate it.
     pub fn from_json(text: &[u8]) -> ConfigResult<VmConfig> {
-        let config: VmConfig = serde_json::from_slice(text).map_err(json_error)?;
+        let config: VmConfig = from_json(text)?;
         config.validate()?;
         Ok(config)
     }
@@ -130,6 +130,24 @@ impl VmConfig {
             net.id.get_or_insert_with(|| format!("net{i}"));
         }
     }
+}
+
+/// Parses a JSON document into `T`; an error names the field path
+/// (`payload.kernel`) or, for malformed JSON, the line and column.
+pub fn from_json<T: serde::de::DeserializeOwned>(text: &[u8]) -> ConfigResult<T> {
+    let mut deserializer = serde_json::Deserializer::from_slice(text);
+    let value: T = serde_path_to_error::deserialize(&mut deserializer).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        // "." is the document itself: name the position instead.
+        if path == "." {
+            json_error(inner)
+        } else {
+            ConfigError::new(path, inner.to_string())
+        }
+    })?;
+    deserializer.end().map_err(json_error)?;
+    Ok(value)
 }
 
 /// Turns a serde_json error into a config error that names the place.

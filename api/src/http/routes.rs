@@ -13,7 +13,7 @@ use std::fmt;
 
 use serde::de::DeserializeOwned;
 
-use crate::config::{json_error, VmConfig};
+use crate::config::VmConfig;
 use crate::request::{
     ApiError, ApiRequest, ApiResponse, Counters, PingInfo, ShutdownRequest, VmInfo,
 };
@@ -139,9 +139,9 @@ impl Route {
     }
 }
 
-/// Parses a JSON body into `T`, naming the line and column of any error.
+/// Parses a JSON body into `T`, naming the field or position of any error.
 fn json_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(|e| ApiError::from(json_error(e)))
+    crate::config::from_json(body).map_err(ApiError::from)
 }
 
 /// The API. Paths are unique per method; see the module doc to add one.

@@ -1,0 +1,179 @@
+//! Guest RAM: what there is, what is free for workloads, and the page-table
+//! extension for RAM above 4 GiB.
+//!
+//! Free RAM = the E820 RAM ranges from the PVH memory map, minus everything
+//! below the end of the image (`__image_end`), clipped to the mapped range.
+//! Workload regions (`pages`, `memfill`) are carved from it by [`choose`].
+
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use crate::bootinfo::{BootInfo, E820_RAM};
+use crate::sync::BootCell;
+
+pub const MIB: u64 = 1 << 20;
+pub const GIB: u64 = 1 << 30;
+pub const PAGE: u64 = 4096;
+/// PCI hole start: no RAM is expected (or used) in [3 GiB, 4 GiB).
+const HOLE_START: u64 = 0xc000_0000;
+/// Highest address ring 3 maps (64 GiB; PDPT entries 4..63 are added here).
+const MAX_MAPPED: u64 = 64 * GIB;
+const MAX_RANGES: usize = 16;
+
+extern "C" {
+    static __image_end: u8;
+    static mut pdpt: [u64; 512];
+    static mut pt_first: [u64; 512];
+}
+
+/// Make page 0 non-present so that null-pointer accesses fault. Called once
+/// the boot data (which may live in page 0) has been copied.
+pub fn unmap_page0() {
+    // SAFETY: page-table entry of page 0, which nothing uses any more.
+    unsafe { core::ptr::write_volatile(&raw mut pt_first[0], 0) };
+    crate::gate::flush_tlb();
+}
+
+/// Page directories for RAM in [4 GiB, 64 GiB). In the NOLOAD `.stacks`
+/// section rather than `.bss` so that the boot path does not zero (and
+/// first-touch) 240 KiB before the first output; `map_high` writes every
+/// entry of a directory before using it.
+#[repr(C, align(4096))]
+struct PageDirs([[u64; 512]; 60]);
+#[link_section = ".stacks"]
+static mut HIGH_PDS: PageDirs = PageDirs([[0; 512]; 60]);
+
+#[derive(Clone, Copy, Default, Debug)]
+pub struct Range {
+    pub start: u64,
+    pub end: u64,
+}
+
+impl Range {
+    pub fn len(&self) -> u64 {
+        self.end - self.start
+    }
+}
+
+struct MemInfo {
+    total: u64,
+    free: [Range; MAX_RANGES],
+    nfree: usize,
+}
+
+static INFO: BootCell<MemInfo> = BootCell::new();
+static MAPPED_END: AtomicU64 = AtomicU64::new(4 * GIB);
+
+/// Total RAM in the memory map, in MiB (rounded down).
+pub fn total_mib() -> u64 {
+    INFO.get().map_or(0, |m| m.total / MIB)
+}
+
+/// Free RAM ranges usable by workloads (ascending).
+pub fn free_ranges() -> &'static [Range] {
+    INFO.get().map_or(&[], |m| &m.free[..m.nfree])
+}
+
+/// Map RAM in [4 GiB, 64 GiB) with 2 MiB pages (user, RW): new PDPT entries
+/// for previously non-present slots, so no TLB flush is needed.
+fn map_high(ranges: &[Range]) {
+    let mut highest = 4 * GIB;
+    for r in ranges {
+        highest = highest.max(r.end.min(MAX_MAPPED));
+    }
+    let gigs = highest.div_ceil(GIB);
+    let pds = &raw mut HIGH_PDS;
+    let pdpt_ptr = &raw mut pdpt;
+    for g in 4..gigs {
+        let pd = (g - 4) as usize;
+        // SAFETY: single-threaded boot; these tables are not in use yet
+        // (their PDPT slot is still non-present).
+        unsafe {
+            for (i, e) in (*pds).0[pd].iter_mut().enumerate() {
+                *e = (g * GIB + i as u64 * 2 * MIB) | 0x87;
+            }
+            let pd_addr = (&raw const (*pds).0[pd]) as u64;
+            core::ptr::write_volatile(&raw mut (*pdpt_ptr)[g as usize], pd_addr | 0x07);
+        }
+    }
+    MAPPED_END.store(gigs.max(4) * GIB, Ordering::Relaxed);
+}
+
+pub fn init(boot: &BootInfo) {
+    let image_end = &raw const __image_end as u64;
+    let mut total = 0;
+    let mut ram = [Range::default(); MAX_RANGES];
+    let mut nram = 0;
+    for e in boot.memmap() {
+        if e.kind != E820_RAM || e.size == 0 {
+            continue;
+        }
+        total += e.size;
+        if nram < MAX_RANGES {
+            ram[nram] = Range {
+                start: e.addr,
+                end: e.addr.saturating_add(e.size),
+            };
+            nram += 1;
+        }
+    }
+    map_high(&ram[..nram]);
+    let mapped = MAPPED_END.load(Ordering::Relaxed);
+    let free_floor = image_end.next_multiple_of(MIB);
+    let mut info = MemInfo {
+        total,
+        free: [Range::default(); MAX_RANGES],
+        nfree: 0,
+    };
+    for r in &ram[..nram] {
+        let mut start = r.start.max(free_floor).next_multiple_of(PAGE);
+        let mut end = (r.end & !(PAGE - 1)).min(mapped);
+        if start < HOLE_START && end > HOLE_START {
+            end = HOLE_START;
+        }
+        if (HOLE_START..4 * GIB).contains(&start) {
+            start = 4 * GIB;
+        }
+        if end > start {
+            info.free[info.nfree] = Range { start, end };
+            info.nfree += 1;
+        }
+    }
+    info.free[..info.nfree].sort_unstable_by_key(|r| r.start);
+    INFO.set(info);
+}
+
+/// Choose a region of `mib` MiB starting `off_mib` MiB into a free range:
+/// the first (lowest) range that fits; if none does, the largest range,
+/// clamped. Returns (base, bytes); None if there is no free RAM at all.
+pub fn choose(mib: u64, off_mib: u64) -> Option<(u64, u64)> {
+    let want = mib.saturating_mul(MIB);
+    let off = off_mib.saturating_mul(MIB);
+    let ranges = free_ranges();
+    if let Some(r) = ranges.iter().find(|r| r.len() >= off.saturating_add(want)) {
+        return Some((r.start + off, want));
+    }
+    let r = ranges.iter().max_by_key(|r| r.len())?;
+    if r.len() <= off + PAGE {
+        return None;
+    }
+    Some((r.start + off, (r.len() - off) & !(PAGE - 1)))
+}
+
+/// Fill `[base, base + bytes)` with the 8-byte `pattern`.
+pub fn fill(base: u64, bytes: u64, pattern: u64) {
+    let words = (bytes / 8) as usize;
+    // SAFETY: the caller passes a region from `choose` (free, mapped RAM).
+    let s = unsafe { core::slice::from_raw_parts_mut(base as *mut u64, words) };
+    s.fill(pattern);
+}
+
+/// First address in `[base, base + bytes)` not holding `pattern`, with the
+/// value found there.
+pub fn check(base: u64, bytes: u64, pattern: u64) -> Option<(u64, u64)> {
+    let words = (bytes / 8) as usize;
+    // SAFETY: as for `fill`.
+    let s = unsafe { core::slice::from_raw_parts(base as *const u64, words) };
+    s.iter()
+        .position(|&w| w != pattern)
+        .map(|i| (base + 8 * i as u64, s[i]))
+}

@@ -1,0 +1,113 @@
+//! Helpers for the benchmark programs under tests/benches: medians, ratio
+//! tables and the report files kept in docs/benchmarks/.
+
+use std::path::PathBuf;
+
+/// The median of `values` (the mean of the middle two for an even count).
+pub fn median(mut values: Vec<f64>) -> f64 {
+    assert!(!values.is_empty(), "median of nothing");
+    values.sort_by(|a, b| a.total_cmp(b));
+    let n = values.len();
+    if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        (values[n / 2 - 1] + values[n / 2]) / 2.0
+    }
+}
+
+/// `ours / peer`, formatted; "-" when there is no peer figure.
+pub fn ratio(ours: f64, peer: Option<f64>) -> String {
+    match peer {
+        Some(p) if p > 0.0 => format!("{:.2}", ours / p),
+        _ => "-".into(),
+    }
+}
+
+/// A Markdown table of figures.
+pub struct Table {
+    header: Vec<String>,
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    pub fn new(header: &[&str]) -> Table {
+        Table {
+            header: header.iter().map(|s| s.to_string()).collect(),
+            rows: Vec::new(),
+        }
+    }
+
+    pub fn row(&mut self, cells: Vec<String>) {
+        self.rows.push(cells);
+    }
+
+    fn row_with(&mut self, name: &str, ours: f64, peer: Option<f64>, scale: f64, digits: usize) {
+        let fmt = |v: f64| format!("{:.*}", digits, v / scale);
+        self.rows.push(vec![
+            name.to_string(),
+            fmt(ours),
+            peer.map(fmt).unwrap_or_else(|| "-".into()),
+            ratio(ours, peer),
+        ]);
+    }
+
+    /// A row of milliseconds.
+    pub fn row_ms(&mut self, name: &str, ours: f64, peer: Option<f64>) {
+        self.row_with(name, ours, peer, 1.0, 2);
+    }
+
+    /// A row of bytes shown in MiB.
+    pub fn row_mib(&mut self, name: &str, ours: f64, peer: Option<f64>) {
+        self.row_with(name, ours, peer, (1u64 << 20) as f64, 2);
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = format!("| {} |\n", self.header.join(" | "));
+        out += &format!("|{}\n", "---|".repeat(self.header.len()));
+        for row in &self.rows {
+            out += &format!("| {} |\n", row.join(" | "));
+        }
+        out
+    }
+}
+
+/// Writes docs/benchmarks/NAME.md with the table, a note and the date.
+pub fn write_report(name: &str, note: &str, table: &str) {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs/benchmarks");
+    let _ = std::fs::create_dir_all(&dir);
+    let date = std::process::Command::new("date")
+        .arg("-u")
+        .arg("+%Y-%m-%d %H:%M UTC")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    let host = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default();
+    let text = format!(
+        "# Benchmark: {name}\n\nMeasured {date} on {host} (`cargo bench -p vmm-tests --bench {name}`).\n{note}\n\n{table}"
+    );
+    let path = dir.join(format!("{name}.md"));
+    if let Err(e) = std::fs::write(&path, text) {
+        eprintln!("cannot write {}: {e}", path.display());
+    } else {
+        eprintln!("wrote {}", path.display());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_and_ratio() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert_eq!(ratio(1.0, Some(4.0)), "0.25");
+        assert_eq!(ratio(1.0, None), "-");
+    }
+}

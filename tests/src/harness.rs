@@ -1,0 +1,351 @@
+//! Running `vmm` processes from tests: spawn one, watch its console line by
+//! line, type into it, call its API, and wait for it to exit.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use api::http::ApiClient;
+
+/// The directory cargo put this test's binaries in (`target/<profile>`).
+fn target_profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test binary knows its path");
+    // target/<profile>/deps/<test binary>
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("test binaries live in target/<profile>/deps")
+        .to_path_buf()
+}
+
+/// A binary of this workspace (`vmm`, `vmmctl`), built by `cargo test --workspace`.
+pub fn workspace_binary(name: &str) -> PathBuf {
+    let path = target_profile_dir().join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run the tests with `cargo test --workspace` (which builds it)",
+        path.display()
+    );
+    path
+}
+
+pub fn vmm_binary() -> PathBuf {
+    workspace_binary("vmm")
+}
+
+pub fn vmmctl_binary() -> PathBuf {
+    workspace_binary("vmmctl")
+}
+
+/// The test guest image.
+pub fn testguest() -> PathBuf {
+    PathBuf::from(crate::TESTGUEST_IMAGE)
+}
+
+/// Whether this host can run VMs at all; tests print why and skip if not.
+pub fn kvm_available() -> bool {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => true,
+        Err(e) => {
+            eprintln!("SKIP: /dev/kvm cannot be opened ({e}); these tests need KVM");
+            false
+        }
+    }
+}
+
+/// Skips the calling test (with a printed reason) when KVM is missing.
+#[macro_export]
+macro_rules! require_kvm {
+    () => {
+        if !$crate::harness::kvm_available() {
+            return;
+        }
+    };
+}
+
+/// Lines a child wrote, with a condvar to wait for more.
+#[derive(Default)]
+struct Lines {
+    lines: Mutex<(Vec<String>, bool)>,
+    changed: Condvar,
+}
+
+impl Lines {
+    fn collect(self: &Arc<Self>, source: impl Read + Send + 'static, echo: &'static str) {
+        let me = self.clone();
+        std::thread::spawn(move || {
+            let mut reader = BufReader::new(source);
+            let mut buf = Vec::new();
+            loop {
+                buf.clear();
+                match reader.read_until(b'\n', &mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {
+                        let line = String::from_utf8_lossy(&buf)
+                            .trim_end_matches(['\n', '\r'])
+                            .to_string();
+                        if std::env::var_os("VMM_TEST_ECHO").is_some() {
+                            eprintln!("{echo}{line}");
+                        }
+                        me.lines.lock().unwrap().0.push(line);
+                        me.changed.notify_all();
+                    }
+                }
+            }
+            me.lines.lock().unwrap().1 = true;
+            me.changed.notify_all();
+        });
+    }
+}
+
+/// A running `vmm` process.
+pub struct Vmm {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    stdout: Arc<Lines>,
+    stderr: Arc<Lines>,
+    /// Index of the first stdout line not yet consumed by `wait_for`.
+    cursor: usize,
+    pub api_socket: Option<PathBuf>,
+    status: Option<ExitStatus>,
+}
+
+impl Vmm {
+    /// Starts `vmm` with `args` (console on its stdio).
+    pub fn spawn<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Vmm {
+        let mut api_socket = None;
+        let mut iter = args.iter();
+        while let Some(a) = iter.next() {
+            if a.as_ref() == "--api-socket" {
+                api_socket = iter.next().map(|p| PathBuf::from(p.as_ref()));
+            }
+        }
+        let mut child = Command::new(vmm_binary())
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("vmm starts");
+        let stdout = Arc::new(Lines::default());
+        let stderr = Arc::new(Lines::default());
+        stdout.collect(child.stdout.take().unwrap(), "console| ");
+        stderr.collect(child.stderr.take().unwrap(), "vmm| ");
+        Vmm {
+            stdin: child.stdin.take(),
+            child,
+            stdout,
+            stderr,
+            cursor: 0,
+            api_socket,
+            status: None,
+        }
+    }
+
+    /// Starts `vmm` booting the test guest with `cmdline` and extra flags.
+    pub fn boot_testguest(cmdline: &str, extra: &[&str]) -> Vmm {
+        let guest = testguest();
+        let mut args: Vec<String> = vec![
+            "--kernel".into(),
+            guest.display().to_string(),
+            "--cmdline".into(),
+            cmdline.into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Vmm::spawn(&args)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The API client for this VMM's socket.
+    pub fn api(&self) -> ApiClient {
+        ApiClient::new(self.api_socket.clone().expect("started with --api-socket"))
+    }
+
+    /// Waits until the API socket answers a ping.
+    pub fn wait_api(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.api().ping().is_ok() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the API did not come up within {timeout:?}\n{}",
+                self.report()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Waits for a console line containing `needle`, after those already
+    /// consumed; returns it. Panics with the console so far on timeout.
+    pub fn wait_for(&mut self, needle: &str, timeout: Duration) -> String {
+        match self.try_wait_for(needle, timeout) {
+            Some(line) => line,
+            None => panic!(
+                "no console line containing {needle:?} within {timeout:?}\n{}",
+                self.report()
+            ),
+        }
+    }
+
+    /// Like [`Vmm::wait_for`] but returns None on timeout or exit.
+    pub fn try_wait_for(&mut self, needle: &str, timeout: Duration) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        let mut guard = self.stdout.lines.lock().unwrap();
+        loop {
+            while self.cursor < guard.0.len() {
+                let line = &guard.0[self.cursor];
+                self.cursor += 1;
+                if line.contains(needle) {
+                    return Some(line.clone());
+                }
+            }
+            if guard.1 {
+                return None;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return None;
+            }
+            guard = self
+                .stdout
+                .changed
+                .wait_timeout(guard, deadline - now)
+                .unwrap()
+                .0;
+        }
+    }
+
+    /// All console lines so far.
+    pub fn console(&self) -> Vec<String> {
+        self.stdout.lines.lock().unwrap().0.clone()
+    }
+
+    /// All stderr lines so far.
+    pub fn stderr(&self) -> Vec<String> {
+        self.stderr.lines.lock().unwrap().0.clone()
+    }
+
+    /// Types a line on the guest's console.
+    pub fn send_line(&mut self, line: &str) {
+        let stdin = self.stdin.as_mut().expect("stdin is open");
+        stdin.write_all(line.as_bytes()).unwrap();
+        stdin.write_all(b"\n").unwrap();
+        stdin.flush().unwrap();
+    }
+
+    /// Waits for the process to end; None on timeout.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        if let Some(s) = self.status {
+            return Some(s);
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                self.status = Some(status);
+                // Let the readers drain what is left in the pipes.
+                std::thread::sleep(Duration::from_millis(20));
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Waits for the exit code; panics with the output if it does not come.
+    pub fn exit_code(&mut self, timeout: Duration) -> i32 {
+        match self.wait_exit(timeout) {
+            Some(status) => status.code().unwrap_or(-1),
+            None => panic!("vmm did not exit within {timeout:?}\n{}", self.report()),
+        }
+    }
+
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+    }
+
+    /// Console and stderr, for failure messages.
+    pub fn report(&self) -> String {
+        format!(
+            "--- console ---\n{}\n--- stderr ---\n{}",
+            self.console().join("\n"),
+            self.stderr().join("\n")
+        )
+    }
+
+    /// Resident memory of the VMM process in bytes.
+    pub fn rss_bytes(&self) -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<u64>().ok())
+            .unwrap_or(0)
+            * 1024
+    }
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        if self.status.is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A fresh temporary directory, removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let base = std::env::temp_dir();
+        for attempt in 0..1000u32 {
+            let path = base.join(format!("vmm-test-{tag}-{}-{attempt}", std::process::id()));
+            if std::fs::create_dir(&path).is_ok() {
+                return TempDir(path);
+            }
+        }
+        panic!("cannot create a temporary directory in {}", base.display());
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Parses `key=value` fields out of a console line such as
+/// `counters: t_ms=120 cpu0=5 cpu1=7`.
+pub fn field(line: &str, key: &str) -> Option<u64> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+        .and_then(|v| {
+            v.strip_prefix("0x")
+                .map(|hex| u64::from_str_radix(hex, 16).ok())
+                .unwrap_or_else(|| v.parse().ok())
+        })
+}

@@ -1,0 +1,339 @@
+//! The REST API of a real `vmm` process: every endpoint, wrong-state calls,
+//! and hostile requests that must get a clear 4xx while the VMM keeps serving.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use api::config::{PayloadConfig, VmConfig};
+use api::http::ClientError;
+use api::request::{ApiErrorKind, VmState};
+use vmm_tests::harness::{testguest, TempDir, Vmm};
+use vmm_tests::require_kvm;
+
+const BOOT: Duration = Duration::from_secs(20);
+const SHORT: Duration = Duration::from_secs(10);
+
+fn guest_config(cmdline: &str) -> VmConfig {
+    VmConfig {
+        payload: PayloadConfig {
+            kernel: testguest(),
+            cmdline: cmdline.into(),
+            initrd: None,
+        },
+        ..Default::default()
+    }
+}
+
+fn api_only(dir: &TempDir) -> Vmm {
+    let socket = dir.join("api.sock");
+    let vmm = Vmm::spawn(&["--api-socket", socket.to_str().unwrap()]);
+    vmm.wait_api(SHORT);
+    vmm
+}
+
+/// Sends raw bytes and returns the status code and body of the reply.
+fn raw(socket: &Path, request: &[u8]) -> (u16, String) {
+    let mut stream = UnixStream::connect(socket).unwrap();
+    stream.set_read_timeout(Some(SHORT)).unwrap();
+    // The server may answer (and close) before taking all of an oversized body.
+    let _ = stream.write_all(request);
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    let mut reply = Vec::new();
+    let _ = stream.read_to_end(&mut reply);
+    let text = String::from_utf8_lossy(&reply).to_string();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in reply {text:?}"));
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+fn put(path: &str, body: &str) -> Vec<u8> {
+    format!(
+        "PUT /api/v1/{path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+fn api_error(result: Result<impl std::fmt::Debug, ClientError>) -> (u16, ApiErrorKind, String) {
+    match result {
+        Err(ClientError::Api { status, error }) => (status, error.kind, error.message),
+        other => panic!("expected an API error, got {other:?}"),
+    }
+}
+
+#[test]
+fn every_endpoint_through_a_whole_lifecycle() {
+    require_kvm!();
+    let dir = TempDir::new("endpoints");
+    let mut vmm = api_only(&dir);
+    let api = vmm.api();
+
+    let ping = api.ping().unwrap();
+    assert_eq!(ping.pid, vmm.pid());
+    assert_eq!(ping.state, VmState::NotCreated);
+
+    // Wrong state before anything exists.
+    let (status, kind, message) = api_error(api.boot());
+    assert_eq!((status, kind), (409, ApiErrorKind::WrongState));
+    assert!(message.contains("not-created"), "{message}");
+    assert_eq!(api_error(api.pause()).0, 409);
+    assert_eq!(api_error(api.info()).0, 409);
+    assert_eq!(api_error(api.counters()).0, 409);
+
+    api.create(&guest_config("-- counters period_ms=100"))
+        .unwrap();
+    let (status, _, message) = api_error(api.create(&guest_config("")));
+    assert_eq!(status, 409, "create twice");
+    assert!(message.contains("created"), "{message}");
+    let (status, _, message) = api_error(api.pause());
+    assert_eq!(status, 409, "pause before boot");
+    assert!(
+        message.contains("pause") && message.contains("created"),
+        "{message}"
+    );
+    let info = api.info().unwrap();
+    assert_eq!(info.state, VmState::Created);
+    assert_eq!(info.config.payload.kernel, testguest());
+
+    api.boot().unwrap();
+    assert_eq!(api_error(api.boot()).0, 409, "boot twice");
+    vmm.wait_for("counters:", BOOT);
+    let info = api.info().unwrap();
+    assert_eq!(info.state, VmState::Running);
+    let memory = info.memory.expect("memory figures");
+    assert_eq!(memory.guest_bytes, 128 << 20);
+    assert!(memory.rss_bytes > 0);
+
+    let counters = api.counters().unwrap();
+    assert!(counters["vcpu0"]["exits"] > 0, "{counters:?}");
+    assert!(counters["serial"]["out_bytes"] > 0, "{counters:?}");
+
+    api.pause().unwrap();
+    assert_eq!(
+        api_error(api.resume().and_then(|_| api.resume())).0,
+        409,
+        "resume twice"
+    );
+    api.shutdown_vmm().unwrap();
+    assert_eq!(
+        vmm.exit_code(SHORT),
+        5,
+        "a running guest was stopped by request"
+    );
+}
+
+#[test]
+fn bad_requests_get_clear_errors_and_the_vmm_keeps_serving() {
+    require_kvm!();
+    let dir = TempDir::new("badreq");
+    let vmm = api_only(&dir);
+    let socket = dir.join("api.sock");
+
+    let cases: Vec<(&str, Vec<u8>, u16, &str)> = vec![
+        (
+            "malformed JSON",
+            put("vm.create", "{\"payload\": {"),
+            400,
+            "line",
+        ),
+        (
+            "unknown field",
+            put(
+                "vm.create",
+                r#"{"payload": {"kernel": "/k"}, "memroy": {}}"#,
+            ),
+            400,
+            "memroy",
+        ),
+        (
+            "invalid value",
+            put(
+                "vm.create",
+                r#"{"payload": {"kernel": "/k"}, "cpus": {"boot_vcpus": 0}}"#,
+            ),
+            400,
+            "boot_vcpus",
+        ),
+        (
+            "wrong type",
+            put("vm.create", r#"{"payload": {"kernel": 7}}"#),
+            400,
+            "kernel",
+        ),
+        ("unknown endpoint", put("vm.explode", ""), 404, "vm.explode"),
+        (
+            "wrong method",
+            b"DELETE /api/v1/vm.info HTTP/1.1\r\nContent-Length: 0\r\n\r\n".to_vec(),
+            405,
+            "",
+        ),
+        (
+            "oversized body",
+            {
+                let body = format!(
+                    r#"{{"payload": {{"kernel": "/k", "cmdline": "{}"}}}}"#,
+                    "x".repeat(1 << 20)
+                );
+                put("vm.create", &body)
+            },
+            413,
+            "",
+        ),
+        (
+            "garbage",
+            b"\x00\x01\x02 not http at all\r\n\r\n".to_vec(),
+            400,
+            "",
+        ),
+    ];
+    for (what, request, status, needle) in cases {
+        let (got, body) = raw(&socket, &request);
+        assert_eq!(got, status, "{what}: {body}");
+        if !needle.is_empty() {
+            assert!(
+                body.contains(needle),
+                "{what}: the error names {needle:?}: {body}"
+            );
+        }
+        // Every error body is the JSON error type.
+        if !body.is_empty() {
+            let error: serde_json::Value =
+                serde_json::from_str(&body).unwrap_or_else(|e| panic!("{what}: {e}: {body}"));
+            assert!(error["message"].is_string(), "{what}: {body}");
+        }
+        assert!(vmm.api().ping().is_ok(), "the VMM answers after {what}");
+    }
+    // A client that connects and leaves mid-request does not disturb it.
+    {
+        let mut s = UnixStream::connect(&socket).unwrap();
+        s.write_all(b"PUT /api/v1/vm.create HTTP/1.1\r\nContent-Length: 100\r\n\r\n{")
+            .unwrap();
+    }
+    assert!(vmm.api().ping().is_ok());
+    // The VM config was never accepted.
+    assert_eq!(vmm.api().ping().unwrap().state, VmState::NotCreated);
+}
+
+#[test]
+fn a_bad_kernel_is_refused_with_its_path() {
+    require_kvm!();
+    let dir = TempDir::new("badkernel");
+    let vmm = api_only(&dir);
+    let api = vmm.api();
+    let mut config = guest_config("");
+    config.payload.kernel = dir.join("no-such-kernel");
+    api.create(&config).unwrap();
+    let (status, _, message) = api_error(api.boot());
+    assert_eq!(status, 400);
+    assert!(message.contains("no-such-kernel"), "{message}");
+    // Not a kernel at all.
+    let junk = dir.join("junk");
+    std::fs::write(&junk, b"this is not a kernel").unwrap();
+    let vmm2 = Vmm::spawn(&["--kernel", junk.to_str().unwrap()]);
+    let mut vmm2 = vmm2;
+    assert_eq!(vmm2.exit_code(SHORT), 2, "{}", vmm2.report());
+    assert!(
+        vmm2.stderr().join("\n").contains("junk"),
+        "{}",
+        vmm2.report()
+    );
+}
+
+#[test]
+fn command_line_errors_name_the_flag() {
+    // No KVM needed: these fail before any VM exists.
+    for (args, needle) in [
+        (vec!["--cpus", "0", "--kernel", "/k"], "boot_vcpus"),
+        (
+            vec!["--memory", "size=lots", "--kernel", "/k"],
+            "--memory size",
+        ),
+        (vec!["--disk", "path=/d,bogus=1", "--kernel", "/k"], "bogus"),
+        (vec!["--frobnicate"], "--frobnicate"),
+        (vec![], "--api-socket"),
+        (vec!["--config", "/nonexistent.json"], "/nonexistent.json"),
+    ] {
+        let mut vmm = Vmm::spawn(&args);
+        assert_eq!(vmm.exit_code(SHORT), 2, "{args:?}: {}", vmm.report());
+        let stderr = vmm.stderr().join("\n");
+        assert!(
+            stderr.contains(needle),
+            "{args:?}: stderr names {needle:?}: {stderr}"
+        );
+    }
+}
+
+#[test]
+fn a_config_file_boots_the_same_vm() {
+    require_kvm!();
+    let dir = TempDir::new("configfile");
+    let file = dir.join("vm.json");
+    let mut config = guest_config("-- echo from the config file; poweroff");
+    config.cpus.boot_vcpus = 2;
+    std::fs::write(&file, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
+    let mut vmm = Vmm::spawn(&["--config", file.to_str().unwrap()]);
+    vmm.wait_for("from the config file", BOOT);
+    assert_eq!(vmm.exit_code(SHORT), 0, "{}", vmm.report());
+}
+
+#[test]
+fn vmmctl_drives_a_real_vmm_and_its_exit_codes_say_what_happened() {
+    require_kvm!();
+    use std::process::Command;
+    let dir = TempDir::new("vmmctl");
+    let mut vmm = api_only(&dir);
+    let socket = dir.join("api.sock");
+    let vmmctl = |args: &[&str]| {
+        let out = Command::new(vmm_tests::harness::vmmctl_binary())
+            .arg("--api-socket")
+            .arg(&socket)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (code, out, _) = vmmctl(&["ping"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("not-created"), "{out}");
+    // Wrong state: refused by the VMM, exit 1, its message shown.
+    let (code, _, err) = vmmctl(&["pause"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("cannot pause: the VM is not-created"), "{err}");
+    let config = dir.join("vm.json");
+    std::fs::write(
+        &config,
+        serde_json::to_vec(&guest_config("-- counters")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(vmmctl(&["create", config.to_str().unwrap()]).0, 0);
+    assert_eq!(vmmctl(&["boot"]).0, 0);
+    vmm.wait_for("counters:", BOOT);
+    let (code, out, _) = vmmctl(&["--json", "info"]);
+    assert_eq!(code, 0);
+    let info: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(info["state"], "running");
+    let (code, out, _) = vmmctl(&["counters"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("vcpu0") && out.contains("exits"), "{out}");
+    assert_eq!(vmmctl(&["shutdown", "--force"]).0, 0);
+    assert_eq!(vmm.exit_code(SHORT), 5);
+    // No VMM any more: exit 3 and a message naming the socket.
+    let (code, _, err) = vmmctl(&["ping"]);
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains(socket.to_str().unwrap()), "{err}");
+    // Usage error: exit 2.
+    assert_eq!(vmmctl(&["frobnicate"]).0, 2);
+}

@@ -1,0 +1,268 @@
+//! The test guest boots, runs on every vCPU, pauses and resumes, and ends in
+//! each of the ways a guest can end; the VMM's exit code says which.
+
+use std::time::{Duration, Instant};
+
+use api::request::{ShutdownMode, ShutdownRequest, VmState};
+use vmm_tests::harness::{field, TempDir, Vmm};
+use vmm_tests::require_kvm;
+
+const BOOT: Duration = Duration::from_secs(20);
+const SHORT: Duration = Duration::from_secs(10);
+
+/// Exit codes of `vmm` (see `vmm --help`).
+const EXIT_POWERED_OFF: i32 = 0;
+const EXIT_RESET: i32 = 3;
+const EXIT_STOPPED: i32 = 5;
+
+fn counter_values(line: &str, cpus: usize) -> Vec<u64> {
+    (0..cpus)
+        .map(|i| field(line, &format!("cpu{i}")).unwrap_or_else(|| panic!("no cpu{i} in {line:?}")))
+        .collect()
+}
+
+#[test]
+fn guest_boots_prints_and_powers_off() {
+    require_kvm!();
+    let mut vmm = Vmm::boot_testguest("-- echo first words; info", &["--memory", "size=64M"]);
+    vmm.wait_for("testguest: hello", BOOT);
+    vmm.wait_for("first words", SHORT);
+    let info = vmm.wait_for("testguest: info", SHORT);
+    assert_eq!(field(&info, "cpus"), Some(1), "{info}");
+    let mem = field(&info, "mem_mib").expect("mem_mib");
+    assert!(
+        (60..=64).contains(&mem),
+        "guest sees {mem} MiB of 64: {info}"
+    );
+    // Commands also come from the console.
+    vmm.send_line("echo typed on the console");
+    vmm.wait_for("typed on the console", SHORT);
+    vmm.send_line("poweroff");
+    assert_eq!(vmm.exit_code(SHORT), EXIT_POWERED_OFF, "{}", vmm.report());
+}
+
+#[test]
+fn two_vcpus_both_make_progress() {
+    require_kvm!();
+    let mut vmm = Vmm::boot_testguest("-- counters period_ms=100", &["--cpus", "2"]);
+    let ready = vmm.wait_for("testguest: ready", BOOT);
+    assert_eq!(field(&ready, "cpus"), Some(2), "{ready}");
+    let first = counter_values(&vmm.wait_for("counters:", SHORT), 2);
+    // A few periods later both counters have moved.
+    let mut last = first.clone();
+    for _ in 0..5 {
+        last = counter_values(&vmm.wait_for("counters:", SHORT), 2);
+    }
+    for cpu in 0..2 {
+        assert!(
+            last[cpu] > first[cpu],
+            "cpu{cpu} made no progress: {first:?} -> {last:?}"
+        );
+    }
+}
+
+#[test]
+fn pause_stops_the_guest_and_resume_continues_it() {
+    require_kvm!();
+    let dir = TempDir::new("pause");
+    let socket = dir.join("api.sock");
+    let socket = socket.to_str().unwrap();
+    let mut vmm = Vmm::boot_testguest(
+        "-- counters period_ms=50",
+        &["--cpus", "2", "--api-socket", socket],
+    );
+    vmm.wait_for("counters:", BOOT);
+    let api = vmm.api();
+    let before = counter_values(&vmm.wait_for("counters:", SHORT), 2);
+    api.pause().expect("pause");
+    assert_eq!(api.info().unwrap().state, VmState::Paused);
+    // Lines already in flight may still arrive; after that, silence.
+    std::thread::sleep(Duration::from_millis(200));
+    let lines_at_pause = vmm.console().len();
+    std::thread::sleep(Duration::from_millis(700));
+    assert_eq!(
+        vmm.console().len(),
+        lines_at_pause,
+        "the guest printed while paused:\n{}",
+        vmm.report()
+    );
+    // Pausing twice is a wrong-state request.
+    assert!(api.pause().is_err());
+    api.resume().expect("resume");
+    assert_eq!(api.info().unwrap().state, VmState::Running);
+    let after = counter_values(&vmm.wait_for("counters:", SHORT), 2);
+    let later = counter_values(&vmm.wait_for("counters:", SHORT), 2);
+    for cpu in 0..2 {
+        assert!(
+            after[cpu] >= before[cpu] && later[cpu] > after[cpu],
+            "cpu{cpu}: {before:?} {after:?} {later:?}"
+        );
+    }
+}
+
+#[test]
+fn graceful_shutdown_is_honoured_by_the_guest() {
+    require_kvm!();
+    let dir = TempDir::new("graceful");
+    let socket = dir.join("api.sock");
+    let mut vmm = Vmm::boot_testguest("--", &["--api-socket", socket.to_str().unwrap()]);
+    vmm.wait_for("testguest: ready", BOOT);
+    vmm.api()
+        .shutdown(&ShutdownRequest::default())
+        .expect("shutdown");
+    vmm.wait_for("testguest: ctrl-alt-del", SHORT);
+    assert_eq!(vmm.exit_code(SHORT), EXIT_POWERED_OFF, "{}", vmm.report());
+    assert!(!socket.exists(), "the API socket is removed on exit");
+}
+
+#[test]
+fn graceful_shutdown_ignored_by_the_guest_is_forced_after_the_timeout() {
+    require_kvm!();
+    let dir = TempDir::new("timeout");
+    let socket = dir.join("api.sock");
+    let mut vmm = Vmm::boot_testguest(
+        "on_cad=ignore --",
+        &["--api-socket", socket.to_str().unwrap()],
+    );
+    vmm.wait_for("testguest: ready", BOOT);
+    let asked = Instant::now();
+    vmm.api()
+        .shutdown(&ShutdownRequest {
+            mode: ShutdownMode::Graceful,
+            timeout_ms: Some(800),
+        })
+        .expect("shutdown");
+    vmm.wait_for("testguest: ctrl-alt-del", SHORT);
+    assert_eq!(vmm.exit_code(SHORT), EXIT_STOPPED, "{}", vmm.report());
+    assert!(
+        asked.elapsed() >= Duration::from_millis(800),
+        "forced before the timeout"
+    );
+}
+
+#[test]
+fn forced_shutdown_stops_at_once() {
+    require_kvm!();
+    let dir = TempDir::new("force");
+    let socket = dir.join("api.sock");
+    let mut vmm = Vmm::boot_testguest(
+        "on_cad=ignore -- counters",
+        &["--api-socket", socket.to_str().unwrap()],
+    );
+    vmm.wait_for("counters:", BOOT);
+    vmm.api()
+        .shutdown(&ShutdownRequest {
+            mode: ShutdownMode::Force,
+            timeout_ms: None,
+        })
+        .expect("shutdown");
+    assert_eq!(vmm.exit_code(SHORT), EXIT_STOPPED, "{}", vmm.report());
+}
+
+#[test]
+fn sigterm_stops_the_guest() {
+    require_kvm!();
+    let mut vmm = Vmm::boot_testguest("-- counters", &[]);
+    vmm.wait_for("counters:", BOOT);
+    vmm.signal(libc::SIGTERM);
+    assert_eq!(vmm.exit_code(SHORT), EXIT_STOPPED, "{}", vmm.report());
+}
+
+#[test]
+fn guest_reset_ends_the_vmm_by_default() {
+    require_kvm!();
+    for command in ["reset", "triple-fault"] {
+        let mut vmm = Vmm::boot_testguest("--", &[]);
+        vmm.wait_for("testguest: ready", BOOT);
+        vmm.send_line(command);
+        assert_eq!(
+            vmm.exit_code(SHORT),
+            EXIT_RESET,
+            "{command}: {}",
+            vmm.report()
+        );
+    }
+}
+
+#[test]
+fn guest_reset_reboots_in_place_when_asked() {
+    require_kvm!();
+    let mut vmm = Vmm::boot_testguest("--", &["--on-reset", "reboot"]);
+    vmm.wait_for("testguest: ready", BOOT);
+    vmm.send_line("reset");
+    // The same guest boots again from its kernel.
+    vmm.wait_for("testguest: hello", BOOT);
+    vmm.wait_for("testguest: ready", BOOT);
+    vmm.send_line("poweroff");
+    assert_eq!(vmm.exit_code(SHORT), EXIT_POWERED_OFF, "{}", vmm.report());
+}
+
+#[test]
+fn guest_exceptions_are_reported_and_the_vmm_stays_up() {
+    require_kvm!();
+    let dir = TempDir::new("ud");
+    let socket = dir.join("api.sock");
+    let mut vmm = Vmm::boot_testguest("-- ud", &["--api-socket", socket.to_str().unwrap()]);
+    vmm.wait_for("testguest: EXCEPTION", BOOT);
+    assert!(vmm.api().ping().is_ok());
+}
+
+#[test]
+fn serial_output_goes_to_a_file() {
+    require_kvm!();
+    let dir = TempDir::new("serialfile");
+    let log = dir.join("console.log");
+    let mut vmm = Vmm::boot_testguest(
+        "-- echo into the file; poweroff",
+        &["--serial", &format!("file={}", log.display())],
+    );
+    assert_eq!(vmm.exit_code(BOOT), EXIT_POWERED_OFF, "{}", vmm.report());
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("testguest: hello") && text.contains("into the file"),
+        "{text}"
+    );
+    assert!(
+        vmm.console().is_empty(),
+        "nothing on stdout: {:?}",
+        vmm.console()
+    );
+}
+
+#[test]
+fn serial_console_on_a_unix_socket_works_both_ways() {
+    use std::io::{BufRead, BufReader, Write};
+    require_kvm!();
+    let dir = TempDir::new("serialsock");
+    let console = dir.join("console.sock");
+    let api = dir.join("api.sock");
+    let mut vmm = Vmm::boot_testguest(
+        "--",
+        &[
+            "--serial",
+            &format!("socket={}", console.display()),
+            "--api-socket",
+            api.to_str().unwrap(),
+        ],
+    );
+    vmm.wait_api(BOOT);
+    let stream = std::os::unix::net::UnixStream::connect(&console).expect("console socket");
+    stream.set_read_timeout(Some(SHORT)).unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    let mut reader = BufReader::new(stream);
+    writer.write_all(b"echo over the socket\n").unwrap();
+    let mut line = String::new();
+    loop {
+        line.clear();
+        assert!(
+            reader.read_line(&mut line).unwrap() > 0,
+            "console socket closed"
+        );
+        if line.contains("over the socket") && !line.contains("echo") {
+            break;
+        }
+    }
+    writer.write_all(b"poweroff\n").unwrap();
+    assert_eq!(vmm.exit_code(SHORT), EXIT_POWERED_OFF, "{}", vmm.report());
+    assert!(!console.exists(), "the console socket is removed on exit");
+}
