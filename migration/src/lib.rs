@@ -1,3 +1,6 @@
-//! Live migration: state capture traits now, the wire protocol later.
+//! Live migration: the versioned wire protocol, dirty-page bitmaps and the
+//! state-capture trait components implement.
 
+pub mod bitmap;
+pub mod protocol;
 pub mod snapshot;
