@@ -34,16 +34,27 @@ pub enum ApiRequest {
     VmInfo,
     /// `GET vm.counters`: exits and per-device counters.
     VmCounters,
+    /// `PUT vm.send-migration`: start migrating to a receiving VMM (returns at once).
+    VmSendMigration(SendMigrationRequest),
+    /// `PUT vm.receive-migration`: listen for an incoming migration.
+    VmReceiveMigration(ReceiveMigrationRequest),
+    /// `GET vm.migration-status`.
+    VmMigrationStatus,
+    /// `PUT vm.migration-cancel`: stop an outgoing migration; the guest keeps running here.
+    VmMigrationCancel,
+    /// `PUT vm.migration-parameters`: change downtime, bandwidth, timeout of a running migration.
+    VmMigrationParameters(MigrationParameters),
 }
 
 /// The body of `vm.shutdown` (optional; an empty body means graceful, no timeout).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ShutdownRequest {
-    /// `graceful` (Ctrl-Alt-Del to the guest) or `force` (stop the vCPUs now).
+    /// `graceful` (the ACPI power button), `ctrl-alt-del` (the keys, on the
+    /// i8042, for guests without ACPI) or `force` (stop the vCPUs now).
     #[serde(default)]
     pub mode: ShutdownMode,
-    /// For a graceful shutdown: force it off if the guest has not stopped
+    /// For a graceful or ctrl-alt-del shutdown: force it off if the guest has not stopped
     /// after this many milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<u64>,
@@ -52,9 +63,14 @@ pub struct ShutdownRequest {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ShutdownMode {
+    /// Press the ACPI power button.
     #[default]
     Graceful,
+    /// Stop the vCPUs now.
     Force,
+    /// Send Ctrl-Alt-Del through the i8042 (guests without ACPI).
+    #[serde(rename = "ctrl-alt-del")]
+    CtrlAltDel,
 }
 
 /// What a successful request returns.
@@ -65,6 +81,7 @@ pub enum ApiResponse {
     Ping(PingInfo),
     Info(Box<VmInfo>),
     Counters(Counters),
+    MigrationStatus(Box<MigrationStatus>),
 }
 
 impl ApiResponse {
@@ -75,6 +92,7 @@ impl ApiResponse {
             ApiResponse::Ping(p) => serde_json::to_string_pretty(p),
             ApiResponse::Info(i) => serde_json::to_string_pretty(i),
             ApiResponse::Counters(c) => serde_json::to_string_pretty(c),
+            ApiResponse::MigrationStatus(m) => serde_json::to_string_pretty(m),
         };
         // Serializing these plain structs cannot fail: no maps with non-string keys.
         Some(text.unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}")))
@@ -224,3 +242,161 @@ impl From<crate::config::ConfigError> for ApiError {
 }
 
 pub type ApiResult = Result<ApiResponse, ApiError>;
+
+/// Where a migration goes or comes from: `tcp:HOST:PORT` or `unix:PATH`.
+pub type MigrationUrl = String;
+
+/// What to do when a migration hits its timeout.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TimeoutAction {
+    /// Give up; the source keeps running.
+    #[default]
+    Cancel,
+    /// Switch over now, whatever the downtime.
+    Force,
+}
+
+/// The body of `vm.send-migration`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SendMigrationRequest {
+    /// `tcp:HOST:PORT` or `unix:PATH` of the receiving VMM.
+    pub destination: MigrationUrl,
+    /// The pre-shared token the receiver expects.
+    pub token: String,
+    #[serde(flatten)]
+    pub parameters: MigrationParameters,
+}
+
+/// Tunables of a running or starting migration (`vm.migration-parameters`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrationParameters {
+    /// Largest acceptable pause of the guest at switch-over, in ms.
+    #[serde(default = "default_downtime_ms")]
+    pub downtime_ms: u64,
+    /// Bandwidth cap in bytes/s (absent or 0: unlimited).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth_bytes_per_s: Option<u64>,
+    /// Give up or force switch-over after this many seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_s: Option<u64>,
+    #[serde(default)]
+    pub timeout_action: TimeoutAction,
+    /// Throttle the vCPUs when the guest dirties memory faster than the link drains it.
+    #[serde(default = "default_true")]
+    pub auto_converge: bool,
+}
+
+fn default_downtime_ms() -> u64 {
+    300
+}
+
+fn default_true() -> bool {
+    true
+}
+
+impl Default for MigrationParameters {
+    fn default() -> Self {
+        MigrationParameters {
+            downtime_ms: default_downtime_ms(),
+            bandwidth_bytes_per_s: None,
+            timeout_s: None,
+            timeout_action: TimeoutAction::Cancel,
+            auto_converge: true,
+        }
+    }
+}
+
+impl MigrationParameters {
+    pub fn validate(&self) -> Result<(), crate::config::ConfigError> {
+        use crate::config::ConfigError;
+        if self.downtime_ms == 0 || self.downtime_ms > 600_000 {
+            return Err(ConfigError::new("downtime_ms", "must be between 1 and 600000"));
+        }
+        if self.timeout_s == Some(0) {
+            return Err(ConfigError::new("timeout_s", "must be at least 1 second"));
+        }
+        Ok(())
+    }
+}
+
+/// The body of `vm.receive-migration`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReceiveMigrationRequest {
+    /// `tcp:HOST:PORT` or `unix:PATH` to listen on.
+    pub listen: MigrationUrl,
+    /// The pre-shared token the sender must present.
+    pub token: String,
+}
+
+/// Checks the form of a migration URL; returns an error naming it.
+pub fn validate_migration_url(field: &str, url: &str) -> Result<(), crate::config::ConfigError> {
+    use crate::config::ConfigError;
+    match url.split_once(':') {
+        Some(("tcp", rest)) if rest.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok()) => Ok(()),
+        Some(("unix", path)) if !path.is_empty() => Ok(()),
+        _ => Err(ConfigError::new(
+            field,
+            format!("{url:?} is not tcp:HOST:PORT or unix:PATH"),
+        )),
+    }
+}
+
+/// Where a migration is.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MigrationPhase {
+    /// No migration has run.
+    #[default]
+    None,
+    /// Connecting, authenticating, sending the config.
+    Setup,
+    /// Pre-copy rounds while the guest runs.
+    Active,
+    /// The guest is paused; last pages and state are going out.
+    SwitchOver,
+    /// Done: the guest runs on the target (source), or here (target).
+    Completed,
+    /// Failed; the source keeps running.
+    Failed,
+    /// Cancelled; the source keeps running.
+    Cancelled,
+}
+
+/// `vm.migration-status`: the figures users read from QEMU's `query-migrate`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct MigrationStatus {
+    pub phase: MigrationPhase,
+    /// `send` or `receive`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub role: String,
+    pub total_time_ms: u64,
+    pub setup_time_ms: u64,
+    /// Downtime estimated from the last round and the link bandwidth.
+    pub expected_downtime_ms: u64,
+    /// Measured pause of the guest (after switch-over).
+    pub downtime_ms: u64,
+    /// Guest RAM size.
+    pub total_bytes: u64,
+    /// Bytes put on the wire so far (headers included).
+    pub transferred_bytes: u64,
+    /// Bytes still dirty after the last round.
+    pub remaining_bytes: u64,
+    /// Pages sent as zero markers or skipped as never touched.
+    pub zero_pages: u64,
+    /// Pages sent with data.
+    pub data_pages: u64,
+    /// Pages the guest dirtied per second in the last round.
+    pub dirty_pages_rate: u64,
+    /// Bytes per second over the last round.
+    pub throughput_bytes_per_s: u64,
+    /// Dirty rounds after round 0.
+    pub iterations: u64,
+    /// vCPU throttle from auto-converge, in percent.
+    pub throttle_percent: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}

@@ -22,8 +22,9 @@ use api::config::{
 };
 use api::http::{BodyKind, ROUTES};
 use api::request::{
-    ApiError, ApiErrorKind, Counters, MemoryInfo, PingInfo, ShutdownMode, ShutdownRequest, VmInfo,
-    VmState,
+    ApiError, ApiErrorKind, Counters, MemoryInfo, MigrationParameters, MigrationPhase,
+    MigrationStatus, PingInfo, ReceiveMigrationRequest, SendMigrationRequest, ShutdownMode,
+    ShutdownRequest, TimeoutAction, VmInfo, VmState,
 };
 
 const METHODS: [&str; 8] = [
@@ -367,13 +368,85 @@ fn all_reset_actions() -> Vec<ResetAction> {
 
 fn all_shutdown_modes() -> Vec<ShutdownMode> {
     use ShutdownMode::*;
-    let all = vec![Graceful, Force];
+    let all = vec![Graceful, Force, CtrlAltDel];
     for mode in &all {
         match mode {
-            Graceful | Force => {}
+            Graceful | Force | CtrlAltDel => {}
         }
     }
     all
+}
+
+fn all_timeout_actions() -> Vec<TimeoutAction> {
+    use TimeoutAction::*;
+    let all = vec![Cancel, Force];
+    for action in &all {
+        match action {
+            Cancel | Force => {}
+        }
+    }
+    all
+}
+
+fn all_migration_phases() -> Vec<MigrationPhase> {
+    use MigrationPhase::*;
+    let all = vec![
+        None, Setup, Active, SwitchOver, Completed, Failed, Cancelled,
+    ];
+    for phase in &all {
+        match phase {
+            None | Setup | Active | SwitchOver | Completed | Failed | Cancelled => {}
+        }
+    }
+    all
+}
+
+/// MigrationParameters with every optional field set.
+fn full_parameters(timeout_action: TimeoutAction) -> MigrationParameters {
+    MigrationParameters {
+        downtime_ms: 150,
+        bandwidth_bytes_per_s: Some(100 << 20),
+        timeout_s: Some(600),
+        timeout_action,
+        auto_converge: false,
+    }
+}
+
+fn full_send_migration(timeout_action: TimeoutAction) -> SendMigrationRequest {
+    SendMigrationRequest {
+        destination: "tcp:192.168.1.20:6000".into(),
+        token: "s3cret".into(),
+        parameters: full_parameters(timeout_action),
+    }
+}
+
+fn full_receive_migration() -> ReceiveMigrationRequest {
+    ReceiveMigrationRequest {
+        listen: "unix:/run/vmm/migrate.sock".into(),
+        token: "s3cret".into(),
+    }
+}
+
+/// A MigrationStatus with every optional field set.
+fn full_migration_status(phase: MigrationPhase, role: &str) -> MigrationStatus {
+    MigrationStatus {
+        phase,
+        role: role.into(),
+        total_time_ms: 5300,
+        setup_time_ms: 12,
+        expected_downtime_ms: 80,
+        downtime_ms: 95,
+        total_bytes: 1 << 30,
+        transferred_bytes: 900 << 20,
+        remaining_bytes: 4 << 20,
+        zero_pages: 150_000,
+        data_pages: 110_000,
+        dirty_pages_rate: 2500,
+        throughput_bytes_per_s: 110 << 20,
+        iterations: 4,
+        throttle_percent: 20,
+        error: Some("connection reset by the destination".into()),
+    }
 }
 
 /// A VmConfig with every optional field set (struct literals: a new field
@@ -502,6 +575,26 @@ fn schemas_describe_exactly_the_rust_types() {
     }
     checker.value("Counters", &counters());
     checker.value("Counters", &Counters::new());
+    for action in all_timeout_actions() {
+        checker.value("MigrationParameters", &full_parameters(action));
+        checker.value("SendMigrationRequest", &full_send_migration(action));
+    }
+    checker.value("MigrationParameters", &MigrationParameters::default());
+    checker.value(
+        "SendMigrationRequest",
+        &SendMigrationRequest {
+            destination: "unix:/m.sock".into(),
+            token: "t".into(),
+            parameters: MigrationParameters::default(),
+        },
+    );
+    checker.value("ReceiveMigrationRequest", &full_receive_migration());
+    for phase in all_migration_phases() {
+        for role in ["send", "receive"] {
+            checker.value("MigrationStatus", &full_migration_status(phase, role));
+        }
+    }
+    checker.value("MigrationStatus", &MigrationStatus::default());
 
     assert!(
         checker.errors.is_empty(),
@@ -614,6 +707,26 @@ fn required_properties_match_serde() {
         },
     );
     check_required(&checker, "ApiError", &ApiError::internal("x"));
+    check_required(
+        &checker,
+        "MigrationParameters",
+        &full_parameters(TimeoutAction::Force),
+    );
+    check_required(
+        &checker,
+        "SendMigrationRequest",
+        &full_send_migration(TimeoutAction::Force),
+    );
+    check_required(
+        &checker,
+        "ReceiveMigrationRequest",
+        &full_receive_migration(),
+    );
+    check_required(
+        &checker,
+        "MigrationStatus",
+        &full_migration_status(MigrationPhase::Failed, "send"),
+    );
 }
 
 #[test]

@@ -12,7 +12,10 @@ use api::http::{
     start_server, start_server_with, ApiCall, ApiClient, ClientError, Method, ServerOptions,
     MAX_BODY_SIZE, MAX_HEAD_SIZE, ROUTES,
 };
-use api::request::{ApiErrorKind, ApiRequest, ShutdownMode, ShutdownRequest, VmState};
+use api::request::{
+    ApiErrorKind, ApiRequest, MigrationParameters, MigrationPhase, ReceiveMigrationRequest,
+    SendMigrationRequest, ShutdownMode, ShutdownRequest, TimeoutAction, VmState,
+};
 use common::*;
 
 fn client(canned: &Canned) -> ApiClient {
@@ -52,6 +55,31 @@ fn every_route_reaches_the_vmm() {
     client.shutdown(&forced).unwrap();
     assert_eq!(client.info().unwrap(), sample_info());
     assert_eq!(client.counters().unwrap(), sample_counters());
+    let send = SendMigrationRequest {
+        destination: "tcp:127.0.0.1:6000".into(),
+        token: "secret".into(),
+        parameters: MigrationParameters {
+            downtime_ms: 100,
+            bandwidth_bytes_per_s: Some(1 << 30),
+            timeout_s: Some(30),
+            timeout_action: TimeoutAction::Force,
+            auto_converge: false,
+        },
+    };
+    client.send_migration(&send).unwrap();
+    assert_eq!(
+        client.migration_status().unwrap(),
+        sample_migration_status(MigrationPhase::Completed)
+    );
+    client
+        .migration_parameters(&MigrationParameters::default())
+        .unwrap();
+    client.migration_cancel().unwrap();
+    let receive = ReceiveMigrationRequest {
+        listen: "unix:/tmp/m.sock".into(),
+        token: "secret".into(),
+    };
+    client.receive_migration(&receive).unwrap();
     client.shutdown_vmm().unwrap();
     assert_eq!(
         canned.seen(),
@@ -65,6 +93,11 @@ fn every_route_reaches_the_vmm() {
             ApiRequest::VmShutdown(forced),
             ApiRequest::VmInfo,
             ApiRequest::VmCounters,
+            ApiRequest::VmSendMigration(send),
+            ApiRequest::VmMigrationStatus,
+            ApiRequest::VmMigrationParameters(MigrationParameters::default()),
+            ApiRequest::VmMigrationCancel,
+            ApiRequest::VmReceiveMigration(receive),
             ApiRequest::VmmShutdown,
         ]
     );
@@ -77,6 +110,11 @@ fn statuses_follow_the_route_table() {
     for route in ROUTES {
         let body = match route.name() {
             "vm.create" => Some(serde_json::to_vec(&sample_config()).unwrap()),
+            "vm.send-migration" => Some(br#"{"destination": "unix:/m", "token": "t"}"#.to_vec()),
+            "vm.receive-migration" => {
+                Some(br#"{"listen": "tcp:[::]:6000", "token": "t"}"#.to_vec())
+            }
+            "vm.migration-parameters" => Some(b"{}".to_vec()),
             _ => None,
         };
         let (status, reply) = client
@@ -160,6 +198,59 @@ fn bad_json_names_the_place() {
     let (status, e) = api_error(br#"{"mode": "force", "timeout": 5}"#, "vm.shutdown");
     assert_eq!(status, 400);
     assert!(e.message.contains("timeout"), "{}", e.message);
+
+    for (body, endpoint, start) in [
+        (
+            &br#"{"destination": "tcp:host", "token": "t"}"#[..],
+            "vm.send-migration",
+            "destination: ",
+        ),
+        (
+            br#"{"destination": "ftp:x", "token": "t"}"#,
+            "vm.send-migration",
+            "destination: ",
+        ),
+        (
+            br#"{"destination": "unix:/m", "token": "t", "downtime_ms": 0}"#,
+            "vm.send-migration",
+            "downtime_ms: ",
+        ),
+        (
+            br#"{"listen": "unix:", "token": "t"}"#,
+            "vm.receive-migration",
+            "listen: ",
+        ),
+        (
+            br#"{"downtime_ms": 0}"#,
+            "vm.migration-parameters",
+            "downtime_ms: ",
+        ),
+    ] {
+        let (status, e) = api_error(body, endpoint);
+        assert_eq!(
+            (status, e.kind),
+            (400, ApiErrorKind::BadRequest),
+            "{endpoint}"
+        );
+        assert!(e.message.starts_with(start), "{endpoint}: {}", e.message);
+    }
+    for (body, endpoint, field) in [
+        (
+            &br#"{"destination": "unix:/m", "token": "t", "speed": 1}"#[..],
+            "vm.send-migration",
+            "speed",
+        ),
+        (
+            br#"{"listen": "unix:/m", "token": "t", "speed": 1}"#,
+            "vm.receive-migration",
+            "speed",
+        ),
+        (br#"{"speed": 1}"#, "vm.migration-parameters", "speed"),
+    ] {
+        let (status, e) = api_error(body, endpoint);
+        assert_eq!(status, 400, "{endpoint}");
+        assert!(e.message.contains(field), "{endpoint}: {}", e.message);
+    }
 
     let (status, e) = api_error(b"\xff\xfe", "vm.create");
     assert_eq!(status, 400, "{}", e.message);

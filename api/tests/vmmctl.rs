@@ -2,11 +2,18 @@
 
 mod common;
 
+use std::collections::VecDeque;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::sync::{mpsc, Mutex};
+use std::time::Duration;
 
-use api::request::{ApiRequest, ShutdownMode, ShutdownRequest};
+use api::request::{
+    ApiError, ApiErrorKind, ApiRequest, ApiResponse, MigrationParameters, MigrationPhase,
+    MigrationStatus, ReceiveMigrationRequest, SendMigrationRequest, ShutdownMode, ShutdownRequest,
+    TimeoutAction,
+};
 use common::*;
 
 fn vmmctl(socket: &Path, args: &[&str]) -> Output {
@@ -217,4 +224,462 @@ fn unreachable_vmms_exit_3() {
     let out = vmmctl(&dir.path().join("mute.sock"), &["--timeout", "0.2", "info"]);
     assert_eq!(out.status.code(), Some(3));
     assert!(stderr(&out).contains("did not answer"), "{}", stderr(&out));
+}
+
+/// A canned VMM whose migration goes through `phases`, one per status
+/// request (the last one repeats); `on_status` sees each phase served.
+fn migrating_with(
+    phases: &[MigrationPhase],
+    on_status: impl Fn(MigrationPhase) + Send + Sync + 'static,
+) -> Canned {
+    let script = Mutex::new(phases.iter().copied().collect::<VecDeque<_>>());
+    Canned::start_with(move |request| match request {
+        ApiRequest::VmMigrationStatus => {
+            let mut script = script.lock().unwrap();
+            let phase = if script.len() > 1 {
+                script.pop_front().unwrap()
+            } else {
+                script[0]
+            };
+            on_status(phase);
+            Ok(ApiResponse::MigrationStatus(Box::new(
+                sample_migration_status(phase),
+            )))
+        }
+        other => canned_answer(other),
+    })
+}
+
+fn migrating(phases: &[MigrationPhase]) -> Canned {
+    migrating_with(phases, |_| {})
+}
+
+fn token_file(dir: &TempDir, text: &str) -> PathBuf {
+    let file = dir.path().join("token");
+    std::fs::write(&file, text).unwrap();
+    file
+}
+
+fn status_polls(seen: &[ApiRequest]) -> usize {
+    seen.iter()
+        .filter(|r| **r == ApiRequest::VmMigrationStatus)
+        .count()
+}
+
+#[test]
+fn migrate_shows_progress_then_statistics() {
+    use MigrationPhase::*;
+    let canned = migrating(&[Setup, Active, SwitchOver, Completed]);
+    let dir = TempDir::new();
+    let token = token_file(&dir, "s3cret\n");
+    let out = vmmctl(
+        &canned.socket(),
+        &[
+            "migrate",
+            "tcp:10.0.0.2:6000",
+            "--token-file",
+            token.to_str().unwrap(),
+            "--downtime-ms",
+            "150",
+            "--bandwidth",
+            "100M",
+            "--timeout-s=60",
+            "--timeout-action",
+            "force",
+            "--no-auto-converge",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = stdout(&out);
+    for line in [
+        "phase: completed",
+        "role: send",
+        "total time: 4200 ms",
+        "setup time: 15 ms",
+        "downtime: 55 ms",
+        "expected downtime: 40 ms",
+        "transferred: 1100 MiB of 1024 MiB RAM",
+        "remaining: 0 MiB",
+        "zero pages: 200000",
+        "data pages: 70000",
+        "dirty page rate: 1500 pages/s",
+        "throughput: 250.0 MB/s",
+        "iterations: 3",
+        "throttle: 10%",
+    ] {
+        assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
+    }
+    // stderr is not a terminal: plain lines, one per phase, no bar.
+    let progress = stderr(&out);
+    let phases: Vec<&str> = progress
+        .lines()
+        .map(|l| l.split_whitespace().next().unwrap_or(""))
+        .collect();
+    assert_eq!(
+        phases,
+        ["setup", "active", "switch-over", "completed"],
+        "{progress}"
+    );
+    let active = progress.lines().nth(1).unwrap();
+    for part in [" 50% of RAM", "250.0 MB/s", "round 0", "downtime ~40 ms"] {
+        assert!(active.contains(part), "no {part:?} in {active:?}");
+    }
+    let switch_over = progress.lines().nth(2).unwrap();
+    assert!(switch_over.contains("0 MiB left"), "{switch_over:?}");
+    assert!(switch_over.contains("throttle 10%"), "{switch_over:?}");
+    assert!(!progress.contains('\x1b') && !progress.contains('\r'));
+
+    let seen = canned.seen();
+    assert_eq!(
+        seen[0],
+        ApiRequest::VmSendMigration(SendMigrationRequest {
+            destination: "tcp:10.0.0.2:6000".into(),
+            token: "s3cret".into(),
+            parameters: MigrationParameters {
+                downtime_ms: 150,
+                bandwidth_bytes_per_s: Some(100_000_000),
+                timeout_s: Some(60),
+                timeout_action: TimeoutAction::Force,
+                auto_converge: false,
+            },
+        })
+    );
+    // One poll per phase, and none after completion.
+    assert_eq!(seen.len(), 5, "{seen:?}");
+    assert_eq!(status_polls(&seen), 4);
+}
+
+#[test]
+fn migrate_json_prints_the_final_status() {
+    use MigrationPhase::*;
+    let canned = migrating(&[Setup, Active, SwitchOver, Completed]);
+    let out = vmmctl(
+        &canned.socket(),
+        &["--json", "migrate", "unix:/run/m.sock", "--token", "t"],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let status: MigrationStatus = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status, sample_migration_status(Completed));
+    assert_eq!(
+        canned.seen()[0],
+        ApiRequest::VmSendMigration(SendMigrationRequest {
+            destination: "unix:/run/m.sock".into(),
+            token: "t".into(),
+            parameters: MigrationParameters::default(),
+        })
+    );
+}
+
+#[test]
+fn failed_and_cancelled_migrations_exit_1() {
+    use MigrationPhase::*;
+    let canned = migrating(&[Setup, Active, Failed]);
+    let out = vmmctl(&canned.socket(), &["migrate", "unix:/m", "--token", "t"]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = stdout(&out);
+    assert!(text.lines().any(|l| l == "phase: failed"), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l == "error: connection reset by the destination"),
+        "{text}"
+    );
+    assert!(
+        stderr(&out).ends_with(
+            "\nvmmctl: migrate: migration failed: connection reset by the destination\n"
+        ),
+        "{}",
+        stderr(&out)
+    );
+
+    let canned = migrating(&[Setup, Failed]);
+    let out = vmmctl(
+        &canned.socket(),
+        &["migrate", "unix:/m", "--token", "t", "--json"],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let status: MigrationStatus = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status.phase, Failed);
+    assert!(stderr(&out).contains("migration failed: connection reset"));
+
+    let canned = migrating(&[Active, Cancelled]);
+    let out = vmmctl(&canned.socket(), &["migrate", "unix:/m", "--token", "t"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stdout(&out).starts_with("phase: cancelled\n"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(
+        stderr(&out).ends_with("\nvmmctl: migrate: migration cancelled\n"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn losing_the_vmm_at_switch_over_is_not_a_success() {
+    use MigrationPhase::*;
+    let (tx, rx) = mpsc::channel();
+    let tx = Mutex::new(tx);
+    let canned = migrating_with(&[Setup, Active, SwitchOver], move |phase| {
+        if phase == SwitchOver {
+            let _ = tx.lock().unwrap().send(());
+        }
+    });
+    let child = Command::new(env!("CARGO_BIN_EXE_vmmctl"))
+        .arg("--api-socket")
+        .arg(canned.socket())
+        .args(["migrate", "unix:/m", "--token", "t"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    // The source VMM exits without the client having seen completion.
+    drop(canned);
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "");
+    assert!(
+        stderr(&out).contains("vmmctl: migrate: lost the VMM during switch-over"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn migrate_detach_cancel_set_status_and_receive() {
+    let canned = Canned::start();
+    let socket = canned.socket();
+    let dir = TempDir::new();
+    let token = token_file(&dir, "from-file\r\n\n");
+    for args in [
+        &["migrate", "unix:/m", "--token", "t", "--detach"][..],
+        &["migrate", "--cancel"],
+        &["migrate-set"],
+        &[
+            "migrate-set",
+            "--downtime-ms=500",
+            "--bandwidth",
+            "2Gi",
+            "--timeout-s",
+            "30",
+            "--timeout-action",
+            "cancel",
+        ],
+        &["migrate-set", "--bandwidth", "0", "--no-auto-converge"],
+        &[
+            "receive-migration",
+            "tcp:0.0.0.0:6000",
+            "--token-file",
+            token.to_str().unwrap(),
+        ],
+    ] {
+        let out = vmmctl(&socket, args);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {}", stderr(&out));
+        assert_eq!(stdout(&out), "", "{args:?}");
+        assert_eq!(stderr(&out), "", "{args:?}");
+    }
+    assert_eq!(
+        canned.seen(),
+        [
+            ApiRequest::VmSendMigration(SendMigrationRequest {
+                destination: "unix:/m".into(),
+                token: "t".into(),
+                parameters: MigrationParameters::default(),
+            }),
+            ApiRequest::VmMigrationCancel,
+            ApiRequest::VmMigrationParameters(MigrationParameters::default()),
+            ApiRequest::VmMigrationParameters(MigrationParameters {
+                downtime_ms: 500,
+                bandwidth_bytes_per_s: Some(2 << 30),
+                timeout_s: Some(30),
+                timeout_action: TimeoutAction::Cancel,
+                auto_converge: true,
+            }),
+            ApiRequest::VmMigrationParameters(MigrationParameters {
+                auto_converge: false,
+                ..MigrationParameters::default()
+            }),
+            ApiRequest::VmReceiveMigration(ReceiveMigrationRequest {
+                listen: "tcp:0.0.0.0:6000".into(),
+                token: "from-file".into(),
+            }),
+        ]
+    );
+
+    let out = vmmctl(&socket, &["migrate-status"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.starts_with("phase: completed\nrole: send\n"), "{text}");
+    assert!(text.contains("\ndowntime: 55 ms\n"), "{text}");
+    let out = vmmctl(&socket, &["migrate-status", "--json"]);
+    let status: MigrationStatus = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status, sample_migration_status(MigrationPhase::Completed));
+
+    // No migration has run.
+    let idle = migrating(&[MigrationPhase::None]);
+    let out = vmmctl(&idle.socket(), &["migrate-status"]);
+    assert_eq!(stdout(&out), "phase: none\n");
+}
+
+#[test]
+fn migration_usage_errors_exit_2() {
+    let canned = Canned::start();
+    let dir = TempDir::new();
+    let empty = dir.path().join("empty");
+    std::fs::write(&empty, "\n").unwrap();
+    let empty = empty.to_str().unwrap();
+    for (args, expected) in [
+        (&["migrate"][..], "DESTINATION"),
+        (
+            &["migrate", "unix:/m"],
+            "--token-file FILE or --token TOKEN",
+        ),
+        (
+            &["migrate", "unix:/m", "--token", "a", "--token-file", empty],
+            "once",
+        ),
+        (
+            &["migrate", "ftp:x", "--token", "t"],
+            "\"ftp:x\" is not tcp:HOST:PORT",
+        ),
+        (&["migrate", "tcp:host", "--token", "t"], "\"tcp:host\""),
+        (&["migrate", "unix:", "--token", "t"], "\"unix:\""),
+        (
+            &["migrate", "unix:/a", "unix:/b", "--token", "t"],
+            "unix:/b",
+        ),
+        (&["migrate", "unix:/m", "--token-file", empty], "is empty"),
+        (
+            &["migrate", "unix:/m", "--token-file", "/no/such/token"],
+            "/no/such/token",
+        ),
+        (&["migrate", "unix:/m", "--token", ""], "empty"),
+        (&["migrate", "unix:/m", "--token"], "needs a value"),
+        (
+            &["migrate", "unix:/m", "--token", "t", "--downtime-ms", "0"],
+            "--downtime-ms: must be",
+        ),
+        (
+            &[
+                "migrate",
+                "unix:/m",
+                "--token",
+                "t",
+                "--downtime-ms",
+                "soon",
+            ],
+            "soon",
+        ),
+        (
+            &["migrate", "unix:/m", "--token", "t", "--timeout-s", "0"],
+            "--timeout-s",
+        ),
+        (
+            &[
+                "migrate",
+                "unix:/m",
+                "--token",
+                "t",
+                "--timeout-action",
+                "wait",
+            ],
+            "wait",
+        ),
+        (
+            &["migrate", "unix:/m", "--token", "t", "--bandwidth", "10X"],
+            "10X",
+        ),
+        (
+            &["migrate", "unix:/m", "--token", "t", "--detach=yes"],
+            "takes no value",
+        ),
+        (
+            &["migrate", "unix:/m", "--token", "t", "--force"],
+            "--force",
+        ),
+        (&["migrate", "--cancel", "unix:/m"], "--cancel"),
+        (&["migrate", "--cancel", "--detach"], "--cancel"),
+        (&["migrate-set", "--detach"], "--detach"),
+        (&["migrate-set", "--token", "t"], "--token"),
+        (&["migrate-set", "unix:/m"], "unix:/m"),
+        (&["migrate-set", "--downtime-ms", "0"], "--downtime-ms"),
+        (&["migrate-status", "now"], "now"),
+        (&["receive-migration", "--token", "t"], "LISTEN"),
+        (&["receive-migration", "unix:/m"], "--token"),
+        (
+            &["receive-migration", "unix:/m", "--token", "t", "--detach"],
+            "--detach",
+        ),
+    ] {
+        let out = vmmctl(&canned.socket(), args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+        let text = stderr(&out);
+        assert!(text.starts_with("vmmctl: "), "{args:?}: {text}");
+        assert!(
+            text.contains(expected),
+            "{args:?}: no {expected:?} in {text}"
+        );
+    }
+    assert!(canned.seen().is_empty(), "{:?}", canned.seen());
+    let out = vmmctl(&canned.socket(), &["--help"]);
+    for word in [
+        "migrate DESTINATION",
+        "migrate-status",
+        "migrate-set",
+        "receive-migration",
+        "--token-file FILE",
+    ] {
+        assert!(stdout(&out).contains(word), "no {word:?} in the help");
+    }
+}
+
+#[test]
+fn refused_and_unreachable_migrations() {
+    let canned = Canned::start_with(|request| match request {
+        ApiRequest::VmSendMigration(_) | ApiRequest::VmReceiveMigration(_) => Err(ApiError::new(
+            ApiErrorKind::WrongState,
+            "a migration is already under way",
+        )),
+        ApiRequest::VmMigrationCancel => Err(ApiError::new(
+            ApiErrorKind::WrongState,
+            "no migration is under way",
+        )),
+        other => canned_answer(other),
+    });
+    for (args, expected) in [
+        (
+            &["migrate", "unix:/m", "--token", "t"][..],
+            "vmmctl: migrate: a migration is already under way\n",
+        ),
+        (
+            &["receive-migration", "unix:/m", "--token", "t"],
+            "vmmctl: receive-migration: a migration is already under way\n",
+        ),
+        (
+            &["migrate", "--cancel"],
+            "vmmctl: migrate: no migration is under way\n",
+        ),
+    ] {
+        let out = vmmctl(&canned.socket(), args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        assert_eq!(stderr(&out), expected, "{args:?}");
+    }
+    // Only the sends: no status was polled after a refused send.
+    assert_eq!(status_polls(&canned.seen()), 0);
+
+    let dir = TempDir::new();
+    for args in [
+        &["migrate", "unix:/m", "--token", "t"][..],
+        &["migrate-status"],
+    ] {
+        let out = vmmctl(&dir.socket(), args);
+        assert_eq!(out.status.code(), Some(3), "{args:?}");
+        assert!(
+            stderr(&out).contains("no VMM is listening"),
+            "{}",
+            stderr(&out)
+        );
+    }
 }

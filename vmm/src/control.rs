@@ -2,23 +2,26 @@
 //! events, vCPU stops and signals change the VM's state. Requests that make
 //! no sense in the current state are refused here.
 
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use api::config::{ResetAction, VmConfig};
 use api::http::ApiCall;
 use api::request::{
-    ApiError, ApiRequest, ApiResponse, ApiResult, MemoryInfo, PingInfo, ShutdownMode,
-    ShutdownRequest, VmInfo, VmState,
+    ApiError, ApiErrorKind, ApiRequest, ApiResponse, ApiResult, MemoryInfo, MigrationPhase,
+    PingInfo, ReceiveMigrationRequest, SendMigrationRequest, ShutdownMode, ShutdownRequest,
+    VmInfo, VmState,
 };
+use std::sync::atomic::Ordering;
 use devices::legacy::PowerEvent;
 
 use crate::console::Console;
 use crate::exit::ExitStatus;
+use crate::migrate::{MigrationCall, MigrationReply, MigrationShared};
 use crate::memory;
 use crate::vcpu::VcpuStop;
-use crate::vm::{Vm, VmEvent, VmEventSink};
+use crate::vm::{Vm, VmEvent, VmEventSink, VmStart};
 
 /// Everything the control loop reacts to.
 pub enum ControlEvent {
@@ -26,7 +29,13 @@ pub enum ControlEvent {
     Vm(VmEvent),
     /// SIGTERM, SIGINT or SIGHUP.
     Signal(i32),
+    /// A migration thread needs the VM.
+    Migration(MigrationCall, SyncSender<Result<MigrationReply, String>>),
 }
+
+/// How long a migrated source keeps answering the API, so clients can read
+/// the final migration status.
+const MIGRATED_GRACE: Duration = Duration::from_millis(1500);
 
 pub struct Controller {
     state: VmState,
@@ -35,8 +44,14 @@ pub struct Controller {
     vm: Option<Vm>,
     events: Receiver<ControlEvent>,
     sender: Sender<ControlEvent>,
-    /// When a graceful shutdown turns into a forced one.
-    shutdown_deadline: Option<Instant>,
+    /// When the VMM exits on its own, with which status and why: a graceful
+    /// shutdown that timed out, or the grace period after a migration.
+    deadline: Option<(Instant, ExitStatus, &'static str)>,
+    migration: Arc<MigrationShared>,
+    /// A migration thread is running (either direction).
+    migrating: bool,
+    /// The guest was running when a switch-over paused it.
+    paused_by_migration: bool,
     /// Set when the loop should end with this status.
     exit: Option<ExitStatus>,
 }
@@ -57,7 +72,10 @@ impl Controller {
             vm: None,
             events,
             sender,
-            shutdown_deadline: None,
+            deadline: None,
+            migration: Arc::new(MigrationShared::default()),
+            migrating: false,
+            paused_by_migration: false,
             exit: None,
         }
     }
@@ -80,15 +98,17 @@ impl Controller {
                 self.teardown();
                 return status;
             }
-            let event = match self.shutdown_deadline {
-                Some(deadline) => {
+            let event = match self.deadline {
+                Some((deadline, status, why)) => {
                     let wait = deadline.saturating_duration_since(Instant::now());
                     match self.events.recv_timeout(wait) {
                         Ok(event) => event,
                         Err(RecvTimeoutError::Timeout) => {
-                            eprintln!("vmm: the guest did not shut down in time; forcing it off");
-                            self.shutdown_deadline = None;
-                            self.exit = Some(ExitStatus::Stopped);
+                            if !why.is_empty() {
+                                eprintln!("vmm: {why}");
+                            }
+                            self.deadline = None;
+                            self.exit = Some(status);
                             continue;
                         }
                         Err(RecvTimeoutError::Disconnected) => return ExitStatus::Error,
@@ -106,6 +126,10 @@ impl Controller {
                     let _ = call.reply.send(result);
                 }
                 ControlEvent::Vm(event) => self.handle_vm_event(event),
+                ControlEvent::Migration(call, reply) => {
+                    let result = self.handle_migration(call);
+                    let _ = reply.send(result);
+                }
                 ControlEvent::Signal(signal) => {
                     eprintln!("vmm: signal {signal}: stopping");
                     self.exit = Some(if self.vm.is_some() {
@@ -174,6 +198,39 @@ impl Controller {
                     .ok_or_else(|| ApiError::wrong_state("report counters", self.state))?;
                 Ok(ApiResponse::Counters(vm.counters()))
             }
+            ApiRequest::VmSendMigration(request) => self.send_migration(request),
+            ApiRequest::VmReceiveMigration(request) => {
+                self.receive_migration(request).map(|_| ApiResponse::Empty)
+            }
+            ApiRequest::VmMigrationStatus => {
+                Ok(ApiResponse::MigrationStatus(Box::new(self.migration.status())))
+            }
+            ApiRequest::VmMigrationCancel => {
+                let phase = self.migration.status().phase;
+                let role = self.migration.status().role;
+                if !self.migrating || role != "send" || phase == MigrationPhase::Completed {
+                    return Err(ApiError::new(
+                        ApiErrorKind::WrongState,
+                        "cannot cancel: no outgoing migration is running",
+                    ));
+                }
+                self.migration.cancel.store(true, Ordering::SeqCst);
+                Ok(ApiResponse::Empty)
+            }
+            ApiRequest::VmMigrationParameters(parameters) => {
+                if !self.migrating {
+                    return Err(ApiError::new(
+                        ApiErrorKind::WrongState,
+                        "cannot change migration parameters: no migration is running",
+                    ));
+                }
+                *self
+                    .migration
+                    .parameters
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) = parameters;
+                Ok(ApiResponse::Empty)
+            }
         }
     }
 
@@ -211,14 +268,14 @@ impl Controller {
                 .map_err(|e| ApiError::bad_request(format!("serial: {e}")))?;
             self.console = Some(console);
         }
-        let vm = self.build_vm(&config)?;
+        let vm = self.build_vm(&config, VmStart::Boot)?;
         vm.resume();
         self.vm = Some(vm);
         self.state = VmState::Running;
         Ok(())
     }
 
-    fn build_vm(&self, config: &VmConfig) -> Result<Vm, ApiError> {
+    fn build_vm(&self, config: &VmConfig, start: VmStart) -> Result<Vm, ApiError> {
         let console = self
             .console
             .as_ref()
@@ -228,7 +285,7 @@ impl Controller {
             // The loop ends only when the process exits.
             let _ = sender.send(ControlEvent::Vm(event));
         });
-        let vm = Vm::create(config, console, sink).map_err(|e| {
+        let vm = Vm::create(config, console, sink, start).map_err(|e| {
             // A missing file is the caller's mistake; anything else is ours.
             match &e {
                 crate::vm::VmError::Boot(_) => ApiError::bad_request(e.to_string()),
@@ -248,7 +305,9 @@ impl Controller {
                 )?;
                 self.exit = Some(ExitStatus::Stopped);
             }
-            ShutdownMode::Graceful => {
+            // Both ask the guest (ACPI power button, or Ctrl-Alt-Del for
+            // guests without ACPI) and are handled alike from then on.
+            ShutdownMode::Graceful | ShutdownMode::CtrlAltDel => {
                 if self.state == VmState::Paused {
                     return Err(ApiError::new(
                         api::request::ApiErrorKind::WrongState,
@@ -256,14 +315,25 @@ impl Controller {
                     ));
                 }
                 self.expect_state("shut down", &[VmState::Running, VmState::ShuttingDown])?;
-                if !self.vm()?.request_shutdown() {
-                    return Err(ApiError::internal(
-                        "the guest has not read earlier keyboard input; Ctrl-Alt-Del not sent",
-                    ));
+                let vm = self.vm()?;
+                if request.mode == ShutdownMode::CtrlAltDel {
+                    if !vm.send_ctrl_alt_del() {
+                        return Err(ApiError::internal(
+                            "the guest has not read earlier keyboard input; Ctrl-Alt-Del not sent",
+                        ));
+                    }
+                } else if let Err(e) = vm.press_power_button() {
+                    return Err(ApiError::internal(format!(
+                        "cannot press the ACPI power button: {e}"
+                    )));
                 }
                 self.state = VmState::ShuttingDown;
                 if let Some(ms) = request.timeout_ms {
-                    self.shutdown_deadline = Some(Instant::now() + Duration::from_millis(ms));
+                    self.deadline = Some((
+                        Instant::now() + Duration::from_millis(ms),
+                        ExitStatus::Stopped,
+                        "the guest did not shut down in time; forcing it off",
+                    ));
                 }
             }
         }
@@ -311,7 +381,7 @@ impl Controller {
             self.exit = Some(ExitStatus::Error);
             return;
         };
-        match self.build_vm(&config) {
+        match self.build_vm(&config, VmStart::Boot) {
             Ok(vm) => {
                 vm.resume();
                 self.vm = Some(vm);
@@ -333,6 +403,149 @@ impl Controller {
         }
         for event in keep {
             let _ = self.sender.send(event);
+        }
+    }
+
+    fn send_migration(&mut self, request: SendMigrationRequest) -> ApiResult {
+        self.expect_state("migrate", &[VmState::Running, VmState::Paused])?;
+        if self.migrating {
+            return Err(ApiError::new(
+                ApiErrorKind::WrongState,
+                "cannot migrate: a migration is already running",
+            ));
+        }
+        let vm = self.vm()?;
+        let config = self
+            .config
+            .clone()
+            .ok_or_else(|| ApiError::internal("no VM config"))?;
+        let context = crate::migrate::send::SendContext {
+            destination: request.destination,
+            token: request.token,
+            config,
+            memory: vm.memory().clone(),
+            vm_fd: vm.vm_fd().clone(),
+            throttle: vm.throttle().ok_or_else(|| ApiError::internal("no vCPUs"))?,
+            shared: self.migration.clone(),
+            control: self.sender.clone(),
+        };
+        self.migration.cancel.store(false, Ordering::SeqCst);
+        *self
+            .migration
+            .parameters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = request.parameters;
+        self.migrating = true;
+        std::thread::Builder::new()
+            .name("migration-send".into())
+            .spawn(move || crate::migrate::send::run(context))
+            .map_err(|e| ApiError::internal(format!("cannot start the migration thread: {e}")))?;
+        Ok(ApiResponse::Empty)
+    }
+
+    /// Listens for an incoming migration (API call or `vmm --incoming`).
+    pub fn receive_migration(&mut self, request: ReceiveMigrationRequest) -> Result<(), ApiError> {
+        self.expect_state("receive a migration", &[VmState::NotCreated])?;
+        if self.migrating {
+            return Err(ApiError::new(
+                ApiErrorKind::WrongState,
+                "cannot receive a migration: one is already under way",
+            ));
+        }
+        if request.token.is_empty() {
+            return Err(ApiError::bad_request("token: must not be empty"));
+        }
+        let listener = crate::migrate::Listener::bind(&request.listen)
+            .map_err(|e| ApiError::bad_request(format!("listen: cannot listen on {}: {e}", request.listen)))?;
+        let context = crate::migrate::receive::ReceiveContext {
+            listener,
+            token: request.token,
+            shared: self.migration.clone(),
+            control: self.sender.clone(),
+        };
+        self.migrating = true;
+        std::thread::Builder::new()
+            .name("migration-receive".into())
+            .spawn(move || crate::migrate::receive::run(context))
+            .map_err(|e| ApiError::internal(format!("cannot start the migration thread: {e}")))?;
+        Ok(())
+    }
+
+    fn handle_migration(&mut self, call: MigrationCall) -> Result<MigrationReply, String> {
+        match call {
+            MigrationCall::SwitchOver => {
+                let was_running = self.state == VmState::Running;
+                let vm = self.vm.as_mut().ok_or("no VM")?;
+                vm.pause();
+                let snapshot = vm.snapshot()?;
+                let bytes = serde_json::to_vec(&snapshot).map_err(|e| format!("serializing the VM state: {e}"))?;
+                self.paused_by_migration = was_running;
+                self.state = VmState::Paused;
+                Ok(MigrationReply::Snapshot(bytes))
+            }
+            MigrationCall::ReleaseHostResources => {
+                let vm = self.vm.as_ref().ok_or("no VM")?;
+                vm.device_manager().migration_release()?;
+                Ok(MigrationReply::Done)
+            }
+            MigrationCall::Abort => {
+                self.migrating = false;
+                let vm = self.vm.as_ref().ok_or("no VM")?;
+                vm.device_manager().migration_acquire()?;
+                vm.device_manager().resume();
+                if self.paused_by_migration {
+                    vm.resume();
+                    self.state = VmState::Running;
+                    self.paused_by_migration = false;
+                }
+                Ok(MigrationReply::Done)
+            }
+            MigrationCall::Finished => {
+                self.migrating = false;
+                eprintln!("vmm: the guest was migrated; exiting");
+                self.deadline = Some((Instant::now() + MIGRATED_GRACE, ExitStatus::Migrated, ""));
+                Ok(MigrationReply::Done)
+            }
+            MigrationCall::Build(config) => {
+                if self.state != VmState::NotCreated {
+                    return Err(format!("a VM already exists here (state {})", self.state));
+                }
+                let mut config = *config;
+                config.assign_device_ids();
+                if self.console.is_none() {
+                    self.console = Some(Console::open(&config.serial).map_err(|e| format!("serial: {e}"))?);
+                }
+                let vm = self
+                    .build_vm(&config, VmStart::Incoming)
+                    .map_err(|e| e.message)?;
+                let memory = vm.memory().clone();
+                self.vm = Some(vm);
+                self.config = Some(config);
+                self.state = VmState::Paused;
+                Ok(MigrationReply::Memory(memory))
+            }
+            MigrationCall::Restore(bytes) => {
+                let snapshot: crate::vm::VmSnapshot =
+                    serde_json::from_slice(&bytes).map_err(|e| format!("malformed VM state: {e}"))?;
+                let vm = self.vm.as_mut().ok_or("no VM")?;
+                vm.device_manager().migration_acquire()?;
+                vm.restore(&snapshot)
+            }
+            .map(|_| MigrationReply::Done),
+            MigrationCall::Start => {
+                let vm = self.vm.as_ref().ok_or("no VM")?;
+                vm.resume();
+                vm.device_manager().migration_completed();
+                self.state = VmState::Running;
+                self.migrating = false;
+                Ok(MigrationReply::Done)
+            }
+            MigrationCall::Failed(message) => {
+                eprintln!("vmm: exiting: the incoming migration failed: {message}");
+                self.migrating = false;
+                self.exit = Some(ExitStatus::Error);
+                Ok(MigrationReply::Done)
+            }
         }
     }
 

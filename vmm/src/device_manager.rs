@@ -68,3 +68,99 @@ impl DeviceManager {
             .collect()
     }
 }
+
+impl DeviceManager {
+    /// Pauses every virtio device and takes its transport and device state.
+    pub fn snapshot(&self) -> Result<BTreeMap<String, serde_json::Value>, String> {
+        let mut states = BTreeMap::new();
+        for device in &self.virtio {
+            let mut device = device.lock().unwrap_or_else(|e| e.into_inner());
+            let id = device.id().to_string();
+            device.device_mut().pause();
+            let transport = device.state();
+            let queues: Vec<devices::virtio::QueueSnapshot> = device
+                .device()
+                .queue_states()
+                .into_iter()
+                .map(Into::into)
+                .collect();
+            let state = serde_json::json!({
+                "transport": transport,
+                "queues": queues,
+                "device": device.device_mut().snapshot(),
+            });
+            states.insert(id, state);
+        }
+        Ok(states)
+    }
+
+    /// Restores the state of every virtio device (same ids as the source).
+    pub fn restore(&self, states: &BTreeMap<String, serde_json::Value>) -> Result<(), String> {
+        if states.len() != self.virtio.len() {
+            return Err(format!(
+                "the snapshot has {} virtio devices, this VM {}",
+                states.len(),
+                self.virtio.len()
+            ));
+        }
+        for device in &self.virtio {
+            let mut device = device.lock().unwrap_or_else(|e| e.into_inner());
+            let id = device.id().to_string();
+            let state = states
+                .get(&id)
+                .ok_or_else(|| format!("the snapshot has no state for {id}"))?;
+            let transport: devices::virtio::pci::VirtioPciState =
+                serde_json::from_value(state["transport"].clone())
+                    .map_err(|e| format!("{id}: transport state: {e}"))?;
+            device.restore(&transport)?;
+            device.restore_device(&state["queues"], &state["device"])?;
+        }
+        Ok(())
+    }
+
+    /// Resumes devices paused by [`DeviceManager::snapshot`] (a failed migration).
+    pub fn resume(&self) {
+        for device in &self.virtio {
+            device.lock().unwrap_or_else(|e| e.into_inner()).device_mut().resume();
+        }
+    }
+}
+
+impl DeviceManager {
+    /// Flushes and releases host resources of every device (switch-over).
+    pub fn migration_release(&self) -> Result<(), String> {
+        for device in &self.virtio {
+            let mut device = device.lock().unwrap_or_else(|e| e.into_inner());
+            let id = device.id().to_string();
+            device
+                .device_mut()
+                .migration_release()
+                .map_err(|e| format!("{id}: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// Takes host resources back (target start, or source after a failure).
+    pub fn migration_acquire(&self) -> Result<(), String> {
+        for device in &self.virtio {
+            let mut device = device.lock().unwrap_or_else(|e| e.into_inner());
+            let id = device.id().to_string();
+            device
+                .device_mut()
+                .migration_acquire()
+                .map_err(|e| format!("{id}: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// Tells every device the guest now runs here (target).
+    pub fn migration_completed(&self) {
+        for device in &self.virtio {
+            device
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .device_mut()
+                .migration_completed();
+        }
+    }
+}

@@ -8,7 +8,8 @@
 //! 0x0000_9000  boot page tables: PML4, PDPT, PD (identity map of 1 GiB)
 //! 0x0002_0000  kernel command line (4 KiB)
 //! 0x0009_fc00  MP table (end of base memory, the "EBDA")
-//! 0x000a_0000  legacy VGA/ROM hole, not RAM
+//! 0x000a_0000  legacy VGA/ROM hole, not RAM (e820 reserved up to 1 MiB)
+//! 0x000e_0000  ACPI: RSDP, then XSDT, FADT, DSDT, MADT, MCFG
 //! 0x0010_0000  kernel image, then RAM
 //!   ...        initrd at the top of low RAM
 //! 0xc000_0000  MMIO hole: PCI BAR window (512 MiB)
@@ -45,6 +46,13 @@ pub const LEGACY_HOLE_START: u64 = 0xa0000;
 /// Kernels load here.
 pub const HIGH_RAM_START: u64 = 0x10_0000;
 
+// ACPI (vmm/src/acpi.rs). The RSDP is where Linux also finds it by scanning
+// the BIOS area; the tables follow it, all inside the reserved legacy hole.
+/// The ACPI RSDP.
+pub const ACPI_RSDP_START: u64 = 0xe_0000;
+/// End of the area the ACPI tables may fill.
+pub const ACPI_TABLES_END: u64 = 0x10_0000;
+
 /// Start of the 32-bit MMIO hole; guest RAM below 4 GiB ends here at most.
 pub const MMIO_HOLE_START: u64 = 0xc000_0000;
 /// PCI BAR window (32-bit).
@@ -68,6 +76,10 @@ pub const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
 /// IOAPIC pins of the legacy devices.
 pub const SERIAL_IRQ: u32 = 4;
 pub const I8042_KBD_IRQ: u32 = 1;
+/// IOAPIC pin of the ACPI Generic Event Device (power button): an ISA pin
+/// (edge, active high by default, as the GED's irqfd pulses it) that no
+/// device uses.
+pub const GED_IRQ: u32 = 5;
 
 /// The guest RAM ranges `(start, size)` for `size` bytes of memory.
 pub fn ram_ranges(size: u64) -> Vec<(u64, u64)> {

@@ -1,5 +1,6 @@
 //! The VMM core: one process per guest on /dev/kvm.
 
+pub mod acpi;
 pub mod boot;
 pub mod console;
 pub mod control;
@@ -12,3 +13,5 @@ pub mod pci;
 pub mod vcpu;
 pub mod vm;
 pub mod device_manager;
+pub mod dirty_log;
+pub mod migrate;

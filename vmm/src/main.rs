@@ -11,6 +11,7 @@ use api::config::{
     parse_number, BalloonConfig, ConfigError, CpusConfig, DiskConfig, MemoryConfig, NetConfig,
     PayloadConfig, ResetAction, SerialConfig, VmConfig,
 };
+use api::request::{validate_migration_url, ReceiveMigrationRequest};
 use vmm::control::{ControlEvent, Controller};
 use vmm::exit::ExitStatus;
 
@@ -40,6 +41,11 @@ VM flags (the same fields as the JSON config file and the vm.create body):
 Other:
   --config FILE          the VM as a JSON file (not combined with VM flags)
   --api-socket PATH      serve the REST API on this Unix socket
+  --incoming URL         wait for a live migration on tcp:HOST:PORT or unix:PATH;
+                         the VM's config comes from the source
+  --migration-token-file FILE
+                         the pre-shared token a migration source must present
+                         (or the VMM_MIGRATION_TOKEN environment variable)
   -h, --help             this text
   -V, --version          the version
 
@@ -57,6 +63,7 @@ Exit codes:
 struct Args {
     api_socket: Option<PathBuf>,
     vm: Option<VmConfig>,
+    incoming: Option<ReceiveMigrationRequest>,
 }
 
 fn usage_error(e: impl std::fmt::Display) -> ExitCode {
@@ -67,6 +74,8 @@ fn usage_error(e: impl std::fmt::Display) -> ExitCode {
 
 fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Option<Args>, ConfigError> {
     let mut api_socket = None;
+    let mut incoming: Option<String> = None;
+    let mut token_file: Option<PathBuf> = None;
     let mut config_file: Option<PathBuf> = None;
     let mut payload = PayloadConfig::default();
     let mut vm = VmConfig::default();
@@ -92,6 +101,8 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Option<Args>, Co
         };
         match name.as_str() {
             "--api-socket" => api_socket = Some(PathBuf::from(value()?)),
+            "--incoming" => incoming = Some(value()?),
+            "--migration-token-file" => token_file = Some(PathBuf::from(value()?)),
             "--config" => config_file = Some(PathBuf::from(value()?)),
             "--kernel" => payload.kernel = PathBuf::from(value()?),
             "--cmdline" => payload.cmdline = value()?,
@@ -122,7 +133,10 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Option<Args>, Co
                 return Err(ConfigError::new(other, "unknown option"));
             }
         }
-        if !matches!(name.as_str(), "--api-socket" | "--config") {
+        if !matches!(
+            name.as_str(),
+            "--api-socket" | "--config" | "--incoming" | "--migration-token-file"
+        ) {
             vm_flags = true;
         }
     }
@@ -152,13 +166,45 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Option<Args>, Co
         }
         (None, false) => None,
     };
-    if vm.is_none() && api_socket.is_none() {
+    let incoming = match incoming {
+        None => None,
+        Some(_) if vm.is_some() => {
+            return Err(ConfigError::new(
+                "--incoming",
+                "cannot be combined with a VM to boot: the config comes from the source",
+            ))
+        }
+        Some(listen) => {
+            validate_migration_url("--incoming", &listen)?;
+            let token = match &token_file {
+                Some(path) => std::fs::read_to_string(path)
+                    .map_err(|e| {
+                        ConfigError::new("--migration-token-file", format!("cannot read {}: {e}", path.display()))
+                    })?
+                    .trim_end()
+                    .to_string(),
+                None => std::env::var("VMM_MIGRATION_TOKEN").unwrap_or_default(),
+            };
+            if token.is_empty() {
+                return Err(ConfigError::new(
+                    "--migration-token-file",
+                    "--incoming needs a non-empty token (a file, or VMM_MIGRATION_TOKEN)",
+                ));
+            }
+            Some(ReceiveMigrationRequest { listen, token })
+        }
+    };
+    if vm.is_none() && api_socket.is_none() && incoming.is_none() {
         return Err(ConfigError::new(
             "arguments",
-            "give --api-socket, --config or --kernel",
+            "give --api-socket, --config, --kernel or --incoming",
         ));
     }
-    Ok(Some(Args { api_socket, vm }))
+    Ok(Some(Args {
+        api_socket,
+        vm,
+        incoming,
+    }))
 }
 
 /// Blocks the termination signals in this thread (and so in every thread
@@ -228,6 +274,13 @@ fn main() -> ExitCode {
         }
         None => None,
     };
+
+    if let Some(request) = args.incoming {
+        if let Err(e) = controller.receive_migration(request) {
+            eprintln!("vmm: {e}");
+            return exit(ExitStatus::Usage);
+        }
+    }
 
     if let Some(config) = args.vm {
         if let Err(e) = controller.create_and_boot(config) {

@@ -174,3 +174,131 @@ mod tests {
         }
     }
 }
+
+/// The host address of `[gpa, gpa + len)` if it lies inside one region.
+pub fn host_range(memory: &GuestMemoryMmap, gpa: u64, len: u64) -> Option<*mut u8> {
+    let region = memory.find_region(GuestAddress(gpa))?;
+    let offset = gpa - region.start_addr().0;
+    if offset.checked_add(len)? > region.len() {
+        return None;
+    }
+    // SAFETY: offset + len is inside the region's mapping (checked above).
+    Some(unsafe { region.as_ptr().add(offset as usize) })
+}
+
+/// Whether the page at `ptr` is all zero bytes.
+///
+/// # Safety
+/// `ptr` must point to a mapped guest page of [`PAGE_SIZE`] bytes. The guest
+/// may write it concurrently; a torn read only makes the page look dirty or
+/// clean for one round, and the dirty log sends it again.
+pub unsafe fn is_zero_page(ptr: *const u8) -> bool {
+    let words = ptr.cast::<u64>();
+    (0..(PAGE_SIZE as usize / 8)).all(|i| {
+        // SAFETY: i * 8 < PAGE_SIZE and the caller guarantees the page is mapped;
+        // volatile because the guest may write it concurrently.
+        unsafe { std::ptr::read_volatile(words.add(i)) == 0 }
+    })
+}
+
+/// Pages of `region` the host has ever backed (present or swapped), from
+/// /proc/self/pagemap: the others were never touched and read as zero.
+pub fn touched_pages(region: &GuestRegionMmap) -> std::io::Result<migration::bitmap::DirtyBitmap> {
+    use std::io::{Read, Seek, SeekFrom};
+    const PRESENT: u64 = 1 << 63;
+    const SWAPPED: u64 = 1 << 62;
+    let pages = (region.len() / PAGE_SIZE) as usize;
+    let mut bitmap = migration::bitmap::DirtyBitmap::new(pages);
+    let mut pagemap = File::open("/proc/self/pagemap")?;
+    let first = region.as_ptr() as u64 / PAGE_SIZE;
+    pagemap.seek(SeekFrom::Start(first * 8))?;
+    let mut buf = vec![0u8; 8 * 4096];
+    let mut page = 0;
+    while page < pages {
+        let chunk = (pages - page).min(4096);
+        pagemap.read_exact(&mut buf[..chunk * 8])?;
+        for (i, entry) in buf[..chunk * 8].chunks_exact(8).enumerate() {
+            let entry = u64::from_le_bytes(entry.try_into().expect("8 bytes"));
+            if entry & (PRESENT | SWAPPED) != 0 {
+                bitmap.set(page + i);
+            }
+        }
+        page += chunk;
+    }
+    Ok(bitmap)
+}
+
+/// Gives `[gpa, gpa + len)` back to the host; the guest reads zeros there
+/// afterwards. Private anonymous memory is dropped with MADV_DONTNEED,
+/// file-backed (memfd, hugetlbfs) memory by punching a hole.
+pub fn discard_range(memory: &GuestMemoryMmap, gpa: u64, len: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let region = memory
+        .find_region(GuestAddress(gpa))
+        .ok_or_else(|| std::io::Error::other(format!("{gpa:#x} is not guest RAM")))?;
+    let offset = gpa - region.start_addr().0;
+    if offset.checked_add(len).is_none_or(|end| end > region.len()) {
+        return Err(std::io::Error::other(format!(
+            "{gpa:#x}+{len:#x} crosses the end of guest RAM"
+        )));
+    }
+    match region.file_offset() {
+        None => {
+            let host = host_range(memory, gpa, len).expect("range checked above");
+            // SAFETY: host..host+len is inside this region's private anonymous
+            // mapping; MADV_DONTNEED keeps the mapping and zero-fills it.
+            let rc = unsafe { libc::madvise(host.cast(), len as usize, libc::MADV_DONTNEED) };
+            if rc != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        Some(file) => {
+            let at = file.start() + offset;
+            // SAFETY: fallocate on the region's own fd, within its size.
+            let rc = unsafe {
+                libc::fallocate(
+                    file.file().as_raw_fd(),
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    at as libc::off_t,
+                    len as libc::off_t,
+                )
+            };
+            if rc != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod range_tests {
+    use super::*;
+    use vm_memory::Bytes;
+
+    #[test]
+    fn touched_pages_zero_detection_and_discard() {
+        for backing in [MemoryBacking::Anonymous, MemoryBacking::Memfd] {
+            let mem = create_guest_memory(&MemoryConfig {
+                size_mib: 16,
+                backing,
+                mergeable: false,
+            })
+            .unwrap();
+            mem.write_obj(7u64, GuestAddress(0x3000)).unwrap();
+            let region = mem.find_region(GuestAddress(0)).unwrap();
+            let touched = touched_pages(region).unwrap();
+            assert!(touched.is_set(3), "{backing:?}");
+            assert!(touched.count() < 8, "{backing:?}: {} pages", touched.count());
+            let page = host_range(&mem, 0x3000, PAGE_SIZE).unwrap();
+            // SAFETY: a mapped guest page.
+            assert!(!unsafe { is_zero_page(page) });
+            discard_range(&mem, 0x3000, PAGE_SIZE).unwrap();
+            assert_eq!(mem.read_obj::<u64>(GuestAddress(0x3000)).unwrap(), 0);
+            // SAFETY: as above.
+            assert!(unsafe { is_zero_page(page) });
+            assert!(discard_range(&mem, (16 << 20) - 0x1000, 0x2000).is_err());
+            assert!(host_range(&mem, 16 << 20, 1).is_none());
+        }
+    }
+}

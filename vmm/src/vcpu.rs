@@ -2,7 +2,7 @@
 //! and their state for save/restore.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
@@ -375,6 +375,67 @@ fn set_lapic_delivery_mode(lapic: &mut kvm_lapic_state, reg: usize, mode: u32) {
     }
 }
 
+/// Slows the vCPUs down for auto-converge: while set to P percent, every
+/// vCPU is kicked out of KVM_RUN every [`THROTTLE_PERIOD`] and sleeps for P%
+/// of it before running on.
+pub struct Throttle {
+    percent: AtomicU32,
+    threads: Mutex<Vec<libc::pthread_t>>,
+    ticker: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// The throttle's duty cycle period.
+pub const THROTTLE_PERIOD: std::time::Duration = std::time::Duration::from_millis(10);
+
+impl Throttle {
+    fn new() -> Throttle {
+        Throttle {
+            percent: AtomicU32::new(0),
+            threads: Mutex::new(Vec::new()),
+            ticker: Mutex::new(None),
+        }
+    }
+
+    pub fn percent(&self) -> u32 {
+        self.percent.load(Ordering::SeqCst)
+    }
+
+    /// Sets the throttle (0 stops it).
+    pub fn set(self: &Arc<Self>, percent: u32) {
+        let percent = percent.min(99);
+        let old = self.percent.swap(percent, Ordering::SeqCst);
+        let mut ticker = self.ticker.lock().unwrap_or_else(|e| e.into_inner());
+        if percent == 0 {
+            if let Some(t) = ticker.take() {
+                let _ = t.join();
+            }
+        } else if old == 0 && ticker.is_none() {
+            let me = self.clone();
+            *ticker = std::thread::Builder::new()
+                .name("vcpu-throttle".into())
+                .spawn(move || {
+                    while me.percent() > 0 {
+                        for &thread in me.threads.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+                            // SAFETY: the vCPU threads outlive the ticker: the
+                            // set stops it before joining them.
+                            unsafe { libc::pthread_kill(thread, kick_signal()) };
+                        }
+                        std::thread::sleep(THROTTLE_PERIOD);
+                    }
+                })
+                .ok();
+        }
+    }
+
+    /// Called by a kicked vCPU thread: sleeps its share of the period.
+    fn pause_if_throttled(&self) {
+        let percent = self.percent();
+        if percent > 0 {
+            std::thread::sleep(THROTTLE_PERIOD * percent / 100);
+        }
+    }
+}
+
 /// What the control loop wants a vCPU thread to do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Command {
@@ -396,6 +457,7 @@ struct Control {
     command_changed: Condvar,
     /// Signalled when a thread parks.
     parked_changed: Condvar,
+    throttle: Arc<Throttle>,
 }
 
 /// The vCPU threads of a VM.
@@ -415,6 +477,7 @@ impl VcpuSet {
             }),
             command_changed: Condvar::new(),
             parked_changed: Condvar::new(),
+            throttle: Arc::new(Throttle::new()),
         });
         let vcpus: Vec<Arc<Mutex<Vcpu>>> =
             vcpus.into_iter().map(|v| Arc::new(Mutex::new(v))).collect();
@@ -429,6 +492,11 @@ impl VcpuSet {
                 .spawn(move || vcpu_thread(vcpu, control, on_stop))?;
             threads.push(thread);
         }
+        {
+            use std::os::unix::thread::JoinHandleExt;
+            let mut ids = control.throttle.threads.lock().unwrap_or_else(|e| e.into_inner());
+            *ids = threads.iter().map(|t| t.as_pthread_t()).collect();
+        }
         let set = VcpuSet {
             vcpus,
             threads,
@@ -440,6 +508,10 @@ impl VcpuSet {
 
     pub fn vcpus(&self) -> &[Arc<Mutex<Vcpu>>] {
         &self.vcpus
+    }
+
+    pub fn throttle(&self) -> Arc<Throttle> {
+        self.control.throttle.clone()
     }
 
     fn set_command(&self, command: Command) {
@@ -480,6 +552,7 @@ impl VcpuSet {
 
     /// Ends the threads.
     pub fn stop(mut self) {
+        self.control.throttle.set(0);
         self.set_command(Command::Exit);
         self.kick_all();
         for thread in self.threads.drain(..) {
@@ -491,6 +564,7 @@ impl VcpuSet {
 impl Drop for VcpuSet {
     fn drop(&mut self) {
         if !self.threads.is_empty() {
+            self.control.throttle.set(0);
             self.set_command(Command::Exit);
             self.kick_all();
             for thread in self.threads.drain(..) {
@@ -526,7 +600,15 @@ fn vcpu_thread(vcpu: Arc<Mutex<Vcpu>>, control: Arc<Control>, on_stop: VcpuStopS
                 break;
             }
         }
-        let stop = vcpu.lock().unwrap_or_else(|e| e.into_inner()).run_once();
+        let (stop, kicked) = {
+            let mut vcpu = vcpu.lock().unwrap_or_else(|e| e.into_inner());
+            let kicks = vcpu.counters.kicks.load(Ordering::Relaxed);
+            let stop = vcpu.run_once();
+            (stop, vcpu.counters.kicks.load(Ordering::Relaxed) != kicks)
+        };
+        if kicked {
+            control.throttle.pause_if_throttled();
+        }
         if let Some(stop) = stop {
             on_stop(id, stop);
             // Wait for the control loop's decision (stop, or reboot and run).

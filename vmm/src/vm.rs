@@ -9,8 +9,8 @@ use api::config::VmConfig;
 use api::request::Counters;
 use devices::bus::{Bus, BusError};
 use devices::legacy::{
-    I8042Device, PowerDevice, PowerEvent, PowerEventSink, ResetControl, SerialCounters,
-    SerialDevice, SLEEP_CONTROL_PORT,
+    GedDevice, I8042Device, PowerDevice, PowerEvent, PowerEventSink, ResetControl, SerialCounters,
+    SerialDevice, GED_EVENT_PORT, GED_EVENT_PORT_LEN, SLEEP_CONTROL_PORT,
 };
 use devices::pci::{
     PciConfigIo, PciEcam, PciRoot, CONFIG_IO_LEN as PCI_CONFIG_IO_LEN,
@@ -30,10 +30,10 @@ use crate::memory::{self, GuestMemoryMmap, MemoryError};
 use crate::pci::VmBarMapper;
 use crate::vcpu::{Vcpu, VcpuError, VcpuSet, VcpuStop, VcpuStopSink};
 
-/// I/O ports of the legacy devices.
-const SERIAL_PORT: u64 = 0x3f8;
-const SERIAL_PORT_LEN: u64 = 8;
-const I8042_PORT: u64 = 0x60;
+/// I/O ports of the legacy devices (the ACPI DSDT describes them too).
+pub(crate) const SERIAL_PORT: u64 = 0x3f8;
+pub(crate) const SERIAL_PORT_LEN: u64 = 8;
+pub(crate) const I8042_PORT: u64 = 0x60;
 const I8042_PORT_LEN: u64 = 5;
 
 /// What happened to the VM, for the control loop.
@@ -85,9 +85,21 @@ pub struct Vm {
     serial: Arc<Mutex<SerialDevice>>,
     serial_counters: Arc<SerialCounters>,
     i8042: Arc<Mutex<I8042Device>>,
+    /// ACPI Generic Event Device: the power button.
+    ged: Arc<Mutex<GedDevice>>,
     vcpus: Option<VcpuSet>,
     device_manager: DeviceManager,
-    pub entry: BootEntry,
+    /// Where the kernel was entered; None for a VM restored from a migration.
+    pub entry: Option<BootEntry>,
+}
+
+/// How a new VM gets its first state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VmStart {
+    /// Load the kernel and enter it.
+    Boot,
+    /// Nothing: memory and state arrive from a migration source.
+    Incoming,
 }
 
 impl Vm {
@@ -97,6 +109,7 @@ impl Vm {
         config: &VmConfig,
         console: &Console,
         events: VmEventSink,
+        start: VmStart,
     ) -> Result<Vm, VmError> {
         let kvm = Kvm::new().map_err(VmError::Kvm)?;
         for (cap, name) in [
@@ -151,6 +164,14 @@ impl Vm {
             1,
             Arc::new(Mutex::new(PowerDevice::new(power_sink.clone()))),
         )?;
+        // ACPI GED (power button): event register and its IOAPIC pin.
+        let ged_irq = irq_line(&vm_fd, layout::GED_IRQ)?;
+        let ged = Arc::new(Mutex::new(GedDevice::new(ged_irq)));
+        pio.insert(
+            u64::from(GED_EVENT_PORT),
+            u64::from(GED_EVENT_PORT_LEN),
+            ged.clone(),
+        )?;
 
         // PCI bus 0: config ports 0xCF8-0xCFF (which also carry the reset
         // control register at 0xCF9) and ECAM.
@@ -176,7 +197,15 @@ impl Vm {
         let device_manager = DeviceManager::new(pci_root, gsi_router, memory.clone());
 
         let cpus = config.cpus.boot_vcpus;
-        let entry = boot::load(&memory, &config.payload, cpus)?;
+        let entry = match start {
+            VmStart::Boot => {
+                // ACPI tables, for the devices above (an incoming VM gets
+                // them with its memory).
+                let rsdp = crate::acpi::write_tables(&memory, cpus)?;
+                Some(boot::load(&memory, &config.payload, cpus, Some(rsdp))?)
+            }
+            VmStart::Incoming => None,
+        };
 
         let msr_list = Arc::new(
             kvm.get_msr_index_list()
@@ -197,11 +226,13 @@ impl Vm {
             vcpus.push(vcpu);
         }
         // Only the BSP starts at the kernel entry; APs wait for INIT-SIPI.
-        let bsp = &vcpus[0];
-        // Start from KVM's power-on special registers (APIC base and so on).
-        let sregs = bsp.get_sregs()?;
-        let (regs, sregs) = boot::boot_registers(&memory, entry.mode, entry.entry, sregs)?;
-        bsp.set_boot_registers(&regs, &sregs)?;
+        if let Some(entry) = entry {
+            let bsp = &vcpus[0];
+            // Start from KVM's power-on special registers (APIC base and so on).
+            let sregs = bsp.get_sregs()?;
+            let (regs, sregs) = boot::boot_registers(&memory, entry.mode, entry.entry, sregs)?;
+            bsp.set_boot_registers(&regs, &sregs)?;
+        }
 
         let on_stop: VcpuStopSink = Arc::new(move |id, stop| events(VmEvent::Vcpu(id, stop)));
         let vcpus = VcpuSet::start(vcpus, on_stop).map_err(VmError::Thread)?;
@@ -213,6 +244,7 @@ impl Vm {
             serial,
             serial_counters,
             i8042,
+            ged,
             vcpus: Some(vcpus),
             device_manager,
             entry,
@@ -231,6 +263,15 @@ impl Vm {
         &self.vm_fd
     }
 
+    pub fn device_manager(&self) -> &DeviceManager {
+        &self.device_manager
+    }
+
+    /// The vCPU throttle (auto-converge).
+    pub fn throttle(&self) -> Option<Arc<crate::vcpu::Throttle>> {
+        self.vcpus.as_ref().map(|v| v.throttle())
+    }
+
     pub fn pause(&self) {
         if let Some(v) = &self.vcpus {
             v.pause();
@@ -243,8 +284,17 @@ impl Vm {
         }
     }
 
-    /// Asks the guest to shut down: Ctrl-Alt-Del on the i8042.
-    pub fn request_shutdown(&self) -> bool {
+    /// Asks the guest to shut down: presses the ACPI power button.
+    pub fn press_power_button(&self) -> std::io::Result<()> {
+        self.ged
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .press_power_button()
+    }
+
+    /// Asks the guest to shut down the pre-ACPI way: Ctrl-Alt-Del on the
+    /// i8042. False if the guest has not read earlier keyboard input.
+    pub fn send_ctrl_alt_del(&self) -> bool {
         self.i8042
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -320,4 +370,113 @@ pub fn register_memory(
             .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
     }
     Ok(())
+}
+
+/// The whole VM state except memory, for migration.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct VmSnapshot {
+    pub vcpus: Vec<crate::vcpu::VcpuState>,
+    /// PIC master, PIC slave, IOAPIC.
+    pub irqchips: Vec<kvm_bindings::kvm_irqchip>,
+    pub pit: kvm_bindings::kvm_pit_state2,
+    pub clock: kvm_bindings::kvm_clock_data,
+    pub serial: devices::legacy::SerialState,
+    pub i8042: devices::legacy::I8042State,
+    /// Virtio devices by id: transport and device state.
+    pub devices: BTreeMap<String, serde_json::Value>,
+}
+
+/// KVM's irqchip ids: PIC master, PIC slave, IOAPIC.
+const IRQCHIP_IDS: [u32; 3] = [
+    kvm_bindings::KVM_IRQCHIP_PIC_MASTER,
+    kvm_bindings::KVM_IRQCHIP_PIC_SLAVE,
+    kvm_bindings::KVM_IRQCHIP_IOAPIC,
+];
+
+impl Vm {
+    /// Takes the state of a paused VM: vCPUs, in-kernel irqchip, PIT and
+    /// clock, legacy devices and virtio devices (paused by this call).
+    pub fn snapshot(&mut self) -> Result<VmSnapshot, String> {
+        let vcpus = self.vcpus.as_ref().ok_or("the vCPUs are gone")?;
+        let mut vcpu_states = Vec::new();
+        for vcpu in vcpus.vcpus() {
+            let vcpu = vcpu.lock().unwrap_or_else(|e| e.into_inner());
+            vcpu_states.push(vcpu.save_state().map_err(|e| e.to_string())?);
+        }
+        let mut irqchips = Vec::new();
+        for chip_id in IRQCHIP_IDS {
+            let mut chip = kvm_bindings::kvm_irqchip {
+                chip_id,
+                ..Default::default()
+            };
+            self.vm_fd
+                .get_irqchip(&mut chip)
+                .map_err(|e| format!("KVM_GET_IRQCHIP {chip_id}: {e}"))?;
+            irqchips.push(chip);
+        }
+        let pit = self.vm_fd.get_pit2().map_err(|e| format!("KVM_GET_PIT2: {e}"))?;
+        let clock = self.vm_fd.get_clock().map_err(|e| format!("KVM_GET_CLOCK: {e}"))?;
+        let serial = self.serial.lock().unwrap_or_else(|e| e.into_inner()).state();
+        let i8042 = self.i8042.lock().unwrap_or_else(|e| e.into_inner()).state();
+        let devices = self.device_manager.snapshot()?;
+        Ok(VmSnapshot {
+            vcpus: vcpu_states,
+            irqchips,
+            pit,
+            clock,
+            serial,
+            i8042,
+            devices,
+        })
+    }
+
+    /// Puts a snapshot into a VM built with [`VmStart::Incoming`] from the
+    /// same config; the vCPUs stay parked until [`Vm::resume`].
+    pub fn restore(&mut self, snapshot: &VmSnapshot) -> Result<(), String> {
+        let vcpus = self.vcpus.as_ref().ok_or("the vCPUs are gone")?;
+        if snapshot.vcpus.len() != vcpus.vcpus().len() {
+            return Err(format!(
+                "the snapshot has {} vCPUs, this VM {}",
+                snapshot.vcpus.len(),
+                vcpus.vcpus().len()
+            ));
+        }
+        if snapshot.irqchips.len() != IRQCHIP_IDS.len()
+            || snapshot.irqchips.iter().zip(IRQCHIP_IDS).any(|(c, id)| c.chip_id != id)
+        {
+            return Err("the snapshot's irqchip state is malformed".into());
+        }
+        // Order that works on KVM: irqchip and PIT, vCPUs, then the clock.
+        for chip in &snapshot.irqchips {
+            self.vm_fd
+                .set_irqchip(chip)
+                .map_err(|e| format!("KVM_SET_IRQCHIP {}: {e}", chip.chip_id))?;
+        }
+        self.vm_fd
+            .set_pit2(&snapshot.pit)
+            .map_err(|e| format!("KVM_SET_PIT2: {e}"))?;
+        for (vcpu, state) in vcpus.vcpus().iter().zip(&snapshot.vcpus) {
+            let vcpu = vcpu.lock().unwrap_or_else(|e| e.into_inner());
+            if state.id != vcpu.id {
+                return Err(format!("vCPU state {} arrived for vcpu{}", state.id, vcpu.id));
+            }
+            vcpu.restore_state(state).map_err(|e| e.to_string())?;
+        }
+        let mut clock = snapshot.clock;
+        // Only the clock value is ours to set; KVM computes the flags.
+        clock.flags = 0;
+        self.vm_fd
+            .set_clock(&clock)
+            .map_err(|e| format!("KVM_SET_CLOCK: {e}"))?;
+        self.serial
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .restore(&snapshot.serial)?;
+        self.i8042
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .restore(&snapshot.i8042)?;
+        self.device_manager.restore(&snapshot.devices)?;
+        Ok(())
+    }
 }

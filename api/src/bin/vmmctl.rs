@@ -1,13 +1,17 @@
 //! `vmmctl`: drives a `vmm` over its REST API socket.
 
-use std::io::{Read, Write};
+use std::io::{IsTerminal, Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use api::config::{MemoryBacking, SerialConfig, VmConfig};
 use api::http::{ApiClient, ClientError};
-use api::request::{Counters, PingInfo, ShutdownMode, ShutdownRequest, VmInfo};
+use api::request::{
+    validate_migration_url, Counters, MigrationParameters, MigrationPhase, MigrationStatus,
+    PingInfo, ReceiveMigrationRequest, SendMigrationRequest, ShutdownMode, ShutdownRequest,
+    TimeoutAction, VmInfo,
+};
 
 const USAGE: &str = "\
 vmmctl: drive a vmm over its REST API socket
@@ -21,12 +25,47 @@ Commands:
   boot                         build and start the defined VM
   pause                        stop the vCPUs
   resume                       restart paused vCPUs
-  shutdown [--force] [--timeout-ms N]
-                               ask the guest to shut down; --force stops it at once;
+  shutdown [--force | --ctrl-alt-del] [--timeout-ms N]
+                               ask the guest to shut down (ACPI power button);
+                               --ctrl-alt-del sends Ctrl-Alt-Del instead (guests
+                               without ACPI); --force stops it at once;
                                --timeout-ms forces it off if it has not stopped
                                after N milliseconds
   info                         the VM's state and configuration
   counters                     exit and device counters
+  migrate DESTINATION (--token-file FILE | --token TOKEN) [--downtime-ms N]
+          [--bandwidth SIZE] [--timeout-s N] [--timeout-action cancel|force]
+          [--no-auto-converge] [--detach]
+                               migrate the VM to the VMM listening on DESTINATION
+                               (tcp:HOST:PORT or unix:PATH): shows the progress on
+                               stderr, then the statistics (exit 0 if it completed,
+                               1 if it failed or was cancelled); --detach returns
+                               once it has started. Interrupting vmmctl does not
+                               stop the migration: use migrate --cancel
+  migrate --cancel             stop the outgoing migration; the guest keeps running here
+  migrate-status               the phase and figures of the current (or last) migration
+  migrate-set [--downtime-ms N] [--bandwidth SIZE] [--timeout-s N]
+          [--timeout-action cancel|force] [--no-auto-converge]
+                               change the parameters of the running migration; an
+                               option left out takes its default, not its current value
+  receive-migration LISTEN (--token-file FILE | --token TOKEN)
+                               make a VMM without a VM listen on LISTEN
+                               (tcp:HOST:PORT or unix:PATH) for an incoming migration
+
+Migration options:
+  --token-file FILE       the pre-shared token of sender and receiver, read from
+                          FILE (trailing newlines are dropped; it must not be empty)
+  --token TOKEN           the token on the command line (other users can see it)
+  --downtime-ms N         largest acceptable pause of the guest at switch-over
+                          (default: 300)
+  --bandwidth SIZE        bandwidth cap in bytes/s, with an optional suffix K, M, G,
+                          T (powers of 1000) or Ki, Mi, Gi, Ti (powers of 1024):
+                          100M is 100000000 (default and 0: unlimited)
+  --timeout-s N           after N seconds, apply the --timeout-action (default: none)
+  --timeout-action ACTION cancel: give up, the guest keeps running here (default);
+                          force: switch over at once, whatever the downtime
+  --no-auto-converge      do not slow the vCPUs down when the guest dirties memory
+                          faster than it can be sent
 
 Options:
   --api-socket PATH   the VMM's API socket (default: $VMM_API_SOCKET)
@@ -37,15 +76,37 @@ Options:
 
 Exit status:
   0  success
-  1  the VMM refused the request (its message is printed)
+  1  the VMM refused the request (its message is printed), or the migration
+     failed or was cancelled
   2  usage error (bad arguments, unreadable FILE)
   3  cannot reach a VMM (no socket, connection refused, timeout, or a reply
-     that is not from a VMM)
+     that is not from a VMM), or it went away during a migration before its
+     outcome was seen
 ";
 
 const EXIT_REFUSED: u8 = 1;
 const EXIT_USAGE: u8 = 2;
 const EXIT_UNREACHABLE: u8 = 3;
+
+/// Options of commands that take a value: the value goes with the option
+/// even if it looks like a global option.
+const COMMAND_VALUE_OPTIONS: &[&str] = &[
+    "--timeout-ms",
+    "--token",
+    "--token-file",
+    "--downtime-ms",
+    "--bandwidth",
+    "--timeout-s",
+    "--timeout-action",
+];
+
+/// How often `migrate` asks for the status.
+const POLL_INTERVAL: Duration = Duration::from_millis(100);
+/// How long `migrate` waits for a migration it started to show in the status.
+const START_GRACE: Duration = Duration::from_secs(5);
+/// How often `migrate` prints a progress line when stderr is not a terminal
+/// (and whenever the phase or round changes).
+const PLAIN_PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The environment variable naming the default API socket.
 const SOCKET_ENV: &str = "VMM_API_SOCKET";
@@ -61,6 +122,49 @@ enum Command {
     Shutdown(ShutdownRequest),
     Info,
     Counters,
+    Migrate(MigrateArgs),
+    MigrateCancel,
+    MigrateStatus,
+    MigrateSet(MigrationParameters),
+    ReceiveMigration { listen: String, token: Token },
+}
+
+/// `migrate DESTINATION ...`.
+#[derive(Debug)]
+struct MigrateArgs {
+    destination: String,
+    token: Token,
+    parameters: MigrationParameters,
+    detach: bool,
+}
+
+/// Where the migration token comes from.
+#[derive(Debug, PartialEq)]
+enum Token {
+    Literal(String),
+    File(PathBuf),
+}
+
+impl Token {
+    /// The token; a file is read when the command runs (as `create` reads its FILE).
+    fn read(&self) -> Result<String, String> {
+        let token = match self {
+            Token::Literal(token) => token.clone(),
+            Token::File(file) => {
+                let text = std::fs::read_to_string(file)
+                    .map_err(|e| format!("cannot read the token from {}: {e}", file.display()))?;
+                let token = text.trim_end_matches(['\n', '\r']).to_string();
+                if token.is_empty() {
+                    return Err(format!("the token file {} is empty", file.display()));
+                }
+                token
+            }
+        };
+        if token.is_empty() {
+            return Err("the token is empty".into());
+        }
+        Ok(token)
+    }
 }
 
 impl Command {
@@ -75,6 +179,10 @@ impl Command {
             Command::Shutdown(_) => "shutdown",
             Command::Info => "info",
             Command::Counters => "counters",
+            Command::Migrate(_) | Command::MigrateCancel => "migrate",
+            Command::MigrateStatus => "migrate-status",
+            Command::MigrateSet(_) => "migrate-set",
+            Command::ReceiveMigration { .. } => "receive-migration",
         }
     }
 }
@@ -130,7 +238,7 @@ fn parse_args(args: Vec<String>, env_socket: Option<String>) -> Result<Parsed, S
             // Options of a command (--force, --timeout-ms) go with its words.
             _ => {
                 words.push(arg);
-                if inline.is_none() && flag == "--timeout-ms" {
+                if inline.is_none() && COMMAND_VALUE_OPTIONS.contains(&flag.as_str()) {
                     if let Some(next) = args.next() {
                         words.push(next);
                     }
@@ -167,6 +275,10 @@ fn parse_args(args: Vec<String>, env_socket: Option<String>) -> Result<Parsed, S
             [_, extra, ..] => return Err(format!("create: unexpected argument {extra:?}")),
         },
         "shutdown" => Command::Shutdown(parse_shutdown(&rest)?),
+        "migrate" => parse_migrate(&rest)?,
+        "migrate-status" => no_args(Command::MigrateStatus)?,
+        "migrate-set" => parse_migrate_set(&rest)?,
+        "receive-migration" => parse_receive_migration(&rest)?,
         _ => return Err(format!("unknown command {name:?}")),
     };
     Ok(Parsed::Run(Args {
@@ -186,7 +298,17 @@ fn parse_shutdown(args: &[String]) -> Result<ShutdownRequest, String> {
             None => (arg.as_str(), None),
         };
         match flag {
-            "--force" if inline.is_none() => request.mode = ShutdownMode::Force,
+            "--force" | "--ctrl-alt-del" if inline.is_none() => {
+                let mode = if flag == "--force" {
+                    ShutdownMode::Force
+                } else {
+                    ShutdownMode::CtrlAltDel
+                };
+                if request.mode != ShutdownMode::Graceful && request.mode != mode {
+                    return Err("shutdown: --force and --ctrl-alt-del exclude each other".into());
+                }
+                request.mode = mode;
+            }
             "--timeout-ms" => {
                 let text = inline
                     .or_else(|| args.next().map(String::as_str))
@@ -206,6 +328,187 @@ fn parse_shutdown(args: &[String]) -> Result<ShutdownRequest, String> {
         );
     }
     Ok(request)
+}
+
+/// The options of `migrate`, `migrate-set` and `receive-migration`.
+#[derive(Debug, Default)]
+struct MigrationOptions {
+    words: Vec<String>,
+    /// How many options were given.
+    options: usize,
+    token: Option<Token>,
+    parameters: MigrationParameters,
+    detach: bool,
+    cancel: bool,
+}
+
+const TUNING_OPTIONS: &[&str] = &[
+    "--downtime-ms",
+    "--bandwidth",
+    "--timeout-s",
+    "--timeout-action",
+    "--no-auto-converge",
+];
+
+/// Parses the options of `command` that are in `allowed`; other words are
+/// left in [`MigrationOptions::words`].
+fn parse_migration_options(
+    command: &str,
+    args: &[String],
+    allowed: &[&str],
+) -> Result<MigrationOptions, String> {
+    let mut options = MigrationOptions::default();
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        if !arg.starts_with('-') || arg == "-" {
+            options.words.push(arg.clone());
+            continue;
+        }
+        let (flag, inline) = match arg.split_once('=') {
+            Some((flag, value)) => (flag, Some(value)),
+            None => (arg.as_str(), None),
+        };
+        if !allowed.contains(&flag) {
+            return Err(format!("{command}: unknown option {arg:?}"));
+        }
+        options.options += 1;
+        let takes_value = COMMAND_VALUE_OPTIONS.contains(&flag);
+        if !takes_value && inline.is_some() {
+            return Err(format!("{command}: {flag} takes no value"));
+        }
+        let mut value = || {
+            inline
+                .or_else(|| args.next().map(String::as_str))
+                .ok_or_else(|| format!("{command}: {flag} needs a value"))
+        };
+        let number = |text: &str, unit: &str| {
+            text.parse::<u64>()
+                .map_err(|_| format!("{command}: {flag}: {text:?} is not a number of {unit}"))
+        };
+        let parameters = &mut options.parameters;
+        match flag {
+            "--token" | "--token-file" => {
+                if options.token.is_some() {
+                    return Err(format!(
+                        "{command}: give the token once, with --token-file or --token"
+                    ));
+                }
+                let text = value()?;
+                options.token = Some(if flag == "--token" {
+                    Token::Literal(text.to_string())
+                } else {
+                    Token::File(text.into())
+                });
+            }
+            "--downtime-ms" => parameters.downtime_ms = number(value()?, "milliseconds")?,
+            "--timeout-s" => parameters.timeout_s = Some(number(value()?, "seconds")?),
+            "--bandwidth" => {
+                let text = value()?;
+                let rate = parse_rate(text).ok_or_else(|| {
+                    format!("{command}: --bandwidth: {text:?} is not a rate in bytes/s (e.g. 100M)")
+                })?;
+                parameters.bandwidth_bytes_per_s = Some(rate).filter(|&r| r > 0);
+            }
+            "--timeout-action" => {
+                parameters.timeout_action = match value()? {
+                    "cancel" => TimeoutAction::Cancel,
+                    "force" => TimeoutAction::Force,
+                    other => {
+                        return Err(format!(
+                            "{command}: --timeout-action: {other:?} is not cancel or force"
+                        ))
+                    }
+                }
+            }
+            "--no-auto-converge" => parameters.auto_converge = false,
+            "--detach" => options.detach = true,
+            "--cancel" => options.cancel = true,
+            _ => return Err(format!("{command}: unknown option {arg:?}")),
+        }
+    }
+    options
+        .parameters
+        .validate()
+        .map_err(|e| format!("{command}: --{}: {}", e.field.replace('_', "-"), e.message))?;
+    Ok(options)
+}
+
+/// A rate in bytes/s: a number with an optional K, M, G, T (powers of 1000)
+/// or Ki, Mi, Gi, Ti (powers of 1024) suffix.
+fn parse_rate(text: &str) -> Option<u64> {
+    let digits = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, suffix) = text.split_at(digits);
+    let number: u64 = number.parse().ok()?;
+    let multiplier: u64 = match suffix {
+        "" => 1,
+        "K" | "k" => 1_000,
+        "M" => 1_000_000,
+        "G" => 1_000_000_000,
+        "T" => 1_000_000_000_000,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        "Ti" => 1 << 40,
+        _ => return None,
+    };
+    number.checked_mul(multiplier)
+}
+
+/// The one URL word of `migrate` or `receive-migration`.
+fn migration_url(command: &str, what: &str, words: &[String]) -> Result<String, String> {
+    match words {
+        [url] => {
+            validate_migration_url(what, url).map_err(|e| format!("{command}: {e}"))?;
+            Ok(url.clone())
+        }
+        [] => Err(format!(
+            "{command}: give the {what} (tcp:HOST:PORT or unix:PATH)"
+        )),
+        [_, extra, ..] => Err(format!("{command}: unexpected argument {extra:?}")),
+    }
+}
+
+fn missing_token(command: &str) -> String {
+    format!("{command}: give the token with --token-file FILE or --token TOKEN")
+}
+
+fn parse_migrate(args: &[String]) -> Result<Command, String> {
+    let mut allowed = vec!["--token", "--token-file", "--detach", "--cancel"];
+    allowed.extend_from_slice(TUNING_OPTIONS);
+    let options = parse_migration_options("migrate", args, &allowed)?;
+    if options.cancel {
+        if options.options > 1 || !options.words.is_empty() {
+            return Err("migrate: --cancel takes no other argument".into());
+        }
+        return Ok(Command::MigrateCancel);
+    }
+    let destination = migration_url("migrate", "DESTINATION", &options.words)?;
+    let token = options.token.ok_or_else(|| missing_token("migrate"))?;
+    Ok(Command::Migrate(MigrateArgs {
+        destination,
+        token,
+        parameters: options.parameters,
+        detach: options.detach,
+    }))
+}
+
+fn parse_migrate_set(args: &[String]) -> Result<Command, String> {
+    let options = parse_migration_options("migrate-set", args, TUNING_OPTIONS)?;
+    if let Some(extra) = options.words.first() {
+        return Err(format!("migrate-set: unexpected argument {extra:?}"));
+    }
+    Ok(Command::MigrateSet(options.parameters))
+}
+
+fn parse_receive_migration(args: &[String]) -> Result<Command, String> {
+    let options = parse_migration_options("receive-migration", args, &["--token", "--token-file"])?;
+    let listen = migration_url("receive-migration", "LISTEN", &options.words)?;
+    let token = options
+        .token
+        .ok_or_else(|| missing_token("receive-migration"))?;
+    Ok(Command::ReceiveMigration { listen, token })
 }
 
 fn main() -> ExitCode {
@@ -287,7 +590,231 @@ fn run(args: &Args) -> Result<String, (u8, String)> {
             let body = read_config(file).map_err(|m| (EXIT_USAGE, m))?;
             text(client.create_json(&body).map(|()| String::new()))
         }
+        Command::Migrate(migrate) => {
+            let request = SendMigrationRequest {
+                destination: migrate.destination.clone(),
+                token: migrate.token.read().map_err(|m| (EXIT_USAGE, m))?,
+                parameters: migrate.parameters.clone(),
+            };
+            client.send_migration(&request).map_err(client_error)?;
+            if migrate.detach {
+                return Ok(String::new());
+            }
+            follow_migration(&client, args.json)
+        }
+        Command::MigrateCancel => text(client.migration_cancel().map(|()| String::new())),
+        Command::MigrateStatus => {
+            let status = client.migration_status().map_err(client_error)?;
+            Ok(if args.json {
+                json(&status)
+            } else {
+                show_migration(&status)
+            })
+        }
+        Command::MigrateSet(parameters) => text(
+            client
+                .migration_parameters(parameters)
+                .map(|()| String::new()),
+        ),
+        Command::ReceiveMigration { listen, token } => {
+            let request = ReceiveMigrationRequest {
+                listen: listen.clone(),
+                token: token.read().map_err(|m| (EXIT_USAGE, m))?,
+            };
+            text(client.receive_migration(&request).map(|()| String::new()))
+        }
     }
+}
+
+/// Polls the status of the migration just started until it ends, showing
+/// the progress on stderr; the final statistics, or an error if it did not
+/// complete (after printing the statistics).
+fn follow_migration(client: &ApiClient, as_json: bool) -> Result<String, (u8, String)> {
+    let tty = std::io::stderr().is_terminal();
+    let started = Instant::now();
+    let mut last: Option<MigrationStatus> = None;
+    let mut last_line = started;
+    let status = loop {
+        let status = match client.migration_status() {
+            Ok(status) => status,
+            Err(e) if e.is_unreachable() => {
+                if tty {
+                    eprint!("\r\x1b[K");
+                }
+                let phase = last.as_ref().map(|s| s.phase);
+                return Err(if phase == Some(MigrationPhase::SwitchOver) {
+                    (
+                        EXIT_UNREACHABLE,
+                        format!(
+                            "lost the VMM during switch-over, before the outcome was seen \
+                             (a source VMM exits once its guest runs on the destination): \
+                             check the destination. {e}"
+                        ),
+                    )
+                } else {
+                    client_error(e)
+                });
+            }
+            Err(e) => {
+                if tty {
+                    eprint!("\r\x1b[K");
+                }
+                return Err(client_error(e));
+            }
+        };
+        let done = matches!(
+            status.phase,
+            MigrationPhase::Completed | MigrationPhase::Failed | MigrationPhase::Cancelled
+        );
+        if status.phase == MigrationPhase::None && started.elapsed() > START_GRACE {
+            return Err((
+                EXIT_REFUSED,
+                "the VMM reports no migration under way".into(),
+            ));
+        }
+        if tty {
+            if !done {
+                eprint!("\r\x1b[K{}", progress_line(&status, true));
+            }
+        } else {
+            let changed = last
+                .as_ref()
+                .is_none_or(|l| l.phase != status.phase || l.iterations != status.iterations);
+            if changed || last_line.elapsed() >= PLAIN_PROGRESS_INTERVAL {
+                eprintln!("{}", progress_line(&status, false));
+                last_line = Instant::now();
+            }
+        }
+        if done {
+            break status;
+        }
+        last = Some(status);
+        std::thread::sleep(POLL_INTERVAL);
+    };
+    if tty {
+        eprint!("\r\x1b[K");
+    }
+    let report = if as_json {
+        json(&status)
+    } else {
+        show_migration(&status)
+    };
+    if status.phase == MigrationPhase::Completed {
+        return Ok(report);
+    }
+    write_stdout(&report);
+    let mut message = format!("migration {}", phase_name(status.phase));
+    if let Some(error) = status.error.as_deref().filter(|e| !e.is_empty()) {
+        message.push_str(&format!(": {error}"));
+    }
+    Err((EXIT_REFUSED, message))
+}
+
+fn write_stdout(text: &str) {
+    let mut stdout = std::io::stdout().lock();
+    // A closed stdout is not an error (as in main).
+    let _ = stdout.write_all(text.as_bytes());
+    let _ = stdout.flush();
+}
+
+fn phase_name(phase: MigrationPhase) -> &'static str {
+    match phase {
+        MigrationPhase::None => "none",
+        MigrationPhase::Setup => "setup",
+        MigrationPhase::Active => "active",
+        MigrationPhase::SwitchOver => "switch-over",
+        MigrationPhase::Completed => "completed",
+        MigrationPhase::Failed => "failed",
+        MigrationPhase::Cancelled => "cancelled",
+    }
+}
+
+/// Throughput in MB/s (10^6 bytes, as --bandwidth's M).
+fn mb_per_s(bytes_per_s: u64) -> String {
+    format!("{:.1} MB/s", bytes_per_s as f64 / 1e6)
+}
+
+/// How far the migration is, 0 to 1: the share of RAM sent in the first
+/// pass, then the share not dirty.
+fn progress(status: &MigrationStatus) -> f64 {
+    if status.total_bytes == 0 {
+        return 0.0;
+    }
+    let done = if status.iterations == 0 && status.phase != MigrationPhase::SwitchOver {
+        status.transferred_bytes
+    } else {
+        status.total_bytes.saturating_sub(status.remaining_bytes)
+    };
+    (done as f64 / status.total_bytes as f64).clamp(0.0, 1.0)
+}
+
+/// One line of progress (under 80 columns); with a bar for a terminal.
+fn progress_line(status: &MigrationStatus, bar: bool) -> String {
+    const WIDTH: usize = 20;
+    let mut line = format!("{:<11}", phase_name(status.phase));
+    if matches!(
+        status.phase,
+        MigrationPhase::Active | MigrationPhase::SwitchOver
+    ) {
+        let fraction = progress(status);
+        if bar {
+            let filled = (fraction * WIDTH as f64).round() as usize;
+            line.push_str(&format!(
+                " [{}{}]",
+                "#".repeat(filled),
+                " ".repeat(WIDTH - filled)
+            ));
+        }
+        if status.iterations == 0 && status.phase == MigrationPhase::Active {
+            line.push_str(&format!(" {:3.0}% of RAM", fraction * 100.0));
+        } else {
+            line.push_str(&format!(" {} left", mib(status.remaining_bytes)));
+        }
+        line.push_str(&format!(
+            " | {} | round {} | downtime ~{} ms",
+            mb_per_s(status.throughput_bytes_per_s),
+            status.iterations,
+            status.expected_downtime_ms
+        ));
+        if status.throttle_percent > 0 {
+            line.push_str(&format!(" | throttle {}%", status.throttle_percent));
+        }
+    }
+    line.trim_end().to_string()
+}
+
+/// The statistics of a migration, one `name: value` per line.
+fn show_migration(status: &MigrationStatus) -> String {
+    let mut lines = vec![format!("phase: {}", phase_name(status.phase))];
+    if status.phase != MigrationPhase::None {
+        if !status.role.is_empty() {
+            lines.push(format!("role: {}", status.role));
+        }
+        lines.extend([
+            format!("total time: {} ms", status.total_time_ms),
+            format!("setup time: {} ms", status.setup_time_ms),
+            format!("downtime: {} ms", status.downtime_ms),
+            format!("expected downtime: {} ms", status.expected_downtime_ms),
+            format!(
+                "transferred: {} of {} RAM",
+                mib(status.transferred_bytes),
+                mib(status.total_bytes)
+            ),
+            format!("remaining: {}", mib(status.remaining_bytes)),
+            format!("zero pages: {}", status.zero_pages),
+            format!("data pages: {}", status.data_pages),
+            format!("dirty page rate: {} pages/s", status.dirty_pages_rate),
+            format!("throughput: {}", mb_per_s(status.throughput_bytes_per_s)),
+            format!("iterations: {}", status.iterations),
+            format!("throttle: {}%", status.throttle_percent),
+        ]);
+    }
+    if let Some(error) = &status.error {
+        lines.push(format!("error: {error}"));
+    }
+    let mut text = lines.join("\n");
+    text.push('\n');
+    text
 }
 
 fn read_config(file: &PathBuf) -> Result<Vec<u8>, String> {
@@ -525,6 +1052,19 @@ mod tests {
             Command::Shutdown(r) => assert_eq!(r.mode, ShutdownMode::Force),
             other => panic!("{other:?}"),
         }
+        match command(&[
+            "--api-socket",
+            "/s",
+            "shutdown",
+            "--ctrl-alt-del",
+            "--timeout-ms=9",
+        ]) {
+            Command::Shutdown(r) => {
+                assert_eq!(r.mode, ShutdownMode::CtrlAltDel);
+                assert_eq!(r.timeout_ms, Some(9));
+            }
+            other => panic!("{other:?}"),
+        }
         match command(&["--api-socket", "/s", "create", "-"]) {
             Command::Create(f) => assert_eq!(f, PathBuf::from("-")),
             other => panic!("{other:?}"),
@@ -572,6 +1112,14 @@ mod tests {
             error(&["--api-socket", "/s", "shutdown", "--timeout-ms", "soon"]).contains("soon")
         );
         assert!(error(&["--api-socket", "/s", "shutdown", "--now"]).contains("--now"));
+        assert!(error(&[
+            "--api-socket",
+            "/s",
+            "shutdown",
+            "--force",
+            "--ctrl-alt-del"
+        ])
+        .contains("exclude each other"));
         assert!(error(&["--api-socket"]).contains("needs a value"));
         assert!(error(&["--api-socket", "/s", "--timeout", "-1", "ping"]).contains("--timeout"));
     }

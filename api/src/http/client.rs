@@ -9,7 +9,9 @@ use super::routes::{encode, route_named, Method, Route, API_PREFIX};
 use super::wire::{clip, find_head, parse_content_length, reason, split_head};
 use crate::config::VmConfig;
 use crate::request::{
-    ApiError, ApiErrorKind, ApiRequest, ApiResponse, Counters, PingInfo, ShutdownRequest, VmInfo,
+    ApiError, ApiErrorKind, ApiRequest, ApiResponse, Counters, MigrationParameters,
+    MigrationStatus, PingInfo, ReceiveMigrationRequest, SendMigrationRequest, ShutdownRequest,
+    VmInfo,
 };
 
 /// How long a request may take, connection to last byte of the reply.
@@ -226,6 +228,40 @@ impl ApiClient {
             ApiResponse::Counters(counters) => Ok(counters),
             other => Err(self.unexpected(other)),
         }
+    }
+
+    /// `PUT vm.send-migration`: starts the migration and returns at once.
+    pub fn send_migration(&self, request: &SendMigrationRequest) -> Result<(), ClientError> {
+        self.call(&ApiRequest::VmSendMigration(request.clone()))
+            .map(drop)
+    }
+
+    /// `PUT vm.receive-migration`: returns once the VMM listens.
+    pub fn receive_migration(&self, request: &ReceiveMigrationRequest) -> Result<(), ClientError> {
+        self.call(&ApiRequest::VmReceiveMigration(request.clone()))
+            .map(drop)
+    }
+
+    /// `GET vm.migration-status`.
+    pub fn migration_status(&self) -> Result<MigrationStatus, ClientError> {
+        match self.call(&ApiRequest::VmMigrationStatus)? {
+            ApiResponse::MigrationStatus(status) => Ok(*status),
+            other => Err(self.unexpected(other)),
+        }
+    }
+
+    /// `PUT vm.migration-cancel`.
+    pub fn migration_cancel(&self) -> Result<(), ClientError> {
+        self.call(&ApiRequest::VmMigrationCancel).map(drop)
+    }
+
+    /// `PUT vm.migration-parameters`: the whole set (absent fields take their defaults).
+    pub fn migration_parameters(
+        &self,
+        parameters: &MigrationParameters,
+    ) -> Result<(), ClientError> {
+        self.call(&ApiRequest::VmMigrationParameters(parameters.clone()))
+            .map(drop)
     }
 
     fn unexpected(&self, response: ApiResponse) -> ClientError {

@@ -15,7 +15,9 @@ use serde::de::DeserializeOwned;
 
 use crate::config::VmConfig;
 use crate::request::{
-    ApiError, ApiRequest, ApiResponse, Counters, PingInfo, ShutdownRequest, VmInfo,
+    validate_migration_url, ApiError, ApiRequest, ApiResponse, Counters, MigrationParameters,
+    MigrationStatus, PingInfo, ReceiveMigrationRequest, SendMigrationRequest, ShutdownRequest,
+    VmInfo,
 };
 
 /// Every path starts with this.
@@ -84,6 +86,8 @@ pub enum ReplyKind {
     Info,
     /// 200 with [`Counters`].
     Counters,
+    /// 200 with a [`MigrationStatus`].
+    MigrationStatus,
 }
 
 impl ReplyKind {
@@ -94,6 +98,7 @@ impl ReplyKind {
             ReplyKind::Ping => Some("PingInfo"),
             ReplyKind::Info => Some("VmInfo"),
             ReplyKind::Counters => Some("Counters"),
+            ReplyKind::MigrationStatus => Some("MigrationStatus"),
         }
     }
 
@@ -115,6 +120,9 @@ impl ReplyKind {
             ReplyKind::Ping => ApiResponse::Ping(json::<PingInfo>(body)?),
             ReplyKind::Info => ApiResponse::Info(Box::new(json::<VmInfo>(body)?)),
             ReplyKind::Counters => ApiResponse::Counters(json::<Counters>(body)?),
+            ReplyKind::MigrationStatus => {
+                ApiResponse::MigrationStatus(Box::new(json::<MigrationStatus>(body)?))
+            }
         })
     }
 }
@@ -220,6 +228,57 @@ pub static ROUTES: &[Route] = &[
         reply: ReplyKind::Counters,
         parse: |_| Ok(ApiRequest::VmCounters),
     },
+    Route {
+        method: Method::Put,
+        path: "/api/v1/vm.send-migration",
+        body: BodyKind::Required("SendMigrationRequest"),
+        reply: ReplyKind::Empty,
+        parse: |body| {
+            let body = body.ok_or_else(|| ApiError::bad_request("vm.send-migration needs a body"))?;
+            let request = json_body::<SendMigrationRequest>(body)?;
+            validate_migration_url("destination", &request.destination)?;
+            request.parameters.validate()?;
+            Ok(ApiRequest::VmSendMigration(request))
+        },
+    },
+    Route {
+        method: Method::Put,
+        path: "/api/v1/vm.receive-migration",
+        body: BodyKind::Required("ReceiveMigrationRequest"),
+        reply: ReplyKind::Empty,
+        parse: |body| {
+            let body = body.ok_or_else(|| ApiError::bad_request("vm.receive-migration needs a body"))?;
+            let request = json_body::<ReceiveMigrationRequest>(body)?;
+            validate_migration_url("listen", &request.listen)?;
+            Ok(ApiRequest::VmReceiveMigration(request))
+        },
+    },
+    Route {
+        method: Method::Get,
+        path: "/api/v1/vm.migration-status",
+        body: BodyKind::None,
+        reply: ReplyKind::MigrationStatus,
+        parse: |_| Ok(ApiRequest::VmMigrationStatus),
+    },
+    Route {
+        method: Method::Put,
+        path: "/api/v1/vm.migration-cancel",
+        body: BodyKind::None,
+        reply: ReplyKind::Empty,
+        parse: |_| Ok(ApiRequest::VmMigrationCancel),
+    },
+    Route {
+        method: Method::Put,
+        path: "/api/v1/vm.migration-parameters",
+        body: BodyKind::Required("MigrationParameters"),
+        reply: ReplyKind::Empty,
+        parse: |body| {
+            let body = body.ok_or_else(|| ApiError::bad_request("vm.migration-parameters needs a body"))?;
+            let parameters = json_body::<MigrationParameters>(body)?;
+            parameters.validate()?;
+            Ok(ApiRequest::VmMigrationParameters(parameters))
+        },
+    },
 ];
 
 /// Why [`find_route`] found no route.
@@ -277,6 +336,11 @@ pub fn encode(request: &ApiRequest) -> Result<(&'static Route, Option<Vec<u8>>),
         ApiRequest::VmShutdown(shutdown) => (Method::Put, "vm.shutdown", json(shutdown)?),
         ApiRequest::VmInfo => (Method::Get, "vm.info", None),
         ApiRequest::VmCounters => (Method::Get, "vm.counters", None),
+        ApiRequest::VmSendMigration(r) => (Method::Put, "vm.send-migration", json(r)?),
+        ApiRequest::VmReceiveMigration(r) => (Method::Put, "vm.receive-migration", json(r)?),
+        ApiRequest::VmMigrationStatus => (Method::Get, "vm.migration-status", None),
+        ApiRequest::VmMigrationCancel => (Method::Put, "vm.migration-cancel", None),
+        ApiRequest::VmMigrationParameters(p) => (Method::Put, "vm.migration-parameters", json(p)?),
     };
     let route = route_named(method, name).ok_or_else(|| format!("no route for {method} {name}"))?;
     Ok((route, body))
@@ -285,7 +349,7 @@ pub fn encode(request: &ApiRequest) -> Result<(&'static Route, Option<Vec<u8>>),
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::request::{ShutdownMode, VmState};
+    use crate::request::{MigrationPhase, ShutdownMode, TimeoutAction, VmState};
 
     /// One request per route: the round trip below must cover every route.
     fn samples() -> Vec<ApiRequest> {
@@ -305,6 +369,24 @@ mod tests {
             }),
             ApiRequest::VmInfo,
             ApiRequest::VmCounters,
+            ApiRequest::VmSendMigration(SendMigrationRequest {
+                destination: "tcp:10.0.0.2:6000".into(),
+                token: "secret".into(),
+                parameters: MigrationParameters {
+                    downtime_ms: 150,
+                    bandwidth_bytes_per_s: Some(100 << 20),
+                    timeout_s: Some(60),
+                    timeout_action: TimeoutAction::Force,
+                    auto_converge: false,
+                },
+            }),
+            ApiRequest::VmReceiveMigration(ReceiveMigrationRequest {
+                listen: "unix:/run/vmm/migrate.sock".into(),
+                token: "secret".into(),
+            }),
+            ApiRequest::VmMigrationStatus,
+            ApiRequest::VmMigrationCancel,
+            ApiRequest::VmMigrationParameters(MigrationParameters::default()),
         ]
     }
 
@@ -403,6 +485,92 @@ mod tests {
         assert_eq!(e.kind.http_status(), 400);
     }
 
+    fn parse_error(name: &str, body: &[u8]) -> ApiError {
+        let route = route_named(Method::Put, name).unwrap();
+        match (route.parse)(Some(body)) {
+            Ok(request) => panic!("{name}: {} was accepted as {request:?}", String::from_utf8_lossy(body)),
+            Err(e) => {
+                assert_eq!(e.kind.http_status(), 400, "{name}: {e}");
+                e
+            }
+        }
+    }
+
+    #[test]
+    fn migration_bodies_are_checked() {
+        let send = route_named(Method::Put, "vm.send-migration").unwrap();
+        // The parameters are flattened into the body and default when absent.
+        assert_eq!(
+            (send.parse)(Some(br#"{"destination": "unix:/m.sock", "token": "t"}"#)).unwrap(),
+            ApiRequest::VmSendMigration(SendMigrationRequest {
+                destination: "unix:/m.sock".into(),
+                token: "t".into(),
+                parameters: MigrationParameters::default(),
+            })
+        );
+        match (send.parse)(Some(
+            br#"{"destination": "tcp:[::1]:6000", "token": "t", "downtime_ms": 50,
+                 "bandwidth_bytes_per_s": 1000, "timeout_action": "force"}"#,
+        ))
+        .unwrap()
+        {
+            ApiRequest::VmSendMigration(r) => {
+                assert_eq!(r.parameters.downtime_ms, 50);
+                assert_eq!(r.parameters.bandwidth_bytes_per_s, Some(1000));
+                assert_eq!(r.parameters.timeout_action, TimeoutAction::Force);
+                assert!(r.parameters.auto_converge);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!((send.parse)(None).is_err());
+
+        // Bad URLs name the field.
+        for url in ["tcp:host", "tcp:host:", "tcp::6000", "tcp:host:99999", "ftp:x", "unix:", "", "/m.sock"] {
+            let body = format!(r#"{{"destination": "{url}", "token": "t"}}"#);
+            let e = parse_error("vm.send-migration", body.as_bytes());
+            assert!(e.message.starts_with("destination: "), "{url}: {e}");
+            let body = format!(r#"{{"listen": "{url}", "token": "t"}}"#);
+            let e = parse_error("vm.receive-migration", body.as_bytes());
+            assert!(e.message.starts_with("listen: "), "{url}: {e}");
+        }
+
+        // Parameters are validated, in both routes that take them.
+        let e = parse_error(
+            "vm.send-migration",
+            br#"{"destination": "tcp:h:1", "token": "t", "downtime_ms": 0}"#,
+        );
+        assert!(e.message.starts_with("downtime_ms: "), "{e}");
+        let e = parse_error("vm.migration-parameters", br#"{"downtime_ms": 0}"#);
+        assert!(e.message.starts_with("downtime_ms: "), "{e}");
+        let e = parse_error("vm.migration-parameters", br#"{"timeout_s": 0}"#);
+        assert!(e.message.starts_with("timeout_s: "), "{e}");
+        let e = parse_error("vm.migration-parameters", br#"{"timeout_action": "wait"}"#);
+        assert!(e.message.contains("wait"), "{e}");
+
+        // Unknown fields are refused, also next to the flattened parameters.
+        let e = parse_error(
+            "vm.send-migration",
+            br#"{"destination": "tcp:h:1", "token": "t", "downtime": 5}"#,
+        );
+        assert!(e.message.contains("downtime"), "{e}");
+        let e = parse_error("vm.receive-migration", br#"{"listen": "tcp:h:1", "token": "t", "port": 5}"#);
+        assert!(e.message.contains("port"), "{e}");
+        let e = parse_error("vm.migration-parameters", br#"{"bandwidth": 5}"#);
+        assert!(e.message.contains("bandwidth"), "{e}");
+        // A wrong type in the flattened parameters (serde's flatten loses
+        // the field's path; the message still says what is wrong and where).
+        let e = parse_error(
+            "vm.send-migration",
+            br#"{"destination": "tcp:h:1", "token": "t", "downtime_ms": "x"}"#,
+        );
+        assert!(e.message.contains("expected u64"), "{e}");
+        // Missing required fields.
+        let e = parse_error("vm.send-migration", br#"{"destination": "tcp:h:1"}"#);
+        assert!(e.message.contains("token"), "{e}");
+        let e = parse_error("vm.receive-migration", br#"{"token": "t"}"#);
+        assert!(e.message.contains("listen"), "{e}");
+    }
+
     #[test]
     fn replies_decode() {
         let ping = PingInfo {
@@ -414,6 +582,20 @@ mod tests {
         assert_eq!(
             ReplyKind::Ping.decode(json.as_bytes()).unwrap(),
             ApiResponse::Ping(ping)
+        );
+        let status = MigrationStatus {
+            phase: MigrationPhase::SwitchOver,
+            role: "send".into(),
+            transferred_bytes: 1 << 20,
+            ..MigrationStatus::default()
+        };
+        let json = ApiResponse::MigrationStatus(Box::new(status.clone()))
+            .to_json()
+            .unwrap();
+        assert!(json.contains(r#""phase": "switch-over""#), "{json}");
+        assert_eq!(
+            ReplyKind::MigrationStatus.decode(json.as_bytes()).unwrap(),
+            ApiResponse::MigrationStatus(Box::new(status))
         );
         assert!(ReplyKind::Info.decode(b"{}").is_err());
         assert_eq!(ReplyKind::Empty.decode(b"").unwrap(), ApiResponse::Empty);

@@ -12,7 +12,8 @@ use std::time::Duration;
 use api::config::{DiskConfig, NetConfig, VmConfig};
 use api::http::{start_server, ApiCall, ApiServer};
 use api::request::{
-    ApiError, ApiRequest, ApiResponse, Counters, MemoryInfo, PingInfo, VmInfo, VmState,
+    ApiError, ApiRequest, ApiResponse, Counters, MemoryInfo, MigrationPhase, MigrationStatus,
+    PingInfo, VmInfo, VmState,
 };
 
 /// A directory removed on drop.
@@ -87,6 +88,44 @@ pub fn sample_counters() -> Counters {
     counters
 }
 
+/// The status of an outgoing migration of 1 GiB in `phase`: figures that
+/// grow with the phase, the measured downtime once completed, an error once
+/// failed.
+pub fn sample_migration_status(phase: MigrationPhase) -> MigrationStatus {
+    let (transferred_mib, remaining_mib, iterations) = match phase {
+        MigrationPhase::None | MigrationPhase::Setup => (0, 1024, 0),
+        MigrationPhase::Active => (512, 512, 0),
+        _ => (1100, 0, 3),
+    };
+    MigrationStatus {
+        phase,
+        role: if phase == MigrationPhase::None {
+            String::new()
+        } else {
+            "send".into()
+        },
+        total_time_ms: 4200,
+        setup_time_ms: 15,
+        expected_downtime_ms: 40,
+        downtime_ms: if phase == MigrationPhase::Completed {
+            55
+        } else {
+            0
+        },
+        total_bytes: 1 << 30,
+        transferred_bytes: transferred_mib << 20,
+        remaining_bytes: remaining_mib << 20,
+        zero_pages: 200_000,
+        data_pages: 70_000,
+        dirty_pages_rate: 1500,
+        throughput_bytes_per_s: 250_000_000,
+        iterations,
+        throttle_percent: if iterations > 0 { 10 } else { 0 },
+        error: (phase == MigrationPhase::Failed)
+            .then(|| "connection reset by the destination".into()),
+    }
+}
+
 /// What the canned VMM answers: everything succeeds except `vm.pause`,
 /// refused as a VM that is only created.
 pub fn canned_answer(request: &ApiRequest) -> Result<ApiResponse, ApiError> {
@@ -98,6 +137,9 @@ pub fn canned_answer(request: &ApiRequest) -> Result<ApiResponse, ApiError> {
         })),
         ApiRequest::VmInfo => Ok(ApiResponse::Info(Box::new(sample_info()))),
         ApiRequest::VmCounters => Ok(ApiResponse::Counters(sample_counters())),
+        ApiRequest::VmMigrationStatus => Ok(ApiResponse::MigrationStatus(Box::new(
+            sample_migration_status(MigrationPhase::Completed),
+        ))),
         ApiRequest::VmPause => Err(ApiError::wrong_state("pause", VmState::Created)),
         _ => Ok(ApiResponse::Empty),
     }
@@ -112,11 +154,18 @@ pub struct Canned {
 
 impl Canned {
     pub fn start() -> Canned {
+        Canned::start_with(canned_answer)
+    }
+
+    /// A server whose VMM answers with `answer`.
+    pub fn start_with(
+        answer: impl Fn(&ApiRequest) -> Result<ApiResponse, ApiError> + Send + Sync + 'static,
+    ) -> Canned {
         let dir = TempDir::new();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let log = seen.clone();
         let server = start_server(&dir.socket(), move |call: ApiCall| {
-            let answer = canned_answer(&call.request);
+            let answer = answer(&call.request);
             log.lock().unwrap().push(call.request);
             let _ = call.reply.send(answer);
         })

@@ -1,13 +1,16 @@
 //! Legacy port devices of a PC: the 8250 serial port, the i8042 controller,
 //! and the power/reset registers a guest uses to stop or restart the machine.
 
+mod ged;
 mod i8042;
 mod power;
 mod serial;
 
+pub use ged::{GedDevice, GedState, GED_EVENT_PORT, GED_EVENT_PORT_LEN, GED_EVENT_POWER_BUTTON};
 pub use i8042::{I8042Device, I8042State};
 pub use power::{
-    PowerDevice, PowerEvent, PowerEventSink, ResetControl, RESET_CONTROL_PORT, SLEEP_CONTROL_PORT,
+    PowerDevice, PowerEvent, PowerEventSink, ResetControl, RESET_CONTROL_PORT, S5_SLEEP_TYPE,
+    SLEEP_CONTROL_PORT,
 };
 pub use serial::{SerialCounters, SerialDevice, SerialState};
 

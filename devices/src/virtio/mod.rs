@@ -11,6 +11,8 @@
 //! every length, address and sector and answer bad requests with an error
 //! status; they never panic or spin on guest input.
 
+pub mod block;
+pub mod net;
 pub mod pci;
 pub mod worker;
 
@@ -110,6 +112,34 @@ pub trait VirtioDevice: Send {
     /// The queues' state, for migration; the device is paused.
     fn queue_states(&self) -> Vec<QueueState> {
         Vec::new()
+    }
+    /// Source side of a migration switch-over, guest paused: make the host
+    /// resources safe to hand over (flush disks, release disk locks).
+    fn migration_release(&mut self) -> Result<(), String> {
+        Ok(())
+    }
+    /// Takes host resources back: on the target before the guest runs, on
+    /// the source when a migration failed after [`VirtioDevice::migration_release`].
+    fn migration_acquire(&mut self) -> Result<(), String> {
+        Ok(())
+    }
+    /// Called on the target once the guest runs (virtio-net announces the
+    /// guest's new location).
+    fn migration_completed(&mut self) {}
+    /// Restores a device from [`VirtioDevice::snapshot`] on a migration
+    /// target. `context` is given when the driver had started the device on
+    /// the source: its queues carry the source's ring positions, and the
+    /// device resumes processing as [`VirtioDevice::activate`] would.
+    fn restore(
+        &mut self,
+        state: serde_json::Value,
+        context: Option<ActivateContext>,
+    ) -> Result<(), ActivateError> {
+        let _ = state;
+        match context {
+            Some(context) => self.activate(context),
+            None => Ok(()),
+        }
     }
 }
 

@@ -697,9 +697,48 @@ impl VirtioPciDevice {
         Ok(())
     }
 
-    /// The queue eventfds, for a device restoring its activation.
-    pub fn queue_events(&self) -> &[EventFd] {
-        &self.queue_events
+    /// Restores the device behind the transport (after [`Self::restore`]):
+    /// its queues at the source's ring positions and its own state.
+    pub fn restore_device(
+        &mut self,
+        queues: &serde_json::Value,
+        state: &serde_json::Value,
+    ) -> Result<(), String> {
+        let context = if self.activated {
+            let snapshots: Vec<super::QueueSnapshot> = serde_json::from_value(queues.clone())
+                .map_err(|e| format!("{}: queue state: {e}", self.id))?;
+            if snapshots.len() != self.queues.len() {
+                return Err(format!(
+                    "{}: {} queue states for {} queues",
+                    self.id,
+                    snapshots.len(),
+                    self.queues.len()
+                ));
+            }
+            let mut restored = Vec::with_capacity(snapshots.len());
+            for (index, snapshot) in snapshots.into_iter().enumerate() {
+                let queue = Queue::try_from(virtio_queue::QueueState::from(snapshot))
+                    .map_err(|e| format!("{}: queue {index}: {e:?}", self.id))?;
+                if queue.ready() && !queue.is_valid(self.memory.as_ref()) {
+                    return Err(format!("{}: queue {index}: rings outside guest memory", self.id));
+                }
+                let event = self.queue_events[index]
+                    .try_clone()
+                    .map_err(|e| format!("{}: queue {index} eventfd: {e}", self.id))?;
+                restored.push((queue, event));
+            }
+            Some(ActivateContext {
+                memory: self.memory.clone(),
+                queues: restored,
+                interrupt: self.interrupt.clone(),
+                acked_features: self.driver_features,
+            })
+        } else {
+            None
+        };
+        self.device
+            .restore(state.clone(), context)
+            .map_err(|e| format!("{}: {e}", self.id))
     }
 }
 

@@ -71,6 +71,9 @@ const DEFAULT_INITRD_ADDR_MAX: u64 = 0x37ff_ffff;
 /// The memory map the guest is told: `(start, size, type)`.
 pub fn memory_map(mem: &GuestMemoryMmap) -> Vec<(u64, u64, u32)> {
     let mut map = vec![(0, EBDA_START, E820_RAM)];
+    // The EBDA (MP table), the VGA/ROM hole and the BIOS area with the ACPI
+    // tables: reserved, as a PC BIOS reports them.
+    map.push((EBDA_START, HIGH_RAM_START - EBDA_START, E820_RESERVED));
     for region in mem.iter() {
         let start = region.start_addr().raw_value().max(HIGH_RAM_START);
         let end = region.start_addr().raw_value() + region.len();
@@ -83,11 +86,13 @@ pub fn memory_map(mem: &GuestMemoryMmap) -> Vec<(u64, u64, u32)> {
 }
 
 /// Loads the kernel, command line and initrd and writes the boot
-/// structures for `cpus` vCPUs. Returns the entry point.
+/// structures for `cpus` vCPUs, telling the kernel where the ACPI RSDP is
+/// when `acpi_rsdp` is given. Returns the entry point.
 pub fn load(
     mem: &GuestMemoryMmap,
     payload: &PayloadConfig,
     cpus: u8,
+    acpi_rsdp: Option<u64>,
 ) -> Result<BootEntry, BootError> {
     let path = payload.kernel.display().to_string();
     let mut kernel = File::open(&payload.kernel).map_err(|source| BootError::Open {
@@ -149,8 +154,10 @@ pub fn load(
 
     let map = memory_map(mem);
     match entry.mode {
-        EntryMode::Pvh => write_pvh_info(mem, &map, initrd)?,
-        EntryMode::Linux64 => write_boot_params(mem, &map, setup_header, cmdline.len(), initrd)?,
+        EntryMode::Pvh => write_pvh_info(mem, &map, initrd, acpi_rsdp)?,
+        EntryMode::Linux64 => {
+            write_boot_params(mem, &map, setup_header, cmdline.len(), initrd, acpi_rsdp)?
+        }
     }
     mptable::write(mem, cpus)?;
     Ok(entry)
@@ -203,6 +210,7 @@ fn write_pvh_info(
     mem: &GuestMemoryMmap,
     map: &[(u64, u64, u32)],
     initrd: Option<(u64, u64)>,
+    acpi_rsdp: Option<u64>,
 ) -> Result<(), BootError> {
     if map.len() > PVH_MEMMAP_MAX_ENTRIES {
         return Err(BootError::Memory("PVH memory map (too many entries)"));
@@ -226,6 +234,7 @@ fn write_pvh_info(
         cmdline_paddr: CMDLINE_START,
         memmap_paddr: PVH_MEMMAP_START,
         memmap_entries: map.len() as u32,
+        rsdp_paddr: acpi_rsdp.unwrap_or(0),
         ..Default::default()
     };
     if let Some((paddr, size)) = initrd {
@@ -249,8 +258,10 @@ fn write_boot_params(
     setup_header: Option<linux_loader::loader::bootparam::setup_header>,
     cmdline_len: usize,
     initrd: Option<(u64, u64)>,
+    acpi_rsdp: Option<u64>,
 ) -> Result<(), BootError> {
     let mut params = boot_params::default();
+    params.acpi_rsdp_addr = acpi_rsdp.unwrap_or(0);
     match setup_header {
         Some(header) => params.hdr = header,
         None => {

@@ -1,0 +1,610 @@
+//! The virtio-blk device model: features, config space, lifecycle
+//! (activate, pause, resume, reset), and the worker that serves the queue.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use api::config::DiskConfig;
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO,
+    VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_TOPOLOGY, VIRTIO_BLK_F_WRITE_ZEROES,
+};
+use virtio_queue::{Queue, QueueOwnedT, QueueState, QueueT};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::disk::{DiskFile, SECTOR_SIZE};
+use super::request::{self, Executor, Limits, Parsed, RequestType, Scratch, ID_BYTES, STATUS_OK};
+use super::{BlockError, QUEUE_SIZE};
+use crate::rate_limiter::RateLimiter;
+use crate::virtio::worker::{EventLoop, Worker, WorkerHandler};
+use crate::virtio::{
+    complete, ActivateContext, ActivateError, VirtioDevice, VirtioInterrupt, COMMON_FEATURES,
+    F_EVENT_IDX, TYPE_BLOCK,
+};
+use crate::GuestMemoryMmap;
+
+/// Data segments per request (seg_max): a queue's worth minus header and status.
+pub const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
+/// Largest discard / write-zeroes, in sectors (a bit under 2 GiB: any
+/// larger request is split by the guest).
+pub const MAX_DISCARD_SECTORS: u32 = (1 << 22) - 1;
+pub const MAX_WRITE_ZEROES_SECTORS: u32 = (1 << 22) - 1;
+/// Size of `struct virtio_blk_config` (virtio 1.2, 5.2.4).
+pub const CONFIG_SPACE_SIZE: usize = 96;
+
+/// Worker tokens.
+const QUEUE_TOKEN: u64 = 0;
+const TIMER_TOKEN: u64 = 1;
+/// Host I/O errors logged per device before going quiet.
+const MAX_LOGGED_ERRORS: u64 = 16;
+
+/// Request counters, readable while the worker runs.
+#[derive(Debug, Default)]
+pub struct BlockCounters {
+    pub read_ops: AtomicU64,
+    pub write_ops: AtomicU64,
+    pub read_bytes: AtomicU64,
+    pub write_bytes: AtomicU64,
+    pub flush_ops: AtomicU64,
+    pub discard_ops: AtomicU64,
+    pub write_zeroes_ops: AtomicU64,
+    /// Requests answered with a non-OK status (or no status at all).
+    pub errors: AtomicU64,
+    /// Times a request had to wait for the rate limiter.
+    pub throttled: AtomicU64,
+}
+
+impl BlockCounters {
+    fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn to_map(&self) -> BTreeMap<String, u64> {
+        [
+            ("read_ops", &self.read_ops),
+            ("write_ops", &self.write_ops),
+            ("read_bytes", &self.read_bytes),
+            ("write_bytes", &self.write_bytes),
+            ("flush_ops", &self.flush_ops),
+            ("discard_ops", &self.discard_ops),
+            ("write_zeroes_ops", &self.write_zeroes_ops),
+            ("errors", &self.errors),
+            ("throttled", &self.throttled),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.load(Ordering::Relaxed)))
+        .collect()
+    }
+}
+
+/// The part of the device that runs on the worker thread.
+pub(crate) struct BlockHandler {
+    pub(crate) queue: Queue,
+    queue_evt: EventFd,
+    memory: Arc<GuestMemoryMmap>,
+    interrupt: Arc<dyn VirtioInterrupt>,
+    disk: Arc<DiskFile>,
+    limiter: Option<RateLimiter>,
+    counters: Arc<BlockCounters>,
+    serial: [u8; ID_BYTES],
+    limits: Limits,
+    scratch: Scratch,
+    executor: Executor,
+    logged_errors: u64,
+}
+
+impl BlockHandler {
+    /// Serves every available request, stopping early only when the rate
+    /// limiter says wait (the request stays in the queue).
+    pub(crate) fn process_queue(&mut self) {
+        let memory = self.memory.clone();
+        let mem: &GuestMemoryMmap = &memory;
+        loop {
+            // Without EVENT_IDX this asks the driver not to kick while we work.
+            let _ = self.queue.disable_notification(mem);
+            let mut popped = false;
+            while let Some(chain) = self.queue.pop_descriptor_chain(mem) {
+                popped = true;
+                let head = chain.head_index();
+                let parsed = request::parse(chain, mem, &self.limits, &mut self.scratch);
+                if let Some(limiter) = &mut self.limiter {
+                    let cost = match &parsed {
+                        Parsed::Valid(r) => r.cost(),
+                        Parsed::Invalid { .. } => 0,
+                    };
+                    if !limiter.consume(cost) {
+                        // Leave the request in the queue; the timer wakes us.
+                        self.queue.go_to_previous_position();
+                        BlockCounters::add(&self.counters.throttled, 1);
+                        return;
+                    }
+                }
+                let (status, used_len) = self.run(mem, parsed);
+                if status != STATUS_OK {
+                    BlockCounters::add(&self.counters.errors, 1);
+                }
+                if let Err(e) = complete(&mut self.queue, mem, &*self.interrupt, 0, head, used_len)
+                {
+                    self.log(format_args!("cannot complete request {head}: {e}"));
+                }
+            }
+            match self.queue.enable_notification(mem) {
+                // More available but nothing could be popped: the avail
+                // index is bogus (more than a queue ahead) or unreadable.
+                // Stop rather than spin; the driver is broken until reset.
+                Ok(true) if !popped => {
+                    self.log(format_args!("invalid available ring index; queue stalled"));
+                    break;
+                }
+                Ok(true) => continue,
+                Ok(false) => break,
+                Err(e) => {
+                    self.log(format_args!("queue error: {e}"));
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Executes a parsed request; returns its status and used length.
+    fn run(&mut self, mem: &GuestMemoryMmap, parsed: Parsed) -> (u8, u32) {
+        let request = match parsed {
+            Parsed::Valid(r) => r,
+            Parsed::Invalid { status, code, .. } => {
+                return match status {
+                    Some(addr) if request::write_status(mem, addr, code) => (code, 1),
+                    // Nowhere to write a status: give the buffers back empty.
+                    _ => (code, 0),
+                };
+            }
+        };
+        let (status, used_len, error) =
+            self.executor
+                .execute(&self.disk, mem, &request, &self.scratch.data, &self.serial);
+        if let Some(e) = error {
+            self.log(format_args!(
+                "{:?} of {} bytes at {} failed: {e}",
+                request.kind, request.len, request.offset
+            ));
+        }
+        if status == STATUS_OK {
+            let c = &self.counters;
+            match request.kind {
+                RequestType::In => {
+                    BlockCounters::add(&c.read_ops, 1);
+                    BlockCounters::add(&c.read_bytes, request.len);
+                }
+                RequestType::Out => {
+                    BlockCounters::add(&c.write_ops, 1);
+                    BlockCounters::add(&c.write_bytes, request.len);
+                }
+                RequestType::Flush => BlockCounters::add(&c.flush_ops, 1),
+                RequestType::Discard => BlockCounters::add(&c.discard_ops, 1),
+                RequestType::WriteZeroes => BlockCounters::add(&c.write_zeroes_ops, 1),
+                RequestType::GetId => {}
+            }
+        }
+        if !request::write_status(mem, request.status, status) {
+            return (status, 0);
+        }
+        (status, used_len)
+    }
+
+    fn log(&mut self, message: std::fmt::Arguments) {
+        if self.logged_errors < MAX_LOGGED_ERRORS {
+            self.logged_errors += 1;
+            eprintln!("vmm: disk {}: {message}", self.disk.path().display());
+        }
+    }
+}
+
+impl WorkerHandler for BlockHandler {
+    fn register(&mut self, events: &EventLoop) -> io::Result<()> {
+        events.add(self.queue_evt.as_raw_fd(), QUEUE_TOKEN, EventSet::IN)?;
+        if let Some(limiter) = &self.limiter {
+            events.add(limiter.timer_fd(), TIMER_TOKEN, EventSet::IN)?;
+        }
+        // Requests made available while no worker ran (a restore, a
+        // resume, a kick lost during pause) are served now.
+        if !self.limiter.as_ref().is_some_and(|l| l.is_blocked()) {
+            self.process_queue();
+        }
+        Ok(())
+    }
+
+    fn handle(&mut self, token: u64, _set: EventSet, _events: &EventLoop) {
+        match token {
+            QUEUE_TOKEN => {
+                // Only clears the counter; failure means nothing was pending.
+                let _ = self.queue_evt.read();
+                if self.limiter.as_ref().is_some_and(|l| l.is_blocked()) {
+                    return;
+                }
+                self.process_queue();
+            }
+            TIMER_TOKEN => {
+                if let Some(limiter) = &mut self.limiter {
+                    limiter.on_timer();
+                }
+                self.process_queue();
+            }
+            _ => {}
+        }
+    }
+}
+
+enum State {
+    Inactive,
+    Running(Worker<BlockHandler>),
+    Paused(Box<BlockHandler>),
+    /// Transient, while moving between states.
+    Busy,
+}
+
+/// A virtio-blk device.
+pub struct Block {
+    pub(crate) config: DiskConfig,
+    pub(crate) disk: Arc<DiskFile>,
+    locked: bool,
+    pub(crate) avail_features: u64,
+    pub(crate) acked_features: u64,
+    config_space: [u8; CONFIG_SPACE_SIZE],
+    serial: [u8; ID_BYTES],
+    counters: Arc<BlockCounters>,
+    state: State,
+}
+
+impl Block {
+    /// Opens the disk `config` names and locks it (exclusive when
+    /// read-write, shared when read-only).
+    pub fn new(config: &DiskConfig) -> Result<Block, BlockError> {
+        Self::open(config, true)
+    }
+
+    /// Opens the disk without locking it: for the target of a live
+    /// migration, whose source holds the lock until switch-over. Call
+    /// [`Block::acquire_lock`] once the source released it.
+    pub fn new_unlocked(config: &DiskConfig) -> Result<Block, BlockError> {
+        Self::open(config, false)
+    }
+
+    fn open(config: &DiskConfig, take_lock: bool) -> Result<Block, BlockError> {
+        if let Some(serial) = &config.serial {
+            if serial.len() > ID_BYTES {
+                return Err(BlockError::Invalid {
+                    path: config.path.clone(),
+                    reason: format!("serial {serial:?} is longer than {ID_BYTES} bytes"),
+                });
+            }
+        }
+        let disk = Arc::new(DiskFile::open(config, take_lock)?);
+        let mut avail_features = COMMON_FEATURES
+            | (1 << VIRTIO_BLK_F_FLUSH)
+            | (1 << VIRTIO_BLK_F_BLK_SIZE)
+            | (1 << VIRTIO_BLK_F_TOPOLOGY)
+            | (1 << VIRTIO_BLK_F_SEG_MAX);
+        if disk.readonly() {
+            avail_features |= 1 << VIRTIO_BLK_F_RO;
+        } else {
+            if disk.can_discard() {
+                avail_features |= 1 << VIRTIO_BLK_F_DISCARD;
+            }
+            avail_features |= 1 << VIRTIO_BLK_F_WRITE_ZEROES;
+        }
+        let mut serial = [0u8; ID_BYTES];
+        let id = config
+            .serial
+            .as_deref()
+            .or(config.id.as_deref())
+            .unwrap_or("");
+        let n = id.len().min(ID_BYTES);
+        serial[..n].copy_from_slice(&id.as_bytes()[..n]);
+        Ok(Block {
+            config: config.clone(),
+            config_space: build_config_space(&disk),
+            disk,
+            locked: take_lock,
+            avail_features,
+            acked_features: 0,
+            serial,
+            counters: Arc::new(BlockCounters::default()),
+            state: State::Inactive,
+        })
+    }
+
+    /// The disk's configuration.
+    pub fn config(&self) -> &DiskConfig {
+        &self.config
+    }
+
+    /// Capacity in 512-byte sectors.
+    pub fn capacity(&self) -> u64 {
+        self.disk.capacity_sectors()
+    }
+
+    /// Whether this device holds its disk lock.
+    pub fn is_locked(&self) -> bool {
+        self.locked
+    }
+
+    /// Releases the disk lock (the migration source, at switch-over, after
+    /// [`Block::flush`]). The disk stays open; I/O still works.
+    pub fn release_lock(&mut self) -> Result<(), BlockError> {
+        if self.locked {
+            self.disk.unlock()?;
+            self.locked = false;
+        }
+        Ok(())
+    }
+
+    /// Takes the disk lock (the migration target, at switch-over; or the
+    /// source again when a migration fails after it released it).
+    pub fn acquire_lock(&mut self) -> Result<(), BlockError> {
+        if !self.locked {
+            self.disk.lock()?;
+            self.locked = true;
+        }
+        Ok(())
+    }
+
+    /// Writes everything the guest wrote to stable storage (fdatasync).
+    pub fn flush(&self) -> Result<(), BlockError> {
+        self.disk.flush().map_err(|source| BlockError::Io {
+            path: self.disk.path().to_path_buf(),
+            what: "cannot flush".to_string(),
+            source,
+        })
+    }
+
+    /// Whether the worker is running.
+    pub fn is_running(&self) -> bool {
+        matches!(self.state, State::Running(_))
+    }
+
+    /// Whether the device was activated (running or paused).
+    pub fn is_activated(&self) -> bool {
+        matches!(self.state, State::Running(_) | State::Paused(_))
+    }
+
+    fn limiter(&self) -> io::Result<Option<RateLimiter>> {
+        match &self.config.rate_limit {
+            Some(rl) if !rl.is_unlimited() => {
+                Ok(Some(RateLimiter::new(rl.bytes_per_sec, rl.ops_per_sec)?))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    fn limits(&self) -> Limits {
+        Limits {
+            size: self.disk.size(),
+            readonly: self.disk.readonly(),
+            max_descriptors: SEG_MAX as usize + 2,
+            max_discard_sectors: MAX_DISCARD_SECTORS,
+            max_write_zeroes_sectors: MAX_WRITE_ZEROES_SECTORS,
+        }
+    }
+
+    fn worker_name(&self) -> String {
+        let id = self.config.id.as_deref().unwrap_or("disk");
+        // Thread names are at most 15 bytes.
+        format!("blk-{}", id.chars().take(11).collect::<String>())
+    }
+
+    fn spawn(&mut self, handler: BlockHandler) -> io::Result<()> {
+        match Worker::spawn(&self.worker_name(), handler) {
+            Ok(worker) => {
+                self.state = State::Running(worker);
+                Ok(())
+            }
+            Err(e) => {
+                // The handler (and with it the queues) went with the failed
+                // spawn: the device needs a reset.
+                self.state = State::Inactive;
+                Err(e)
+            }
+        }
+    }
+
+    /// Stops the worker if it runs; returns the handler if there is one.
+    /// Leaves the state `Busy` for the caller to set.
+    fn take_handler(&mut self) -> Option<Box<BlockHandler>> {
+        match std::mem::replace(&mut self.state, State::Busy) {
+            State::Running(worker) => worker.stop().map(Box::new),
+            State::Paused(handler) => Some(handler),
+            State::Inactive | State::Busy => None,
+        }
+    }
+
+    /// Runs `f` on the handler, pausing the worker around it if it runs.
+    fn with_handler<T>(&mut self, f: impl FnOnce(&mut BlockHandler) -> T) -> Option<T> {
+        let was_running = self.is_running();
+        let mut handler = match self.take_handler() {
+            Some(h) => h,
+            None => {
+                self.state = State::Inactive;
+                return None;
+            }
+        };
+        let result = f(&mut handler);
+        if was_running {
+            if let Err(e) = self.spawn(*handler) {
+                eprintln!(
+                    "vmm: disk {}: cannot restart the worker: {e}",
+                    self.disk.path().display()
+                );
+            }
+        } else {
+            self.state = State::Paused(handler);
+        }
+        Some(result)
+    }
+
+    /// Starts the worker on `queue` (shared by `activate` and restore).
+    pub(crate) fn start(
+        &mut self,
+        memory: Arc<GuestMemoryMmap>,
+        interrupt: Arc<dyn VirtioInterrupt>,
+        mut queue: Queue,
+        queue_evt: EventFd,
+    ) -> Result<(), ActivateError> {
+        if !queue.ready() {
+            return Err(ActivateError::MissingQueue(0));
+        }
+        if !queue.is_valid(&*memory) {
+            return Err(ActivateError::Other(format!(
+                "disk {}: the request queue does not fit in guest memory",
+                self.disk.path().display()
+            )));
+        }
+        queue.set_event_idx(self.acked_features & (1 << F_EVENT_IDX) != 0);
+        // Stop a previous worker, if the transport activates twice.
+        let _ = self.take_handler();
+        self.state = State::Inactive;
+        let limiter = self.limiter().map_err(ActivateError::Worker)?;
+        let handler = BlockHandler {
+            queue,
+            queue_evt,
+            memory,
+            interrupt,
+            disk: self.disk.clone(),
+            limiter,
+            counters: self.counters.clone(),
+            serial: self.serial,
+            limits: self.limits(),
+            scratch: Scratch::default(),
+            executor: Executor::new(),
+            logged_errors: 0,
+        };
+        self.spawn(handler).map_err(ActivateError::Worker)
+    }
+
+    /// The queue's state, if the device is active (pauses the worker
+    /// around the read if it runs).
+    pub(crate) fn current_queue_states(&mut self) -> Vec<QueueState> {
+        self.with_handler(|h| vec![h.queue.state()])
+            .unwrap_or_default()
+    }
+}
+
+/// `struct virtio_blk_config` (virtio 1.2, 5.2.4), little-endian.
+fn build_config_space(disk: &DiskFile) -> [u8; CONFIG_SPACE_SIZE] {
+    let mut c = [0u8; CONFIG_SPACE_SIZE];
+    let logical = disk.logical_block_size();
+    let physical = disk.physical_block_size();
+    let physical_block_exp = (physical / logical).trailing_zeros() as u8;
+    c[0..8].copy_from_slice(&disk.capacity_sectors().to_le_bytes());
+    // size_max (8..12): VIRTIO_BLK_F_SIZE_MAX is not offered; segments may
+    // be as large as the guest likes.
+    c[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
+    // geometry (16..20): not offered.
+    c[20..24].copy_from_slice(&logical.to_le_bytes());
+    // topology: physical_block_exp, alignment_offset, min_io_size (in
+    // logical blocks), opt_io_size.
+    c[24] = physical_block_exp;
+    c[25] = 0;
+    c[26..28].copy_from_slice(&(1u16 << physical_block_exp).to_le_bytes());
+    c[28..32].copy_from_slice(&0u32.to_le_bytes());
+    // writeback (32): VIRTIO_BLK_F_CONFIG_WCE is not offered; with FLUSH the
+    // driver assumes a write-back cache.
+    // num_queues (34..36): VIRTIO_BLK_F_MQ is not offered.
+    c[34..36].copy_from_slice(&1u16.to_le_bytes());
+    if !disk.readonly() {
+        let alignment = (physical as u64 / SECTOR_SIZE) as u32;
+        c[36..40].copy_from_slice(&MAX_DISCARD_SECTORS.to_le_bytes());
+        c[40..44].copy_from_slice(&1u32.to_le_bytes());
+        c[44..48].copy_from_slice(&alignment.to_le_bytes());
+        c[48..52].copy_from_slice(&MAX_WRITE_ZEROES_SECTORS.to_le_bytes());
+        c[52..56].copy_from_slice(&1u32.to_le_bytes());
+        c[56] = 1; // write_zeroes_may_unmap
+    }
+    // Secure erase (60..72) and zoned (72..96): not offered.
+    c
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        TYPE_BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![QUEUE_SIZE]
+    }
+
+    fn features(&self) -> u64 {
+        self.avail_features
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        let Ok(offset) = usize::try_from(offset) else {
+            return;
+        };
+        if offset >= CONFIG_SPACE_SIZE {
+            return;
+        }
+        let n = data.len().min(CONFIG_SPACE_SIZE - offset);
+        data[..n].copy_from_slice(&self.config_space[offset..offset + n]);
+    }
+
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {
+        // Every field is read-only (`writeback` needs CONFIG_WCE, not offered).
+    }
+
+    fn activate(&mut self, context: ActivateContext) -> Result<(), ActivateError> {
+        self.acked_features = context.acked_features & self.avail_features;
+        let Some((queue, queue_evt)) = context.queues.into_iter().next() else {
+            return Err(ActivateError::MissingQueue(0));
+        };
+        self.start(context.memory, context.interrupt, queue, queue_evt)
+    }
+
+    fn reset(&mut self) -> Option<Vec<QueueState>> {
+        let states = self.take_handler().map(|h| vec![h.queue.state()]);
+        self.state = State::Inactive;
+        self.acked_features = 0;
+        states
+    }
+
+    fn pause(&mut self) {
+        if let State::Running(_) = self.state {
+            match self.take_handler() {
+                Some(handler) => self.state = State::Paused(handler),
+                None => self.state = State::Inactive,
+            }
+        }
+    }
+
+    fn resume(&mut self) {
+        if let State::Paused(_) = self.state {
+            if let Some(handler) = self.take_handler() {
+                if let Err(e) = self.spawn(*handler) {
+                    eprintln!(
+                        "vmm: disk {}: cannot restart the worker: {e}",
+                        self.disk.path().display()
+                    );
+                }
+            }
+        }
+    }
+
+    fn counters(&self) -> BTreeMap<String, u64> {
+        self.counters.to_map()
+    }
+
+    fn snapshot(&mut self) -> serde_json::Value {
+        let queues = self.current_queue_states();
+        serde_json::to_value(self.state_for_snapshot(queues)).expect("the block state serializes")
+    }
+
+    fn queue_states(&self) -> Vec<QueueState> {
+        match &self.state {
+            State::Paused(handler) => vec![handler.queue.state()],
+            _ => Vec::new(),
+        }
+    }
+}

@@ -1,0 +1,563 @@
+//! The sending side: connect, authenticate, send the config, pre-copy
+//! memory in rounds until the remaining dirty memory fits the downtime
+//! budget, then pause, send the last pages and the state, and hand over.
+//!
+//! Round 0 sends only pages the host ever backed and that are not zero
+//! (the target's memory starts zeroed). Later rounds send the pages KVM's
+//! dirty log and the VMM's own bitmap report; a page that became zero goes
+//! as a zero marker, and only if the target ever got data for it.
+
+use std::os::fd::AsRawFd;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use api::config::VmConfig;
+use api::request::{MigrationPhase, TimeoutAction};
+use kvm_ioctls::VmFd;
+use migration::bitmap::DirtyBitmap;
+use migration::protocol::{
+    self, Empty, Hello, Kind, PageRange, ProtocolError, HEADER_SIZE, MAX_MEMORY_PAYLOAD, PAGE_SIZE,
+};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+use super::{call, connect, write_all_vectored, MigrationCall, MigrationReply, MigrationShared, Stream};
+use crate::control::ControlEvent;
+use crate::dirty_log::DirtyLog;
+use crate::memory::{self, GuestMemoryMmap};
+use crate::vcpu::Throttle;
+
+/// Pages per contiguous run handled at once (4 MiB).
+const RUN_PAGES: usize = 1024;
+/// Auto-converge: first throttle, step, ceiling (QEMU's figures).
+const THROTTLE_INITIAL: u32 = 20;
+const THROTTLE_STEP: u32 = 10;
+const THROTTLE_MAX: u32 = 99;
+
+/// Everything the sending thread needs.
+pub struct SendContext {
+    pub destination: String,
+    pub token: String,
+    pub config: VmConfig,
+    pub memory: Arc<GuestMemoryMmap>,
+    pub vm_fd: Arc<VmFd>,
+    pub throttle: Arc<Throttle>,
+    pub shared: Arc<MigrationShared>,
+    pub control: Sender<ControlEvent>,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SendError {
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+    #[error("{0}")]
+    Other(String),
+    #[error("cancelled")]
+    Cancelled,
+}
+
+impl From<std::io::Error> for SendError {
+    fn from(e: std::io::Error) -> Self {
+        SendError::Protocol(ProtocolError::Io(e))
+    }
+}
+
+/// Where the switch-over stands, to know what undoing a failure takes.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Stage {
+    Running,
+    Paused,
+    Released,
+    /// `Complete` went out: the target may run the guest.
+    Committed,
+}
+
+struct Sender_ {
+    stream: Stream,
+    memory: Arc<GuestMemoryMmap>,
+    shared: Arc<MigrationShared>,
+    /// Pages the target holds data for (it needs zero markers only for these).
+    sent_data: Vec<DirtyBitmap>,
+    /// Bytes written since `window_start`, for bandwidth capping.
+    window_bytes: u64,
+    window_start: Instant,
+}
+
+/// Runs a migration to its end. On failure before `Complete` the source
+/// runs on; the status says what happened.
+pub fn run(context: SendContext) {
+    let start = Instant::now();
+    let shared = context.shared.clone();
+    let control = context.control.clone();
+    let throttle = context.throttle.clone();
+    shared.update(|s| {
+        *s = api::request::MigrationStatus {
+            phase: MigrationPhase::Setup,
+            role: "send".into(),
+            total_bytes: memory::total_size(&context.memory),
+            ..Default::default()
+        }
+    });
+    let mut stage = Stage::Running;
+    let result = migrate(context, &mut stage, start);
+    throttle.set(0);
+    let total_time_ms = start.elapsed().as_millis() as u64;
+    match result {
+        Ok(()) => {
+            shared.update(|s| {
+                s.phase = MigrationPhase::Completed;
+                s.total_time_ms = total_time_ms;
+                s.remaining_bytes = 0;
+                s.throttle_percent = 0;
+            });
+            let _ = call(&control, MigrationCall::Finished);
+        }
+        Err(e) => {
+            let cancelled = matches!(e, SendError::Cancelled);
+            let message = if stage == Stage::Committed {
+                format!(
+                    "{e}; the target may already run the guest, so this one stays paused \
+                     (check the target before resuming)"
+                )
+            } else {
+                e.to_string()
+            };
+            if stage != Stage::Committed {
+                // Undo the switch-over if it began; the guest runs on here.
+                if stage >= Stage::Paused {
+                    if let Err(undo) = call(&control, MigrationCall::Abort) {
+                        eprintln!("vmm: migration: cannot resume the guest: {undo}");
+                    }
+                }
+            }
+            eprintln!("vmm: migration failed: {message}");
+            shared.update(|s| {
+                s.phase = if cancelled {
+                    MigrationPhase::Cancelled
+                } else {
+                    MigrationPhase::Failed
+                };
+                s.total_time_ms = total_time_ms;
+                s.throttle_percent = 0;
+                s.error = Some(message);
+            });
+        }
+    }
+}
+
+fn migrate(context: SendContext, stage: &mut Stage, start: Instant) -> Result<(), SendError> {
+    let mut stream = connect(&context.destination)
+        .map_err(|e| SendError::Other(format!("cannot connect to {}: {e}", context.destination)))?;
+    let result = migrate_on(&mut stream, context, stage, start);
+    if let Err(e) = &result {
+        if *stage < Stage::Committed && !matches!(e, SendError::Protocol(ProtocolError::Peer(_))) {
+            // Tell a live target to drop everything; it may be gone already.
+            let _ = protocol::send_json(&mut stream, Kind::Abandon, &protocol::ErrorMessage { message: e.to_string() });
+        }
+    }
+    stream.shutdown();
+    result
+}
+
+fn check_cancel(shared: &MigrationShared) -> Result<(), SendError> {
+    if shared.cancel.load(Ordering::SeqCst) {
+        Err(SendError::Cancelled)
+    } else {
+        Ok(())
+    }
+}
+
+fn migrate_on(
+    stream: &mut Stream,
+    context: SendContext,
+    stage: &mut Stage,
+    start: Instant,
+) -> Result<(), SendError> {
+    let shared = context.shared.clone();
+    protocol::send_json(
+        stream,
+        Kind::Hello,
+        &Hello {
+            vmm_version: env!("CARGO_PKG_VERSION").into(),
+            token: context.token.clone(),
+        },
+    )?;
+    protocol::expect_json::<Empty>(stream, Kind::Ack)?;
+    protocol::send_json(stream, Kind::Config, &context.config)?;
+    protocol::expect_json::<Empty>(stream, Kind::Ack)?;
+    check_cancel(&shared)?;
+
+    let mut dirty_log = DirtyLog::start(context.vm_fd.clone(), context.memory.clone())
+        .map_err(|e| SendError::Other(e.to_string()))?;
+    let result = precopy_and_switch(stream, &context, &mut dirty_log, stage, start);
+    dirty_log.stop();
+    result
+}
+
+fn precopy_and_switch(
+    stream: &mut Stream,
+    context: &SendContext,
+    dirty_log: &mut DirtyLog,
+    stage: &mut Stage,
+    start: Instant,
+) -> Result<(), SendError> {
+    let shared = context.shared.clone();
+    let mut sender = Sender_ {
+        stream: stream.try_clone()?,
+        memory: context.memory.clone(),
+        shared: shared.clone(),
+        sent_data: context
+            .memory
+            .iter()
+            .map(|r| DirtyBitmap::new((r.len() / PAGE_SIZE) as usize))
+            .collect(),
+        window_bytes: 0,
+        window_start: Instant::now(),
+    };
+    shared.update(|s| {
+        s.phase = MigrationPhase::Active;
+        s.setup_time_ms = start.elapsed().as_millis() as u64;
+    });
+
+    // Round 0: every page the host ever backed.
+    let round0: Vec<DirtyBitmap> = context
+        .memory
+        .iter()
+        .map(memory::touched_pages)
+        .collect::<Result<_, _>>()?;
+    let mut round_start = Instant::now();
+    let mut round_bytes = sender.send_round(&round0, None)?;
+    let mut bandwidth = estimate_bandwidth(round_bytes, round_start.elapsed(), &shared, None);
+    let mut previous_dirty = u64::MAX;
+    let mut high_dirty_rounds = 0;
+    let mut throttle = 0u32;
+
+    loop {
+        check_cancel(&shared)?;
+        let parameters = shared.parameters();
+        let dirty = dirty_log.harvest().map_err(|e| SendError::Other(e.to_string()))?;
+        let dirty_pages: u64 = dirty.iter().map(|b| b.count() as u64).sum();
+        let dirty_bytes = dirty_pages * PAGE_SIZE;
+        let round_time = round_start.elapsed();
+        let expected_downtime_ms = dirty_bytes.saturating_mul(1000) / bandwidth;
+        shared.update(|s| {
+            s.remaining_bytes = dirty_bytes;
+            s.expected_downtime_ms = expected_downtime_ms.min(u64::from(u32::MAX));
+            s.dirty_pages_rate = (dirty_pages as f64 / round_time.as_secs_f64().max(1e-6)) as u64;
+            s.throughput_bytes_per_s = bandwidth;
+            s.total_time_ms = start.elapsed().as_millis() as u64;
+        });
+        let timed_out = parameters
+            .timeout_s
+            .is_some_and(|t| start.elapsed() >= Duration::from_secs(t));
+        if timed_out && parameters.timeout_action == TimeoutAction::Cancel {
+            // Put the harvested pages back: nothing harvested may be lost.
+            for (slot, b) in dirty.iter().enumerate() {
+                dirty_log.carry(slot, b);
+            }
+            return Err(SendError::Other(format!(
+                "timed out after {} s without converging",
+                parameters.timeout_s.unwrap_or_default()
+            )));
+        }
+        if expected_downtime_ms <= parameters.downtime_ms || timed_out {
+            return switch_over(&mut sender, stream, context, dirty_log, dirty, stage, start);
+        }
+
+        // Auto-converge: the guest dirties more than half of what a round
+        // drains, twice in a row: slow its vCPUs down.
+        if parameters.auto_converge {
+            if dirty_bytes * 2 > round_bytes && dirty_bytes >= previous_dirty / 2 {
+                high_dirty_rounds += 1;
+            } else {
+                high_dirty_rounds = 0;
+            }
+            if high_dirty_rounds >= 2 {
+                throttle = if throttle == 0 {
+                    THROTTLE_INITIAL
+                } else {
+                    (throttle + THROTTLE_STEP).min(THROTTLE_MAX)
+                };
+                high_dirty_rounds = 0;
+                context.throttle.set(throttle);
+            }
+        } else if throttle != 0 {
+            throttle = 0;
+            context.throttle.set(0);
+        }
+        shared.update(|s| s.throttle_percent = u64::from(throttle));
+        previous_dirty = dirty_bytes;
+
+        round_start = Instant::now();
+        round_bytes = match sender.send_round(&dirty, Some(dirty_log)) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                for (slot, b) in dirty.iter().enumerate() {
+                    dirty_log.carry(slot, b);
+                }
+                return Err(e);
+            }
+        };
+        bandwidth = estimate_bandwidth(round_bytes, round_start.elapsed(), &shared, Some(bandwidth));
+        shared.update(|s| s.iterations += 1);
+    }
+}
+
+fn switch_over(
+    sender: &mut Sender_,
+    stream: &mut Stream,
+    context: &SendContext,
+    dirty_log: &mut DirtyLog,
+    mut dirty: Vec<DirtyBitmap>,
+    stage: &mut Stage,
+    start: Instant,
+) -> Result<(), SendError> {
+    let shared = context.shared.clone();
+    shared.update(|s| s.phase = MigrationPhase::SwitchOver);
+    let paused_at = Instant::now();
+    let snapshot = match call(&context.control, MigrationCall::SwitchOver).map_err(SendError::Other)? {
+        MigrationReply::Snapshot(bytes) => bytes,
+        _ => return Err(SendError::Other("the control loop sent no snapshot".into())),
+    };
+    *stage = Stage::Paused;
+    context.throttle.set(0);
+    // The last round: everything dirtied up to the pause.
+    let last = dirty_log.harvest().map_err(|e| SendError::Other(e.to_string()))?;
+    for (d, l) in dirty.iter_mut().zip(&last) {
+        d.merge(l);
+    }
+    sender.window_bytes = 0;
+    sender.window_start = Instant::now();
+    // Nothing writes guest memory now: no need to re-protect pages.
+    sender.send_round_unlimited(&dirty, None)?;
+    call(&context.control, MigrationCall::ReleaseHostResources).map_err(SendError::Other)?;
+    *stage = Stage::Released;
+    protocol::send_raw(stream, Kind::State, &snapshot)?;
+    protocol::expect_json::<Empty>(stream, Kind::Ack)?;
+    check_cancel(&shared)?;
+    *stage = Stage::Committed;
+    protocol::send_json(stream, Kind::Complete, &Empty {})?;
+    protocol::expect_json::<Empty>(stream, Kind::Running)?;
+    let downtime = paused_at.elapsed();
+    shared.update(|s| {
+        s.downtime_ms = downtime.as_millis() as u64;
+        s.total_time_ms = start.elapsed().as_millis() as u64;
+        s.iterations += 1;
+    });
+    Ok(())
+}
+
+/// Assumed link bandwidth before a round big enough to measure it (bytes/s).
+const DEFAULT_BANDWIDTH: u64 = 1 << 30;
+/// Rounds smaller than this say nothing reliable about the link.
+const MEASURABLE_ROUND: u64 = 1 << 20;
+
+/// The bandwidth the downtime estimate uses: measured over the last round
+/// when it was big enough, else the previous estimate, capped by the limit.
+fn estimate_bandwidth(bytes: u64, elapsed: Duration, shared: &MigrationShared, previous: Option<u64>) -> u64 {
+    let measured = if bytes >= MEASURABLE_ROUND {
+        Some(rate(bytes, elapsed))
+    } else {
+        previous
+    };
+    let cap = shared.parameters().bandwidth_bytes_per_s.filter(|&c| c > 0);
+    match (measured, cap) {
+        (Some(m), Some(c)) => m.min(c),
+        (Some(m), None) => m,
+        (None, Some(c)) => c,
+        (None, None) => DEFAULT_BANDWIDTH,
+    }
+    .max(1)
+}
+
+fn rate(bytes: u64, elapsed: Duration) -> u64 {
+    (bytes as f64 / elapsed.as_secs_f64().max(1e-6)) as u64
+}
+
+/// What to send for one page.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum PageClass {
+    Data,
+    Zero,
+    Skip,
+}
+
+impl Sender_ {
+    fn send_round(&mut self, pages: &[DirtyBitmap], dirty_log: Option<&DirtyLog>) -> Result<u64, SendError> {
+        self.send_pages(pages, dirty_log, true)
+    }
+
+    fn send_round_unlimited(&mut self, pages: &[DirtyBitmap], dirty_log: Option<&DirtyLog>) -> Result<u64, SendError> {
+        self.send_pages(pages, dirty_log, false)
+    }
+
+    /// Sends every page set in `pages` (per region); returns bytes written.
+    fn send_pages(
+        &mut self,
+        pages: &[DirtyBitmap],
+        dirty_log: Option<&DirtyLog>,
+        limited: bool,
+    ) -> Result<u64, SendError> {
+        let mut total = 0u64;
+        let mut batch = Batch::default();
+        let regions: Vec<(u64, *mut u8)> = self
+            .memory
+            .iter()
+            .map(|r| (r.start_addr().0, r.as_ptr()))
+            .collect();
+        for (slot, bitmap) in pages.iter().enumerate() {
+            let (base, host) = regions[slot];
+            for (first, count) in bitmap.runs(RUN_PAGES) {
+                if let Some(log) = dirty_log {
+                    // Re-protect before copying so later writes show up next round.
+                    log.clear(slot, bitmap, first, count)
+                        .map_err(|e| SendError::Other(e.to_string()))?;
+                }
+                let mut page = first;
+                while page < first + count {
+                    let class = self.classify(slot, host, page);
+                    let mut end = page + 1;
+                    while end < first + count && self.classify(slot, host, end) == class {
+                        end += 1;
+                    }
+                    if class != PageClass::Skip {
+                        let range = PageRange {
+                            gpa: base + page as u64 * PAGE_SIZE,
+                            len: ((end - page) as u64 * PAGE_SIZE) as u32,
+                            zero: class == PageClass::Zero,
+                        };
+                        // SAFETY: page..end lies inside this region's mapping.
+                        let data = unsafe { host.add(page * PAGE_SIZE as usize) };
+                        if batch.wire_size() + range.wire_size() > MAX_MEMORY_PAYLOAD {
+                            total += self.flush(&mut batch, limited)?;
+                        }
+                        batch.push(range, data);
+                        let sent = &mut self.sent_data[slot];
+                        for p in page..end {
+                            if class == PageClass::Data {
+                                sent.set(p);
+                            }
+                        }
+                        if class == PageClass::Zero {
+                            let mut cleared = DirtyBitmap::new(sent.pages());
+                            for p in page..end {
+                                cleared.set(p);
+                            }
+                            sent.subtract(&cleared);
+                        }
+                        self.shared.update(|s| {
+                            if class == PageClass::Data {
+                                s.data_pages += (end - page) as u64;
+                            } else {
+                                s.zero_pages += (end - page) as u64;
+                            }
+                        });
+                    } else {
+                        self.shared.update(|s| s.zero_pages += (end - page) as u64);
+                    }
+                    page = end;
+                }
+            }
+            if batch.wire_size() > 8 << 20 {
+                total += self.flush(&mut batch, limited)?;
+            }
+        }
+        total += self.flush(&mut batch, limited)?;
+        Ok(total)
+    }
+
+    fn classify(&self, slot: usize, host: *mut u8, page: usize) -> PageClass {
+        // SAFETY: the page is inside the region mapping that `host` starts.
+        let zero = unsafe { memory::is_zero_page(host.add(page * PAGE_SIZE as usize)) };
+        if !zero {
+            PageClass::Data
+        } else if self.sent_data[slot].is_set(page) {
+            PageClass::Zero
+        } else {
+            // The target's memory starts zeroed: nothing to say.
+            PageClass::Skip
+        }
+    }
+
+    /// Writes the batch as one Memory message.
+    fn flush(&mut self, batch: &mut Batch, limited: bool) -> Result<u64, SendError> {
+        if batch.ranges.is_empty() {
+            return Ok(0);
+        }
+        let payload = batch.wire_size();
+        let header = protocol::Header {
+            kind: Kind::Memory,
+            length: payload,
+        }
+        .encode();
+        let headers: Vec<[u8; protocol::RANGE_HEADER_SIZE]> = batch.ranges.iter().map(|(r, _)| r.encode()).collect();
+        let mut iov = Vec::with_capacity(1 + 2 * batch.ranges.len());
+        iov.push(libc::iovec {
+            iov_base: header.as_ptr() as *mut libc::c_void,
+            iov_len: HEADER_SIZE,
+        });
+        for ((range, data), h) in batch.ranges.iter().zip(&headers) {
+            iov.push(libc::iovec {
+                iov_base: h.as_ptr() as *mut libc::c_void,
+                iov_len: h.len(),
+            });
+            if !range.zero {
+                iov.push(libc::iovec {
+                    iov_base: (*data).cast(),
+                    iov_len: range.len as usize,
+                });
+            }
+        }
+        let written = write_all_vectored(self.stream.as_raw_fd(), &mut iov)?;
+        batch.ranges.clear();
+        batch.size = 0;
+        self.shared.update(|s| s.transferred_bytes += written);
+        if limited {
+            self.pace(written);
+        }
+        check_cancel(&self.shared)?;
+        Ok(written)
+    }
+
+    /// Sleeps as long as the bandwidth cap asks.
+    fn pace(&mut self, written: u64) {
+        let Some(cap) = self.shared.parameters().bandwidth_bytes_per_s.filter(|&c| c > 0) else {
+            self.window_bytes = 0;
+            self.window_start = Instant::now();
+            return;
+        };
+        self.window_bytes += written;
+        let due = Duration::from_secs_f64(self.window_bytes as f64 / cap as f64);
+        let elapsed = self.window_start.elapsed();
+        if due > elapsed {
+            std::thread::sleep(due - elapsed);
+        }
+        if self.window_start.elapsed() > Duration::from_secs(1) {
+            self.window_bytes = 0;
+            self.window_start = Instant::now();
+        }
+    }
+}
+
+/// Page ranges waiting to go out in one message, with their host addresses.
+#[derive(Default)]
+struct Batch {
+    ranges: Vec<(PageRange, *mut u8)>,
+    size: u64,
+}
+
+impl Batch {
+    fn push(&mut self, range: PageRange, data: *mut u8) {
+        self.size += range.wire_size();
+        self.ranges.push((range, data));
+    }
+
+    fn wire_size(&self) -> u64 {
+        if self.ranges.is_empty() {
+            0
+        } else {
+            self.size
+        }
+    }
+}
