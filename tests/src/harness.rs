@@ -118,6 +118,11 @@ pub struct Vmm {
 impl Vmm {
     /// Starts `vmm` with `args` (console on its stdio).
     pub fn spawn<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Vmm {
+        Vmm::spawn_with_prefix::<S>(&[], args)
+    }
+
+    /// Starts `vmm` through a command prefix (e.g. `ip netns exec NS`).
+    pub fn spawn_with_prefix<S: AsRef<std::ffi::OsStr>>(prefix: &[&str], args: &[S]) -> Vmm {
         let mut api_socket = None;
         let mut iter = args.iter();
         while let Some(a) = iter.next() {
@@ -125,7 +130,15 @@ impl Vmm {
                 api_socket = iter.next().map(|p| PathBuf::from(p.as_ref()));
             }
         }
-        let mut child = Command::new(vmm_binary())
+        let mut command = match prefix.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(vmm_binary());
+                c
+            }
+            None => Command::new(vmm_binary()),
+        };
+        let mut child = command
             .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

@@ -45,6 +45,9 @@ fn guest_boots_prints_and_powers_off() {
 fn two_vcpus_both_make_progress() {
     require_kvm!();
     let mut vmm = Vmm::boot_testguest("-- counters period_ms=100", &["--cpus", "2"]);
+    // The guest prefers the ACPI MADT (PVH rsdp_paddr) to the MP table.
+    let found = vmm.wait_for("testguest: cpus found=", BOOT);
+    assert!(found.contains("found=2 source=madt"), "{found}");
     let ready = vmm.wait_for("testguest: ready", BOOT);
     assert_eq!(field(&ready, "cpus"), Some(2), "{ready}");
     let first = counter_values(&vmm.wait_for("counters:", SHORT), 2);
@@ -107,12 +110,40 @@ fn graceful_shutdown_is_honoured_by_the_guest() {
     let socket = dir.join("api.sock");
     let mut vmm = Vmm::boot_testguest("--", &["--api-socket", socket.to_str().unwrap()]);
     vmm.wait_for("testguest: ready", BOOT);
+    // Graceful = the ACPI power button.
     vmm.api()
         .shutdown(&ShutdownRequest::default())
         .expect("shutdown");
-    vmm.wait_for("testguest: ctrl-alt-del", SHORT);
+    vmm.wait_for("testguest: power-button", SHORT);
     assert_eq!(vmm.exit_code(SHORT), EXIT_POWERED_OFF, "{}", vmm.report());
     assert!(!socket.exists(), "the API socket is removed on exit");
+}
+
+#[test]
+fn ctrl_alt_del_shutdown_is_honoured_by_the_guest() {
+    require_kvm!();
+    let dir = TempDir::new("cad");
+    let socket = dir.join("api.sock");
+    // on_cad=reset: a guest that reboots on Ctrl-Alt-Del (Linux's default)
+    // has shut down as asked too.
+    let mut vmm = Vmm::boot_testguest(
+        "on_cad=reset --",
+        &["--api-socket", socket.to_str().unwrap()],
+    );
+    vmm.wait_for("testguest: ready", BOOT);
+    vmm.api()
+        .shutdown(&ShutdownRequest {
+            mode: ShutdownMode::CtrlAltDel,
+            timeout_ms: Some(10_000),
+        })
+        .expect("shutdown");
+    vmm.wait_for("testguest: ctrl-alt-del", SHORT);
+    assert_eq!(vmm.exit_code(SHORT), EXIT_POWERED_OFF, "{}", vmm.report());
+    assert!(
+        !vmm.console().iter().any(|l| l.contains("power-button")),
+        "{}",
+        vmm.report()
+    );
 }
 
 #[test]
@@ -132,7 +163,7 @@ fn graceful_shutdown_ignored_by_the_guest_is_forced_after_the_timeout() {
             timeout_ms: Some(800),
         })
         .expect("shutdown");
-    vmm.wait_for("testguest: ctrl-alt-del", SHORT);
+    vmm.wait_for("testguest: power-button", SHORT);
     assert_eq!(vmm.exit_code(SHORT), EXIT_STOPPED, "{}", vmm.report());
     assert!(
         asked.elapsed() >= Duration::from_millis(800),

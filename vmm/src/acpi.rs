@@ -618,6 +618,27 @@ mod tests {
     }
 
     #[test]
+    fn e820_reserves_the_legacy_hole_with_the_tables() {
+        let mem = crate::memory::create_guest_memory(&api::config::MemoryConfig {
+            size_mib: 64,
+            ..Default::default()
+        })
+        .unwrap();
+        let map = crate::boot::memory_map(&mem);
+        let covering = |addr: u64| {
+            map.iter()
+                .filter(|&&(start, size, _)| start <= addr && addr < start + size)
+                .map(|&(_, _, kind)| kind)
+                .collect::<Vec<_>>()
+        };
+        for addr in [0x9fc00, 0xa0000, ACPI_RSDP_START, ACPI_TABLES_END - 1] {
+            assert_eq!(covering(addr), [2], "{addr:#x} in {map:x?}");
+        }
+        assert_eq!(covering(ACPI_TABLES_END), [1], "{map:x?}");
+        assert_eq!(covering(0x9fbff), [1], "{map:x?}");
+    }
+
+    #[test]
     fn the_largest_vm_fits() {
         let t = build(api::config::MAX_VCPUS);
         assert!(t.rsdp_addr + t.image.len() as u64 <= ACPI_TABLES_END);
@@ -666,19 +687,75 @@ mod tests {
             assert!(!dsl.contains("**** "), "iasl flagged {name}:\n{dsl}");
             println!("iasl -d {name}: ok ({} bytes of ASL)", dsl.len());
         }
-        // Recompile the disassembled DSDT: errors and warnings both fail.
-        let out = Command::new("iasl")
-            .args(["-p", "dsdt-recompiled", "dsdt.dsl"])
-            .current_dir(&dir)
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).to_string()
-            + &String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success(), "iasl dsdt.dsl: {text}");
+        // Compile every disassembly again: errors and warnings both fail,
+        // and a data table must come back with the same contents (the
+        // header names iasl as the compiler, so only the body is compared;
+        // the DSDT's AML may come back optimized).
+        for (name, bytes) in &files {
+            let out = Command::new("iasl")
+                .args(["-p", &format!("{name}-again"), &format!("{name}.dsl")])
+                .current_dir(&dir)
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout).to_string()
+                + &String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success(), "iasl {name}.dsl: {text}");
+            assert!(
+                text.contains(" 0 Errors, 0 Warnings"),
+                "iasl {name}.dsl: {text}"
+            );
+            if name != "dsdt" {
+                let again = std::fs::read(dir.join(format!("{name}-again.aml"))).unwrap();
+                assert_eq!(
+                    again[HEADER_LEN..],
+                    bytes[HEADER_LEN..],
+                    "{name}: the compiled disassembly differs"
+                );
+            }
+            println!("iasl {name}.dsl: compiles again without errors or warnings");
+        }
+        // Load every table into ACPICA's interpreter (acpiexec, same
+        // package) and run the GED's _EVT with the event register reading
+        // the power-button bit (-fv fills operation regions), then 0.
+        let acpiexec = |fill: &str, commands: &str| {
+            let out = Command::new("acpiexec")
+                .args(["-fv", fill, "-b", commands])
+                .args(["facp.dat", "dsdt.dat", "apic.dat", "mcfg.dat"])
+                .current_dir(&dir)
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout).to_string()
+                + &String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success(), "acpiexec: {text}");
+            assert!(
+                !text.contains("AE_"),
+                "acpiexec reported an exception: {text}"
+            );
+            text
+        };
+        if Command::new("acpiexec").arg("-v").output().is_err() {
+            println!("SKIP: acpiexec is not installed (Debian package acpica-tools)");
+            return;
+        }
+        let pressed = acpiexec("1", "evaluate \\_SB.GED._EVT 5; evaluate \\_S5");
         assert!(
-            text.contains(" 0 Errors") && text.contains(" 0 Warnings"),
-            "iasl dsdt.dsl: {text}"
+            pressed.contains("Notify on [PWRB]") && pressed.contains("Value 0x80"),
+            "_EVT did not notify the power button: {pressed}"
         );
-        let _ = std::fs::remove_dir_all(&dir);
+        assert!(
+            pressed.contains("[Integer] = 0000000000000005"),
+            "_S5: {pressed}"
+        );
+        let idle = acpiexec("0", "evaluate \\_SB.GED._EVT 5");
+        assert!(
+            !idle.contains("Notify"),
+            "_EVT notified without an event: {idle}"
+        );
+        println!("acpiexec: tables load, _EVT notifies PWRB with 0x80 on bit 0 only, _S5 = 5");
+        if std::env::var_os("VMM_ACPI_KEEP").is_none() {
+            let _ = std::fs::remove_dir_all(&dir);
+        } else {
+            println!("tables and their disassembly kept in {}", dir.display());
+        }
     }
 }

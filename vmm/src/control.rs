@@ -52,6 +52,8 @@ pub struct Controller {
     migrating: bool,
     /// The guest was running when a switch-over paused it.
     paused_by_migration: bool,
+    /// A switch-over paused the VM and its devices.
+    switching_over: bool,
     /// Set when the loop should end with this status.
     exit: Option<ExitStatus>,
 }
@@ -76,6 +78,7 @@ impl Controller {
             migration: Arc::new(MigrationShared::default()),
             migrating: false,
             paused_by_migration: false,
+            switching_over: false,
             exit: None,
         }
     }
@@ -480,6 +483,7 @@ impl Controller {
                 let snapshot = vm.snapshot()?;
                 let bytes = serde_json::to_vec(&snapshot).map_err(|e| format!("serializing the VM state: {e}"))?;
                 self.paused_by_migration = was_running;
+                self.switching_over = true;
                 self.state = VmState::Paused;
                 Ok(MigrationReply::Snapshot(bytes))
             }
@@ -490,14 +494,22 @@ impl Controller {
             }
             MigrationCall::Abort => {
                 self.migrating = false;
+                if !std::mem::take(&mut self.switching_over) {
+                    return Ok(MigrationReply::Done);
+                }
                 let vm = self.vm.as_ref().ok_or("no VM")?;
                 vm.device_manager().migration_acquire()?;
                 vm.device_manager().resume();
-                if self.paused_by_migration {
+                if std::mem::take(&mut self.paused_by_migration) {
                     vm.resume();
                     self.state = VmState::Running;
-                    self.paused_by_migration = false;
                 }
+                Ok(MigrationReply::Done)
+            }
+            MigrationCall::Undecided => {
+                self.migrating = false;
+                self.switching_over = false;
+                self.paused_by_migration = false;
                 Ok(MigrationReply::Done)
             }
             MigrationCall::Finished => {

@@ -748,39 +748,48 @@ fn progress(status: &MigrationStatus) -> f64 {
     (done as f64 / status.total_bytes as f64).clamp(0.0, 1.0)
 }
 
-/// One line of progress (under 80 columns); with a bar for a terminal.
+/// One line of progress; for a terminal, with a bar and cut to 79 columns
+/// (a wrapped line could not be overwritten).
 fn progress_line(status: &MigrationStatus, bar: bool) -> String {
-    const WIDTH: usize = 20;
+    const BAR: usize = 10;
+    const COLUMNS: usize = 79;
     let mut line = format!("{:<11}", phase_name(status.phase));
-    if matches!(
+    if !matches!(
         status.phase,
         MigrationPhase::Active | MigrationPhase::SwitchOver
     ) {
-        let fraction = progress(status);
-        if bar {
-            let filled = (fraction * WIDTH as f64).round() as usize;
-            line.push_str(&format!(
-                " [{}{}]",
-                "#".repeat(filled),
-                " ".repeat(WIDTH - filled)
-            ));
-        }
-        if status.iterations == 0 && status.phase == MigrationPhase::Active {
-            line.push_str(&format!(" {:3.0}% of RAM", fraction * 100.0));
-        } else {
-            line.push_str(&format!(" {} left", mib(status.remaining_bytes)));
-        }
-        line.push_str(&format!(
-            " | {} | round {} | downtime ~{} ms",
-            mb_per_s(status.throughput_bytes_per_s),
-            status.iterations,
-            status.expected_downtime_ms
-        ));
-        if status.throttle_percent > 0 {
-            line.push_str(&format!(" | throttle {}%", status.throttle_percent));
-        }
+        return line.trim_end().to_string();
     }
-    line.trim_end().to_string()
+    let fraction = progress(status);
+    if bar {
+        let filled = ((fraction * BAR as f64).round() as usize).min(BAR);
+        line.push_str(&format!(
+            " [{}{}]",
+            "#".repeat(filled),
+            " ".repeat(BAR - filled)
+        ));
+    }
+    if status.iterations == 0 && status.phase == MigrationPhase::Active {
+        line.push_str(&format!(" {:3.0}% of RAM", fraction * 100.0));
+    } else {
+        line.push_str(&format!(" {} left", mib(status.remaining_bytes)));
+    }
+    let mut parts = vec![
+        mb_per_s(status.throughput_bytes_per_s),
+        format!("round {}", status.iterations),
+        format!("downtime ~{} ms", status.expected_downtime_ms),
+    ];
+    if status.throttle_percent > 0 {
+        parts.push(format!("throttle {}%", status.throttle_percent));
+    }
+    for part in parts {
+        if bar && line.len() + 2 + part.len() > COLUMNS {
+            break;
+        }
+        line.push_str("  ");
+        line.push_str(&part);
+    }
+    line
 }
 
 /// The statistics of a migration, one `name: value` per line.
@@ -1122,6 +1131,134 @@ mod tests {
         .contains("exclude each other"));
         assert!(error(&["--api-socket"]).contains("needs a value"));
         assert!(error(&["--api-socket", "/s", "--timeout", "-1", "ping"]).contains("--timeout"));
+    }
+
+    #[test]
+    fn migration_commands_parse() {
+        match command(&[
+            "--api-socket",
+            "/s",
+            "migrate",
+            "tcp:h:1",
+            "--token",
+            "-h",
+            "--bandwidth=1Ki",
+            "--timeout-s",
+            "9",
+            "--json",
+        ]) {
+            Command::Migrate(m) => {
+                assert_eq!(m.destination, "tcp:h:1");
+                assert_eq!(m.token, Token::Literal("-h".into()));
+                assert_eq!(m.parameters.bandwidth_bytes_per_s, Some(1024));
+                assert_eq!(m.parameters.timeout_s, Some(9));
+                assert!(!m.detach);
+            }
+            other => panic!("{other:?}"),
+        }
+        match command(&[
+            "--api-socket",
+            "/s",
+            "migrate",
+            "unix:/m",
+            "--token-file",
+            "/t",
+            "--detach",
+        ]) {
+            Command::Migrate(m) => {
+                assert_eq!(m.token, Token::File("/t".into()));
+                assert!(m.detach);
+                assert_eq!(m.parameters, MigrationParameters::default());
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            command(&["--api-socket", "/s", "migrate", "--cancel"]),
+            Command::MigrateCancel
+        ));
+        match command(&[
+            "--api-socket",
+            "/s",
+            "migrate-set",
+            "--timeout-action=force",
+        ]) {
+            Command::MigrateSet(p) => assert_eq!(p.timeout_action, TimeoutAction::Force),
+            other => panic!("{other:?}"),
+        }
+        match command(&[
+            "--api-socket",
+            "/s",
+            "receive-migration",
+            "unix:/m",
+            "--token=x",
+        ]) {
+            Command::ReceiveMigration { listen, token } => {
+                assert_eq!(listen, "unix:/m");
+                assert_eq!(token, Token::Literal("x".into()));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn rates_parse() {
+        assert_eq!(parse_rate("0"), Some(0));
+        assert_eq!(parse_rate("1500"), Some(1500));
+        assert_eq!(parse_rate("100M"), Some(100_000_000));
+        assert_eq!(parse_rate("2k"), Some(2000));
+        assert_eq!(parse_rate("3Gi"), Some(3 << 30));
+        assert_eq!(parse_rate("1Ti"), Some(1 << 40));
+        for bad in ["", "M", "1.5M", "-1", "10X", "10 M", "10MB", "99999999999T"] {
+            assert_eq!(parse_rate(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn token_files_are_trimmed_and_not_empty() {
+        let dir = std::env::temp_dir().join(format!("vmmctl-token-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("token");
+        std::fs::write(&file, "abc \r\n\n").unwrap();
+        assert_eq!(Token::File(file.clone()).read().unwrap(), "abc ");
+        std::fs::write(&file, "\n").unwrap();
+        assert!(Token::File(file.clone())
+            .read()
+            .unwrap_err()
+            .contains("empty"));
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(Token::Literal(String::new()).read().is_err());
+    }
+
+    #[test]
+    fn progress_fits_a_terminal_line() {
+        let mut status = MigrationStatus {
+            phase: MigrationPhase::Active,
+            total_bytes: 1 << 30,
+            transferred_bytes: 256 << 20,
+            remaining_bytes: 768 << 20,
+            throughput_bytes_per_s: 1_234_500_000,
+            expected_downtime_ms: 40,
+            ..MigrationStatus::default()
+        };
+        assert_eq!(
+            progress_line(&status, true),
+            "active      [###       ]  25% of RAM  1234.5 MB/s  round 0  downtime ~40 ms"
+        );
+        status.iterations = 12;
+        status.remaining_bytes = 3 << 19;
+        status.throttle_percent = 30;
+        status.expected_downtime_ms = 12345;
+        let line = progress_line(&status, true);
+        assert!(line.len() <= 79, "{line}");
+        assert!(
+            line.starts_with("active      [##########] 1.5 MiB left  1234.5 MB/s  round 12"),
+            "{line}"
+        );
+        // Plain lines are not cut.
+        assert!(progress_line(&status, false).ends_with("  throttle 30%"));
+        status.phase = MigrationPhase::Setup;
+        assert_eq!(progress_line(&status, true), "setup");
+        assert_eq!(show_migration(&MigrationStatus::default()), "phase: none\n");
     }
 
     #[test]

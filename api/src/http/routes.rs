@@ -234,7 +234,8 @@ pub static ROUTES: &[Route] = &[
         body: BodyKind::Required("SendMigrationRequest"),
         reply: ReplyKind::Empty,
         parse: |body| {
-            let body = body.ok_or_else(|| ApiError::bad_request("vm.send-migration needs a body"))?;
+            let body =
+                body.ok_or_else(|| ApiError::bad_request("vm.send-migration needs a body"))?;
             let request = json_body::<SendMigrationRequest>(body)?;
             validate_migration_url("destination", &request.destination)?;
             request.parameters.validate()?;
@@ -247,7 +248,8 @@ pub static ROUTES: &[Route] = &[
         body: BodyKind::Required("ReceiveMigrationRequest"),
         reply: ReplyKind::Empty,
         parse: |body| {
-            let body = body.ok_or_else(|| ApiError::bad_request("vm.receive-migration needs a body"))?;
+            let body =
+                body.ok_or_else(|| ApiError::bad_request("vm.receive-migration needs a body"))?;
             let request = json_body::<ReceiveMigrationRequest>(body)?;
             validate_migration_url("listen", &request.listen)?;
             Ok(ApiRequest::VmReceiveMigration(request))
@@ -273,7 +275,8 @@ pub static ROUTES: &[Route] = &[
         body: BodyKind::Required("MigrationParameters"),
         reply: ReplyKind::Empty,
         parse: |body| {
-            let body = body.ok_or_else(|| ApiError::bad_request("vm.migration-parameters needs a body"))?;
+            let body =
+                body.ok_or_else(|| ApiError::bad_request("vm.migration-parameters needs a body"))?;
             let parameters = json_body::<MigrationParameters>(body)?;
             parameters.validate()?;
             Ok(ApiRequest::VmMigrationParameters(parameters))
@@ -488,7 +491,10 @@ mod tests {
     fn parse_error(name: &str, body: &[u8]) -> ApiError {
         let route = route_named(Method::Put, name).unwrap();
         match (route.parse)(Some(body)) {
-            Ok(request) => panic!("{name}: {} was accepted as {request:?}", String::from_utf8_lossy(body)),
+            Ok(request) => panic!(
+                "{name}: {} was accepted as {request:?}",
+                String::from_utf8_lossy(body)
+            ),
             Err(e) => {
                 assert_eq!(e.kind.http_status(), 400, "{name}: {e}");
                 e
@@ -525,7 +531,16 @@ mod tests {
         assert!((send.parse)(None).is_err());
 
         // Bad URLs name the field.
-        for url in ["tcp:host", "tcp:host:", "tcp::6000", "tcp:host:99999", "ftp:x", "unix:", "", "/m.sock"] {
+        for url in [
+            "tcp:host",
+            "tcp:host:",
+            "tcp::6000",
+            "tcp:host:99999",
+            "ftp:x",
+            "unix:",
+            "",
+            "/m.sock",
+        ] {
             let body = format!(r#"{{"destination": "{url}", "token": "t"}}"#);
             let e = parse_error("vm.send-migration", body.as_bytes());
             assert!(e.message.starts_with("destination: "), "{url}: {e}");
@@ -553,7 +568,10 @@ mod tests {
             br#"{"destination": "tcp:h:1", "token": "t", "downtime": 5}"#,
         );
         assert!(e.message.contains("downtime"), "{e}");
-        let e = parse_error("vm.receive-migration", br#"{"listen": "tcp:h:1", "token": "t", "port": 5}"#);
+        let e = parse_error(
+            "vm.receive-migration",
+            br#"{"listen": "tcp:h:1", "token": "t", "port": 5}"#,
+        );
         assert!(e.message.contains("port"), "{e}");
         let e = parse_error("vm.migration-parameters", br#"{"bandwidth": 5}"#);
         assert!(e.message.contains("bandwidth"), "{e}");

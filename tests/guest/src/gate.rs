@@ -152,7 +152,6 @@ pub fn cpuid(leaf: u32, subleaf: u32) -> [u32; 4] {
 }
 
 /// Port input of `size` bytes (1, 2 or 4).
-#[allow(dead_code)] // for drivers and debugging
 pub fn port_in(port: u16, size: u8) -> u32 {
     // SAFETY: no memory arguments.
     unsafe { call(svc::PORT_IN, port as u64, size as u64, 0)[0] as u32 }

@@ -17,6 +17,7 @@ mod bootinfo;
 mod builtins;
 mod fault;
 mod gate;
+mod ged;
 mod irq;
 mod kbd;
 mod lapic;

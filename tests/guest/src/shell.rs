@@ -3,7 +3,7 @@
 //! Commands come from the kernel command line first, then line by line from
 //! COM1. Several commands may be given on one line separated by `;`. The BSP
 //! loop interleaves: its own workload slice, serial polling (every 1 ms),
-//! i8042 polling (every 10 ms), periodic workload output, and the next
+//! i8042 and ACPI GED polling (every 10 ms), periodic workload output, and the next
 //! queued command. When it has nothing to do it sleeps at CPL0 until a LAPIC
 //! one-shot timer (1 ms) fires.
 
@@ -12,6 +12,7 @@ use core::sync::atomic::Ordering;
 
 use crate::console::LineBuf;
 use crate::gate::{self, Kbd};
+use crate::ged::{self, Ged};
 use crate::kbd::CtrlAltDel;
 use crate::percpu::{CPUS, MAX_CPUS};
 use crate::workload::{
@@ -19,7 +20,7 @@ use crate::workload::{
 };
 use crate::{fault, irq, lapic, mem, pci, time};
 
-/// What to do on Ctrl-Alt-Del (`on_cad=`).
+/// What to do on Ctrl-Alt-Del or the ACPI power button (`on_cad=`).
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum CadAction {
     Poweroff,
@@ -34,7 +35,8 @@ pub struct Options {
     pub cpus: Option<usize>,
     /// `tsc_khz=N`: TSC frequency, skipping calibration.
     pub tsc_khz: Option<u64>,
-    /// `on_cad=poweroff|reset|ignore` (default poweroff).
+    /// `on_cad=poweroff|reset|ignore` (default poweroff): on Ctrl-Alt-Del
+    /// and on the ACPI power button.
     pub on_cad: CadAction,
 }
 
@@ -172,6 +174,7 @@ struct Shell {
     line_overflow: bool,
     cad: CtrlAltDel,
     kbd_present: bool,
+    ged_present: bool,
     next_serial: u64,
     next_kbd: u64,
     counters_active: bool,
@@ -197,6 +200,7 @@ pub fn run(opts: Options, cmdline: &'static str) -> ! {
         line_overflow: false,
         cad: CtrlAltDel::default(),
         kbd_present: true,
+        ged_present: true,
         next_serial: time::rdtsc(),
         next_kbd: time::rdtsc(),
         counters_active: false,
@@ -218,9 +222,14 @@ pub fn run(opts: Options, cmdline: &'static str) -> ! {
             sh.next_serial = time::deadline_after_us(SERIAL_POLL_US);
             sh.poll_serial();
         }
-        if sh.kbd_present && time::passed(sh.next_kbd) {
+        if (sh.kbd_present || sh.ged_present) && time::passed(sh.next_kbd) {
             sh.next_kbd = time::deadline_after_us(KBD_POLL_US);
-            sh.poll_kbd();
+            if sh.kbd_present {
+                sh.poll_kbd();
+            }
+            if sh.ged_present {
+                sh.poll_ged();
+            }
         }
         sh.periodic();
         let sleeping = match sh.sleep_until {
@@ -395,6 +404,26 @@ impl Shell {
         }
     }
 
+    fn poll_ged(&mut self) {
+        match ged::poll() {
+            Ged::Absent => self.ged_present = false,
+            Ged::Idle => {}
+            Ged::PowerButton => {
+                println!("testguest: power-button");
+                self.shutdown_request();
+            }
+        }
+    }
+
+    /// Ctrl-Alt-Del or the power button: the `on_cad=` action.
+    fn shutdown_request(&mut self) {
+        match self.opts.on_cad {
+            CadAction::Poweroff => self.execute("poweroff"),
+            CadAction::Reset => self.execute("reset"),
+            CadAction::Ignore => {}
+        }
+    }
+
     fn poll_kbd(&mut self) {
         for _ in 0..16 {
             match gate::read_kbd() {
@@ -407,11 +436,7 @@ impl Shell {
                     // Bit 5: the byte is from the auxiliary (mouse) port.
                     if status & 0x20 == 0 && self.cad.feed(data) {
                         println!("testguest: ctrl-alt-del");
-                        match self.opts.on_cad {
-                            CadAction::Poweroff => self.execute("poweroff"),
-                            CadAction::Reset => self.execute("reset"),
-                            CadAction::Ignore => {}
-                        }
+                        self.shutdown_request();
                     }
                 }
             }

@@ -158,15 +158,19 @@ fn discover(cmdline_cpus: Option<usize>, boot: &BootInfo) -> CpuList {
         source: Source::None,
     };
     let bsp = lapic::id();
-    // Our VMM writes the MP table at 0x9FC00; then PVH's rsdp_paddr; then
-    // the BIOS area (SeaBIOS puts both tables in the F segment).
-    if let Some(fp) = scan(0x9fc00, 0xa0000, b"_MP_", 16) {
-        if from_mp_table(fp, &mut l) {
-            l.source = Source::MpTable;
-        }
-    }
-    if l.source == Source::None && boot.rsdp != 0 && from_rsdp(boot.rsdp, &mut l) {
+    // As Linux does, ACPI first: the MADT through PVH's rsdp_paddr (our
+    // VMM), then the MP table at 0x9FC00 (our VMM keeps it for guests
+    // without ACPI), then the BIOS area (SeaBIOS puts both tables in the F
+    // segment).
+    if boot.rsdp != 0 && from_rsdp(boot.rsdp, &mut l) {
         l.source = Source::Madt;
+    }
+    if l.source == Source::None {
+        if let Some(fp) = scan(0x9fc00, 0xa0000, b"_MP_", 16) {
+            if from_mp_table(fp, &mut l) {
+                l.source = Source::MpTable;
+            }
+        }
     }
     if l.source == Source::None {
         if let Some(fp) = scan(0xf0000, 0x100000, b"_MP_", 16) {

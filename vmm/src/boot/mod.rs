@@ -260,8 +260,10 @@ fn write_boot_params(
     initrd: Option<(u64, u64)>,
     acpi_rsdp: Option<u64>,
 ) -> Result<(), BootError> {
-    let mut params = boot_params::default();
-    params.acpi_rsdp_addr = acpi_rsdp.unwrap_or(0);
+    let mut params = boot_params {
+        acpi_rsdp_addr: acpi_rsdp.unwrap_or(0),
+        ..Default::default()
+    };
     match setup_header {
         Some(header) => params.hdr = header,
         None => {

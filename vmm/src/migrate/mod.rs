@@ -60,6 +60,9 @@ pub enum MigrationCall {
     /// Source: the migration failed before the target got `Complete`:
     /// take the disks back and let the guest run again.
     Abort,
+    /// Source: the target got `Complete` but never confirmed it runs the
+    /// guest: stay paused (the guest may run there), end the migration.
+    Undecided,
     /// Source: the guest runs on the target; this VMM exits "migrated".
     Finished,
     /// Target: build the VM (not started) from the source's config.

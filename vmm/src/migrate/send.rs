@@ -123,13 +123,15 @@ pub fn run(context: SendContext) {
             } else {
                 e.to_string()
             };
-            if stage != Stage::Committed {
-                // Undo the switch-over if it began; the guest runs on here.
-                if stage >= Stage::Paused {
-                    if let Err(undo) = call(&control, MigrationCall::Abort) {
-                        eprintln!("vmm: migration: cannot resume the guest: {undo}");
-                    }
-                }
+            // Before `Complete` the guest runs on here; after it, it may run
+            // on the target, so it stays paused for the operator to decide.
+            let undo = if stage == Stage::Committed {
+                MigrationCall::Undecided
+            } else {
+                MigrationCall::Abort
+            };
+            if let Err(undo) = call(&control, undo) {
+                eprintln!("vmm: migration: cannot resume the guest: {undo}");
             }
             eprintln!("vmm: migration failed: {message}");
             shared.update(|s| {
