@@ -16,6 +16,7 @@ packages=(
     qemu-system-x86        # the comparison peer in benchmarks and guest checks
     iproute2 util-linux    # network namespaces, veth, tap; losetup
     busybox-static cpio xz-utils   # the Linux guest's initramfs
+    acpica-tools           # iasl/acpiexec check the VMM's ACPI tables
 )
 missing=()
 for p in "${packages[@]}"; do

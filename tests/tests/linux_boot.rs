@@ -288,6 +288,14 @@ fn linux_vmlinux_pvh_boots_to_initramfs_and_powers_off() {
         "usable e820 memory is {usable:#x} bytes, expected about 512 MiB\n{}",
         vmm.report()
     );
+    // ACPI: the kernel finds the RSDP through PVH rsdp_paddr, and its CPUs
+    // and IOAPIC in the MADT (about 15 s more in here).
+    vmm.wait_for("ACPI: RSDP 0x00000000000E0000", Duration::from_secs(30));
+    vmm.wait_for(
+        "ACPI: Using ACPI (MADT) for SMP configuration information",
+        Duration::from_secs(120),
+    );
+    vmm.wait_for("smpboot: Allowing 2 CPUs", Duration::from_secs(30));
     eprintln!(
         "reduced check passed: {banner:?} after {first:.1} s; {} MiB usable in {} e820 entries",
         usable >> 20,

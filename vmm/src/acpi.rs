@@ -10,7 +10,7 @@
 //!   status reads 0),
 //! - reset register: I/O port 0xCF9, value 0x06 (`ResetControl`),
 //! - events: a Generic Event Device (`ACPI0013`) on IOAPIC pin
-//!   [`GED_IRQ`](crate::layout::GED_IRQ) whose `_EVT` reads the event
+//!   [`GED_IRQ`] (GSI 5) whose `_EVT` reads the event
 //!   register of `devices::legacy::GedDevice` and notifies the power button
 //!   device `\_SB.PWRB` (`PNP0C0C`).
 //!
@@ -40,6 +40,18 @@
 //! IRQ 1), `\_SB.PWRB` (PNP0C0C), `\_SB.GED_` (ACPI0013), `\_SB.MBRS`
 //! (PNP0C02: the sleep/GED ports and ECAM as motherboard resources) and the
 //! `\_S5` package.
+//!
+//! The GED sits on GSI 5: a free ISA pin (0 is the PIT, 1 the i8042, 2 the
+//! PIC cascade, 4 COM1; 3, 8 and 12 keep their PC meanings), so its default
+//! polarity and trigger (active high, edge) already match the GED's `_CRS`
+//! and no override is needed. Edge, because the VMM raises it through a
+//! plain irqfd, which pulses the pin (set, then clear); a level-triggered
+//! GED would need a resampling irqfd deasserted on EOI.
+//!
+//! The MP table (`crate::boot::mptable`) stays, for guests without ACPI: it
+//! describes the same CPUs, IOAPIC id and identity ISA routing, and an OS
+//! that finds the MADT ignores it (Linux: "Using ACPI (MADT) for SMP
+//! configuration information").
 
 use acpi_tables::fadt::{FADTBuilder, Flags, PmProfile, FADT};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
@@ -166,7 +178,7 @@ pub fn build(cpus: u8) -> AcpiTables {
     };
     let mut place = |addr: u64, bytes: &[u8]| {
         let offset = (addr - rsdp_addr) as usize;
-        debug_assert!(offset >= tables.image.len(), "tables overlap");
+        assert!(offset >= tables.image.len(), "ACPI tables overlap");
         tables.image.resize(offset, 0);
         tables.image.extend_from_slice(bytes);
         if addr != rsdp_addr {

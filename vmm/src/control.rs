@@ -88,6 +88,11 @@ impl Controller {
         self.sender.clone()
     }
 
+    /// `vm.create` without booting (the local config of a migration target).
+    pub fn create_only(&mut self, config: VmConfig) -> Result<(), ApiError> {
+        self.create(config)
+    }
+
     /// `vm.create` and `vm.boot` in one step, for a VM given on the command line.
     pub fn create_and_boot(&mut self, config: VmConfig) -> Result<(), ApiError> {
         self.create(config)?;
@@ -291,7 +296,9 @@ impl Controller {
         let vm = Vm::create(config, console, sink, start).map_err(|e| {
             // A missing file is the caller's mistake; anything else is ours.
             match &e {
-                crate::vm::VmError::Boot(_) => ApiError::bad_request(e.to_string()),
+                crate::vm::VmError::Boot(_) | crate::vm::VmError::Device(_) => {
+                    ApiError::bad_request(e.to_string())
+                }
                 _ => ApiError::internal(e.to_string()),
             }
         })?;
@@ -448,7 +455,9 @@ impl Controller {
 
     /// Listens for an incoming migration (API call or `vmm --incoming`).
     pub fn receive_migration(&mut self, request: ReceiveMigrationRequest) -> Result<(), ApiError> {
-        self.expect_state("receive a migration", &[VmState::NotCreated])?;
+        // Created: the local config gives host resources and is checked
+        // against the source's when it arrives.
+        self.expect_state("receive a migration", &[VmState::NotCreated, VmState::Created])?;
         if self.migrating {
             return Err(ApiError::new(
                 ApiErrorKind::WrongState,
@@ -518,12 +527,27 @@ impl Controller {
                 self.deadline = Some((Instant::now() + MIGRATED_GRACE, ExitStatus::Migrated, ""));
                 Ok(MigrationReply::Done)
             }
-            MigrationCall::Build(config) => {
-                if self.state != VmState::NotCreated {
-                    return Err(format!("a VM already exists here (state {})", self.state));
-                }
-                let mut config = *config;
-                config.assign_device_ids();
+            MigrationCall::Build(source) => {
+                let mut source = *source;
+                source.assign_device_ids();
+                // A VM created here first is the local view of the guest:
+                // its host resources (disk paths, taps) are used.
+                let config = match (self.state, self.config.take()) {
+                    (VmState::NotCreated, _) => source,
+                    (VmState::Created, Some(mut local)) => {
+                        local
+                            .check_migration_compatible(&source)
+                            .map_err(|e| format!("the local VM config does not fit the source's: {e}"))?;
+                        for (net, from) in local.nets.iter_mut().zip(&source.nets) {
+                            net.mac = net.mac.clone().or_else(|| from.mac.clone());
+                        }
+                        local
+                    }
+                    (state, config) => {
+                        self.config = config;
+                        return Err(format!("a VM already runs here (state {state})"));
+                    }
+                };
                 if self.console.is_none() {
                     self.console = Some(Console::open(&config.serial).map_err(|e| format!("serial: {e}"))?);
                 }

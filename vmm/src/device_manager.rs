@@ -36,6 +36,28 @@ impl DeviceManager {
         }
     }
 
+    /// Creates the disks and NICs of `config`. On a migration target
+    /// (`incoming`) disks open without their lock, which is taken when the
+    /// source has released it.
+    pub fn add_configured(&mut self, config: &api::config::VmConfig, incoming: bool) -> Result<(), String> {
+        for disk in &config.disks {
+            let id = disk.id.clone().unwrap_or_default();
+            let block = if incoming {
+                devices::virtio::block::Block::new_unlocked(disk)
+            } else {
+                devices::virtio::block::Block::new(disk)
+            }
+            .map_err(|e| e.to_string())?;
+            self.add_virtio(&id, Box::new(block))?;
+        }
+        for net in &config.nets {
+            let id = net.id.clone().unwrap_or_default();
+            let device = devices::virtio::net::Net::new(net).map_err(|e| e.to_string())?;
+            self.add_virtio(&id, Box::new(device))?;
+        }
+        Ok(())
+    }
+
     /// Plugs a virtio device named `id` into the next free slot.
     pub fn add_virtio(&mut self, id: &str, device: Box<dyn VirtioDevice>) -> Result<(), String> {
         let bar = self

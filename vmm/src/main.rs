@@ -42,7 +42,9 @@ Other:
   --config FILE          the VM as a JSON file (not combined with VM flags)
   --api-socket PATH      serve the REST API on this Unix socket
   --incoming URL         wait for a live migration on tcp:HOST:PORT or unix:PATH;
-                         the VM's config comes from the source
+                         the VM's config comes from the source, or from VM flags
+                         or --config here (checked against the source's; this
+                         host's disk paths and taps are used)
   --migration-token-file FILE
                          the pre-shared token a migration source must present
                          (or the VMM_MIGRATION_TOKEN environment variable)
@@ -168,12 +170,6 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Option<Args>, Co
     };
     let incoming = match incoming {
         None => None,
-        Some(_) if vm.is_some() => {
-            return Err(ConfigError::new(
-                "--incoming",
-                "cannot be combined with a VM to boot: the config comes from the source",
-            ))
-        }
         Some(listen) => {
             validate_migration_url("--incoming", &listen)?;
             let token = match &token_file {
@@ -276,13 +272,16 @@ fn main() -> ExitCode {
     };
 
     if let Some(request) = args.incoming {
-        if let Err(e) = controller.receive_migration(request) {
+        // VM flags with --incoming describe this host's side of the guest.
+        let local = match args.vm {
+            Some(config) => controller.create_only(config),
+            None => Ok(()),
+        };
+        if let Err(e) = local.and_then(|_| controller.receive_migration(request)) {
             eprintln!("vmm: {e}");
             return exit(ExitStatus::Usage);
         }
-    }
-
-    if let Some(config) = args.vm {
+    } else if let Some(config) = args.vm {
         if let Err(e) = controller.create_and_boot(config) {
             eprintln!("vmm: {e}");
             let status = match e.kind {

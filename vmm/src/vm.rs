@@ -68,6 +68,8 @@ pub enum VmError {
     Bus(#[from] BusError),
     #[error("cannot create an eventfd: {0}")]
     EventFd(std::io::Error),
+    #[error("{0}")]
+    Device(String),
     #[error("cannot start vCPU threads: {0}")]
     Thread(std::io::Error),
 }
@@ -194,7 +196,10 @@ impl Vm {
             Arc::new(Mutex::new(PciEcam::new(pci_root.clone()))),
         )?;
 
-        let device_manager = DeviceManager::new(pci_root, gsi_router, memory.clone());
+        let mut device_manager = DeviceManager::new(pci_root, gsi_router, memory.clone());
+        device_manager
+            .add_configured(config, start == VmStart::Incoming)
+            .map_err(VmError::Device)?;
 
         let cpus = config.cpus.boot_vcpus;
         let entry = match start {

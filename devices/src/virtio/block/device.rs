@@ -39,6 +39,8 @@ pub const CONFIG_SPACE_SIZE: usize = 96;
 /// Worker tokens.
 const QUEUE_TOKEN: u64 = 0;
 const TIMER_TOKEN: u64 = 1;
+/// Requests served per wakeup before going back to epoll.
+const REQUESTS_PER_WAKEUP: u32 = QUEUE_SIZE as u32;
 /// Host I/O errors logged per device before going quiet.
 const MAX_LOGGED_ERRORS: u64 = 16;
 
@@ -103,12 +105,22 @@ impl BlockHandler {
     pub(crate) fn process_queue(&mut self) {
         let memory = self.memory.clone();
         let mem: &GuestMemoryMmap = &memory;
+        let mut budget = REQUESTS_PER_WAKEUP;
         loop {
             // Without EVENT_IDX this asks the driver not to kick while we work.
             let _ = self.queue.disable_notification(mem);
             let mut popped = false;
             while let Some(chain) = self.queue.pop_descriptor_chain(mem) {
                 popped = true;
+                if budget == 0 {
+                    // A driver that keeps the queue full must not keep the
+                    // worker from seeing a stop request (pause must return):
+                    // put the request back, kick ourselves, go back to epoll.
+                    self.queue.go_to_previous_position();
+                    let _ = self.queue_evt.write(1);
+                    return;
+                }
+                budget -= 1;
                 let head = chain.head_index();
                 let parsed = request::parse(chain, mem, &self.limits, &mut self.scratch);
                 if let Some(limiter) = &mut self.limiter {
@@ -606,5 +618,37 @@ impl VirtioDevice for Block {
             State::Paused(handler) => vec![handler.queue.state()],
             _ => Vec::new(),
         }
+    }
+
+    fn restore(
+        &mut self,
+        state: serde_json::Value,
+        context: Option<ActivateContext>,
+    ) -> Result<(), ActivateError> {
+        let active = self
+            .restore_state(&state)
+            .map_err(|e| ActivateError::Other(e.to_string()))?;
+        match (active, context) {
+            (Some(_), Some(context)) => self.activate(context),
+            (None, None) => Ok(()),
+            (Some(_), None) => Err(ActivateError::Other(
+                "the device was active on the source but its driver is not".into(),
+            )),
+            (None, Some(_)) => Err(ActivateError::Other(
+                "the driver is active but the device state says inactive".into(),
+            )),
+        }
+    }
+
+    fn migration_release(&mut self) -> Result<(), String> {
+        self.flush().map_err(|e| e.to_string())?;
+        self.release_lock().map_err(|e| e.to_string())
+    }
+
+    fn migration_acquire(&mut self) -> Result<(), String> {
+        if self.is_locked() {
+            return Ok(());
+        }
+        self.acquire_lock().map_err(|e| e.to_string())
     }
 }

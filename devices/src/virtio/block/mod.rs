@@ -11,6 +11,20 @@
 //! - [`disk`]: the backend (open, size, block sizes, discard, zeroing).
 //! - [`lock`]: OFD locks, so two VMMs never open one disk read-write.
 //! - [`persist`]: snapshot and restore for live migration.
+//!
+//! # I/O engine
+//!
+//! Synchronous: the worker serves requests one at a time, one
+//! preadv/pwritev each. Measured on the 2-core development machine (4 KiB
+//! random reads, 32 requests in flight, `bench_4k_random_reads`, release
+//! build): 99k IOPS from the host page cache, 7.4k IOPS with O_DIRECT (one
+//! request at a time on the disk). fio on the same disk with O_DIRECT: psync
+//! QD1 6.1k IOPS, 4 psync threads 21.5k, io_uring QD32 36.9k, libaio QD32
+//! 45.0k. An asynchronous engine would be about 5x faster for direct random
+//! reads with several requests in flight, and no faster for cached I/O; it
+//! is not written yet. It would replace the direct preadv/pwritev in
+//! [`request::Executor`], complete requests out of order, and `pause` would
+//! have to wait for the requests in flight.
 
 pub mod device;
 pub mod disk;

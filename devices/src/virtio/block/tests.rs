@@ -1384,7 +1384,7 @@ fn loop_device_backend() {
     assert_bytes(&back[1024..], &data[1024..4096], "line 1181");
 }
 
-/// Not a test of the device: a quick throughput probe, run by hand with
+/// Not a test of the device: a quick throughput probe (numbers in mod.rs), run by hand with
 /// `cargo test -p devices --release -- --ignored --nocapture bench_4k`.
 #[test]
 #[ignore]

@@ -487,6 +487,28 @@ impl VirtioDevice for Net {
             .map(|h| h.queue_states())
             .unwrap_or_default()
     }
+
+    fn restore(
+        &mut self,
+        state: serde_json::Value,
+        context: Option<ActivateContext>,
+    ) -> Result<(), ActivateError> {
+        let state = NetState::from_value(&state)
+            .map_err(|e| ActivateError::Other(format!("invalid net state: {e}")))?;
+        self.apply_state(&state)
+            .map_err(|e| ActivateError::Other(e.to_string()))?;
+        match context {
+            Some(context) => self.activate(context),
+            None => Ok(()),
+        }
+    }
+
+    fn migration_completed(&mut self) {
+        // Switches learn where the guest went; a failure only delays that.
+        if let Err(e) = self.announce() {
+            eprintln!("vmm: {}: cannot announce the guest: {e}", self.id);
+        }
+    }
 }
 
 impl Drop for Net {
