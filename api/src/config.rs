@@ -746,6 +746,82 @@ pub fn parse_size(field: &str, value: &str) -> ConfigResult<u64> {
         .ok_or_else(|| ConfigError::new(field, format!("{value:?} is too large")))
 }
 
+impl VmConfig {
+    /// Checks that a migration target configured with `self` can take a
+    /// guest described by `source`: same vCPUs, memory size, devices (ids,
+    /// order, what the guest sees of them). Host-local parts may differ:
+    /// disk paths, tap names, memory backing, serial, KSM.
+    pub fn check_migration_compatible(&self, source: &VmConfig) -> Result<(), ConfigError> {
+        let differ = |field: &str, here: String, there: String| {
+            Err(ConfigError::new(
+                field,
+                format!("{here} here, {there} on the migration source"),
+            ))
+        };
+        if self.cpus.boot_vcpus != source.cpus.boot_vcpus {
+            return differ(
+                "cpus.boot_vcpus",
+                self.cpus.boot_vcpus.to_string(),
+                source.cpus.boot_vcpus.to_string(),
+            );
+        }
+        if self.memory.size_mib != source.memory.size_mib {
+            return differ(
+                "memory.size_mib",
+                self.memory.size_mib.to_string(),
+                source.memory.size_mib.to_string(),
+            );
+        }
+        let ids = |v: Vec<Option<String>>| {
+            v.into_iter()
+                .map(|i| i.unwrap_or_default())
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        let here_disks = ids(self.disks.iter().map(|d| d.id.clone()).collect());
+        let there_disks = ids(source.disks.iter().map(|d| d.id.clone()).collect());
+        if here_disks != there_disks {
+            return differ(
+                "disks",
+                format!("[{here_disks}]"),
+                format!("[{there_disks}]"),
+            );
+        }
+        for (i, (here, there)) in self.disks.iter().zip(&source.disks).enumerate() {
+            if here.readonly != there.readonly
+                || here.serial != there.serial
+                || here.logical_block_size != there.logical_block_size
+                || here.physical_block_size != there.physical_block_size
+            {
+                return Err(ConfigError::new(
+                    format!("disks[{i}]"),
+                    "read-only, serial or block sizes differ from the migration source",
+                ));
+            }
+        }
+        let here_nets = ids(self.nets.iter().map(|n| n.id.clone()).collect());
+        let there_nets = ids(source.nets.iter().map(|n| n.id.clone()).collect());
+        if here_nets != there_nets {
+            return differ("nets", format!("[{here_nets}]"), format!("[{there_nets}]"));
+        }
+        for (i, (here, there)) in self.nets.iter().zip(&source.nets).enumerate() {
+            if here.mac.is_some() && here.mac != there.mac {
+                return Err(ConfigError::new(
+                    format!("nets[{i}].mac"),
+                    "differs from the migration source (the guest keeps its MAC)",
+                ));
+            }
+        }
+        if self.balloon.is_some() != source.balloon.is_some() {
+            return Err(ConfigError::new(
+                "balloon",
+                "present on one side of the migration only",
+            ));
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -817,72 +893,5 @@ mod tests {
         );
         assert!(SerialConfig::parse("file=").is_err());
         assert!(SerialConfig::parse("tty").is_err());
-    }
-}
-
-impl VmConfig {
-    /// Checks that a migration target configured with `self` can take a
-    /// guest described by `source`: same vCPUs, memory size, devices (ids,
-    /// order, what the guest sees of them). Host-local parts may differ:
-    /// disk paths, tap names, memory backing, serial, KSM.
-    pub fn check_migration_compatible(&self, source: &VmConfig) -> Result<(), ConfigError> {
-        let differ = |field: &str, here: String, there: String| {
-            Err(ConfigError::new(
-                field,
-                format!("{here} here, {there} on the migration source"),
-            ))
-        };
-        if self.cpus.boot_vcpus != source.cpus.boot_vcpus {
-            return differ(
-                "cpus.boot_vcpus",
-                self.cpus.boot_vcpus.to_string(),
-                source.cpus.boot_vcpus.to_string(),
-            );
-        }
-        if self.memory.size_mib != source.memory.size_mib {
-            return differ(
-                "memory.size_mib",
-                self.memory.size_mib.to_string(),
-                source.memory.size_mib.to_string(),
-            );
-        }
-        let ids = |v: Vec<Option<String>>| v.into_iter().map(|i| i.unwrap_or_default()).collect::<Vec<_>>().join(",");
-        let here_disks = ids(self.disks.iter().map(|d| d.id.clone()).collect());
-        let there_disks = ids(source.disks.iter().map(|d| d.id.clone()).collect());
-        if here_disks != there_disks {
-            return differ("disks", format!("[{here_disks}]"), format!("[{there_disks}]"));
-        }
-        for (i, (here, there)) in self.disks.iter().zip(&source.disks).enumerate() {
-            if here.readonly != there.readonly
-                || here.serial != there.serial
-                || here.logical_block_size != there.logical_block_size
-                || here.physical_block_size != there.physical_block_size
-            {
-                return Err(ConfigError::new(
-                    format!("disks[{i}]"),
-                    "read-only, serial or block sizes differ from the migration source",
-                ));
-            }
-        }
-        let here_nets = ids(self.nets.iter().map(|n| n.id.clone()).collect());
-        let there_nets = ids(source.nets.iter().map(|n| n.id.clone()).collect());
-        if here_nets != there_nets {
-            return differ("nets", format!("[{here_nets}]"), format!("[{there_nets}]"));
-        }
-        for (i, (here, there)) in self.nets.iter().zip(&source.nets).enumerate() {
-            if here.mac.is_some() && here.mac != there.mac {
-                return Err(ConfigError::new(
-                    format!("nets[{i}].mac"),
-                    "differs from the migration source (the guest keeps its MAC)",
-                ));
-            }
-        }
-        if self.balloon.is_some() != source.balloon.is_some() {
-            return Err(ConfigError::new(
-                "balloon",
-                "present on one side of the migration only",
-            ));
-        }
-        Ok(())
     }
 }

@@ -313,7 +313,10 @@ impl MigrationParameters {
     pub fn validate(&self) -> Result<(), crate::config::ConfigError> {
         use crate::config::ConfigError;
         if self.downtime_ms == 0 || self.downtime_ms > 600_000 {
-            return Err(ConfigError::new("downtime_ms", "must be between 1 and 600000"));
+            return Err(ConfigError::new(
+                "downtime_ms",
+                "must be between 1 and 600000",
+            ));
         }
         if self.timeout_s == Some(0) {
             return Err(ConfigError::new("timeout_s", "must be at least 1 second"));
@@ -336,7 +339,13 @@ pub struct ReceiveMigrationRequest {
 pub fn validate_migration_url(field: &str, url: &str) -> Result<(), crate::config::ConfigError> {
     use crate::config::ConfigError;
     match url.split_once(':') {
-        Some(("tcp", rest)) if rest.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok()) => Ok(()),
+        Some(("tcp", rest))
+            if rest
+                .rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok()) =>
+        {
+            Ok(())
+        }
         Some(("unix", path)) if !path.is_empty() => Ok(()),
         _ => Err(ConfigError::new(
             field,

@@ -120,7 +120,8 @@ impl DirtyBitmap {
         let max_run = max_run.max(1);
         runs.into_iter()
             .flat_map(|(s, n)| {
-                (0..n.div_ceil(max_run)).map(move |i| (s + i * max_run, (n - i * max_run).min(max_run)))
+                (0..n.div_ceil(max_run))
+                    .map(move |i| (s + i * max_run, (n - i * max_run).min(max_run)))
             })
             .collect()
     }
@@ -137,7 +138,10 @@ mod tests {
             a.set(p);
         }
         assert_eq!(a.runs(1000), vec![(0, 3), (63, 3), (130, 1), (199, 1)]);
-        assert_eq!(a.runs(2), vec![(0, 2), (2, 1), (63, 2), (65, 1), (130, 1), (199, 1)]);
+        assert_eq!(
+            a.runs(2),
+            vec![(0, 2), (2, 1), (63, 2), (65, 1), (130, 1), (199, 1)]
+        );
         assert_eq!(a.count(), 8);
         let mut b = DirtyBitmap::new(200);
         b.set(100);

@@ -325,39 +325,72 @@ mod tests {
         assert_eq!(Header::decode(&h.encode()).unwrap(), h);
         let mut b = h.encode();
         b[0] = b'X';
-        assert!(matches!(Header::decode(&b), Err(ProtocolError::BadMagic(_))));
+        assert!(matches!(
+            Header::decode(&b),
+            Err(ProtocolError::BadMagic(_))
+        ));
         let mut b = h.encode();
         b[4] = 99;
-        assert!(matches!(Header::decode(&b), Err(ProtocolError::Version(99))));
+        assert!(matches!(
+            Header::decode(&b),
+            Err(ProtocolError::Version(99))
+        ));
         let mut b = h.encode();
         b[6] = 77;
-        assert!(matches!(Header::decode(&b), Err(ProtocolError::UnknownKind(77))));
+        assert!(matches!(
+            Header::decode(&b),
+            Err(ProtocolError::UnknownKind(77))
+        ));
         let big = Header {
             kind: Kind::Hello,
             length: MAX_CONTROL_PAYLOAD + 1,
         };
-        assert!(matches!(Header::decode(&big.encode()), Err(ProtocolError::TooLarge { .. })));
+        assert!(matches!(
+            Header::decode(&big.encode()),
+            Err(ProtocolError::TooLarge { .. })
+        ));
     }
 
     #[test]
     fn truncated_streams_are_errors_not_hangs() {
         let mut buf = Vec::new();
-        send_json(&mut buf, Kind::Hello, &Hello { vmm_version: "1".into(), token: "t".into() }).unwrap();
+        send_json(
+            &mut buf,
+            Kind::Hello,
+            &Hello {
+                vmm_version: "1".into(),
+                token: "t".into(),
+            },
+        )
+        .unwrap();
         for cut in [0, 5, HEADER_SIZE, buf.len() - 1] {
             let mut r = &buf[..cut];
             let e = expect_json::<Hello>(&mut r, Kind::Hello).unwrap_err();
             assert!(matches!(e, ProtocolError::Eof), "cut at {cut}: {e}");
         }
         let mut r = &buf[..];
-        assert_eq!(expect_json::<Hello>(&mut r, Kind::Hello).unwrap().token, "t");
+        assert_eq!(
+            expect_json::<Hello>(&mut r, Kind::Hello).unwrap().token,
+            "t"
+        );
         let mut r = &buf[..];
-        assert!(matches!(expect_json::<Empty>(&mut r, Kind::Ack), Err(ProtocolError::Unexpected { .. })));
+        assert!(matches!(
+            expect_json::<Empty>(&mut r, Kind::Ack),
+            Err(ProtocolError::Unexpected { .. })
+        ));
     }
 
     #[test]
     fn peer_errors_surface() {
         let mut buf = Vec::new();
-        send_json(&mut buf, Kind::Error, &ErrorMessage { message: "no room".into() }).unwrap();
+        send_json(
+            &mut buf,
+            Kind::Error,
+            &ErrorMessage {
+                message: "no room".into(),
+            },
+        )
+        .unwrap();
         let mut r = &buf[..];
         match expect_json::<Empty>(&mut r, Kind::Ack) {
             Err(ProtocolError::Peer(m)) => assert_eq!(m, "no room"),
@@ -367,14 +400,34 @@ mod tests {
 
     #[test]
     fn page_ranges_are_checked() {
-        let r = PageRange { gpa: 0x2000, len: 0x3000, zero: true };
+        let r = PageRange {
+            gpa: 0x2000,
+            len: 0x3000,
+            zero: true,
+        };
         assert_eq!(PageRange::decode(&r.encode()).unwrap(), r);
         assert_eq!(r.wire_size(), 16);
         for bad in [
-            PageRange { gpa: 0x2001, len: 0x1000, zero: false },
-            PageRange { gpa: 0x2000, len: 0x1001, zero: false },
-            PageRange { gpa: 0x2000, len: 0, zero: false },
-            PageRange { gpa: u64::MAX - 0xfff, len: 0x2000, zero: false },
+            PageRange {
+                gpa: 0x2001,
+                len: 0x1000,
+                zero: false,
+            },
+            PageRange {
+                gpa: 0x2000,
+                len: 0x1001,
+                zero: false,
+            },
+            PageRange {
+                gpa: 0x2000,
+                len: 0,
+                zero: false,
+            },
+            PageRange {
+                gpa: u64::MAX - 0xfff,
+                len: 0x2000,
+                zero: false,
+            },
         ] {
             assert!(PageRange::decode(&bad.encode()).is_err(), "{bad:?}");
         }

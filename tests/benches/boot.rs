@@ -25,19 +25,25 @@ const TIMEOUT: Duration = Duration::from_secs(30);
 fn qemu_command(guest: &Path, cmdline: &str) -> Command {
     let mut cmd = Command::new("qemu-system-x86_64");
     // -arch-capabilities: QEMU cannot set that MSR on this nested host.
-    cmd.args(["-accel", "kvm", "-cpu", "host,-arch-capabilities", "-machine"])
-        .arg("microvm,x-option-roms=off,rtc=off,isa-serial=on")
-        .args(["-m", &format!("{MEMORY_MIB}M"), "-smp", "1"])
-        .args([
-            "-nodefaults",
-            "-no-user-config",
-            "-nographic",
-            "-serial",
-            "stdio",
-        ])
-        .args(["-no-reboot", "-kernel"])
-        .arg(guest)
-        .args(["-append", cmdline]);
+    cmd.args([
+        "-accel",
+        "kvm",
+        "-cpu",
+        "host,-arch-capabilities",
+        "-machine",
+    ])
+    .arg("microvm,x-option-roms=off,rtc=off,isa-serial=on")
+    .args(["-m", &format!("{MEMORY_MIB}M"), "-smp", "1"])
+    .args([
+        "-nodefaults",
+        "-no-user-config",
+        "-nographic",
+        "-serial",
+        "stdio",
+    ])
+    .args(["-no-reboot", "-kernel"])
+    .arg(guest)
+    .args(["-append", cmdline]);
     cmd
 }
 

@@ -22,6 +22,9 @@ use vmm_tests::harness::{testguest, vmm_binary, TempDir};
 const RUNS: usize = 3;
 const TIMEOUT: Duration = Duration::from_secs(120);
 
+/// A table row: its name, the figure it shows, how to print it.
+type Row = (&'static str, fn(&Figures) -> f64, fn(f64) -> String);
+
 /// One migration's figures.
 #[derive(Clone, Copy, Default)]
 struct Figures {
@@ -90,7 +93,11 @@ fn drain(mut out: BufReader<ChildStdout>) {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn kill(mut child: Child) {
@@ -109,7 +116,11 @@ fn ours(case: &Case, dir: &TempDir) -> Figures {
     let api_socket = dir.join("src.sock");
     let _ = std::fs::remove_file(&api_socket);
     let target = Command::new(vmm_binary())
-        .args(["--incoming", &format!("tcp:127.0.0.1:{port}"), "--migration-token-file"])
+        .args([
+            "--incoming",
+            &format!("tcp:127.0.0.1:{port}"),
+            "--migration-token-file",
+        ])
         .arg(&token)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -119,7 +130,12 @@ fn ours(case: &Case, dir: &TempDir) -> Figures {
     let mut source = Command::new(vmm_binary())
         .arg("--kernel")
         .arg(testguest())
-        .args(["--cmdline", &cmdline(case), "--memory", &format!("size={}M", case.memory_mib)])
+        .args([
+            "--cmdline",
+            &cmdline(case),
+            "--memory",
+            &format!("size={}M", case.memory_mib),
+        ])
         .args(["--cpus", "2", "--api-socket"])
         .arg(&api_socket)
         .stdin(Stdio::null())
@@ -142,7 +158,9 @@ fn ours(case: &Case, dir: &TempDir) -> Figures {
         let status = api.migration_status().expect("status");
         match status.phase {
             MigrationPhase::Completed => break status,
-            MigrationPhase::Failed | MigrationPhase::Cancelled => panic!("our migration failed: {:?}", status.error),
+            MigrationPhase::Failed | MigrationPhase::Cancelled => {
+                panic!("our migration failed: {:?}", status.error)
+            }
             _ => {}
         }
         assert!(Instant::now() < deadline, "our migration did not finish");
@@ -205,17 +223,29 @@ impl Qmp {
 
 fn qemu_command(case: &Case, qmp: &Path) -> Command {
     let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args(["-accel", "kvm", "-cpu", "host,-arch-capabilities", "-machine"])
-        .arg("microvm,x-option-roms=off,rtc=off,isa-serial=on")
-        .args(["-m", &format!("{}M", case.memory_mib), "-smp", "2"])
-        .args(["-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio"])
-        .arg("-kernel")
-        .arg(testguest())
-        .args(["-append", &format!("cpus=2 {}", cmdline(case))])
-        .arg("-qmp")
-        .arg(format!("unix:{},server=on,wait=off", qmp.display()))
-        .stdin(Stdio::null())
-        .stderr(Stdio::null());
+    cmd.args([
+        "-accel",
+        "kvm",
+        "-cpu",
+        "host,-arch-capabilities",
+        "-machine",
+    ])
+    .arg("microvm,x-option-roms=off,rtc=off,isa-serial=on")
+    .args(["-m", &format!("{}M", case.memory_mib), "-smp", "2"])
+    .args([
+        "-nodefaults",
+        "-no-user-config",
+        "-nographic",
+        "-serial",
+        "stdio",
+    ])
+    .arg("-kernel")
+    .arg(testguest())
+    .args(["-append", &format!("cpus=2 {}", cmdline(case))])
+    .arg("-qmp")
+    .arg(format!("unix:{},server=on,wait=off", qmp.display()))
+    .stdin(Stdio::null())
+    .stderr(Stdio::null());
     cmd
 }
 
@@ -229,7 +259,10 @@ fn qemu(case: &Case, dir: &TempDir) -> Figures {
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
-    let mut source = qemu_command(case, &src_qmp).stdout(Stdio::piped()).spawn().unwrap();
+    let mut source = qemu_command(case, &src_qmp)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
     let mut out = BufReader::new(source.stdout.take().unwrap());
     wait_line(&mut out, case.ready);
     drain(out);
@@ -295,7 +328,10 @@ fn main() {
         return;
     }
     let dir = TempDir::new("bench-migration");
-    let have_qemu = Command::new("qemu-system-x86_64").arg("--version").output().is_ok();
+    let have_qemu = Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .is_ok();
     let tcp = median((0..3).map(|_| loopback_tcp()).collect());
     let mut table = Table::new(&["case", "figure", "ours", "QEMU 7.2", "ours/QEMU"]);
     for case in CASES {
@@ -305,12 +341,22 @@ fn main() {
         } else {
             Vec::new()
         };
-        let m = |runs: &[Figures], f: fn(&Figures) -> f64| (!runs.is_empty()).then(|| median(runs.iter().map(f).collect()));
-        let rows: [(&str, fn(&Figures) -> f64, fn(f64) -> String); 4] = [
+        let m = |runs: &[Figures], f: fn(&Figures) -> f64| {
+            (!runs.is_empty()).then(|| median(runs.iter().map(f).collect()))
+        };
+        let rows: [Row; 4] = [
             ("total time (ms)", |f| f.total_ms, |v| format!("{v:.1}")),
             ("downtime (ms)", |f| f.downtime_ms, |v| format!("{v:.1}")),
-            ("bytes sent (MiB)", |f| f.bytes / (1u64 << 20) as f64, |v| format!("{v:.1}")),
-            ("throughput / loopback TCP", move |f| f.throughput(), |v| format!("{v:.3}")),
+            (
+                "bytes sent (MiB)",
+                |f| f.bytes / (1u64 << 20) as f64,
+                |v| format!("{v:.1}"),
+            ),
+            (
+                "throughput / loopback TCP",
+                move |f| f.throughput(),
+                |v| format!("{v:.3}"),
+            ),
         ];
         for (name, pick, fmt) in rows {
             let ours = m(&ours_runs, pick).unwrap();

@@ -69,7 +69,11 @@ impl Pair {
             dir.join("source.sock").display().to_string(),
         ];
         let source = Vmm::spawn_with_prefix(source_prefix, &source_args);
-        Pair { dir, source, target }
+        Pair {
+            dir,
+            source,
+            target,
+        }
     }
 
     fn destination(&self) -> String {
@@ -90,7 +94,12 @@ fn send(destination: &str, token: &str, parameters: MigrationParameters) -> Send
 }
 
 /// Polls the status until `done` says so; panics with the last status on timeout.
-fn wait_status(api: &ApiClient, timeout: Duration, what: &str, done: impl Fn(&MigrationStatus) -> bool) -> MigrationStatus {
+fn wait_status(
+    api: &ApiClient,
+    timeout: Duration,
+    what: &str,
+    done: impl Fn(&MigrationStatus) -> bool,
+) -> MigrationStatus {
     let deadline = Instant::now() + timeout;
     let mut last = None;
     while Instant::now() < deadline {
@@ -114,7 +123,11 @@ fn pages_pass(vmm: &mut Vmm) -> u64 {
 fn check_pages(vmm: &mut Vmm) -> String {
     vmm.send_line("check-pages");
     let line = vmm.wait_for("pages-", SHORT);
-    assert!(line.starts_with("pages-ok"), "invariant broken: {line}\n{}", vmm.report());
+    assert!(
+        line.starts_with("pages-ok"),
+        "invariant broken: {line}\n{}",
+        vmm.report()
+    );
     line
 }
 
@@ -140,19 +153,35 @@ fn page_records_survive_forced_dirty_rounds_and_the_guest_runs_on() {
     // Forced iterations: pages already sent are re-dirtied by the walker.
     let status = wait_status(&api, MIGRATE, "two dirty rounds", |s| s.iterations >= 2);
     assert_eq!(status.phase, MigrationPhase::Active);
-    assert!(status.data_pages > 64 * 256, "pages were sent more than once: {status:#?}");
+    assert!(
+        status.data_pages > 64 * 256,
+        "pages were sent more than once: {status:#?}"
+    );
     // The API answers while the migration runs.
     assert!(api.ping().is_ok());
     // Lift the limits and let it converge.
-    api.migration_parameters(&MigrationParameters::default()).unwrap();
+    api.migration_parameters(&MigrationParameters::default())
+        .unwrap();
     let final_status = wait_status(&api, MIGRATE, "completion", |s| {
         matches!(s.phase, MigrationPhase::Completed | MigrationPhase::Failed)
     });
-    assert_eq!(final_status.phase, MigrationPhase::Completed, "{final_status:#?}");
-    assert_eq!(pair.source.exit_code(SHORT), EXIT_MIGRATED, "{}", pair.source.report());
+    assert_eq!(
+        final_status.phase,
+        MigrationPhase::Completed,
+        "{final_status:#?}"
+    );
+    assert_eq!(
+        pair.source.exit_code(SHORT),
+        EXIT_MIGRATED,
+        "{}",
+        pair.source.report()
+    );
     // The walker continues on the target, past where it was on the source.
     let after = pages_pass(&mut pair.target);
-    assert!(after > before, "pass {before} on the source, {after} on the target");
+    assert!(
+        after > before,
+        "pass {before} on the source, {after} on the target"
+    );
     let line = check_pages(&mut pair.target);
     assert!(field(&line, "passes").unwrap() >= after, "{line}");
     let target_status = pair.target.api().migration_status().unwrap();
@@ -168,12 +197,24 @@ fn counters_continue_on_the_target() {
     let line = pair.source.wait_for("counters:", BOOT);
     let before = field(&line, "cpu1").unwrap();
     pair.source_api()
-        .send_migration(&send(&pair.destination(), TOKEN, MigrationParameters::default()))
+        .send_migration(&send(
+            &pair.destination(),
+            TOKEN,
+            MigrationParameters::default(),
+        ))
         .unwrap();
-    assert_eq!(pair.source.exit_code(MIGRATE), EXIT_MIGRATED, "{}", pair.source.report());
+    assert_eq!(
+        pair.source.exit_code(MIGRATE),
+        EXIT_MIGRATED,
+        "{}",
+        pair.source.report()
+    );
     let first = field(&pair.target.wait_for("counters:", SHORT), "cpu1").unwrap();
     let later = field(&pair.target.wait_for("counters:", SHORT), "cpu1").unwrap();
-    assert!(first >= before && later > first, "{before} -> {first} -> {later}");
+    assert!(
+        first >= before && later > first,
+        "{before} -> {first} -> {later}"
+    );
     // The console works on the target too.
     pair.target.send_line("echo alive after migration");
     pair.target.wait_for("alive after migration", SHORT);
@@ -185,13 +226,27 @@ fn a_wrong_token_is_refused_and_the_source_runs_on() {
     let mut pair = Pair::start("pages mib=16", "128M", None);
     pair.source.wait_for("pages: start", BOOT);
     let api = pair.source_api();
-    api.send_migration(&send(&pair.destination(), "not-the-token", MigrationParameters::default()))
-        .unwrap();
-    let status = wait_status(&api, MIGRATE, "failure", |s| s.phase == MigrationPhase::Failed);
+    api.send_migration(&send(
+        &pair.destination(),
+        "not-the-token",
+        MigrationParameters::default(),
+    ))
+    .unwrap();
+    let status = wait_status(&api, MIGRATE, "failure", |s| {
+        s.phase == MigrationPhase::Failed
+    });
     let error = status.error.unwrap_or_default();
     assert!(error.contains("token"), "{error}");
-    assert_eq!(pair.target.exit_code(SHORT), EXIT_ERROR, "{}", pair.target.report());
-    assert!(pair.target.console().is_empty(), "the target never ran a guest");
+    assert_eq!(
+        pair.target.exit_code(SHORT),
+        EXIT_ERROR,
+        "{}",
+        pair.target.report()
+    );
+    assert!(
+        pair.target.console().is_empty(),
+        "the target never ran a guest"
+    );
     // The source still runs, memory intact.
     pages_pass(&mut pair.source);
     check_pages(&mut pair.source);
@@ -213,9 +268,13 @@ fn a_target_killed_mid_stream_leaves_the_source_running_intact() {
         },
     ))
     .unwrap();
-    wait_status(&api, MIGRATE, "active", |s| s.phase == MigrationPhase::Active && s.transferred_bytes > 1 << 20);
+    wait_status(&api, MIGRATE, "active", |s| {
+        s.phase == MigrationPhase::Active && s.transferred_bytes > 1 << 20
+    });
     pair.target.signal(libc::SIGKILL);
-    let status = wait_status(&api, MIGRATE, "failure", |s| s.phase == MigrationPhase::Failed);
+    let status = wait_status(&api, MIGRATE, "failure", |s| {
+        s.phase == MigrationPhase::Failed
+    });
     assert!(status.error.is_some(), "{status:#?}");
     assert_eq!(api.info().unwrap().state, api::request::VmState::Running);
     let before = pages_pass(&mut pair.source);
@@ -240,12 +299,21 @@ fn cancel_and_timeout_leave_the_source_running() {
         },
     ))
     .unwrap();
-    wait_status(&api, MIGRATE, "active", |s| s.phase == MigrationPhase::Active);
+    wait_status(&api, MIGRATE, "active", |s| {
+        s.phase == MigrationPhase::Active
+    });
     api.migration_cancel().unwrap();
-    let status = wait_status(&api, MIGRATE, "cancelled", |s| s.phase == MigrationPhase::Cancelled);
+    let status = wait_status(&api, MIGRATE, "cancelled", |s| {
+        s.phase == MigrationPhase::Cancelled
+    });
     assert!(status.error.is_some());
     // The target saw the source give up, and never ran the guest.
-    assert_eq!(pair.target.exit_code(SHORT), EXIT_ERROR, "{}", pair.target.report());
+    assert_eq!(
+        pair.target.exit_code(SHORT),
+        EXIT_ERROR,
+        "{}",
+        pair.target.report()
+    );
     assert!(pair.target.console().is_empty());
     pages_pass(&mut pair.source);
     check_pages(&mut pair.source);
@@ -275,7 +343,9 @@ fn cancel_and_timeout_leave_the_source_running() {
         },
     ))
     .unwrap();
-    let status = wait_status(&api, MIGRATE, "timeout", |s| s.phase == MigrationPhase::Failed);
+    let status = wait_status(&api, MIGRATE, "timeout", |s| {
+        s.phase == MigrationPhase::Failed
+    });
     assert!(status.error.unwrap_or_default().contains("timed out"));
     assert_eq!(target2.exit_code(SHORT), EXIT_ERROR);
     pages_pass(&mut pair.source);
@@ -322,7 +392,10 @@ fn message(kind: u16, payload: &[u8]) -> Vec<u8> {
 #[test]
 fn malformed_and_truncated_streams_never_run_a_guest() {
     require_kvm!();
-    let hello = message(1, format!(r#"{{"vmm_version":"x","token":"{TOKEN}"}}"#).as_bytes());
+    let hello = message(
+        1,
+        format!(r#"{{"vmm_version":"x","token":"{TOKEN}"}}"#).as_bytes(),
+    );
     let config = message(
         3,
         format!(
@@ -410,20 +483,81 @@ impl Netns {
         let steps: Vec<Vec<String>> = vec![
             vec!["netns".into(), "add".into(), net.source.clone()],
             vec!["netns".into(), "add".into(), net.target.clone()],
-            vec!["-n".into(), net.source.clone(), "link".into(), "add".into(), a.clone(), "type".into(), "veth".into(), "peer".into(), "name".into(), b.clone(), "netns".into(), net.target.clone()],
-            vec!["-n".into(), net.source.clone(), "addr".into(), "add".into(), format!("{}/24", Self::SOURCE_ADDR), "dev".into(), a.clone()],
-            vec!["-n".into(), net.target.clone(), "addr".into(), "add".into(), format!("{}/24", Self::TARGET_ADDR), "dev".into(), b.clone()],
-            vec!["-n".into(), net.source.clone(), "link".into(), "set".into(), a, "up".into()],
-            vec!["-n".into(), net.target.clone(), "link".into(), "set".into(), b, "up".into()],
-            vec!["-n".into(), net.source.clone(), "link".into(), "set".into(), "lo".into(), "up".into()],
-            vec!["-n".into(), net.target.clone(), "link".into(), "set".into(), "lo".into(), "up".into()],
+            vec![
+                "-n".into(),
+                net.source.clone(),
+                "link".into(),
+                "add".into(),
+                a.clone(),
+                "type".into(),
+                "veth".into(),
+                "peer".into(),
+                "name".into(),
+                b.clone(),
+                "netns".into(),
+                net.target.clone(),
+            ],
+            vec![
+                "-n".into(),
+                net.source.clone(),
+                "addr".into(),
+                "add".into(),
+                format!("{}/24", Self::SOURCE_ADDR),
+                "dev".into(),
+                a.clone(),
+            ],
+            vec![
+                "-n".into(),
+                net.target.clone(),
+                "addr".into(),
+                "add".into(),
+                format!("{}/24", Self::TARGET_ADDR),
+                "dev".into(),
+                b.clone(),
+            ],
+            vec![
+                "-n".into(),
+                net.source.clone(),
+                "link".into(),
+                "set".into(),
+                a,
+                "up".into(),
+            ],
+            vec![
+                "-n".into(),
+                net.target.clone(),
+                "link".into(),
+                "set".into(),
+                b,
+                "up".into(),
+            ],
+            vec![
+                "-n".into(),
+                net.source.clone(),
+                "link".into(),
+                "set".into(),
+                "lo".into(),
+                "up".into(),
+            ],
+            vec![
+                "-n".into(),
+                net.target.clone(),
+                "link".into(),
+                "set".into(),
+                "lo".into(),
+                "up".into(),
+            ],
         ];
         for step in steps {
             match std::process::Command::new("ip").args(&step).output() {
                 Ok(o) if o.status.success() => {}
                 Ok(o) => {
                     drop(net);
-                    panic!("ip {}: {}", step.join(" "), String::from_utf8_lossy(&o.stderr));
+                    panic!(
+                        "ip {}: {}",
+                        step.join(" "),
+                        String::from_utf8_lossy(&o.stderr)
+                    );
                 }
                 Err(e) => {
                     eprintln!("SKIP: cannot run ip (iproute2 is not installed): {e}");
@@ -439,7 +573,9 @@ impl Drop for Netns {
     fn drop(&mut self) {
         // Deleting a namespace deletes the veth end inside it, and its peer.
         for ns in [&self.source, &self.target] {
-            let _ = std::process::Command::new("ip").args(["netns", "del", ns]).output();
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", ns])
+                .output();
         }
     }
 }

@@ -10,16 +10,16 @@ use api::config::{ResetAction, VmConfig};
 use api::http::ApiCall;
 use api::request::{
     ApiError, ApiErrorKind, ApiRequest, ApiResponse, ApiResult, MemoryInfo, MigrationPhase,
-    PingInfo, ReceiveMigrationRequest, SendMigrationRequest, ShutdownMode, ShutdownRequest,
-    VmInfo, VmState,
+    PingInfo, ReceiveMigrationRequest, SendMigrationRequest, ShutdownMode, ShutdownRequest, VmInfo,
+    VmState,
 };
-use std::sync::atomic::Ordering;
 use devices::legacy::PowerEvent;
+use std::sync::atomic::Ordering;
 
 use crate::console::Console;
 use crate::exit::ExitStatus;
-use crate::migrate::{MigrationCall, MigrationReply, MigrationShared};
 use crate::memory;
+use crate::migrate::{MigrationCall, MigrationReply, MigrationShared};
 use crate::vcpu::VcpuStop;
 use crate::vm::{Vm, VmEvent, VmEventSink, VmStart};
 
@@ -210,9 +210,9 @@ impl Controller {
             ApiRequest::VmReceiveMigration(request) => {
                 self.receive_migration(request).map(|_| ApiResponse::Empty)
             }
-            ApiRequest::VmMigrationStatus => {
-                Ok(ApiResponse::MigrationStatus(Box::new(self.migration.status())))
-            }
+            ApiRequest::VmMigrationStatus => Ok(ApiResponse::MigrationStatus(Box::new(
+                self.migration.status(),
+            ))),
             ApiRequest::VmMigrationCancel => {
                 let phase = self.migration.status().phase;
                 let role = self.migration.status().role;
@@ -435,7 +435,9 @@ impl Controller {
             config,
             memory: vm.memory().clone(),
             vm_fd: vm.vm_fd().clone(),
-            throttle: vm.throttle().ok_or_else(|| ApiError::internal("no vCPUs"))?,
+            throttle: vm
+                .throttle()
+                .ok_or_else(|| ApiError::internal("no vCPUs"))?,
             shared: self.migration.clone(),
             control: self.sender.clone(),
         };
@@ -457,7 +459,10 @@ impl Controller {
     pub fn receive_migration(&mut self, request: ReceiveMigrationRequest) -> Result<(), ApiError> {
         // Created: the local config gives host resources and is checked
         // against the source's when it arrives.
-        self.expect_state("receive a migration", &[VmState::NotCreated, VmState::Created])?;
+        self.expect_state(
+            "receive a migration",
+            &[VmState::NotCreated, VmState::Created],
+        )?;
         if self.migrating {
             return Err(ApiError::new(
                 ApiErrorKind::WrongState,
@@ -467,8 +472,9 @@ impl Controller {
         if request.token.is_empty() {
             return Err(ApiError::bad_request("token: must not be empty"));
         }
-        let listener = crate::migrate::Listener::bind(&request.listen)
-            .map_err(|e| ApiError::bad_request(format!("listen: cannot listen on {}: {e}", request.listen)))?;
+        let listener = crate::migrate::Listener::bind(&request.listen).map_err(|e| {
+            ApiError::bad_request(format!("listen: cannot listen on {}: {e}", request.listen))
+        })?;
         let context = crate::migrate::receive::ReceiveContext {
             listener,
             token: request.token,
@@ -490,7 +496,8 @@ impl Controller {
                 let vm = self.vm.as_mut().ok_or("no VM")?;
                 vm.pause();
                 let snapshot = vm.snapshot()?;
-                let bytes = serde_json::to_vec(&snapshot).map_err(|e| format!("serializing the VM state: {e}"))?;
+                let bytes = serde_json::to_vec(&snapshot)
+                    .map_err(|e| format!("serializing the VM state: {e}"))?;
                 self.paused_by_migration = was_running;
                 self.switching_over = true;
                 self.state = VmState::Paused;
@@ -535,9 +542,9 @@ impl Controller {
                 let config = match (self.state, self.config.take()) {
                     (VmState::NotCreated, _) => source,
                     (VmState::Created, Some(mut local)) => {
-                        local
-                            .check_migration_compatible(&source)
-                            .map_err(|e| format!("the local VM config does not fit the source's: {e}"))?;
+                        local.check_migration_compatible(&source).map_err(|e| {
+                            format!("the local VM config does not fit the source's: {e}")
+                        })?;
                         for (net, from) in local.nets.iter_mut().zip(&source.nets) {
                             net.mac = net.mac.clone().or_else(|| from.mac.clone());
                         }
@@ -549,7 +556,8 @@ impl Controller {
                     }
                 };
                 if self.console.is_none() {
-                    self.console = Some(Console::open(&config.serial).map_err(|e| format!("serial: {e}"))?);
+                    self.console =
+                        Some(Console::open(&config.serial).map_err(|e| format!("serial: {e}"))?);
                 }
                 let vm = self
                     .build_vm(&config, VmStart::Incoming)
@@ -561,8 +569,8 @@ impl Controller {
                 Ok(MigrationReply::Memory(memory))
             }
             MigrationCall::Restore(bytes) => {
-                let snapshot: crate::vm::VmSnapshot =
-                    serde_json::from_slice(&bytes).map_err(|e| format!("malformed VM state: {e}"))?;
+                let snapshot: crate::vm::VmSnapshot = serde_json::from_slice(&bytes)
+                    .map_err(|e| format!("malformed VM state: {e}"))?;
                 let vm = self.vm.as_mut().ok_or("no VM")?;
                 vm.device_manager().migration_acquire()?;
                 vm.restore(&snapshot)

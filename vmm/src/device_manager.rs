@@ -39,7 +39,11 @@ impl DeviceManager {
     /// Creates the disks and NICs of `config`. On a migration target
     /// (`incoming`) disks open without their lock, which is taken when the
     /// source has released it.
-    pub fn add_configured(&mut self, config: &api::config::VmConfig, incoming: bool) -> Result<(), String> {
+    pub fn add_configured(
+        &mut self,
+        config: &api::config::VmConfig,
+        incoming: bool,
+    ) -> Result<(), String> {
         for disk in &config.disks {
             let id = disk.id.clone().unwrap_or_default();
             let block = if incoming {
@@ -64,7 +68,13 @@ impl DeviceManager {
             .bars
             .allocate(BAR_SIZE)
             .ok_or_else(|| format!("{id}: no room left in the PCI MMIO window"))?;
-        let transport = VirtioPciDevice::new(id, device, self.memory.clone(), self.gsi_router.clone(), bar)?;
+        let transport = VirtioPciDevice::new(
+            id,
+            device,
+            self.memory.clone(),
+            self.gsi_router.clone(),
+            bar,
+        )?;
         let transport = Arc::new(Mutex::new(transport));
         self.pci_root
             .lock()
@@ -143,7 +153,11 @@ impl DeviceManager {
     /// Resumes devices paused by [`DeviceManager::snapshot`] (a failed migration).
     pub fn resume(&self) {
         for device in &self.virtio {
-            device.lock().unwrap_or_else(|e| e.into_inner()).device_mut().resume();
+            device
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .device_mut()
+                .resume();
         }
     }
 }

@@ -24,14 +24,22 @@ use vmm_sys_util::ioctl_iowr_nr;
 use crate::memory::{GuestMemoryMmap, PAGE_SIZE};
 use crate::vm::register_memory;
 
-ioctl_iowr_nr!(KVM_CLEAR_DIRTY_LOG, kvm_bindings::KVMIO, 0xc0, kvm_clear_dirty_log);
+ioctl_iowr_nr!(
+    KVM_CLEAR_DIRTY_LOG,
+    kvm_bindings::KVMIO,
+    0xc0,
+    kvm_clear_dirty_log
+);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DirtyLogError {
     #[error("cannot enable dirty logging: {0}")]
     Enable(String),
     #[error("KVM_GET_DIRTY_LOG on slot {slot}: {source}")]
-    Get { slot: u32, source: kvm_ioctls::Error },
+    Get {
+        slot: u32,
+        source: kvm_ioctls::Error,
+    },
     #[error("KVM_CLEAR_DIRTY_LOG on slot {slot}: {source}")]
     Clear { slot: u32, source: std::io::Error },
 }
@@ -55,20 +63,27 @@ fn region_pages(len: u64) -> usize {
 impl DirtyLog {
     /// Starts logging: enables manual protection if KVM has it, sets
     /// KVM_MEM_LOG_DIRTY_PAGES on every slot and clears the VMM bitmap.
-    pub fn start(vm_fd: Arc<VmFd>, memory: Arc<GuestMemoryMmap>) -> Result<DirtyLog, DirtyLogError> {
-        let manual = vm_fd.check_extension_raw(u64::from(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)) > 0 && {
-            let cap = kvm_enable_cap {
-                cap: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
-                args: [u64::from(KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE), 0, 0, 0],
-                ..Default::default()
+    pub fn start(
+        vm_fd: Arc<VmFd>,
+        memory: Arc<GuestMemoryMmap>,
+    ) -> Result<DirtyLog, DirtyLogError> {
+        let manual = vm_fd.check_extension_raw(u64::from(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)) > 0
+            && {
+                let cap = kvm_enable_cap {
+                    cap: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+                    args: [u64::from(KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE), 0, 0, 0],
+                    ..Default::default()
+                };
+                vm_fd.enable_cap(&cap).is_ok()
             };
-            vm_fd.enable_cap(&cap).is_ok()
-        };
         for region in memory.iter() {
             MmapRegion::bitmap(region).reset();
         }
         register_memory(&vm_fd, &memory, true).map_err(|e| DirtyLogError::Enable(e.to_string()))?;
-        let carried = memory.iter().map(|r| DirtyBitmap::new(region_pages(r.len()))).collect();
+        let carried = memory
+            .iter()
+            .map(|r| DirtyBitmap::new(region_pages(r.len())))
+            .collect();
         Ok(DirtyLog {
             vm_fd,
             memory,
@@ -107,14 +122,21 @@ impl DirtyLog {
 
     /// Re-protects pages `[first, first + count)` of region `slot` whose bits
     /// are set in `bitmap`, before they are copied (manual mode only).
-    pub fn clear(&self, slot: usize, bitmap: &DirtyBitmap, first: usize, count: usize) -> Result<(), DirtyLogError> {
+    pub fn clear(
+        &self,
+        slot: usize,
+        bitmap: &DirtyBitmap,
+        first: usize,
+        count: usize,
+    ) -> Result<(), DirtyLogError> {
         if !self.manual || count == 0 {
             return Ok(());
         }
         // KVM wants the first page 64-aligned; the bitmap words already are.
         let start = first - first % 64;
         let end = (first + count).div_ceil(64) * 64;
-        let words: Vec<u64> = bitmap.words()[start / 64..(end / 64).min(bitmap.words().len())].to_vec();
+        let words: Vec<u64> =
+            bitmap.words()[start / 64..(end / 64).min(bitmap.words().len())].to_vec();
         let num_pages = (end.min(bitmap.pages()) - start) as u32;
         let clear = kvm_clear_dirty_log {
             slot: slot as u32,

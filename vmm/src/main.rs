@@ -175,7 +175,10 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Option<Args>, Co
             let token = match &token_file {
                 Some(path) => std::fs::read_to_string(path)
                     .map_err(|e| {
-                        ConfigError::new("--migration-token-file", format!("cannot read {}: {e}", path.display()))
+                        ConfigError::new(
+                            "--migration-token-file",
+                            format!("cannot read {}: {e}", path.display()),
+                        )
                     })?
                     .trim_end()
                     .to_string(),

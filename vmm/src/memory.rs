@@ -289,7 +289,11 @@ mod range_tests {
             let region = mem.find_region(GuestAddress(0)).unwrap();
             let touched = touched_pages(region).unwrap();
             assert!(touched.is_set(3), "{backing:?}");
-            assert!(touched.count() < 8, "{backing:?}: {} pages", touched.count());
+            assert!(
+                touched.count() < 8,
+                "{backing:?}: {} pages",
+                touched.count()
+            );
             let page = host_range(&mem, 0x3000, PAGE_SIZE).unwrap();
             // SAFETY: a mapped guest page.
             assert!(!unsafe { is_zero_page(page) });

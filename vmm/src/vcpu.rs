@@ -494,7 +494,11 @@ impl VcpuSet {
         }
         {
             use std::os::unix::thread::JoinHandleExt;
-            let mut ids = control.throttle.threads.lock().unwrap_or_else(|e| e.into_inner());
+            let mut ids = control
+                .throttle
+                .threads
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
             *ids = threads.iter().map(|t| t.as_pthread_t()).collect();
         }
         let set = VcpuSet {

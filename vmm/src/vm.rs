@@ -146,7 +146,6 @@ impl Vm {
         };
         vm_fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
 
-
         let pio = Arc::new(Bus::new());
         let mmio = Arc::new(Bus::new());
         let power_sink: PowerEventSink = {
@@ -387,6 +386,8 @@ pub struct VmSnapshot {
     pub clock: kvm_bindings::kvm_clock_data,
     pub serial: devices::legacy::SerialState,
     pub i8042: devices::legacy::I8042State,
+    /// The ACPI power button's pending events.
+    pub ged: devices::legacy::GedState,
     /// Virtio devices by id: transport and device state.
     pub devices: BTreeMap<String, serde_json::Value>,
 }
@@ -419,10 +420,21 @@ impl Vm {
                 .map_err(|e| format!("KVM_GET_IRQCHIP {chip_id}: {e}"))?;
             irqchips.push(chip);
         }
-        let pit = self.vm_fd.get_pit2().map_err(|e| format!("KVM_GET_PIT2: {e}"))?;
-        let clock = self.vm_fd.get_clock().map_err(|e| format!("KVM_GET_CLOCK: {e}"))?;
-        let serial = self.serial.lock().unwrap_or_else(|e| e.into_inner()).state();
+        let pit = self
+            .vm_fd
+            .get_pit2()
+            .map_err(|e| format!("KVM_GET_PIT2: {e}"))?;
+        let clock = self
+            .vm_fd
+            .get_clock()
+            .map_err(|e| format!("KVM_GET_CLOCK: {e}"))?;
+        let serial = self
+            .serial
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .state();
         let i8042 = self.i8042.lock().unwrap_or_else(|e| e.into_inner()).state();
+        let ged = self.ged.lock().unwrap_or_else(|e| e.into_inner()).state();
         let devices = self.device_manager.snapshot()?;
         Ok(VmSnapshot {
             vcpus: vcpu_states,
@@ -431,6 +443,7 @@ impl Vm {
             clock,
             serial,
             i8042,
+            ged,
             devices,
         })
     }
@@ -447,7 +460,11 @@ impl Vm {
             ));
         }
         if snapshot.irqchips.len() != IRQCHIP_IDS.len()
-            || snapshot.irqchips.iter().zip(IRQCHIP_IDS).any(|(c, id)| c.chip_id != id)
+            || snapshot
+                .irqchips
+                .iter()
+                .zip(IRQCHIP_IDS)
+                .any(|(c, id)| c.chip_id != id)
         {
             return Err("the snapshot's irqchip state is malformed".into());
         }
@@ -463,7 +480,10 @@ impl Vm {
         for (vcpu, state) in vcpus.vcpus().iter().zip(&snapshot.vcpus) {
             let vcpu = vcpu.lock().unwrap_or_else(|e| e.into_inner());
             if state.id != vcpu.id {
-                return Err(format!("vCPU state {} arrived for vcpu{}", state.id, vcpu.id));
+                return Err(format!(
+                    "vCPU state {} arrived for vcpu{}",
+                    state.id, vcpu.id
+                ));
             }
             vcpu.restore_state(state).map_err(|e| e.to_string())?;
         }
@@ -481,6 +501,10 @@ impl Vm {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .restore(&snapshot.i8042)?;
+        self.ged
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .restore(&snapshot.ged);
         self.device_manager.restore(&snapshot.devices)?;
         Ok(())
     }

@@ -720,7 +720,10 @@ impl VirtioPciDevice {
                 let queue = Queue::try_from(virtio_queue::QueueState::from(snapshot))
                     .map_err(|e| format!("{}: queue {index}: {e:?}", self.id))?;
                 if queue.ready() && !queue.is_valid(self.memory.as_ref()) {
-                    return Err(format!("{}: queue {index}: rings outside guest memory", self.id));
+                    return Err(format!(
+                        "{}: queue {index}: rings outside guest memory",
+                        self.id
+                    ));
                 }
                 let event = self.queue_events[index]
                     .try_clone()

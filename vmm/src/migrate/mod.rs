@@ -39,7 +39,10 @@ pub struct MigrationShared {
 
 impl MigrationShared {
     pub fn status(&self) -> MigrationStatus {
-        self.status.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn update(&self, f: impl FnOnce(&mut MigrationStatus)) {
@@ -47,7 +50,10 @@ impl MigrationShared {
     }
 
     pub fn parameters(&self) -> MigrationParameters {
-        self.parameters.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.parameters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 
@@ -177,7 +183,11 @@ pub fn connect(url: &str) -> io::Result<Stream> {
             Stream::Tcp(connected.ok_or(last)?)
         }
         Some(("unix", path)) => Stream::Unix(UnixStream::connect(path)?),
-        _ => return Err(io::Error::other(format!("{url:?} is not tcp:HOST:PORT or unix:PATH"))),
+        _ => {
+            return Err(io::Error::other(format!(
+                "{url:?} is not tcp:HOST:PORT or unix:PATH"
+            )))
+        }
     };
     stream.configure()?;
     Ok(stream)
@@ -197,7 +207,9 @@ impl Listener {
                 let _ = std::fs::remove_file(path);
                 Ok(Listener::Unix(UnixListener::bind(path)?, path.into()))
             }
-            _ => Err(io::Error::other(format!("{url:?} is not tcp:HOST:PORT or unix:PATH"))),
+            _ => Err(io::Error::other(format!(
+                "{url:?} is not tcp:HOST:PORT or unix:PATH"
+            ))),
         }
     }
 
@@ -236,7 +248,10 @@ pub fn write_all_vectored(fd: RawFd, iov: &mut [libc::iovec]) -> io::Result<u64>
             return Err(e);
         }
         if n == 0 {
-            return Err(io::Error::new(io::ErrorKind::WriteZero, "the peer stopped reading"));
+            return Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                "the peer stopped reading",
+            ));
         }
         let mut n = n as usize;
         total += n as u64;
@@ -276,7 +291,10 @@ pub unsafe fn read_exact_raw(fd: RawFd, ptr: *mut u8, len: usize) -> io::Result<
             return Err(e);
         }
         if n == 0 {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the peer closed the connection"));
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the peer closed the connection",
+            ));
         }
         done += n as usize;
     }

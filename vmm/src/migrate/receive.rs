@@ -15,7 +15,9 @@ use migration::protocol::{
     self, Empty, ErrorMessage, Hello, Kind, PageRange, ProtocolError, RANGE_HEADER_SIZE,
 };
 
-use super::{call, read_exact_raw, Listener, MigrationCall, MigrationReply, MigrationShared, Stream};
+use super::{
+    call, read_exact_raw, Listener, MigrationCall, MigrationReply, MigrationShared, Stream,
+};
 use crate::control::ControlEvent;
 use crate::memory::{self, GuestMemoryMmap};
 
@@ -46,7 +48,11 @@ pub fn run(context: ReceiveContext) {
     let stream = match context.listener.accept() {
         Ok(s) => s,
         Err(e) => {
-            fail(&shared, &control, format!("accepting the migration connection: {e}"));
+            fail(
+                &shared,
+                &control,
+                format!("accepting the migration connection: {e}"),
+            );
             return;
         }
     };
@@ -63,7 +69,13 @@ pub fn run(context: ReceiveContext) {
             let message = e.to_string();
             // Tell the source why, if it still listens.
             if !matches!(e, ReceiveError::Protocol(ProtocolError::Peer(_))) {
-                let _ = protocol::send_json(&mut stream, Kind::Error, &ErrorMessage { message: message.clone() });
+                let _ = protocol::send_json(
+                    &mut stream,
+                    Kind::Error,
+                    &ErrorMessage {
+                        message: message.clone(),
+                    },
+                );
             }
             fail(&shared, &control, message);
         }
@@ -96,10 +108,11 @@ fn receive(
     config
         .validate()
         .map_err(|e| ReceiveError::Other(format!("the source's config is invalid: {e}")))?;
-    let memory = match call(control, MigrationCall::Build(Box::new(config))).map_err(ReceiveError::Other)? {
-        MigrationReply::Memory(memory) => memory,
-        _ => return Err(ReceiveError::Other("the control loop built no VM".into())),
-    };
+    let memory =
+        match call(control, MigrationCall::Build(Box::new(config))).map_err(ReceiveError::Other)? {
+            MigrationReply::Memory(memory) => memory,
+            _ => return Err(ReceiveError::Other("the control loop built no VM".into())),
+        };
     protocol::send_json(stream, Kind::Ack, &Empty {})?;
     shared.update(|s| {
         s.phase = MigrationPhase::Active;
@@ -157,7 +170,9 @@ fn receive_memory(
     let (mut data_pages, mut zero_pages) = (0u64, 0u64);
     while left > 0 {
         if left < RANGE_HEADER_SIZE as u64 {
-            return Err(malformed(format!("{left} stray bytes at the end of a memory message")));
+            return Err(malformed(format!(
+                "{left} stray bytes at the end of a memory message"
+            )));
         }
         let mut raw = [0u8; RANGE_HEADER_SIZE];
         protocol::read_full(stream, &mut raw)?;
@@ -165,11 +180,15 @@ fn receive_memory(
         let range = PageRange::decode(&raw)?;
         let len = u64::from(range.len);
         let host = memory::host_range(memory, range.gpa, len).ok_or_else(|| {
-            malformed(format!("range {:#x}+{len:#x} is not inside guest RAM", range.gpa))
+            malformed(format!(
+                "range {:#x}+{len:#x} is not inside guest RAM",
+                range.gpa
+            ))
         })?;
         if range.zero {
-            memory::discard_range(memory, range.gpa, len)
-                .map_err(|e| ReceiveError::Other(format!("zeroing {:#x}+{len:#x}: {e}", range.gpa)))?;
+            memory::discard_range(memory, range.gpa, len).map_err(|e| {
+                ReceiveError::Other(format!("zeroing {:#x}+{len:#x}: {e}", range.gpa))
+            })?;
             zero_pages += len / protocol::PAGE_SIZE;
         } else {
             if len > left {

@@ -22,7 +22,9 @@ use migration::protocol::{
 };
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
-use super::{call, connect, write_all_vectored, MigrationCall, MigrationReply, MigrationShared, Stream};
+use super::{
+    call, connect, write_all_vectored, MigrationCall, MigrationReply, MigrationShared, Stream,
+};
 use crate::control::ControlEvent;
 use crate::dirty_log::DirtyLog;
 use crate::memory::{self, GuestMemoryMmap};
@@ -155,7 +157,13 @@ fn migrate(context: SendContext, stage: &mut Stage, start: Instant) -> Result<()
     if let Err(e) = &result {
         if *stage < Stage::Committed && !matches!(e, SendError::Protocol(ProtocolError::Peer(_))) {
             // Tell a live target to drop everything; it may be gone already.
-            let _ = protocol::send_json(&mut stream, Kind::Abandon, &protocol::ErrorMessage { message: e.to_string() });
+            let _ = protocol::send_json(
+                &mut stream,
+                Kind::Abandon,
+                &protocol::ErrorMessage {
+                    message: e.to_string(),
+                },
+            );
         }
     }
     stream.shutdown();
@@ -238,7 +246,9 @@ fn precopy_and_switch(
     loop {
         check_cancel(&shared)?;
         let parameters = shared.parameters();
-        let dirty = dirty_log.harvest().map_err(|e| SendError::Other(e.to_string()))?;
+        let dirty = dirty_log
+            .harvest()
+            .map_err(|e| SendError::Other(e.to_string()))?;
         let dirty_pages: u64 = dirty.iter().map(|b| b.count() as u64).sum();
         let dirty_bytes = dirty_pages * PAGE_SIZE;
         let round_time = round_start.elapsed();
@@ -301,7 +311,8 @@ fn precopy_and_switch(
                 return Err(e);
             }
         };
-        bandwidth = estimate_bandwidth(round_bytes, round_start.elapsed(), &shared, Some(bandwidth));
+        bandwidth =
+            estimate_bandwidth(round_bytes, round_start.elapsed(), &shared, Some(bandwidth));
         shared.update(|s| s.iterations += 1);
     }
 }
@@ -318,14 +329,17 @@ fn switch_over(
     let shared = context.shared.clone();
     shared.update(|s| s.phase = MigrationPhase::SwitchOver);
     let paused_at = Instant::now();
-    let snapshot = match call(&context.control, MigrationCall::SwitchOver).map_err(SendError::Other)? {
-        MigrationReply::Snapshot(bytes) => bytes,
-        _ => return Err(SendError::Other("the control loop sent no snapshot".into())),
-    };
+    let snapshot =
+        match call(&context.control, MigrationCall::SwitchOver).map_err(SendError::Other)? {
+            MigrationReply::Snapshot(bytes) => bytes,
+            _ => return Err(SendError::Other("the control loop sent no snapshot".into())),
+        };
     *stage = Stage::Paused;
     context.throttle.set(0);
     // The last round: everything dirtied up to the pause.
-    let last = dirty_log.harvest().map_err(|e| SendError::Other(e.to_string()))?;
+    let last = dirty_log
+        .harvest()
+        .map_err(|e| SendError::Other(e.to_string()))?;
     for (d, l) in dirty.iter_mut().zip(&last) {
         d.merge(l);
     }
@@ -357,7 +371,12 @@ const MEASURABLE_ROUND: u64 = 1 << 20;
 
 /// The bandwidth the downtime estimate uses: measured over the last round
 /// when it was big enough, else the previous estimate, capped by the limit.
-fn estimate_bandwidth(bytes: u64, elapsed: Duration, shared: &MigrationShared, previous: Option<u64>) -> u64 {
+fn estimate_bandwidth(
+    bytes: u64,
+    elapsed: Duration,
+    shared: &MigrationShared,
+    previous: Option<u64>,
+) -> u64 {
     let measured = if bytes >= MEASURABLE_ROUND {
         Some(rate(bytes, elapsed))
     } else {
@@ -386,11 +405,19 @@ enum PageClass {
 }
 
 impl Sender_ {
-    fn send_round(&mut self, pages: &[DirtyBitmap], dirty_log: Option<&DirtyLog>) -> Result<u64, SendError> {
+    fn send_round(
+        &mut self,
+        pages: &[DirtyBitmap],
+        dirty_log: Option<&DirtyLog>,
+    ) -> Result<u64, SendError> {
         self.send_pages(pages, dirty_log, true)
     }
 
-    fn send_round_unlimited(&mut self, pages: &[DirtyBitmap], dirty_log: Option<&DirtyLog>) -> Result<u64, SendError> {
+    fn send_round_unlimited(
+        &mut self,
+        pages: &[DirtyBitmap],
+        dirty_log: Option<&DirtyLog>,
+    ) -> Result<u64, SendError> {
         self.send_pages(pages, dirty_log, false)
     }
 
@@ -493,7 +520,8 @@ impl Sender_ {
             length: payload,
         }
         .encode();
-        let headers: Vec<[u8; protocol::RANGE_HEADER_SIZE]> = batch.ranges.iter().map(|(r, _)| r.encode()).collect();
+        let headers: Vec<[u8; protocol::RANGE_HEADER_SIZE]> =
+            batch.ranges.iter().map(|(r, _)| r.encode()).collect();
         let mut iov = Vec::with_capacity(1 + 2 * batch.ranges.len());
         iov.push(libc::iovec {
             iov_base: header.as_ptr() as *mut libc::c_void,
@@ -524,7 +552,12 @@ impl Sender_ {
 
     /// Sleeps as long as the bandwidth cap asks.
     fn pace(&mut self, written: u64) {
-        let Some(cap) = self.shared.parameters().bandwidth_bytes_per_s.filter(|&c| c > 0) else {
+        let Some(cap) = self
+            .shared
+            .parameters()
+            .bandwidth_bytes_per_s
+            .filter(|&c| c > 0)
+        else {
             self.window_bytes = 0;
             self.window_start = Instant::now();
             return;
