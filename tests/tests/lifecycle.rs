@@ -297,3 +297,100 @@ fn serial_console_on_a_unix_socket_works_both_ways() {
     assert_eq!(vmm.exit_code(SHORT), EXIT_POWERED_OFF, "{}", vmm.report());
     assert!(!console.exists(), "the console socket is removed on exit");
 }
+
+#[test]
+fn serial_console_on_a_pty() {
+    use std::io::{BufRead, BufReader, Write};
+    require_kvm!();
+    let dir = TempDir::new("pty");
+    let socket = dir.join("api.sock");
+    let mut vmm = Vmm::boot_testguest(
+        "--",
+        &["--serial", "pty", "--api-socket", socket.to_str().unwrap()],
+    );
+    vmm.wait_api(BOOT);
+    let pty = vmm
+        .api()
+        .info()
+        .unwrap()
+        .serial_pty
+        .expect("vm.info names the pty");
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&pty)
+        .unwrap_or_else(|e| panic!("{}: {e}", pty.display()));
+    // Raw mode on our side too, so lines come back as the guest wrote them.
+    let mut writer = file.try_clone().unwrap();
+    let mut reader = BufReader::new(file);
+    writer.write_all(b"echo through the pty\n").unwrap();
+    let deadline = Instant::now() + SHORT;
+    let mut line = String::new();
+    loop {
+        assert!(Instant::now() < deadline, "no reply on {}", pty.display());
+        line.clear();
+        reader.read_line(&mut line).unwrap();
+        if line.contains("through the pty") && !line.contains("echo") {
+            break;
+        }
+    }
+    writer.write_all(b"poweroff\n").unwrap();
+    assert_eq!(vmm.exit_code(SHORT), EXIT_POWERED_OFF, "{}", vmm.report());
+}
+
+#[test]
+fn guest_memory_backings() {
+    require_kvm!();
+    let mut vmm = Vmm::boot_testguest("-- memfill pattern=1122334455667788 mib=32; memcheck pattern=1122334455667788 mib=32; poweroff", &["--memory", "size=96M,backing=memfd"]);
+    vmm.wait_for("memcheck-ok", BOOT);
+    assert_eq!(vmm.exit_code(SHORT), EXIT_POWERED_OFF, "{}", vmm.report());
+
+    // hugetlbfs needs reserved 2 MiB pages: reserve them for the test.
+    let Some(_pages) = HugePages::reserve(64) else {
+        return;
+    };
+    let mut vmm = Vmm::boot_testguest(
+        "-- memfill pattern=99 mib=32; memcheck pattern=99 mib=32; poweroff",
+        &["--memory", "size=96M,backing=hugetlbfs"],
+    );
+    vmm.wait_for("memcheck-ok", BOOT);
+    assert_eq!(vmm.exit_code(SHORT), EXIT_POWERED_OFF, "{}", vmm.report());
+}
+
+/// Reserves 2 MiB huge pages for a test and gives them back after.
+struct HugePages {
+    previous: String,
+}
+
+impl HugePages {
+    const KNOB: &'static str = "/proc/sys/vm/nr_hugepages";
+
+    fn reserve(count: u32) -> Option<HugePages> {
+        let previous = std::fs::read_to_string(Self::KNOB).ok()?.trim().to_string();
+        let have: u32 = previous.parse().unwrap_or(0);
+        if std::fs::write(Self::KNOB, (have + count).to_string()).is_err() {
+            eprintln!(
+                "SKIP: cannot reserve huge pages in {} (not root?)",
+                Self::KNOB
+            );
+            return None;
+        }
+        let got: u32 = std::fs::read_to_string(Self::KNOB)
+            .ok()?
+            .trim()
+            .parse()
+            .unwrap_or(0);
+        if got < have + count {
+            let _ = std::fs::write(Self::KNOB, &previous);
+            eprintln!("SKIP: the host could only reserve {got} huge pages");
+            return None;
+        }
+        Some(HugePages { previous })
+    }
+}
+
+impl Drop for HugePages {
+    fn drop(&mut self) {
+        let _ = std::fs::write(Self::KNOB, &self.previous);
+    }
+}
