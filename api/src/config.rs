@@ -116,6 +116,32 @@ impl VmConfig {
         }
         if let Some(balloon) = &self.balloon {
             balloon.validate().map_err(|e| e.within("balloon"))?;
+            if balloon.target_mib > self.memory.size_mib {
+                return Err(ConfigError::new(
+                    "balloon.target_mib",
+                    format!(
+                        "must be at most the guest's memory, {} MiB (got {})",
+                        self.memory.size_mib, balloon.target_mib
+                    ),
+                ));
+            }
+            // The balloon device is named `balloon` in vm.counters and in
+            // migration state.
+            let taken = self.disks.iter().map(|d| ("disks", &d.id));
+            let taken = taken.chain(self.nets.iter().map(|n| ("nets", &n.id)));
+            for (i, (list, id)) in taken.enumerate() {
+                if id.as_deref() == Some(BALLOON_DEVICE_ID) {
+                    let i = if list == "disks" {
+                        i
+                    } else {
+                        i - self.disks.len()
+                    };
+                    return Err(ConfigError::new(
+                        format!("{list}[{i}].id"),
+                        format!("{BALLOON_DEVICE_ID:?} is the balloon device's id"),
+                    ));
+                }
+            }
         }
         Ok(())
     }
@@ -582,6 +608,9 @@ pub fn parse_mac(text: &str) -> Result<[u8; 6], String> {
     Ok(mac)
 }
 
+/// The id of the balloon device (in `vm.counters` and migration state).
+pub const BALLOON_DEVICE_ID: &str = "balloon";
+
 /// The virtio-balloon device.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -828,6 +857,32 @@ mod tests {
 
     fn minimal() -> VmConfig {
         VmConfig::from_json(br#"{"payload": {"kernel": "/k"}}"#).unwrap()
+    }
+
+    #[test]
+    fn balloon_target_fits_the_guest_and_its_id_is_reserved() {
+        let e = VmConfig::from_json(
+            br#"{"payload": {"kernel": "/k"}, "memory": {"size_mib": 64},
+                 "balloon": {"target_mib": 65}}"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.field, "balloon.target_mib");
+        VmConfig::from_json(
+            br#"{"payload": {"kernel": "/k"}, "memory": {"size_mib": 64},
+                 "balloon": {"target_mib": 64}}"#,
+        )
+        .unwrap();
+        let e = VmConfig::from_json(
+            br#"{"payload": {"kernel": "/k"}, "balloon": {},
+                 "nets": [{"tap": "t0"}, {"tap": "t1", "id": "balloon"}]}"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.field, "nets[1].id");
+        // Without a balloon, the id is free.
+        VmConfig::from_json(
+            br#"{"payload": {"kernel": "/k"}, "nets": [{"tap": "t1", "id": "balloon"}]}"#,
+        )
+        .unwrap();
     }
 
     #[test]

@@ -44,6 +44,10 @@ pub enum ApiRequest {
     VmMigrationCancel,
     /// `PUT vm.migration-parameters`: change downtime, bandwidth, timeout of a running migration.
     VmMigrationParameters(MigrationParameters),
+    /// `PUT vm.balloon`: set the balloon's target size.
+    VmBalloon(BalloonUpdate),
+    /// `GET vm.balloon-statistics`: the balloon's size and the guest's memory statistics.
+    VmBalloonStatistics,
 }
 
 /// The body of `vm.shutdown` (optional; an empty body means graceful, no timeout).
@@ -82,6 +86,7 @@ pub enum ApiResponse {
     Info(Box<VmInfo>),
     Counters(Counters),
     MigrationStatus(Box<MigrationStatus>),
+    BalloonStatistics(Box<BalloonStatistics>),
 }
 
 impl ApiResponse {
@@ -93,6 +98,7 @@ impl ApiResponse {
             ApiResponse::Info(i) => serde_json::to_string_pretty(i),
             ApiResponse::Counters(c) => serde_json::to_string_pretty(c),
             ApiResponse::MigrationStatus(m) => serde_json::to_string_pretty(m),
+            ApiResponse::BalloonStatistics(b) => serde_json::to_string_pretty(b),
         };
         // Serializing these plain structs cannot fail: no maps with non-string keys.
         Some(text.unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}")))
@@ -156,8 +162,121 @@ pub struct VmInfo {
 pub struct MemoryInfo {
     /// Guest RAM size in bytes.
     pub guest_bytes: u64,
-    /// Resident set size of the VMM process in bytes.
+    /// Resident set size of the VMM process in bytes. Pages KSM merged still
+    /// count in full in every process that maps them.
     pub rss_bytes: u64,
+    /// Pages of this process that KSM currently merges
+    /// (`/proc/self/ksm_merging_pages`); absent if the kernel does not say.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ksm_merging_pages: Option<u64>,
+    /// `ksm_rmap_items` of `/proc/self/ksm_stat`: pages KSM tracks (scans) in
+    /// this process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ksm_rmap_items: Option<u64>,
+    /// `ksm_process_profit` of `/proc/self/ksm_stat`: bytes KSM saves on this
+    /// process, minus its metadata (may be negative).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ksm_process_profit: Option<i64>,
+    /// The balloon's target (memory the host asked back), if there is a balloon.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balloon_target_bytes: Option<u64>,
+    /// What the guest says the balloon holds, if there is a balloon.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balloon_actual_bytes: Option<u64>,
+}
+
+/// The body of `vm.balloon`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalloonUpdate {
+    /// How much memory the guest should give back, in MiB (0 deflates the
+    /// balloon completely); at most the guest's memory size.
+    pub target_mib: u64,
+}
+
+/// `vm.balloon-statistics`: the balloon's size as host and guest see it, and
+/// the memory statistics the guest last reported (absent until it did).
+/// Sizes from the guest are in bytes, events are counts (Linux's
+/// `virtio_balloon` stats tags).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BalloonStatistics {
+    /// The target: 4 KiB pages the guest is asked to put in the balloon.
+    pub target_pages: u64,
+    /// The pages the guest says it has put in the balloon (`actual`).
+    pub actual_pages: u64,
+    /// The target in MiB (rounded down).
+    pub target_mib: u64,
+    /// `actual` in MiB (rounded down).
+    pub actual_mib: u64,
+    /// Pages currently in the balloon as the device counts them (inflated
+    /// and not deflated since); their host memory was given back.
+    pub inflated_pages: u64,
+    /// Unix time in milliseconds of the guest's last statistics.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timestamp_ms: Option<u64>,
+    /// Milliseconds since the guest's last statistics.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub age_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub swap_in: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub swap_out: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub major_faults: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub minor_faults: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub free_memory: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total_memory: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub available_memory: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_caches: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hugetlb_allocations: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hugetlb_failures: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oom_kills: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alloc_stalls: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub async_scans: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub direct_scans: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub async_reclaims: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub direct_reclaims: Option<u64>,
+}
+
+impl BalloonStatistics {
+    /// Records the value of a guest stats entry (`VIRTIO_BALLOON_S_*` tag);
+    /// false for a tag this type has no field for.
+    pub fn set_guest_stat(&mut self, tag: u16, value: u64) -> bool {
+        let field = match tag {
+            0 => &mut self.swap_in,
+            1 => &mut self.swap_out,
+            2 => &mut self.major_faults,
+            3 => &mut self.minor_faults,
+            4 => &mut self.free_memory,
+            5 => &mut self.total_memory,
+            6 => &mut self.available_memory,
+            7 => &mut self.disk_caches,
+            8 => &mut self.hugetlb_allocations,
+            9 => &mut self.hugetlb_failures,
+            10 => &mut self.oom_kills,
+            11 => &mut self.alloc_stalls,
+            12 => &mut self.async_scans,
+            13 => &mut self.direct_scans,
+            14 => &mut self.async_reclaims,
+            15 => &mut self.direct_reclaims,
+            _ => return false,
+        };
+        *field = Some(value);
+        true
+    }
 }
 
 /// `vm.counters`: component name (`vcpu0`, `serial`, `disk0`, ...) to counter

@@ -22,9 +22,9 @@ use api::config::{
 };
 use api::http::{BodyKind, ROUTES};
 use api::request::{
-    ApiError, ApiErrorKind, Counters, MemoryInfo, MigrationParameters, MigrationPhase,
-    MigrationStatus, PingInfo, ReceiveMigrationRequest, SendMigrationRequest, ShutdownMode,
-    ShutdownRequest, TimeoutAction, VmInfo, VmState,
+    ApiError, ApiErrorKind, BalloonStatistics, BalloonUpdate, Counters, MemoryInfo,
+    MigrationParameters, MigrationPhase, MigrationStatus, PingInfo, ReceiveMigrationRequest,
+    SendMigrationRequest, ShutdownMode, ShutdownRequest, TimeoutAction, VmInfo, VmState,
 };
 
 const METHODS: [&str; 8] = [
@@ -525,7 +525,41 @@ fn full_info(state: VmState) -> VmInfo {
         memory: Some(MemoryInfo {
             guest_bytes: 1 << 30,
             rss_bytes: 100 << 20,
+            ksm_merging_pages: Some(1200),
+            ksm_rmap_items: Some(260_000),
+            ksm_process_profit: Some(-4096),
+            balloon_target_bytes: Some(256 << 20),
+            balloon_actual_bytes: Some(200 << 20),
         }),
+    }
+}
+
+/// BalloonStatistics with every guest statistic set.
+fn full_balloon_statistics() -> BalloonStatistics {
+    BalloonStatistics {
+        target_pages: 65536,
+        actual_pages: 51200,
+        target_mib: 256,
+        actual_mib: 200,
+        inflated_pages: 51200,
+        timestamp_ms: Some(1_700_000_000_000),
+        age_ms: Some(1500),
+        swap_in: Some(0),
+        swap_out: Some(4096),
+        major_faults: Some(12),
+        minor_faults: Some(345_678),
+        free_memory: Some(300 << 20),
+        total_memory: Some(768 << 20),
+        available_memory: Some(500 << 20),
+        disk_caches: Some(120 << 20),
+        hugetlb_allocations: Some(0),
+        hugetlb_failures: Some(0),
+        oom_kills: Some(1),
+        alloc_stalls: Some(2),
+        async_scans: Some(1 << 20),
+        direct_scans: Some(4096),
+        async_reclaims: Some(1 << 19),
+        direct_reclaims: Some(4096),
     }
 }
 
@@ -595,6 +629,12 @@ fn schemas_describe_exactly_the_rust_types() {
         }
     }
     checker.value("MigrationStatus", &MigrationStatus::default());
+    checker.value("BalloonUpdate", &BalloonUpdate { target_mib: 64 });
+    checker.value("BalloonStatistics", &full_balloon_statistics());
+    checker.value("BalloonStatistics", &BalloonStatistics::default());
+    let mut no_ksm = full_info(VmState::Running);
+    no_ksm.memory = Some(MemoryInfo::default());
+    checker.value("VmInfo", &no_ksm);
 
     assert!(
         checker.errors.is_empty(),
@@ -727,6 +767,8 @@ fn required_properties_match_serde() {
         "MigrationStatus",
         &full_migration_status(MigrationPhase::Failed, "send"),
     );
+    check_required(&checker, "BalloonUpdate", &BalloonUpdate { target_mib: 1 });
+    check_required(&checker, "BalloonStatistics", &full_balloon_statistics());
 }
 
 #[test]

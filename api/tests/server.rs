@@ -115,6 +115,7 @@ fn statuses_follow_the_route_table() {
                 Some(br#"{"listen": "tcp:[::]:6000", "token": "t"}"#.to_vec())
             }
             "vm.migration-parameters" => Some(b"{}".to_vec()),
+            "vm.balloon" => Some(br#"{"target_mib": 64}"#.to_vec()),
             _ => None,
         };
         let (status, reply) = client

@@ -683,3 +683,157 @@ fn refused_and_unreachable_migrations() {
         );
     }
 }
+
+#[test]
+fn balloon_sets_the_target_and_shows_statistics() {
+    let canned = Canned::start();
+    let socket = canned.socket();
+    let out = vmmctl(&socket, &["balloon", "--target-mib", "128"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "");
+    assert_eq!(
+        canned.seen(),
+        vec![ApiRequest::VmBalloon(api::request::BalloonUpdate {
+            target_mib: 128
+        })]
+    );
+    for args in [&["balloon"][..], &["balloon-stats"]] {
+        let out = vmmctl(&socket, args);
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        let text = stdout(&out);
+        for line in [
+            "target: 128 MiB (32768 pages)",
+            "actual: 64 MiB (16384 pages)",
+            "guest statistics: 2.5 s old",
+            "  free memory: 200 MiB",
+            "  major faults: 7",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
+        }
+    }
+    let out = vmmctl(&socket, &["--json", "balloon-stats"]);
+    let stats: api::request::BalloonStatistics = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(stats, sample_balloon_statistics());
+    // The info lines.
+    let text = stdout(&vmmctl(&socket, &["info"]));
+    assert!(
+        text.contains("\nballoon now: target 128 MiB, actual 64 MiB\n"),
+        "{text}"
+    );
+    assert!(text.contains("\nksm: 300 pages merged\n"), "{text}");
+
+    // A refusal (no balloon) exits 1 with the VMM's message.
+    let refusing = Canned::start_with(|request| match request {
+        ApiRequest::VmBalloon(_) | ApiRequest::VmBalloonStatistics => Err(ApiError::new(
+            ApiErrorKind::WrongState,
+            "the VM has no balloon device",
+        )),
+        _ => Ok(ApiResponse::Empty),
+    });
+    let out = vmmctl(&refusing.socket(), &["balloon", "--target-mib=1"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        stderr(&out),
+        "vmmctl: balloon: the VM has no balloon device\n"
+    );
+    let out = vmmctl(&refusing.socket(), &["balloon-stats"]);
+    assert_eq!(out.status.code(), Some(1));
+    // Usage errors reach no VMM.
+    let out = vmmctl(&refusing.socket(), &["balloon", "--target-mib", "lots"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(refusing.seen().len(), 2);
+}
+
+#[test]
+fn list_shows_every_vmm_of_the_socket_directory() {
+    use api::http::{start_server, ApiCall};
+    let dir = TempDir::new();
+    let serve = |name: &str, answer: fn(&ApiRequest) -> Result<ApiResponse, ApiError>| {
+        start_server(&dir.path().join(name), move |call: ApiCall| {
+            let _ = call.reply.send(answer(&call.request));
+        })
+        .unwrap()
+    };
+    let _web = serve("web.sock", canned_answer);
+    let _idle = serve("idle.sock", |request| match request {
+        ApiRequest::VmmPing => Ok(ApiResponse::Ping(api::request::PingInfo {
+            version: "0.1.0".into(),
+            pid: 77,
+            state: api::request::VmState::NotCreated,
+        })),
+        _ => Err(ApiError::wrong_state(
+            "report VM info",
+            api::request::VmState::NotCreated,
+        )),
+    });
+    // A socket left behind by a VMM that is gone, and files that are not
+    // VMM sockets.
+    drop(std::os::unix::net::UnixListener::bind(dir.path().join("gone.sock")).unwrap());
+    std::fs::write(dir.path().join("notes.sock"), "not a socket").unwrap();
+    let _other = std::os::unix::net::UnixListener::bind(dir.path().join("other.socket")).unwrap();
+
+    let list = |args: &[&str], env: Option<&Path>| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_vmmctl"));
+        command.args(args).env_remove("VMM_API_SOCKET");
+        match env {
+            Some(dir) => command.env("VMM_SOCKET_DIR", dir),
+            None => command.env_remove("VMM_SOCKET_DIR"),
+        };
+        command.output().unwrap()
+    };
+    let dir_arg = dir.path().to_str().unwrap();
+    let out = list(&["list", "--socket-dir", dir_arg], None);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = stdout(&out);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 5, "{text}");
+    assert!(lines[0].starts_with("NAME "), "{text}");
+    let words = |line: &str| {
+        line.split_whitespace()
+            .map(String::from)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        words(lines[1]),
+        ["gone", "-", "stale", "-", "-", "-", "-", "-"]
+    );
+    assert_eq!(
+        words(lines[2]),
+        ["idle", "77", "not-created", "-", "-", "-", "-", "-"]
+    );
+    assert_eq!(
+        words(lines[3]),
+        ["web", "4242", "running", "512", "MiB", "100", "MiB", "128", "MiB", "64", "MiB", "300"]
+    );
+    assert!(
+        lines[4].starts_with("total: 3 VMMs (1 stale), guest 512 MiB"),
+        "{text}"
+    );
+
+    // The directory from the environment, as JSON.
+    let out = list(&["--json", "list"], Some(dir.path()));
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let entries: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let entries = entries.as_array().unwrap();
+    assert_eq!(entries.len(), 3);
+    assert_eq!(entries[0]["name"], "gone");
+    assert_eq!(entries[0]["state"], "stale");
+    assert!(entries[0]["error"].as_str().unwrap().contains("gone.sock"));
+    assert_eq!(entries[2]["ksm_merging_pages"], 300);
+    assert_eq!(entries[2]["balloon_target_bytes"], 128 << 20);
+    assert_eq!(entries[2]["pid"], 4242);
+
+    // No such directory: nothing to list, not an error.
+    let missing = dir.path().join("missing");
+    let out = list(&["list", "--socket-dir", missing.to_str().unwrap()], None);
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(
+        stdout(&out),
+        format!("no VMM sockets in {}\n", missing.display())
+    );
+    let out = list(
+        &["--json", "list", "--socket-dir", missing.to_str().unwrap()],
+        None,
+    );
+    assert_eq!(stdout(&out), "[]\n");
+}

@@ -16,6 +16,7 @@
 //! S: Hello{version, token}      T: Ack | Error      (token checked first)
 //! S: Config{VmConfig}           T: Ack | Error      (compatibility checked, VM built)
 //! S: Memory*  (rounds of dirty pages; no replies)
+//! S: Sync                       T: Ack              (all memory so far is in place)
 //! S: State{snapshot}            T: Ack | Error      (restored, not running)
 //! S: Complete                   T: Running | Error  (the guest runs on T)
 //! S: Abandon  (any time: T drops everything and exits without running)
@@ -52,6 +53,7 @@ pub enum Kind {
     Running = 7,
     Error = 8,
     Abandon = 9,
+    Sync = 10,
 }
 
 impl Kind {
@@ -66,6 +68,7 @@ impl Kind {
             7 => Kind::Running,
             8 => Kind::Error,
             9 => Kind::Abandon,
+            10 => Kind::Sync,
             _ => return None,
         })
     }
@@ -232,6 +235,7 @@ fn kind_name(kind: Kind) -> &'static str {
         Kind::Running => "Running",
         Kind::Error => "Error",
         Kind::Abandon => "Abandon",
+        Kind::Sync => "Sync",
     }
 }
 

@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 use api::config::{ResetAction, VmConfig};
 use api::http::ApiCall;
 use api::request::{
-    ApiError, ApiErrorKind, ApiRequest, ApiResponse, ApiResult, MemoryInfo, MigrationPhase,
-    PingInfo, ReceiveMigrationRequest, SendMigrationRequest, ShutdownMode, ShutdownRequest, VmInfo,
-    VmState,
+    ApiError, ApiErrorKind, ApiRequest, ApiResponse, ApiResult, BalloonUpdate, MemoryInfo,
+    MigrationPhase, PingInfo, ReceiveMigrationRequest, SendMigrationRequest, ShutdownMode,
+    ShutdownRequest, VmInfo, VmState,
 };
 use devices::legacy::PowerEvent;
 use std::sync::atomic::Ordering;
@@ -185,9 +185,18 @@ impl Controller {
                     .config
                     .clone()
                     .ok_or_else(|| ApiError::wrong_state("report VM info", self.state))?;
-                let memory = self.vm.as_ref().map(|vm| MemoryInfo {
-                    guest_bytes: memory::total_size(vm.memory()),
-                    rss_bytes: process_rss_bytes(),
+                let memory = self.vm.as_ref().map(|vm| {
+                    let ksm = memory::KsmProcessStats::read();
+                    let balloon = vm.device_manager().balloon();
+                    MemoryInfo {
+                        guest_bytes: memory::total_size(vm.memory()),
+                        rss_bytes: process_rss_bytes(),
+                        ksm_merging_pages: ksm.merging_pages,
+                        ksm_rmap_items: ksm.rmap_items,
+                        ksm_process_profit: ksm.process_profit,
+                        balloon_target_bytes: balloon.map(|b| b.target_bytes()),
+                        balloon_actual_bytes: balloon.map(|b| b.actual_bytes()),
+                    }
                 });
                 Ok(ApiResponse::Info(Box::new(VmInfo {
                     state: self.state,
@@ -239,7 +248,56 @@ impl Controller {
                     .unwrap_or_else(|e| e.into_inner()) = parameters;
                 Ok(ApiResponse::Empty)
             }
+            ApiRequest::VmBalloon(update) => self.set_balloon(update),
+            ApiRequest::VmBalloonStatistics => self.balloon_statistics(),
         }
+    }
+
+    /// `vm.balloon`: a new target for the running balloon, or for the one
+    /// a created VM will boot with. It also goes into the VM config, so a
+    /// reboot keeps it.
+    fn set_balloon(&mut self, update: BalloonUpdate) -> ApiResult {
+        self.expect_state(
+            "set the balloon target",
+            &[
+                VmState::Created,
+                VmState::Running,
+                VmState::Paused,
+                VmState::ShuttingDown,
+            ],
+        )?;
+        let config = self
+            .config
+            .as_mut()
+            .ok_or_else(|| ApiError::internal("no VM config"))?;
+        let size_mib = config.memory.size_mib;
+        let balloon = config.balloon.as_mut().ok_or_else(no_balloon)?;
+        if update.target_mib > size_mib {
+            return Err(ApiError::bad_request(format!(
+                "target_mib: must be at most the guest's memory, {size_mib} MiB (got {})",
+                update.target_mib
+            )));
+        }
+        if let Some(vm) = &self.vm {
+            let handle = vm.device_manager().balloon().ok_or_else(no_balloon)?;
+            handle
+                .set_target_bytes(update.target_mib << 20)
+                .map_err(|e| ApiError::bad_request(format!("target_mib: {e}")))?;
+        }
+        balloon.target_mib = update.target_mib;
+        Ok(ApiResponse::Empty)
+    }
+
+    /// `vm.balloon-statistics`.
+    fn balloon_statistics(&self) -> ApiResult {
+        let vm = self
+            .vm
+            .as_ref()
+            .ok_or_else(|| ApiError::wrong_state("report balloon statistics", self.state))?;
+        let handle = vm.device_manager().balloon().ok_or_else(no_balloon)?;
+        Ok(ApiResponse::BalloonStatistics(Box::new(
+            handle.statistics(),
+        )))
     }
 
     fn expect_state(&self, what: &str, allowed: &[VmState]) -> Result<(), ApiError> {
@@ -440,6 +498,7 @@ impl Controller {
                 .ok_or_else(|| ApiError::internal("no vCPUs"))?,
             shared: self.migration.clone(),
             control: self.sender.clone(),
+            balloon: vm.device_manager().balloon().cloned(),
         };
         self.migration.cancel.store(false, Ordering::SeqCst);
         *self
@@ -501,12 +560,9 @@ impl Controller {
                 self.paused_by_migration = was_running;
                 self.switching_over = true;
                 self.state = VmState::Paused;
-                Ok(MigrationReply::Snapshot(bytes))
-            }
-            MigrationCall::ReleaseHostResources => {
-                let vm = self.vm.as_ref().ok_or("no VM")?;
+                // Devices are paused: no disk I/O until the target runs.
                 vm.device_manager().migration_release()?;
-                Ok(MigrationReply::Done)
+                Ok(MigrationReply::Snapshot(bytes))
             }
             MigrationCall::Abort => {
                 self.migrating = false;
@@ -602,6 +658,15 @@ impl Controller {
         }
         self.state = VmState::Shutdown;
     }
+}
+
+/// The refusal of balloon requests for a VM without a balloon: 409, as the
+/// VM's configuration (not the request) is what is missing.
+fn no_balloon() -> ApiError {
+    ApiError::new(
+        ApiErrorKind::WrongState,
+        "the VM has no balloon device (configure one with --balloon or \"balloon\" in the VM config)",
+    )
 }
 
 /// The VMM process's resident set size, from /proc/self/statm.

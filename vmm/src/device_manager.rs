@@ -6,11 +6,15 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use devices::pci::PciRoot;
+use devices::virtio::balloon::{Balloon, BalloonBackend, BalloonHandle};
 use devices::virtio::pci::{VirtioPciDevice, BAR_SIZE};
 use devices::virtio::VirtioDevice;
+use migration::bitmap::DirtyBitmap;
+use vm_memory::bitmap::Bitmap;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::interrupt::GsiRouter;
-use crate::memory::GuestMemoryMmap;
+use crate::memory::{self, GuestMemoryMmap};
 use crate::pci::BarAllocator;
 
 pub struct DeviceManager {
@@ -19,6 +23,8 @@ pub struct DeviceManager {
     memory: Arc<GuestMemoryMmap>,
     bars: BarAllocator,
     virtio: Vec<Arc<Mutex<VirtioPciDevice>>>,
+    /// The balloon, if configured, to drive it from the API and migration.
+    balloon: Option<BalloonHandle>,
 }
 
 impl DeviceManager {
@@ -33,6 +39,7 @@ impl DeviceManager {
             memory,
             bars: BarAllocator::default(),
             virtio: Vec::new(),
+            balloon: None,
         }
     }
 
@@ -58,6 +65,20 @@ impl DeviceManager {
             let id = net.id.clone().unwrap_or_default();
             let device = devices::virtio::net::Net::new(net).map_err(|e| e.to_string())?;
             self.add_virtio(&id, Box::new(device))?;
+        }
+        if let Some(balloon) = &config.balloon {
+            let ram: Vec<(u64, u64)> = self
+                .memory
+                .iter()
+                .map(|r| (r.start_addr().0, r.len()))
+                .collect();
+            let backend = Arc::new(MemoryBalloonBackend {
+                memory: self.memory.clone(),
+            });
+            let device = Balloon::new(balloon, &ram, backend).map_err(|e| e.to_string())?;
+            let handle = device.handle();
+            self.add_virtio(api::config::BALLOON_DEVICE_ID, Box::new(device))?;
+            self.balloon = Some(handle);
         }
         Ok(())
     }
@@ -87,6 +108,17 @@ impl DeviceManager {
 
     pub fn virtio_devices(&self) -> &[Arc<Mutex<VirtioPciDevice>>] {
         &self.virtio
+    }
+
+    /// The balloon, if the VM has one.
+    pub fn balloon(&self) -> Option<&BalloonHandle> {
+        self.balloon.as_ref()
+    }
+
+    /// The pages a migration need not send, per RAM region: see
+    /// [`migration_skippable_pages`].
+    pub fn ballooned_pages(&self) -> Option<Vec<DirtyBitmap>> {
+        self.balloon.as_ref().and_then(migration_skippable_pages)
     }
 
     /// Per-device counters, by device id.
@@ -199,4 +231,56 @@ impl DeviceManager {
                 .migration_completed();
         }
     }
+}
+
+/// Gives ballooned and reported pages back to the host: MADV_DONTNEED for
+/// private anonymous memory, a punched hole for memfd and hugetlbfs memory
+/// (which frees only whole huge pages; 4 KiB balloon pages inside a huge
+/// page are zeroed, not freed).
+///
+/// Anonymous ranges are also marked in the VMM's dirty bitmap: they now
+/// read as zero, and a migration under way sends zero markers for those
+/// the target had data for, so its memory stays identical. Not for memfd
+/// memory: the migration would read the punched pages, and reading a hole
+/// of a shared mapping allocates it again. The guest does not care either
+/// way: ballooned pages are skipped, and reported pages are free pages
+/// whose content it does not rely on (Linux turns reporting off when it
+/// poisons or zeroes free pages and the device does not offer PAGE_POISON).
+struct MemoryBalloonBackend {
+    memory: Arc<GuestMemoryMmap>,
+}
+
+impl BalloonBackend for MemoryBalloonBackend {
+    fn discard(&self, gpa: u64, len: u64) -> std::io::Result<()> {
+        memory::discard_range(&self.memory, gpa, len)?;
+        if let Some(region) = self
+            .memory
+            .find_region(GuestAddress(gpa))
+            .filter(|r| r.file_offset().is_none())
+        {
+            let offset = gpa - region.start_addr().0;
+            region.bitmap().mark_dirty(offset as usize, len as usize);
+        }
+        Ok(())
+    }
+}
+
+/// The pages in `balloon` as dirty-bitmap-shaped maps (one per RAM region,
+/// in region order), if a migration may skip them: only when the driver
+/// negotiated MUST_TELL_HOST, so that it never touches a ballooned page
+/// before the device has taken it out of the balloon (and out of this map).
+/// Read it after harvesting the dirty log: a page deflated and written
+/// before the harvest is then no longer in the map, and one written after
+/// it shows up in the next harvest.
+pub fn migration_skippable_pages(balloon: &BalloonHandle) -> Option<Vec<DirtyBitmap>> {
+    if !balloon.must_tell_host() {
+        return None;
+    }
+    Some(
+        balloon
+            .ballooned_pages()
+            .into_iter()
+            .map(|r| DirtyBitmap::from_words(r.words, r.pages))
+            .collect(),
+    )
 }

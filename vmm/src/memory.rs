@@ -306,3 +306,68 @@ mod range_tests {
         }
     }
 }
+
+/// What KSM does for this process: `/proc/self/ksm_merging_pages` and
+/// `/proc/self/ksm_stat` (Linux 6.1+; fields absent on older kernels).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KsmProcessStats {
+    /// Pages of this process currently merged with identical pages.
+    pub merging_pages: Option<u64>,
+    /// Pages KSM tracks (has scanned) in this process.
+    pub rmap_items: Option<u64>,
+    /// Bytes saved minus KSM's metadata for this process (may be negative).
+    pub process_profit: Option<i64>,
+}
+
+impl KsmProcessStats {
+    /// This process's figures.
+    pub fn read() -> KsmProcessStats {
+        let merging = std::fs::read_to_string("/proc/self/ksm_merging_pages").ok();
+        let stat = std::fs::read_to_string("/proc/self/ksm_stat").unwrap_or_default();
+        Self::parse(merging.as_deref(), &stat)
+    }
+
+    /// From the text of `ksm_merging_pages` (if present) and `ksm_stat`.
+    pub fn parse(merging_pages: Option<&str>, ksm_stat: &str) -> KsmProcessStats {
+        let field = |name: &str| {
+            ksm_stat.lines().find_map(|line| {
+                let (key, value) = line.split_once(char::is_whitespace)?;
+                (key.trim_end_matches(':') == name).then(|| value.trim().to_string())
+            })
+        };
+        KsmProcessStats {
+            merging_pages: merging_pages
+                .and_then(|t| t.trim().parse().ok())
+                .or_else(|| field("ksm_merging_pages")?.parse().ok()),
+            rmap_items: field("ksm_rmap_items").and_then(|v| v.parse().ok()),
+            process_profit: field("ksm_process_profit").and_then(|v| v.parse().ok()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod ksm_tests {
+    use super::*;
+
+    #[test]
+    fn ksm_figures_parse() {
+        let stat = "ksm_rmap_items 120\nksm_zero_pages 0\nksm_merging_pages 7\n\
+                    ksm_process_profit -4096\nksm_merge_any: no\nksm_mergeable: yes\n";
+        assert_eq!(
+            KsmProcessStats::parse(Some("9\n"), stat),
+            KsmProcessStats {
+                merging_pages: Some(9),
+                rmap_items: Some(120),
+                process_profit: Some(-4096),
+            }
+        );
+        // Without the merging_pages file, ksm_stat's line; an old kernel has neither.
+        assert_eq!(KsmProcessStats::parse(None, stat).merging_pages, Some(7));
+        assert_eq!(KsmProcessStats::parse(None, ""), KsmProcessStats::default());
+        // This kernel has them.
+        if std::path::Path::new("/proc/self/ksm_stat").exists() {
+            let here = KsmProcessStats::read();
+            assert!(here.merging_pages.is_some() && here.rmap_items.is_some());
+        }
+    }
+}

@@ -1,16 +1,16 @@
 //! `vmmctl`: drives a `vmm` over its REST API socket.
 
 use std::io::{IsTerminal, Read, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use api::config::{MemoryBacking, SerialConfig, VmConfig};
 use api::http::{ApiClient, ClientError};
 use api::request::{
-    validate_migration_url, Counters, MigrationParameters, MigrationPhase, MigrationStatus,
-    PingInfo, ReceiveMigrationRequest, SendMigrationRequest, ShutdownMode, ShutdownRequest,
-    TimeoutAction, VmInfo,
+    validate_migration_url, BalloonStatistics, Counters, MigrationParameters, MigrationPhase,
+    MigrationStatus, PingInfo, ReceiveMigrationRequest, SendMigrationRequest, ShutdownMode,
+    ShutdownRequest, TimeoutAction, VmInfo,
 };
 
 const USAGE: &str = "\
@@ -51,6 +51,16 @@ Commands:
   receive-migration LISTEN (--token-file FILE | --token TOKEN)
                                make a VMM without a VM listen on LISTEN
                                (tcp:HOST:PORT or unix:PATH) for an incoming migration
+  balloon [--target-mib N]     set the balloon's target: the guest is asked to give
+                               N MiB back (0 deflates it); without --target-mib,
+                               print the balloon statistics
+  balloon-stats                the balloon's target and actual size and the guest's
+                               last memory statistics
+  list [--socket-dir DIR]      every VMM whose API socket is a *.sock in DIR (default:
+                               $VMM_SOCKET_DIR, else /run/vmm): name, pid, state,
+                               guest memory, RSS, balloon target and actual, pages
+                               KSM merged; sockets nobody answers on are listed as
+                               stale. Needs no --api-socket
 
 Migration options:
   --token-file FILE       the pre-shared token of sender and receiver, read from
@@ -66,6 +76,10 @@ Migration options:
                           force: switch over at once, whatever the downtime
   --no-auto-converge      do not slow the vCPUs down when the guest dirties memory
                           faster than it can be sent
+
+Socket directory convention: start each VMM with
+`vmm --api-socket /run/vmm/NAME.sock` (or under $VMM_SOCKET_DIR); NAME is what
+`vmmctl list` shows, and `vmmctl --api-socket /run/vmm/NAME.sock` reaches it.
 
 Options:
   --api-socket PATH   the VMM's API socket (default: $VMM_API_SOCKET)
@@ -98,6 +112,8 @@ const COMMAND_VALUE_OPTIONS: &[&str] = &[
     "--bandwidth",
     "--timeout-s",
     "--timeout-action",
+    "--target-mib",
+    "--socket-dir",
 ];
 
 /// How often `migrate` asks for the status.
@@ -110,6 +126,12 @@ const PLAIN_PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The environment variable naming the default API socket.
 const SOCKET_ENV: &str = "VMM_API_SOCKET";
+/// The environment variable naming the directory `list` scans.
+const SOCKET_DIR_ENV: &str = "VMM_SOCKET_DIR";
+/// Where VMM API sockets live by convention.
+const DEFAULT_SOCKET_DIR: &str = "/run/vmm";
+/// The longest `list` waits for one VMM.
+const LIST_TIMEOUT: Duration = Duration::from_secs(3);
 
 #[derive(Debug)]
 enum Command {
@@ -126,7 +148,15 @@ enum Command {
     MigrateCancel,
     MigrateStatus,
     MigrateSet(MigrationParameters),
-    ReceiveMigration { listen: String, token: Token },
+    ReceiveMigration {
+        listen: String,
+        token: Token,
+    },
+    /// `balloon --target-mib N` sets the target, `balloon` alone shows it.
+    Balloon(Option<u64>),
+    BalloonStats,
+    /// `list`: the directory given, else the environment's or the default.
+    List(Option<PathBuf>),
 }
 
 /// `migrate DESTINATION ...`.
@@ -183,6 +213,9 @@ impl Command {
             Command::MigrateStatus => "migrate-status",
             Command::MigrateSet(_) => "migrate-set",
             Command::ReceiveMigration { .. } => "receive-migration",
+            Command::Balloon(_) => "balloon",
+            Command::BalloonStats => "balloon-stats",
+            Command::List(_) => "list",
         }
     }
 }
@@ -246,12 +279,14 @@ fn parse_args(args: Vec<String>, env_socket: Option<String>) -> Result<Parsed, S
             }
         }
     }
-    let socket = socket
-        .or(env_socket)
-        .filter(|s| !s.is_empty())
-        .ok_or_else(|| format!("no API socket: give --api-socket PATH or set {SOCKET_ENV}"))?;
+    let socket = socket.or(env_socket).filter(|s| !s.is_empty());
+    let no_socket = || format!("no API socket: give --api-socket PATH or set {SOCKET_ENV}");
     let mut words = words.into_iter();
-    let name = words.next().ok_or("no command given")?;
+    let name = match words.next() {
+        Some(name) => name,
+        None if socket.is_none() => return Err(no_socket()),
+        None => return Err("no command given".into()),
+    };
     let rest: Vec<String> = words.collect();
     let no_args = |command: Command| {
         if let Some(extra) = rest.first() {
@@ -279,7 +314,16 @@ fn parse_args(args: Vec<String>, env_socket: Option<String>) -> Result<Parsed, S
         "migrate-status" => no_args(Command::MigrateStatus)?,
         "migrate-set" => parse_migrate_set(&rest)?,
         "receive-migration" => parse_receive_migration(&rest)?,
+        "balloon" => parse_balloon(&rest)?,
+        "balloon-stats" => no_args(Command::BalloonStats)?,
+        "list" => parse_list(&rest)?,
         _ => return Err(format!("unknown command {name:?}")),
+    };
+    // `list` finds its VMMs itself.
+    let socket = match (&command, socket) {
+        (Command::List(_), socket) => socket.unwrap_or_default(),
+        (_, Some(socket)) => socket,
+        (_, None) => return Err(no_socket()),
     };
     Ok(Parsed::Run(Args {
         socket: socket.into(),
@@ -511,6 +555,56 @@ fn parse_receive_migration(args: &[String]) -> Result<Command, String> {
     Ok(Command::ReceiveMigration { listen, token })
 }
 
+/// The value of `--NAME VALUE` or `--NAME=VALUE` options of `command`.
+fn option_value<'a>(
+    command: &str,
+    args: &'a [String],
+    name: &str,
+) -> Result<Option<&'a str>, String> {
+    let mut value = None;
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        let (flag, inline) = match arg.split_once('=') {
+            Some((flag, v)) => (flag, Some(v)),
+            None => (arg.as_str(), None),
+        };
+        if flag != name {
+            return Err(if arg.starts_with('-') {
+                format!("{command}: unknown option {arg:?}")
+            } else {
+                format!("{command}: unexpected argument {arg:?}")
+            });
+        }
+        if value.is_some() {
+            return Err(format!("{command}: {name} given twice"));
+        }
+        value = Some(
+            inline
+                .or_else(|| args.next().map(String::as_str))
+                .ok_or_else(|| format!("{command}: {name} needs a value"))?,
+        );
+    }
+    Ok(value)
+}
+
+fn parse_balloon(args: &[String]) -> Result<Command, String> {
+    let target = option_value("balloon", args, "--target-mib")?
+        .map(|text| {
+            text.parse::<u64>()
+                .map_err(|_| format!("balloon: --target-mib: {text:?} is not a number of MiB"))
+        })
+        .transpose()?;
+    Ok(Command::Balloon(target))
+}
+
+fn parse_list(args: &[String]) -> Result<Command, String> {
+    let dir = option_value("list", args, "--socket-dir")?;
+    if dir == Some("") {
+        return Err("list: --socket-dir needs a directory".into());
+    }
+    Ok(Command::List(dir.map(PathBuf::from)))
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let env_socket = std::env::var(SOCKET_ENV).ok();
@@ -623,7 +717,257 @@ fn run(args: &Args) -> Result<String, (u8, String)> {
             };
             text(client.receive_migration(&request).map(|()| String::new()))
         }
+        Command::Balloon(Some(target)) => text(client.balloon(*target).map(|()| String::new())),
+        Command::Balloon(None) | Command::BalloonStats => {
+            let stats = client.balloon_statistics().map_err(client_error)?;
+            Ok(if args.json {
+                json(&stats)
+            } else {
+                show_balloon(&stats)
+            })
+        }
+        Command::List(dir) => {
+            let dir = dir.clone().unwrap_or_else(|| {
+                std::env::var_os(SOCKET_DIR_ENV)
+                    .filter(|d| !d.is_empty())
+                    .map_or_else(|| PathBuf::from(DEFAULT_SOCKET_DIR), PathBuf::from)
+            });
+            let entries = list_vmms(&dir, args.timeout.min(LIST_TIMEOUT))?;
+            Ok(if args.json {
+                json(&entries)
+            } else {
+                show_list(&dir, &entries)
+            })
+        }
     }
+}
+
+/// One VMM found by `list`.
+#[derive(Debug, Default, PartialEq, serde::Serialize)]
+struct ListEntry {
+    /// The socket's file name without `.sock`.
+    name: String,
+    socket: PathBuf,
+    /// The VM's state, or `stale` when nothing answers on the socket.
+    state: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pid: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    guest_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rss_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    balloon_target_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    balloon_actual_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ksm_merging_pages: Option<u64>,
+    /// Why a socket is stale.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+/// Pings every `*.sock` socket in `dir` (in parallel) and reads its VM's
+/// memory figures. A missing directory is an empty list.
+fn list_vmms(dir: &Path, timeout: Duration) -> Result<Vec<ListEntry>, (u8, String)> {
+    use std::os::unix::fs::FileTypeExt;
+    let read = match std::fs::read_dir(dir) {
+        Ok(read) => read,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => {
+            return Err((
+                EXIT_UNREACHABLE,
+                format!("cannot read {}: {e}", dir.display()),
+            ))
+        }
+    };
+    let mut sockets: Vec<(String, PathBuf)> = read
+        .filter_map(Result::ok)
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_socket()))
+        .filter_map(|e| {
+            let path = e.path();
+            let name = path
+                .file_name()?
+                .to_str()?
+                .strip_suffix(".sock")?
+                .to_string();
+            (!name.is_empty()).then_some((name, path))
+        })
+        .collect();
+    sockets.sort();
+    let entries = std::thread::scope(|scope| {
+        let handles: Vec<_> = sockets
+            .into_iter()
+            .map(|(name, path)| scope.spawn(move || probe_vmm(name, path, timeout)))
+            .collect();
+        handles.into_iter().filter_map(|h| h.join().ok()).collect()
+    });
+    Ok(entries)
+}
+
+fn probe_vmm(name: String, socket: PathBuf, timeout: Duration) -> ListEntry {
+    let client = ApiClient::new(&socket).with_timeout(timeout);
+    let mut entry = ListEntry {
+        name,
+        socket,
+        ..ListEntry::default()
+    };
+    match client.ping() {
+        Ok(ping) => {
+            entry.state = ping.state.to_string();
+            entry.pid = Some(ping.pid);
+        }
+        Err(e) => {
+            entry.state = if e.is_unreachable() { "stale" } else { "error" }.to_string();
+            entry.error = Some(e.to_string());
+            return entry;
+        }
+    }
+    // A VMM without a VM answers 409: its memory columns stay empty.
+    if let Ok(VmInfo {
+        memory: Some(memory),
+        ..
+    }) = client.info()
+    {
+        entry.guest_bytes = Some(memory.guest_bytes);
+        entry.rss_bytes = Some(memory.rss_bytes);
+        entry.balloon_target_bytes = memory.balloon_target_bytes;
+        entry.balloon_actual_bytes = memory.balloon_actual_bytes;
+        entry.ksm_merging_pages = memory.ksm_merging_pages;
+    }
+    entry
+}
+
+fn show_list(dir: &Path, entries: &[ListEntry]) -> String {
+    if entries.is_empty() {
+        return format!("no VMM sockets in {}\n", dir.display());
+    }
+    let dash = || "-".to_string();
+    let size = |v: Option<u64>| v.map_or_else(dash, mib);
+    let headers = [
+        "NAME",
+        "PID",
+        "STATE",
+        "GUEST",
+        "RSS",
+        "BALLOON",
+        "ACTUAL",
+        "KSM-MERGED",
+    ];
+    let rows: Vec<[String; 8]> = entries
+        .iter()
+        .map(|e| {
+            [
+                e.name.clone(),
+                e.pid.map_or_else(dash, |p| p.to_string()),
+                e.state.clone(),
+                size(e.guest_bytes),
+                size(e.rss_bytes),
+                size(e.balloon_target_bytes),
+                size(e.balloon_actual_bytes),
+                e.ksm_merging_pages.map_or_else(dash, |p| p.to_string()),
+            ]
+        })
+        .collect();
+    let widths: Vec<usize> = (0..headers.len())
+        .map(|i| {
+            rows.iter()
+                .map(|r| r[i].len())
+                .chain([headers[i].len()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let line = |cells: Vec<&str>| {
+        let mut line = String::new();
+        for (i, cell) in cells.iter().enumerate() {
+            // Names and states left-aligned, figures right-aligned.
+            if i == 0 || i == 2 {
+                line.push_str(&format!("{cell:<w$}", w = widths[i]));
+            } else {
+                line.push_str(&format!("{cell:>w$}", w = widths[i]));
+            }
+            line.push_str("  ");
+        }
+        line.trim_end().to_string() + "\n"
+    };
+    let mut text = line(headers.to_vec());
+    for row in &rows {
+        text.push_str(&line(row.iter().map(String::as_str).collect()));
+    }
+    let live: Vec<&ListEntry> = entries.iter().filter(|e| e.pid.is_some()).collect();
+    let sum = |f: fn(&ListEntry) -> Option<u64>| live.iter().filter_map(|e| f(e)).sum::<u64>();
+    text.push_str(&format!(
+        "total: {} VMMs ({} stale), guest {}, rss {}, balloon targets {}, ksm merged {} pages\n",
+        entries.len(),
+        entries.len() - live.len(),
+        mib(sum(|e| e.guest_bytes)),
+        mib(sum(|e| e.rss_bytes)),
+        mib(sum(|e| e.balloon_target_bytes)),
+        sum(|e| e.ksm_merging_pages),
+    ));
+    text
+}
+
+fn show_balloon(stats: &BalloonStatistics) -> String {
+    const PAGE: u64 = 4096;
+    let mut lines = vec![
+        format!(
+            "target: {} ({} pages)",
+            mib(stats.target_pages * PAGE),
+            stats.target_pages
+        ),
+        format!(
+            "actual: {} ({} pages)",
+            mib(stats.actual_pages * PAGE),
+            stats.actual_pages
+        ),
+        format!(
+            "inflated: {} ({} pages given back to the host)",
+            mib(stats.inflated_pages * PAGE),
+            stats.inflated_pages
+        ),
+    ];
+    match stats.age_ms {
+        None => lines.push("guest statistics: none yet".to_string()),
+        Some(age) => lines.push(format!(
+            "guest statistics: {:.1} s old",
+            age as f64 / 1000.0
+        )),
+    }
+    let sizes = [
+        ("free memory", stats.free_memory),
+        ("total memory", stats.total_memory),
+        ("available memory", stats.available_memory),
+        ("disk caches", stats.disk_caches),
+        ("swapped in", stats.swap_in),
+        ("swapped out", stats.swap_out),
+        ("scanned by kswapd", stats.async_scans),
+        ("scanned directly", stats.direct_scans),
+        ("reclaimed by kswapd", stats.async_reclaims),
+        ("reclaimed directly", stats.direct_reclaims),
+    ];
+    for (name, value) in sizes {
+        if let Some(value) = value {
+            lines.push(format!("  {name}: {}", mib(value)));
+        }
+    }
+    let counts = [
+        ("major faults", stats.major_faults),
+        ("minor faults", stats.minor_faults),
+        ("hugetlb allocations", stats.hugetlb_allocations),
+        ("hugetlb failures", stats.hugetlb_failures),
+        ("oom kills", stats.oom_kills),
+        ("allocation stalls", stats.alloc_stalls),
+    ];
+    for (name, value) in counts {
+        if let Some(value) = value {
+            lines.push(format!("  {name}: {value}"));
+        }
+    }
+    let mut text = lines.join("\n");
+    text.push('\n');
+    text
 }
 
 /// Polls the status of the migration just started until it ends, showing
@@ -989,6 +1333,18 @@ fn show_info(info: &VmInfo) -> String {
             mib(memory.guest_bytes),
             mib(memory.rss_bytes)
         ));
+        if let (Some(target), Some(actual)) =
+            (memory.balloon_target_bytes, memory.balloon_actual_bytes)
+        {
+            lines.push(format!(
+                "balloon now: target {}, actual {}",
+                mib(target),
+                mib(actual)
+            ));
+        }
+        if let Some(pages) = memory.ksm_merging_pages {
+            lines.push(format!("ksm: {pages} pages merged"));
+        }
     }
     let mut text = lines.join("\n");
     text.push('\n');
@@ -1198,6 +1554,114 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn balloon_and_list_parse() {
+        assert!(matches!(
+            command(&["--api-socket", "/s", "balloon"]),
+            Command::Balloon(None)
+        ));
+        assert!(matches!(
+            command(&["--api-socket", "/s", "balloon", "--target-mib", "512"]),
+            Command::Balloon(Some(512))
+        ));
+        assert!(matches!(
+            command(&["--api-socket", "/s", "balloon", "--target-mib=0", "--json"]),
+            Command::Balloon(Some(0))
+        ));
+        assert!(matches!(
+            command(&["--api-socket", "/s", "balloon-stats"]),
+            Command::BalloonStats
+        ));
+        // `list` needs no socket.
+        match command(&["list"]) {
+            Command::List(None) => {}
+            other => panic!("{other:?}"),
+        }
+        match command(&["list", "--socket-dir", "/tmp/v", "--json"]) {
+            Command::List(Some(dir)) => assert_eq!(dir, PathBuf::from("/tmp/v")),
+            other => panic!("{other:?}"),
+        }
+        let error = |args: &[&str]| parse(args).err().unwrap_or_default();
+        assert!(error(&["balloon"]).contains("VMM_API_SOCKET"));
+        assert!(error(&["--api-socket", "/s", "balloon", "--target-mib", "-1"]).contains("-1"));
+        assert!(error(&["--api-socket", "/s", "balloon", "--target-mib", "1G"]).contains("1G"));
+        assert!(error(&["--api-socket", "/s", "balloon", "--target-mib"]).contains("needs a value"));
+        assert!(error(&["--api-socket", "/s", "balloon", "64"]).contains("unexpected argument"));
+        assert!(error(&[
+            "--api-socket",
+            "/s",
+            "balloon",
+            "--target-mib=1",
+            "--target-mib=2"
+        ])
+        .contains("twice"));
+        assert!(error(&["--api-socket", "/s", "balloon-stats", "--all"]).contains("--all"));
+        assert!(error(&["list", "--socket-dir="]).contains("directory"));
+        assert!(error(&["list", "--dir", "x"]).contains("--dir"));
+        assert!(error(&[]).contains("VMM_API_SOCKET"));
+    }
+
+    #[test]
+    fn list_and_balloon_print_tables() {
+        let entries = vec![
+            ListEntry {
+                name: "web".into(),
+                socket: "/run/vmm/web.sock".into(),
+                state: "running".into(),
+                pid: Some(4242),
+                guest_bytes: Some(1 << 30),
+                rss_bytes: Some(300 << 20),
+                balloon_target_bytes: Some(256 << 20),
+                balloon_actual_bytes: Some(128 << 20),
+                ksm_merging_pages: Some(1234),
+                error: None,
+            },
+            ListEntry {
+                name: "old".into(),
+                socket: "/run/vmm/old.sock".into(),
+                state: "stale".into(),
+                error: Some("no VMM is listening".into()),
+                ..ListEntry::default()
+            },
+        ];
+        assert_eq!(
+            show_list(Path::new("/run/vmm"), &entries),
+            "NAME   PID  STATE       GUEST      RSS  BALLOON   ACTUAL  KSM-MERGED\n\
+             web   4242  running  1024 MiB  300 MiB  256 MiB  128 MiB        1234\n\
+             old      -  stale           -        -        -        -           -\n\
+             total: 2 VMMs (1 stale), guest 1024 MiB, rss 300 MiB, balloon targets 256 MiB, ksm merged 1234 pages\n"
+        );
+        assert_eq!(show_list(Path::new("/x"), &[]), "no VMM sockets in /x\n");
+        let json = json(&entries);
+        assert!(json.contains(r#""state": "stale""#), "{json}");
+        assert!(!json.contains(r#""pid": null"#), "{json}");
+
+        let mut stats = BalloonStatistics {
+            target_pages: 65536,
+            actual_pages: 256,
+            target_mib: 256,
+            actual_mib: 1,
+            inflated_pages: 256,
+            ..BalloonStatistics::default()
+        };
+        let text = show_balloon(&stats);
+        assert_eq!(
+            text,
+            "target: 256 MiB (65536 pages)\nactual: 1 MiB (256 pages)\n\
+             inflated: 1 MiB (256 pages given back to the host)\nguest statistics: none yet\n"
+        );
+        stats.age_ms = Some(1500);
+        stats.free_memory = Some(3 << 19);
+        stats.major_faults = Some(9);
+        let text = show_balloon(&stats);
+        assert!(
+            text.contains(
+                "guest statistics: 1.5 s old\n  free memory: 1.5 MiB\n  major faults: 9\n"
+            ),
+            "{text}"
+        );
     }
 
     #[test]

@@ -9,9 +9,9 @@ use super::routes::{encode, route_named, Method, Route, API_PREFIX};
 use super::wire::{clip, find_head, parse_content_length, reason, split_head};
 use crate::config::VmConfig;
 use crate::request::{
-    ApiError, ApiErrorKind, ApiRequest, ApiResponse, Counters, MigrationParameters,
-    MigrationStatus, PingInfo, ReceiveMigrationRequest, SendMigrationRequest, ShutdownRequest,
-    VmInfo,
+    ApiError, ApiErrorKind, ApiRequest, ApiResponse, BalloonStatistics, BalloonUpdate, Counters,
+    MigrationParameters, MigrationStatus, PingInfo, ReceiveMigrationRequest, SendMigrationRequest,
+    ShutdownRequest, VmInfo,
 };
 
 /// How long a request may take, connection to last byte of the reply.
@@ -262,6 +262,20 @@ impl ApiClient {
     ) -> Result<(), ClientError> {
         self.call(&ApiRequest::VmMigrationParameters(parameters.clone()))
             .map(drop)
+    }
+
+    /// `PUT vm.balloon`: asks the guest to give back `target_mib` MiB.
+    pub fn balloon(&self, target_mib: u64) -> Result<(), ClientError> {
+        self.call(&ApiRequest::VmBalloon(BalloonUpdate { target_mib }))
+            .map(drop)
+    }
+
+    /// `GET vm.balloon-statistics`.
+    pub fn balloon_statistics(&self) -> Result<BalloonStatistics, ClientError> {
+        match self.call(&ApiRequest::VmBalloonStatistics)? {
+            ApiResponse::BalloonStatistics(stats) => Ok(*stats),
+            other => Err(self.unexpected(other)),
+        }
     }
 
     fn unexpected(&self, response: ApiResponse) -> ClientError {

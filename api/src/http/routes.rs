@@ -15,9 +15,9 @@ use serde::de::DeserializeOwned;
 
 use crate::config::VmConfig;
 use crate::request::{
-    validate_migration_url, ApiError, ApiRequest, ApiResponse, Counters, MigrationParameters,
-    MigrationStatus, PingInfo, ReceiveMigrationRequest, SendMigrationRequest, ShutdownRequest,
-    VmInfo,
+    validate_migration_url, ApiError, ApiRequest, ApiResponse, BalloonStatistics, BalloonUpdate,
+    Counters, MigrationParameters, MigrationStatus, PingInfo, ReceiveMigrationRequest,
+    SendMigrationRequest, ShutdownRequest, VmInfo,
 };
 
 /// Every path starts with this.
@@ -88,6 +88,8 @@ pub enum ReplyKind {
     Counters,
     /// 200 with a [`MigrationStatus`].
     MigrationStatus,
+    /// 200 with [`BalloonStatistics`].
+    BalloonStatistics,
 }
 
 impl ReplyKind {
@@ -99,6 +101,7 @@ impl ReplyKind {
             ReplyKind::Info => Some("VmInfo"),
             ReplyKind::Counters => Some("Counters"),
             ReplyKind::MigrationStatus => Some("MigrationStatus"),
+            ReplyKind::BalloonStatistics => Some("BalloonStatistics"),
         }
     }
 
@@ -122,6 +125,9 @@ impl ReplyKind {
             ReplyKind::Counters => ApiResponse::Counters(json::<Counters>(body)?),
             ReplyKind::MigrationStatus => {
                 ApiResponse::MigrationStatus(Box::new(json::<MigrationStatus>(body)?))
+            }
+            ReplyKind::BalloonStatistics => {
+                ApiResponse::BalloonStatistics(Box::new(json::<BalloonStatistics>(body)?))
             }
         })
     }
@@ -282,6 +288,23 @@ pub static ROUTES: &[Route] = &[
             Ok(ApiRequest::VmMigrationParameters(parameters))
         },
     },
+    Route {
+        method: Method::Put,
+        path: "/api/v1/vm.balloon",
+        body: BodyKind::Required("BalloonUpdate"),
+        reply: ReplyKind::Empty,
+        parse: |body| {
+            let body = body.ok_or_else(|| ApiError::bad_request("vm.balloon needs a body"))?;
+            Ok(ApiRequest::VmBalloon(json_body::<BalloonUpdate>(body)?))
+        },
+    },
+    Route {
+        method: Method::Get,
+        path: "/api/v1/vm.balloon-statistics",
+        body: BodyKind::None,
+        reply: ReplyKind::BalloonStatistics,
+        parse: |_| Ok(ApiRequest::VmBalloonStatistics),
+    },
 ];
 
 /// Why [`find_route`] found no route.
@@ -344,6 +367,8 @@ pub fn encode(request: &ApiRequest) -> Result<(&'static Route, Option<Vec<u8>>),
         ApiRequest::VmMigrationStatus => (Method::Get, "vm.migration-status", None),
         ApiRequest::VmMigrationCancel => (Method::Put, "vm.migration-cancel", None),
         ApiRequest::VmMigrationParameters(p) => (Method::Put, "vm.migration-parameters", json(p)?),
+        ApiRequest::VmBalloon(b) => (Method::Put, "vm.balloon", json(b)?),
+        ApiRequest::VmBalloonStatistics => (Method::Get, "vm.balloon-statistics", None),
     };
     let route = route_named(method, name).ok_or_else(|| format!("no route for {method} {name}"))?;
     Ok((route, body))
@@ -390,6 +415,8 @@ mod tests {
             ApiRequest::VmMigrationStatus,
             ApiRequest::VmMigrationCancel,
             ApiRequest::VmMigrationParameters(MigrationParameters::default()),
+            ApiRequest::VmBalloon(BalloonUpdate { target_mib: 256 }),
+            ApiRequest::VmBalloonStatistics,
         ]
     }
 
@@ -590,6 +617,29 @@ mod tests {
     }
 
     #[test]
+    fn balloon_bodies_are_checked() {
+        let balloon = route_named(Method::Put, "vm.balloon").unwrap();
+        assert_eq!(
+            (balloon.parse)(Some(br#"{"target_mib": 0}"#)).unwrap(),
+            ApiRequest::VmBalloon(BalloonUpdate { target_mib: 0 })
+        );
+        assert!((balloon.parse)(None).is_err());
+        for body in [
+            &br#"{"target_mib": -1}"#[..],
+            br#"{"target_mib": "64"}"#,
+            br#"{"target_mib": 1.5}"#,
+            br#"{"target_mib": null}"#,
+        ] {
+            let e = parse_error("vm.balloon", body);
+            assert!(e.message.starts_with("target_mib: "), "{e}");
+        }
+        let e = parse_error("vm.balloon", b"{}");
+        assert!(e.message.contains("target_mib"), "{e}");
+        let e = parse_error("vm.balloon", br#"{"target_mib": 1, "mib": 2}"#);
+        assert!(e.message.contains("mib"), "{e}");
+    }
+
+    #[test]
     fn replies_decode() {
         let ping = PingInfo {
             version: "1".into(),
@@ -614,6 +664,26 @@ mod tests {
         assert_eq!(
             ReplyKind::MigrationStatus.decode(json.as_bytes()).unwrap(),
             ApiResponse::MigrationStatus(Box::new(status))
+        );
+        let mut stats = BalloonStatistics {
+            target_pages: 256,
+            target_mib: 1,
+            timestamp_ms: Some(1_700_000_000_000),
+            age_ms: Some(5),
+            ..BalloonStatistics::default()
+        };
+        assert!(stats.set_guest_stat(4, 1 << 20));
+        assert!(!stats.set_guest_stat(16, 1));
+        assert_eq!(stats.free_memory, Some(1 << 20));
+        let json = ApiResponse::BalloonStatistics(Box::new(stats.clone()))
+            .to_json()
+            .unwrap();
+        assert!(!json.contains("swap_in"), "{json}");
+        assert_eq!(
+            ReplyKind::BalloonStatistics
+                .decode(json.as_bytes())
+                .unwrap(),
+            ApiResponse::BalloonStatistics(Box::new(stats))
         );
         assert!(ReplyKind::Info.decode(b"{}").is_err());
         assert_eq!(ReplyKind::Empty.decode(b"").unwrap(), ApiResponse::Empty);

@@ -12,8 +12,8 @@ use std::time::Duration;
 use api::config::{DiskConfig, NetConfig, VmConfig};
 use api::http::{start_server, ApiCall, ApiServer};
 use api::request::{
-    ApiError, ApiRequest, ApiResponse, Counters, MemoryInfo, MigrationPhase, MigrationStatus,
-    PingInfo, VmInfo, VmState,
+    ApiError, ApiRequest, ApiResponse, BalloonStatistics, Counters, MemoryInfo, MigrationPhase,
+    MigrationStatus, PingInfo, VmInfo, VmState,
 };
 
 /// A directory removed on drop.
@@ -71,6 +71,11 @@ pub fn sample_info() -> VmInfo {
         memory: Some(MemoryInfo {
             guest_bytes: 512 << 20,
             rss_bytes: 100 << 20,
+            ksm_merging_pages: Some(300),
+            ksm_rmap_items: Some(131_072),
+            ksm_process_profit: Some(1 << 20),
+            balloon_target_bytes: Some(128 << 20),
+            balloon_actual_bytes: Some(64 << 20),
         }),
     }
 }
@@ -86,6 +91,24 @@ pub fn sample_counters() -> Counters {
         BTreeMap::from([("read_bytes".to_string(), 4096u64)]),
     );
     counters
+}
+
+/// A balloon half-way to a 128 MiB target, with guest statistics.
+pub fn sample_balloon_statistics() -> BalloonStatistics {
+    BalloonStatistics {
+        target_pages: 32768,
+        actual_pages: 16384,
+        target_mib: 128,
+        actual_mib: 64,
+        inflated_pages: 16384,
+        timestamp_ms: Some(1_700_000_000_000),
+        age_ms: Some(2500),
+        free_memory: Some(200 << 20),
+        total_memory: Some(448 << 20),
+        available_memory: Some(300 << 20),
+        major_faults: Some(7),
+        ..BalloonStatistics::default()
+    }
 }
 
 /// The status of an outgoing migration of 1 GiB in `phase`: figures that
@@ -139,6 +162,9 @@ pub fn canned_answer(request: &ApiRequest) -> Result<ApiResponse, ApiError> {
         ApiRequest::VmCounters => Ok(ApiResponse::Counters(sample_counters())),
         ApiRequest::VmMigrationStatus => Ok(ApiResponse::MigrationStatus(Box::new(
             sample_migration_status(MigrationPhase::Completed),
+        ))),
+        ApiRequest::VmBalloonStatistics => Ok(ApiResponse::BalloonStatistics(Box::new(
+            sample_balloon_statistics(),
         ))),
         ApiRequest::VmPause => Err(ApiError::wrong_state("pause", VmState::Created)),
         _ => Ok(ApiResponse::Empty),

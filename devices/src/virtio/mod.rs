@@ -11,6 +11,7 @@
 //! every length, address and sector and answer bad requests with an error
 //! status; they never panic or spin on guest input.
 
+pub mod balloon;
 pub mod block;
 pub mod net;
 pub mod pci;

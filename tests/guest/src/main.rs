@@ -13,6 +13,7 @@
 #[macro_use]
 mod console;
 
+mod blk;
 mod bootinfo;
 mod builtins;
 mod fault;
@@ -22,12 +23,14 @@ mod irq;
 mod kbd;
 mod lapic;
 mod mem;
+mod net;
 mod pci;
 mod percpu;
 mod shell;
 mod smp;
 mod sync;
 mod time;
+mod virtio;
 mod workload;
 
 core::arch::global_asm!(

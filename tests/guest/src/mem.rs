@@ -142,13 +142,37 @@ pub fn init(boot: &BootInfo) {
     INFO.set(info);
 }
 
+/// Free ranges for workloads: [`free_ranges`] minus the DMA arena of the
+/// virtio drivers, once it is reserved.
+fn workload_ranges() -> ([Range; MAX_RANGES], usize) {
+    let mut out = [Range::default(); MAX_RANGES];
+    let mut n = 0;
+    let (dma_base, dma_end) = (
+        DMA_BASE.load(Ordering::Acquire),
+        DMA_END.load(Ordering::Acquire),
+    );
+    for r in free_ranges() {
+        let mut r = *r;
+        if dma_end > dma_base && r.start <= dma_base && dma_end <= r.end {
+            // The arena is at the top of its range.
+            r.end = dma_base;
+        }
+        if r.end > r.start {
+            out[n] = r;
+            n += 1;
+        }
+    }
+    (out, n)
+}
+
 /// Choose a region of `mib` MiB starting `off_mib` MiB into a free range:
 /// the first (lowest) range that fits; if none does, the largest range,
 /// clamped. Returns (base, bytes); None if there is no free RAM at all.
 pub fn choose(mib: u64, off_mib: u64) -> Option<(u64, u64)> {
     let want = mib.saturating_mul(MIB);
     let off = off_mib.saturating_mul(MIB);
-    let ranges = free_ranges();
+    let (ranges, n) = workload_ranges();
+    let ranges = &ranges[..n];
     if let Some(r) = ranges.iter().find(|r| r.len() >= off.saturating_add(want)) {
         return Some((r.start + off, want));
     }
@@ -176,4 +200,71 @@ pub fn check(base: u64, bytes: u64, pattern: u64) -> Option<(u64, u64)> {
     s.iter()
         .position(|&w| w != pattern)
         .map(|i| (base + 8 * i as u64, s[i]))
+}
+
+// ----------------------------------------------------------- DMA arena ----
+
+/// The virtio drivers' memory (rings, request headers, data buffers): the
+/// top of the largest free range, reserved on first use (so that guests
+/// that never touch a virtio device keep all free RAM for workloads) and
+/// excluded from [`choose`] from then on. Never freed.
+static DMA_BASE: AtomicU64 = AtomicU64::new(0);
+static DMA_END: AtomicU64 = AtomicU64::new(0);
+static DMA_NEXT: AtomicU64 = AtomicU64::new(0);
+/// Arena size (less on small guests: at most a quarter of the range).
+pub const DMA_ARENA: u64 = 8 * MIB;
+
+/// The arena (base, end), if reserved.
+pub fn dma_arena() -> Option<(u64, u64)> {
+    let (b, e) = (
+        DMA_BASE.load(Ordering::Acquire),
+        DMA_END.load(Ordering::Acquire),
+    );
+    (e > b).then_some((b, e))
+}
+
+/// The arena a reservation would take now (base, end), without taking it.
+pub fn dma_candidate() -> Option<(u64, u64)> {
+    if let Some(a) = dma_arena() {
+        return Some(a);
+    }
+    let r = free_ranges().iter().max_by_key(|r| r.len())?;
+    let size = DMA_ARENA.min((r.len() / 4) & !(PAGE - 1));
+    (size >= 256 * 1024).then(|| (r.end - size, r.end))
+}
+
+/// Reserve the arena (once; the BSP only). Returns it.
+pub fn dma_reserve() -> Option<(u64, u64)> {
+    if let Some(a) = dma_arena() {
+        return Some(a);
+    }
+    let (base, end) = dma_candidate()?;
+    DMA_NEXT.store(base, Ordering::Release);
+    DMA_END.store(end, Ordering::Release);
+    DMA_BASE.store(base, Ordering::Release);
+    Some((base, end))
+}
+
+/// Allocate `bytes` zeroed bytes of the arena, `align`-aligned (a power of
+/// two). None when the arena is not reserved or exhausted.
+pub fn dma_alloc(bytes: u64, align: u64) -> Option<u64> {
+    let end = DMA_END.load(Ordering::Acquire);
+    let mut cur = DMA_NEXT.load(Ordering::Acquire);
+    loop {
+        if cur == 0 {
+            return None;
+        }
+        let start = cur.checked_next_multiple_of(align.max(8))?;
+        let next = start.checked_add(bytes)?;
+        if next > end {
+            return None;
+        }
+        match DMA_NEXT.compare_exchange(cur, next, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => {
+                fill(start, bytes.next_multiple_of(8), 0);
+                return Some(start);
+            }
+            Err(c) => cur = c,
+        }
+    }
 }

@@ -18,7 +18,7 @@ use crate::percpu::{CPUS, MAX_CPUS};
 use crate::workload::{
     self, PagesCheck, Walker, JOB_COUNTERS, JOB_FAULT, JOB_HALT, JOB_NONE, JOB_PAGES,
 };
-use crate::{fault, irq, lapic, mem, pci, time};
+use crate::{blk, fault, irq, lapic, mem, net, pci, time, virtio};
 
 /// What to do on Ctrl-Alt-Del or the ACPI power button (`on_cad=`).
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -38,6 +38,9 @@ pub struct Options {
     /// `on_cad=poweroff|reset|ignore` (default poweroff): on Ctrl-Alt-Del
     /// and on the ACPI power button.
     pub on_cad: CadAction,
+    /// `ecam=0x...`: PCI ECAM base of bus 0 (default 0xe0000000; QEMU q35:
+    /// 0xb0000000).
+    pub ecam: Option<u64>,
 }
 
 /// Split the command line into (options, commands). With a `--` token the
@@ -72,6 +75,7 @@ impl Options {
             cpus: None,
             tsc_khz: None,
             on_cad: CadAction::Poweroff,
+            ecam: None,
         };
         let (opts, _) = split_cmdline(cmdline);
         for tok in opts.split_whitespace() {
@@ -87,6 +91,16 @@ impl Options {
                 "tsc_khz" => match parse_u64(v) {
                     Some(n) if n > 0 => o.tsc_khz = Some(n),
                     _ => println!("testguest: error: bad option {}", tok),
+                },
+                "ecam" => match parse_u64(v) {
+                    Some(b) if b % (1 << 20) == 0 && b < 1 << 32 => {
+                        o.ecam = Some(b);
+                        pci::set_ecam_base(b);
+                    }
+                    _ => println!(
+                        "testguest: error: bad option {} (1 MiB aligned, below 4 GiB)",
+                        tok
+                    ),
                 },
                 "on_cad" => match v {
                     "poweroff" => o.on_cad = CadAction::Poweroff,
@@ -105,7 +119,7 @@ impl Options {
 }
 
 /// Parse a decimal or 0x-prefixed hexadecimal number.
-fn parse_u64(s: &str) -> Option<u64> {
+pub(crate) fn parse_u64(s: &str) -> Option<u64> {
     match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
         Some(h) => u64::from_str_radix(h, 16).ok(),
         None => s.parse().ok(),
@@ -113,7 +127,7 @@ fn parse_u64(s: &str) -> Option<u64> {
 }
 
 /// Parse hexadecimal with or without 0x.
-fn parse_hex(s: &str) -> Option<u64> {
+pub(crate) fn parse_hex(s: &str) -> Option<u64> {
     let h = s
         .strip_prefix("0x")
         .or_else(|| s.strip_prefix("0X"))
@@ -232,6 +246,7 @@ pub fn run(opts: Options, cmdline: &'static str) -> ! {
             }
         }
         sh.periodic();
+        virtio::poll_background();
         let sleeping = match sh.sleep_until {
             Some(t) if !time::passed(t) => true,
             _ => {
@@ -265,19 +280,19 @@ fn idle() {
     }
 }
 
-fn error(cmd: &str, msg: core::fmt::Arguments) {
+pub(crate) fn error(cmd: &str, msg: core::fmt::Arguments) {
     println!("testguest: error: {}: {}", cmd, msg);
 }
 
 /// `key=value` arguments of a command, checked against the accepted keys.
-struct Args<'a> {
+pub(crate) struct Args<'a> {
     cmd: &'a str,
     pairs: [(&'a str, &'a str); 8],
     n: usize,
 }
 
 impl<'a> Args<'a> {
-    fn parse(cmd: &'a str, rest: &'a str, keys: &[&str]) -> Option<Args<'a>> {
+    pub(crate) fn parse(cmd: &'a str, rest: &'a str, keys: &[&str]) -> Option<Args<'a>> {
         let mut a = Args {
             cmd,
             pairs: [("", ""); 8],
@@ -301,7 +316,7 @@ impl<'a> Args<'a> {
         Some(a)
     }
 
-    fn raw(&self, key: &str) -> Option<&'a str> {
+    pub(crate) fn raw(&self, key: &str) -> Option<&'a str> {
         self.pairs[..self.n]
             .iter()
             .rev()
@@ -311,7 +326,11 @@ impl<'a> Args<'a> {
 
     /// Number argument: Ok(None) if absent, Err(()) (reported) if malformed
     /// or out of `range`.
-    fn num(&self, key: &str, range: core::ops::RangeInclusive<u64>) -> Result<Option<u64>, ()> {
+    pub(crate) fn num(
+        &self,
+        key: &str,
+        range: core::ops::RangeInclusive<u64>,
+    ) -> Result<Option<u64>, ()> {
         match self.raw(key) {
             None => Ok(None),
             Some(v) => match parse_u64(v) {
@@ -352,7 +371,10 @@ impl core::fmt::Display for Keys<'_> {
 }
 
 const HELP: &str = "echo info counters pages check-pages stop memfill memcheck sleep irqs lspci \
-                    gatebench poweroff reset triple-fault halt ud fault help";
+                    gatebench poweroff reset triple-fault halt ud fault help \
+                    blk-info blk-id blk-write blk-read blk-flush blk-discard blk-zeroes \
+                    blk-inflight blk-bench blk-hostile blk-reader blk-check \
+                    net-info net-send net-recv net-echo net-bench";
 
 impl Shell {
     /// One slice of the BSP's own job. Returns whether the BSP is busy.
@@ -367,6 +389,10 @@ impl Shell {
                     Some(w) => w.step(workload::PAGES_CHUNK),
                     None => workload::assign(0, JOB_NONE),
                 }
+                true
+            }
+            workload::JOB_BLK_READER => {
+                blk::reader_step();
                 true
             }
             _ => false,
@@ -478,6 +504,7 @@ impl Shell {
         self.counters_active = false;
         self.bsp_walker = None;
         let stuck = workload::stop_all();
+        virtio::stop_background();
         for cpu in 0..MAX_CPUS {
             if stuck & (1 << cpu) != 0 {
                 error(cmd, format_args!("cpu {} did not stop", cpu));
@@ -593,6 +620,8 @@ impl Shell {
                 gate::halt_forever();
             }
             "ud" | "fault" => self.cmd_fault(cmd, rest),
+            c if c.starts_with("blk-") => blk::command(c, rest),
+            c if c.starts_with("net-") => net::command(c, rest),
             _ => println!("testguest: error: unknown command {}", cmd),
         }
     }

@@ -19,6 +19,8 @@ pub const JOB_PAGES: u32 = 2;
 pub const JOB_HALT: u32 = 3;
 /// Raise the exception `FAULT_KIND` (test of the exception report).
 pub const JOB_FAULT: u32 = 4;
+/// The virtio-blk background reader (`blk-reader`, blk.rs).
+pub const JOB_BLK_READER: u32 = 5;
 
 /// `fault::Kind` for JOB_FAULT.
 pub static FAULT_KIND: AtomicU32 = AtomicU32::new(0);
@@ -106,6 +108,7 @@ pub fn ap_loop(cpu: usize) -> ! {
             }
             JOB_HALT => gate::halt_forever(),
             JOB_FAULT => fault::trigger(fault::Kind::from_u32(FAULT_KIND.load(Ordering::Acquire))),
+            JOB_BLK_READER => crate::blk::reader_ap(me),
             _ => me.job.store(JOB_NONE, Ordering::Release),
         }
     }

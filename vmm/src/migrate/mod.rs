@@ -59,10 +59,9 @@ impl MigrationShared {
 
 /// What a migration thread asks of the control loop.
 pub enum MigrationCall {
-    /// Source: pause vCPUs and devices, snapshot the VM state (JSON).
+    /// Source: pause vCPUs and devices, snapshot the VM state (JSON), then
+    /// flush disks and release their locks.
     SwitchOver,
-    /// Source, guest paused: flush disks and release their locks.
-    ReleaseHostResources,
     /// Source: the migration failed before the target got `Complete`:
     /// take the disks back and let the guest run again.
     Abort,
@@ -299,4 +298,14 @@ pub unsafe fn read_exact_raw(fd: RawFd, ptr: *mut u8, len: usize) -> io::Result<
         done += n as usize;
     }
     Ok(())
+}
+
+/// With VMM_MIGRATION_TRACE set, prints switch-over timings to stderr.
+pub fn trace(what: &str, since: std::time::Instant) {
+    if std::env::var_os("VMM_MIGRATION_TRACE").is_some() {
+        eprintln!(
+            "vmm: migration: {:>8.3} ms: {what}",
+            since.elapsed().as_secs_f64() * 1e3
+        );
+    }
 }

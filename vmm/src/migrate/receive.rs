@@ -21,6 +21,10 @@ use super::{
 use crate::control::ControlEvent;
 use crate::memory::{self, GuestMemoryMmap};
 
+/// madvise advice that faults pages in writable (Linux 5.14); older kernels
+/// refuse it and the read faults them as before.
+const MADV_POPULATE_WRITE: libc::c_int = 23;
+
 pub struct ReceiveContext {
     pub listener: Listener,
     pub token: String,
@@ -125,9 +129,15 @@ fn receive(
         match header.kind {
             Kind::Memory => receive_memory(stream, header.length, &memory, shared)?,
             Kind::State => {
+                let started = Instant::now();
                 let state = protocol::read_payload(stream, &header)?;
                 shared.update(|s| s.phase = MigrationPhase::SwitchOver);
                 call(control, MigrationCall::Restore(state)).map_err(ReceiveError::Other)?;
+                super::trace("state restored", started);
+                protocol::send_json(stream, Kind::Ack, &Empty {})?;
+            }
+            Kind::Sync => {
+                let _ = protocol::read_payload(stream, &header)?;
                 protocol::send_json(stream, Kind::Ack, &Empty {})?;
             }
             Kind::Complete => {
@@ -150,7 +160,7 @@ fn receive(
             }
             other => {
                 return Err(ProtocolError::Unexpected {
-                    expected: "Memory, State or Complete",
+                    expected: "Memory, Sync, State or Complete",
                     got: other,
                 }
                 .into())
@@ -197,6 +207,11 @@ fn receive_memory(
                     range.gpa
                 )));
             }
+            // Faulting the pages in one call is much cheaper than one fault
+            // per page while read() copies (nested hosts: shadow page tables).
+            // SAFETY: host..host+len is guest RAM (checked by host_range);
+            // populating it changes no contents.
+            unsafe { libc::madvise(host.cast(), len as usize, MADV_POPULATE_WRITE) };
             // SAFETY: host..host+len is guest RAM (checked by host_range) that
             // stays mapped; no vCPU runs while a migration comes in.
             unsafe { read_exact_raw(stream.as_raw_fd(), host, len as usize) }.map_err(|e| {

@@ -6,6 +6,15 @@
 //! (the target's memory starts zeroed). Later rounds send the pages KVM's
 //! dirty log and the VMM's own bitmap report; a page that became zero goes
 //! as a zero marker, and only if the target ever got data for it.
+//!
+//! Pages in the balloon are not sent (nor read: reading a punched-out memfd
+//! page would allocate it again) when the driver negotiated MUST_TELL_HOST:
+//! the guest does not touch them, and the balloon's state, which the target
+//! restores, lists them. A ballooned page the target got data for earlier
+//! goes as a zero marker, as it reads as zero here. The balloon's map is
+//! read after each harvest and read again after the dirty log of a run was
+//! cleared if pages left the balloon meanwhile, so a page deflated and
+//! written is never skipped (see `device_manager::migration_skippable_pages`).
 
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
@@ -23,9 +32,11 @@ use migration::protocol::{
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use super::{
-    call, connect, write_all_vectored, MigrationCall, MigrationReply, MigrationShared, Stream,
+    call, connect, trace, write_all_vectored, MigrationCall, MigrationReply, MigrationShared,
+    Stream,
 };
 use crate::control::ControlEvent;
+use crate::device_manager::migration_skippable_pages;
 use crate::dirty_log::DirtyLog;
 use crate::memory::{self, GuestMemoryMmap};
 use crate::vcpu::Throttle;
@@ -47,6 +58,8 @@ pub struct SendContext {
     pub throttle: Arc<Throttle>,
     pub shared: Arc<MigrationShared>,
     pub control: Sender<ControlEvent>,
+    /// The VM's balloon: its pages need not be sent.
+    pub balloon: Option<devices::virtio::balloon::BalloonHandle>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -69,7 +82,7 @@ impl From<std::io::Error> for SendError {
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Stage {
     Running,
-    Paused,
+    /// Paused, state taken, disks released.
     Released,
     /// `Complete` went out: the target may run the guest.
     Committed,
@@ -84,6 +97,11 @@ struct Sender_ {
     /// Bytes written since `window_start`, for bandwidth capping.
     window_bytes: u64,
     window_start: Instant,
+    balloon: Option<devices::virtio::balloon::BalloonHandle>,
+    /// Pages in the balloon that are not sent, as last read (per region).
+    ballooned: Option<Vec<DirtyBitmap>>,
+    /// The balloon's removal generation when `ballooned` was read.
+    ballooned_generation: u64,
 }
 
 /// Runs a migration to its end. On failure before `Complete` the source
@@ -224,18 +242,22 @@ fn precopy_and_switch(
             .collect(),
         window_bytes: 0,
         window_start: Instant::now(),
+        balloon: context.balloon.clone(),
+        ballooned: None,
+        ballooned_generation: 0,
     };
     shared.update(|s| {
         s.phase = MigrationPhase::Active;
         s.setup_time_ms = start.elapsed().as_millis() as u64;
     });
 
-    // Round 0: every page the host ever backed.
-    let round0: Vec<DirtyBitmap> = context
+    // Round 0: every page the host ever backed (but the balloon's).
+    let mut round0: Vec<DirtyBitmap> = context
         .memory
         .iter()
         .map(memory::touched_pages)
         .collect::<Result<_, _>>()?;
+    sender.apply_balloon(&mut round0);
     let mut round_start = Instant::now();
     let mut round_bytes = sender.send_round(&round0, None)?;
     let mut bandwidth = estimate_bandwidth(round_bytes, round_start.elapsed(), &shared, None);
@@ -246,10 +268,11 @@ fn precopy_and_switch(
     loop {
         check_cancel(&shared)?;
         let parameters = shared.parameters();
-        let dirty = dirty_log
+        let mut dirty = dirty_log
             .harvest()
             .map_err(|e| SendError::Other(e.to_string()))?;
-        let dirty_pages: u64 = dirty.iter().map(|b| b.count() as u64).sum();
+        // After the harvest: see `Sender_::apply_balloon`.
+        let dirty_pages = sender.apply_balloon(&mut dirty);
         let dirty_bytes = dirty_pages * PAGE_SIZE;
         let round_time = round_start.elapsed();
         let expected_downtime_ms = dirty_bytes.saturating_mul(1000) / bandwidth;
@@ -274,6 +297,12 @@ fn precopy_and_switch(
             )));
         }
         if expected_downtime_ms <= parameters.downtime_ms || timed_out {
+            // Let the target catch up with what is still in flight, while
+            // the guest runs, so the pause does not wait for it.
+            let synced = Instant::now();
+            protocol::send_json(stream, Kind::Sync, &Empty {})?;
+            protocol::expect_json::<Empty>(stream, Kind::Ack)?;
+            super::trace("the target caught up", synced);
             return switch_over(&mut sender, stream, context, dirty_log, dirty, stage, start);
         }
 
@@ -334,7 +363,8 @@ fn switch_over(
             MigrationReply::Snapshot(bytes) => bytes,
             _ => return Err(SendError::Other("the control loop sent no snapshot".into())),
         };
-    *stage = Stage::Paused;
+    *stage = Stage::Released;
+    trace("paused, state taken, disks released", paused_at);
     context.throttle.set(0);
     // The last round: everything dirtied up to the pause.
     let last = dirty_log
@@ -343,19 +373,28 @@ fn switch_over(
     for (d, l) in dirty.iter_mut().zip(&last) {
         d.merge(l);
     }
+    // The balloon is paused with the devices: its map is the one in the snapshot.
+    sender.apply_balloon(&mut dirty);
     sender.window_bytes = 0;
     sender.window_start = Instant::now();
     // Nothing writes guest memory now: no need to re-protect pages.
-    sender.send_round_unlimited(&dirty, None)?;
-    call(&context.control, MigrationCall::ReleaseHostResources).map_err(SendError::Other)?;
-    *stage = Stage::Released;
+    let last_bytes = sender.send_round_unlimited(&dirty, None)?;
+    trace(&format!("last round sent ({last_bytes} bytes)"), paused_at);
+    // Complete goes out only after the target acknowledged the state: until
+    // then a broken connection means the guest cannot run there, so this
+    // side may resume it safely.
     protocol::send_raw(stream, Kind::State, &snapshot)?;
     protocol::expect_json::<Empty>(stream, Kind::Ack)?;
+    trace(
+        &format!("state ({} bytes) restored on the target", snapshot.len()),
+        paused_at,
+    );
     check_cancel(&shared)?;
     *stage = Stage::Committed;
     protocol::send_json(stream, Kind::Complete, &Empty {})?;
     protocol::expect_json::<Empty>(stream, Kind::Running)?;
     let downtime = paused_at.elapsed();
+    trace("the guest runs on the target", paused_at);
     shared.update(|s| {
         s.downtime_ms = downtime.as_millis() as u64;
         s.total_time_ms = start.elapsed().as_millis() as u64;
@@ -443,6 +482,9 @@ impl Sender_ {
                     log.clear(slot, bitmap, first, count)
                         .map_err(|e| SendError::Other(e.to_string()))?;
                 }
+                // After the clear: a page deflated and written before it
+                // must not be skipped as ballooned.
+                self.recheck_balloon();
                 let mut page = first;
                 while page < first + count {
                     let class = self.classify(slot, host, page);
@@ -496,7 +538,49 @@ impl Sender_ {
         Ok(total)
     }
 
+    /// Reads the balloon's page map (after a harvest: a page deflated and
+    /// written before it is no longer in the map, one written after it is
+    /// in the next harvest), and adds to `pages` the ballooned pages the
+    /// target holds data for (zero markers: they read as zero here).
+    /// Returns how many pages of `pages` are not ballooned.
+    fn apply_balloon(&mut self, pages: &mut [DirtyBitmap]) -> u64 {
+        self.read_balloon();
+        match &self.ballooned {
+            Some(ballooned) => add_stale_ballooned(pages, ballooned, &self.sent_data),
+            None => pages.iter().map(|b| b.count() as u64).sum(),
+        }
+    }
+
+    fn read_balloon(&mut self) {
+        if let Some(balloon) = &self.balloon {
+            // The generation first: a removal during the read shows next time.
+            self.ballooned_generation = balloon.removal_generation();
+            self.ballooned = migration_skippable_pages(balloon);
+        }
+    }
+
+    /// Reads the balloon's map again if pages left the balloon since.
+    fn recheck_balloon(&mut self) {
+        if let Some(balloon) = &self.balloon {
+            if balloon.removal_generation() != self.ballooned_generation {
+                self.read_balloon();
+            }
+        }
+    }
+
     fn classify(&self, slot: usize, host: *mut u8, page: usize) -> PageClass {
+        if self
+            .ballooned
+            .as_ref()
+            .is_some_and(|b| b[slot].is_set(page))
+        {
+            // Not read: the guest does not use it, and it reads as zero.
+            return if self.sent_data[slot].is_set(page) {
+                PageClass::Zero
+            } else {
+                PageClass::Skip
+            };
+        }
         // SAFETY: the page is inside the region mapping that `host` starts.
         let zero = unsafe { memory::is_zero_page(host.add(page * PAGE_SIZE as usize)) };
         if !zero {
@@ -575,6 +659,28 @@ impl Sender_ {
     }
 }
 
+/// Adds to `pages` the pages of `ballooned` that the target holds data for
+/// (`sent`); returns how many pages of `pages` are not ballooned. Per region.
+fn add_stale_ballooned(
+    pages: &mut [DirtyBitmap],
+    ballooned: &[DirtyBitmap],
+    sent: &[DirtyBitmap],
+) -> u64 {
+    let mut not_ballooned = 0;
+    for ((p, b), sent) in pages.iter_mut().zip(ballooned).zip(sent) {
+        // b AND sent = b - (b - sent)
+        let mut unsent = b.clone();
+        unsent.subtract(sent);
+        let mut stale = b.clone();
+        stale.subtract(&unsent);
+        p.merge(&stale);
+        let mut rest = p.clone();
+        rest.subtract(b);
+        not_ballooned += rest.count() as u64;
+    }
+    not_ballooned
+}
+
 /// Page ranges waiting to go out in one message, with their host addresses.
 #[derive(Default)]
 struct Batch {
@@ -594,5 +700,33 @@ impl Batch {
         } else {
             self.size
         }
+    }
+}
+
+#[cfg(test)]
+mod balloon_tests {
+    use super::*;
+
+    fn bitmap(pages: usize, set: &[usize]) -> DirtyBitmap {
+        let mut b = DirtyBitmap::new(pages);
+        for &p in set {
+            b.set(p);
+        }
+        b
+    }
+
+    #[test]
+    fn ballooned_pages_are_skipped_or_zeroed() {
+        // Region 0: pages 1-3 dirty; 2, 3 and 5 ballooned; the target has
+        // data for 3 and 5. Region 1: nothing ballooned.
+        let mut pages = vec![bitmap(8, &[1, 2, 3]), bitmap(4, &[0, 1])];
+        let ballooned = vec![bitmap(8, &[2, 3, 5]), bitmap(4, &[])];
+        let sent = vec![bitmap(8, &[1, 3, 5, 7]), bitmap(4, &[0])];
+        let not_ballooned = add_stale_ballooned(&mut pages, &ballooned, &sent);
+        // 1 in region 0, 0 and 1 in region 1.
+        assert_eq!(not_ballooned, 3);
+        // 5 joins the round (a zero marker); 2 stays for `classify` to skip.
+        assert_eq!(pages[0], bitmap(8, &[1, 2, 3, 5]));
+        assert_eq!(pages[1], bitmap(4, &[0, 1]));
     }
 }

@@ -1,0 +1,1949 @@
+//! Pacemaker integration of the VMM (resources/ocf/, docs/cluster.md).
+//!
+//! * `ocf-tester` passes against the installed agent; the agent's answers
+//!   to failures follow the OCF rules (a killed VMM, a hung one, a guest that
+//!   powered off, validation errors, probes and stops without configuration).
+//! * Live migration through the agent's `migrate_to` and `migrate_from` in
+//!   Pacemaker's order, on one host with two socket directories, proven by
+//!   the test guest's page records; and a failed migration that leaves the
+//!   source running and makes `migrate_from` fail.
+//! * A real two-node Pacemaker + Corosync cluster in network namespaces:
+//!   the guest starts, `crm_resource --move` live-migrates it, a SIGKILLed
+//!   VMM is recovered, target-role=Stopped stops it, and the teardown leaves
+//!   no namespace and no process behind (also when a step fails).
+//! * The DRBD and LVM recipes in resources/ocf/examples, checked offline with
+//!   crm_verify and crm_simulate (a move migrates with promoted-max=2 and
+//!   restarts with promoted-max=1), and the DRBD resource file with drbdadm.
+//!
+//! They need root, /dev/kvm and the Debian packages resources/test.sh
+//! installs; a test prints SKIP and the reason where one is missing.
+
+use std::collections::VecDeque;
+use std::fs;
+use std::io::{Read, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Once;
+use std::time::{Duration, Instant};
+
+use vmm_tests::harness::{testguest, vmm_binary, vmmctl_binary, TempDir};
+use vmm_tests::require_kvm;
+
+/// The OCF provider the tests install the agent as (`ocf:rustvmm:vmm`).
+const PROVIDER: &str = "rustvmm";
+const OCF_ROOT: &str = "/usr/lib/ocf";
+const OCF_SUCCESS: i32 = 0;
+const OCF_ERR_GENERIC: i32 = 1;
+const OCF_ERR_INSTALLED: i32 = 5;
+const OCF_ERR_CONFIGURED: i32 = 6;
+const OCF_NOT_RUNNING: i32 = 7;
+const SHORT: Duration = Duration::from_secs(10);
+
+// ---------------------------------------------------------------------------
+// Tools and commands
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ lives in the repository")
+        .to_path_buf()
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// An executable from PATH or the sbin directories (a user's PATH may lack them).
+fn tool(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from))
+        .map(|dir| dir.join(name))
+        .find(|p| {
+            fs::metadata(p)
+                .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+                .unwrap_or(false)
+        })
+}
+
+fn tool_path(name: &str) -> PathBuf {
+    tool(name).unwrap_or_else(|| panic!("{name} disappeared"))
+}
+
+/// Prints SKIP and returns true unless we are root (if `root`) and every
+/// tool is installed.
+fn skip_without(root: bool, tools: &[&str]) -> bool {
+    if root && !is_root() {
+        eprintln!("SKIP: needs root (Pacemaker, namespaces, /usr/lib/ocf)");
+        return true;
+    }
+    let missing: Vec<&str> = tools
+        .iter()
+        .copied()
+        .filter(|t| tool(t).is_none())
+        .collect();
+    if !missing.is_empty() {
+        eprintln!(
+            "SKIP: {} not installed (resources/test.sh installs resource-agents, pacemaker, \
+             corosync, pacemaker-cli-utils, libxml2-utils, drbd-utils)",
+            missing.join(", ")
+        );
+        return true;
+    }
+    false
+}
+
+/// The result of a finished command.
+#[derive(Debug)]
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    fn text(&self) -> String {
+        format!(
+            "exit {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.code, self.stdout, self.stderr
+        )
+    }
+}
+
+fn run(command: &mut Command) -> Run {
+    let output = command
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {command:?}: {e}"));
+    Run {
+        code: output.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+fn run_ok(command: &mut Command) -> Run {
+    let description = format!("{command:?}");
+    let result = run(command);
+    assert_eq!(result.code, 0, "{description} failed:\n{}", result.text());
+    result
+}
+
+/// Polls `check` until it returns Some, or panics with `what` and the last
+/// diagnostic from `report`.
+fn wait_until<T>(
+    timeout: Duration,
+    what: &str,
+    mut check: impl FnMut() -> Option<T>,
+    report: impl Fn() -> String,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        if Instant::now() >= deadline {
+            panic!("{what}: not within {timeout:?}\n{}", report());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Pids of `vmm` processes (argv[0] ends in /vmm) with an argument containing `needle`.
+fn vmm_processes_with(needle: &str) -> Vec<u32> {
+    let mut pids = Vec::new();
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return pids;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(cmdline) = fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let is_vmm = args
+            .first()
+            .is_some_and(|a0| a0 == "vmm" || a0.ends_with("/vmm"));
+        let zombie = fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| {
+                s.rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .trim_start()
+                    .starts_with('Z')
+            })
+            .unwrap_or(true);
+        if is_vmm && !zombie && args.iter().any(|a| a.contains(needle)) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+fn process_alive(pid: u32) -> bool {
+    // SAFETY: signal 0 only checks the pid.
+    unsafe { libc::kill(pid as i32, 0) == 0 }
+}
+
+fn signal(pid: u32, signal: i32) {
+    // SAFETY: kill on a pid this test started (directly or through the agent).
+    unsafe { libc::kill(pid as i32, signal) };
+}
+
+// ---------------------------------------------------------------------------
+// The agent
+
+static INSTALL: Once = Once::new();
+
+/// Installs resources/ocf/vmm as ocf:rustvmm:vmm (once per test binary) and
+/// returns the installed path.
+fn install_agent() -> PathBuf {
+    INSTALL.call_once(|| {
+        run_ok(
+            Command::new("sh")
+                .arg(repo().join("resources/ocf/install.sh"))
+                .args(["--provider", PROVIDER]),
+        );
+    });
+    Path::new(OCF_ROOT)
+        .join("resource.d")
+        .join(PROVIDER)
+        .join("vmm")
+}
+
+/// Runs agent actions the way pacemaker-execd does: the action as the only
+/// argument, parameters as OCF_RESKEY_*.
+struct Agent {
+    path: PathBuf,
+    instance: String,
+    params: Vec<(String, String)>,
+}
+
+impl Agent {
+    fn new(path: &Path, instance: &str) -> Agent {
+        Agent {
+            path: path.to_path_buf(),
+            instance: instance.to_string(),
+            params: Vec::new(),
+        }
+    }
+
+    fn param(mut self, name: &str, value: impl AsRef<std::ffi::OsStr>) -> Agent {
+        self.params.push((
+            name.to_string(),
+            value.as_ref().to_string_lossy().into_owned(),
+        ));
+        self
+    }
+
+    /// Runs `action` with the parameters, the meta attributes `meta`
+    /// (`timeout` in ms, `interval`, `migrate_target`, ...), and parameter
+    /// overrides `with` (an empty value unsets the parameter).
+    fn action_with(&self, action: &str, meta: &[(&str, &str)], with: &[(&str, &str)]) -> Run {
+        let mut command = Command::new(&self.path);
+        command
+            .arg(action)
+            .env("OCF_ROOT", OCF_ROOT)
+            .env("OCF_RESOURCE_INSTANCE", &self.instance)
+            .env("OCF_RESOURCE_TYPE", "vmm")
+            .env("OCF_RESOURCE_PROVIDER", PROVIDER)
+            .env("OCF_RA_VERSION_MAJOR", "1")
+            .env("OCF_RA_VERSION_MINOR", "0")
+            .env("OCF_RESKEY_CRM_meta_timeout", "20000")
+            .env("OCF_RESKEY_CRM_meta_interval", "0");
+        for (name, value) in &self.params {
+            command.env(format!("OCF_RESKEY_{name}"), value);
+        }
+        for (name, value) in with {
+            if value.is_empty() {
+                command.env_remove(format!("OCF_RESKEY_{name}"));
+            } else {
+                command.env(format!("OCF_RESKEY_{name}"), value);
+            }
+        }
+        for (name, value) in meta {
+            command.env(format!("OCF_RESKEY_CRM_meta_{name}"), value);
+        }
+        run(&mut command)
+    }
+
+    fn action(&self, action: &str) -> Run {
+        self.action_with(action, &[], &[])
+    }
+
+    /// A recurring monitor (interval 10 s), not a probe.
+    fn monitor(&self) -> Run {
+        self.action_with("monitor", &[("interval", "10000")], &[])
+    }
+
+    fn probe(&self) -> Run {
+        self.action_with("monitor", &[("interval", "0")], &[])
+    }
+
+    fn expect(&self, action: &str, code: i32) -> Run {
+        let result = self.action(action);
+        assert_eq!(result.code, code, "{action}:\n{}", result.text());
+        result
+    }
+}
+
+/// The `ocf-exit-reason:` line an action printed.
+fn exit_reason(result: &Run) -> String {
+    result
+        .stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("ocf-exit-reason:"))
+        .unwrap_or("")
+        .to_string()
+}
+
+/// Writes a guest config: the test guest with `commands`, 2 vCPUs, 128 MiB,
+/// its serial port on the Unix socket `console`, and optionally a disk.
+fn write_config(path: &Path, commands: &str, console: &Path, disk: Option<&Path>) {
+    let mut config = serde_json::json!({
+        "cpus": {"boot_vcpus": 2},
+        "memory": {"size_mib": 128},
+        "payload": {
+            "kernel": testguest().display().to_string(),
+            "cmdline": format!("-- {commands}"),
+        },
+        "serial": {"mode": "socket", "path": console.display().to_string()},
+    });
+    if let Some(disk) = disk {
+        config["disks"] = serde_json::json!([{"path": disk.display().to_string()}]);
+    }
+    fs::write(path, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
+}
+
+fn write_token(path: &Path, token: &str) {
+    fs::write(path, format!("{token}\n")).unwrap();
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+fn make_disk(path: &Path) {
+    let file = fs::File::create(path).unwrap();
+    file.set_len(16 << 20).unwrap();
+}
+
+/// A client on a guest's serial console socket.
+struct Console {
+    stream: UnixStream,
+    pending: Vec<u8>,
+    lines: VecDeque<String>,
+    path: PathBuf,
+}
+
+impl Console {
+    /// Connects, waiting for the socket to appear.
+    fn connect(path: &Path) -> Console {
+        let stream = wait_until(
+            SHORT,
+            &format!("console socket {}", path.display()),
+            || UnixStream::connect(path).ok(),
+            String::new,
+        );
+        stream
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        Console {
+            stream,
+            pending: Vec::new(),
+            lines: VecDeque::new(),
+            path: path.to_path_buf(),
+        }
+    }
+
+    fn send(&mut self, line: &str) {
+        self.stream
+            .write_all(format!("{line}\n").as_bytes())
+            .unwrap();
+    }
+
+    /// The next line containing `needle`.
+    fn wait_for(&mut self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        let mut seen = Vec::new();
+        loop {
+            while let Some(line) = self.lines.pop_front() {
+                if line.contains(needle) {
+                    return line;
+                }
+                seen.push(line);
+                if seen.len() > 20 {
+                    seen.remove(0);
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no console line with {needle:?} on {} within {timeout:?}; last lines:\n{}",
+                self.path.display(),
+                seen.join("\n")
+            );
+            let mut buf = [0u8; 4096];
+            match self.stream.read(&mut buf) {
+                Ok(0) => panic!(
+                    "console {} closed while waiting for {needle:?}; last lines:\n{}",
+                    self.path.display(),
+                    seen.join("\n")
+                ),
+                Ok(n) => {
+                    self.pending.extend_from_slice(&buf[..n]);
+                    while let Some(end) = self.pending.iter().position(|b| *b == b'\n') {
+                        let line: Vec<u8> = self.pending.drain(..=end).collect();
+                        self.lines.push_back(
+                            String::from_utf8_lossy(&line)
+                                .trim_end_matches(['\r', '\n'])
+                                .to_string(),
+                        );
+                    }
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(e) => panic!("console {}: {e}", self.path.display()),
+            }
+        }
+    }
+
+    /// Waits until the page walker is going, then stops it and checks the
+    /// invariant; returns the `pages-ok` line.
+    fn check_pages(&mut self) -> String {
+        self.wait_for("pages: pass=", SHORT);
+        self.send("check-pages");
+        let line = self.wait_for("pages-", SHORT);
+        assert!(line.starts_with("pages-ok"), "page records broken: {line}");
+        line
+    }
+}
+
+fn read_log(path: &Path) -> String {
+    fs::read_to_string(path).unwrap_or_default()
+}
+
+// ---------------------------------------------------------------------------
+// The agent alone
+
+#[test]
+fn ocf_tester_passes_against_the_installed_agent() {
+    require_kvm!();
+    if skip_without(true, &["ocf-tester", "xmllint"]) {
+        return;
+    }
+    let agent = install_agent();
+    let dir = TempDir::new("ocf-tester");
+    let config = dir.join("vm.json");
+    write_config(
+        &config,
+        "counters period_ms=1000",
+        &dir.join("console.sock"),
+        None,
+    );
+    write_token(&dir.join("token"), "ocf-tester-token");
+    let name = format!("ocft{}", std::process::id());
+    let option = |k: &str, v: &Path| format!("{k}={}", v.display());
+    let started = Instant::now();
+    let result = run(Command::new(tool_path("ocf-tester"))
+        .args(["-n", &name])
+        .args(["-o", &option("config", &config)])
+        .args(["-o", &option("socket_dir", &dir.join("run"))])
+        .args(["-o", &option("log_file", &dir.join("vm.log"))])
+        .args(["-o", &option("vmm_binary", &vmm_binary())])
+        .args(["-o", &option("vmmctl_binary", &vmmctl_binary())])
+        .args(["-o", &option("migration_token_file", &dir.join("token"))])
+        .arg(&agent)
+        .env("OCF_ROOT", OCF_ROOT));
+    eprintln!(
+        "ocf-tester: exit {} in {:?}",
+        result.code,
+        started.elapsed()
+    );
+    assert!(
+        result.code == 0 && result.stdout.contains("passed all tests"),
+        "ocf-tester failed:\n{}\n--- agent log ---\n{}",
+        result.text(),
+        read_log(&dir.join("vm.log"))
+    );
+    assert!(vmm_processes_with(&config.display().to_string()).is_empty());
+}
+
+#[test]
+fn agent_follows_the_ocf_rules_on_failures() {
+    require_kvm!();
+    if skip_without(true, &["xmllint"]) {
+        return;
+    }
+    let path = install_agent();
+    let dir = TempDir::new("ocf-agent");
+    let config = dir.join("vm.json");
+    let console = dir.join("console.sock");
+    write_config(&config, "counters period_ms=1000", &console, None);
+    write_token(&dir.join("token"), "agent-token");
+    let log = dir.join("vm.log");
+    let agent = Agent::new(&path, "guest1:0")
+        .param("config", &config)
+        .param("socket_dir", dir.join("run"))
+        .param("log_file", &log)
+        .param("vmm_binary", vmm_binary())
+        .param("vmmctl_binary", vmmctl_binary())
+        .param("api_timeout", "2")
+        .param("shutdown_timeout", "5");
+    let socket = dir.join("run").join("guest1.sock");
+
+    // meta-data: valid against the OCF 1.0 DTD (as pacemaker and ocf-tester
+    // check it), with the migration actions and the default timeouts.
+    let meta = agent.expect("meta-data", OCF_SUCCESS).stdout;
+    let meta_file = dir.join("meta.xml");
+    fs::write(&meta_file, &meta).unwrap();
+    run_ok(
+        Command::new(tool_path("xmllint"))
+            .args([
+                "--noout",
+                "--dtdvalid",
+                "/usr/share/resource-agents/ra-api-1.dtd",
+            ])
+            .arg(&meta_file),
+    );
+    for action in [
+        r#"<action name="start"        timeout="90s" />"#,
+        r#"<action name="stop"         timeout="90s" />"#,
+        r#"<action name="monitor"      timeout="30s" interval="10s" depth="0" />"#,
+        r#"<action name="migrate_to"   timeout="120s" />"#,
+        r#"<action name="migrate_from" timeout="120s" />"#,
+    ] {
+        assert!(meta.contains(action), "meta-data lacks {action}");
+    }
+    assert!(!meta.contains("reload-agent"));
+    assert_eq!(
+        agent.action("reload").code,
+        3,
+        "unimplemented actions answer 3"
+    );
+
+    // Unconfigured or broken: the right codes, a probe says "not running",
+    // a stop succeeds.
+    assert_eq!(
+        agent
+            .action_with("validate-all", &[], &[("config", "")])
+            .code,
+        OCF_ERR_CONFIGURED
+    );
+    assert_eq!(
+        agent.action_with("stop", &[], &[("config", "")]).code,
+        OCF_SUCCESS
+    );
+    assert_eq!(
+        agent
+            .action_with("monitor", &[("interval", "0")], &[("config", "")])
+            .code,
+        OCF_NOT_RUNNING
+    );
+    let missing = agent.action_with("validate-all", &[], &[("config", "/nonexistent/vm.json")]);
+    assert_eq!(missing.code, OCF_ERR_INSTALLED, "{}", missing.text());
+    assert!(exit_reason(&missing).contains("/nonexistent/vm.json"));
+    assert_eq!(
+        agent
+            .action_with(
+                "monitor",
+                &[("interval", "0")],
+                &[("config", "/nonexistent/vm.json")]
+            )
+            .code,
+        OCF_NOT_RUNNING
+    );
+    let bad_json = dir.join("bad.json");
+    fs::write(&bad_json, "{\"payload\": ").unwrap();
+    let bad = agent.action_with(
+        "validate-all",
+        &[],
+        &[("config", bad_json.to_str().unwrap())],
+    );
+    assert_eq!(bad.code, OCF_ERR_CONFIGURED, "{}", bad.text());
+    assert!(
+        exit_reason(&bad).contains("not a valid VM config"),
+        "{}",
+        bad.text()
+    );
+    assert_eq!(
+        agent
+            .action_with("validate-all", &[], &[("migration_port", "http")])
+            .code,
+        OCF_ERR_CONFIGURED
+    );
+    assert_eq!(
+        agent
+            .action_with("validate-all", &[], &[("migration_bandwidth", "fast")])
+            .code,
+        OCF_ERR_CONFIGURED
+    );
+    assert_eq!(
+        agent
+            .action_with("validate-all", &[("allow_migrate", "true")], &[])
+            .code,
+        OCF_ERR_CONFIGURED,
+        "allow-migrate needs a token"
+    );
+    assert_eq!(
+        agent
+            .action_with("validate-all", &[], &[("vmm_binary", "/nonexistent/vmm")])
+            .code,
+        OCF_ERR_INSTALLED
+    );
+    assert_eq!(
+        agent
+            .action_with("validate-all", &[], &[("name", "bad/name")])
+            .code,
+        OCF_ERR_CONFIGURED
+    );
+    agent.expect("validate-all", OCF_SUCCESS);
+    assert_eq!(agent.probe().code, OCF_NOT_RUNNING);
+
+    // A start the VMM refuses: the VMM's own message is the exit reason.
+    let broken = dir.join("broken.json");
+    write_config(
+        &broken,
+        "counters",
+        &console,
+        Some(&dir.join("no-such-disk.img")),
+    );
+    let refused = agent.action_with("start", &[], &[("config", broken.to_str().unwrap())]);
+    assert_eq!(refused.code, OCF_ERR_GENERIC, "{}", refused.text());
+    assert!(
+        exit_reason(&refused).contains("no-such-disk.img"),
+        "{}",
+        refused.text()
+    );
+    assert_eq!(agent.probe().code, OCF_NOT_RUNNING);
+
+    // Start, double start, monitor; the guest runs.
+    agent.expect("start", OCF_SUCCESS);
+    agent.expect("start", OCF_SUCCESS);
+    assert_eq!(agent.monitor().code, OCF_SUCCESS);
+    Console::connect(&console).wait_for("counters:", SHORT);
+    let pid: u32 = fs::read_to_string(dir.join("run/guest1.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(vmm_processes_with(&socket.display().to_string()), vec![pid]);
+
+    // A hung VMM (stopped with SIGSTOP): monitor fails with a reason; once
+    // it runs again, monitor is happy again.
+    signal(pid, libc::SIGSTOP);
+    let hung = agent.monitor();
+    assert_eq!(hung.code, OCF_ERR_GENERIC, "{}", hung.text());
+    assert!(
+        exit_reason(&hung).contains("does not answer"),
+        "{}",
+        hung.text()
+    );
+    signal(pid, libc::SIGCONT);
+    assert_eq!(agent.monitor().code, OCF_SUCCESS);
+
+    // Killed: monitor says "not running", with how it ended, after cleaning up.
+    signal(pid, libc::SIGKILL);
+    wait_until(
+        SHORT,
+        "the VMM dies",
+        || (!process_alive(pid)).then_some(()),
+        String::new,
+    );
+    let dead = agent.monitor();
+    assert_eq!(dead.code, OCF_NOT_RUNNING, "{}", dead.text());
+    assert!(
+        exit_reason(&dead).contains("killed by signal 9"),
+        "{}",
+        dead.text()
+    );
+    assert!(!socket.exists(), "the stale socket is cleaned up");
+    assert_eq!(agent.probe().code, OCF_NOT_RUNNING);
+    agent.expect("stop", OCF_SUCCESS);
+
+    // A stop of a hung VMM ends with SIGKILL, and only then succeeds.
+    agent.expect("start", OCF_SUCCESS);
+    let pid = vmm_processes_with(&socket.display().to_string())[0];
+    signal(pid, libc::SIGSTOP);
+    let started = Instant::now();
+    agent.expect("stop", OCF_SUCCESS);
+    assert!(!process_alive(pid), "stop returned while the VMM lives");
+    assert!(read_log(&log).contains("exited with code 137"));
+    eprintln!("stop of a hung VMM: {:?}", started.elapsed());
+    assert_eq!(agent.monitor().code, OCF_NOT_RUNNING);
+
+    // The guest powers itself off: not running, and monitor says why.
+    agent.expect("start", OCF_SUCCESS);
+    Console::connect(&console).send("poweroff");
+    let off = wait_until(
+        SHORT,
+        "monitor notices the power-off",
+        || Some(agent.monitor()).filter(|r| r.code != OCF_SUCCESS),
+        || read_log(&log),
+    );
+    assert_eq!(off.code, OCF_NOT_RUNNING, "{}", off.text());
+    assert!(exit_reason(&off).contains("powered off"), "{}", off.text());
+
+    // A graceful stop: the guest shuts down on the ACPI power button.
+    agent.expect("start", OCF_SUCCESS);
+    agent.expect("stop", OCF_SUCCESS);
+    assert!(read_log(&log)
+        .trim_end()
+        .ends_with("stopped (vmm exited with code 0 (the guest powered off))"));
+    agent.expect("stop", OCF_SUCCESS);
+    assert!(vmm_processes_with(&socket.display().to_string()).is_empty());
+}
+
+#[test]
+fn agent_migrates_in_pacemaker_order_and_a_failed_migration_keeps_the_source() {
+    require_kvm!();
+    if !is_root() {
+        eprintln!("SKIP: needs root (/usr/lib/ocf)");
+        return;
+    }
+    let path = install_agent();
+    let dir = TempDir::new("ocf-migrate");
+    let disk = dir.join("disk.img");
+    make_disk(&disk);
+    write_token(&dir.join("token"), "the-right-token");
+    write_token(&dir.join("wrong-token"), "not-the-token");
+    let port = (46000 + std::process::id() % 1000).to_string();
+    // Two "nodes" on one host: their own socket directory, console and log;
+    // the same disk (a shared file) and token.
+    let node = |n: &str| {
+        let config = dir.join(&format!("{n}.json"));
+        let console = dir.join(&format!("{n}.console"));
+        write_config(&config, "pages mib=32", &console, Some(&disk));
+        let agent = Agent::new(&path, "vm")
+            .param("config", &config)
+            .param("socket_dir", dir.join(&format!("run-{n}")))
+            .param("log_file", dir.join(&format!("{n}.log")))
+            .param("vmm_binary", vmm_binary())
+            .param("vmmctl_binary", vmmctl_binary())
+            .param("migration_token_file", dir.join("token"))
+            .param("migration_port", &port)
+            .param("migration_listen_address", "127.0.0.1");
+        (agent, console, dir.join(&format!("{n}.log")))
+    };
+    let (a, a_console, a_log) = node("a");
+    let (b, b_console, b_log) = node("b");
+    let logs = || {
+        format!(
+            "--- a ---\n{}\n--- b ---\n{}",
+            read_log(&a_log),
+            read_log(&b_log)
+        )
+    };
+    let migrate_meta = |from: &'static str, to: &'static str| {
+        [
+            ("migrate_source", from),
+            ("migrate_target", to),
+            ("timeout", "120000"),
+        ]
+    };
+
+    a.expect("start", OCF_SUCCESS);
+    let mut console = Console::connect(&a_console);
+    console.wait_for("pages: pass=", SHORT);
+    drop(console);
+
+    // Pacemaker's order: migrate_to on the source returns at once ...
+    let started = Instant::now();
+    let to = a.action_with("migrate_to", &migrate_meta("a", "localhost"), &[]);
+    assert_eq!(to.code, OCF_SUCCESS, "{}\n{}", to.text(), logs());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "migrate_to blocked"
+    );
+    // ... the target is not listening yet (the sender retries) ...
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(a.monitor().code, OCF_SUCCESS, "the source runs on");
+    // ... migrate_from on the target returns when the guest runs there ...
+    let from = b.action_with("migrate_from", &migrate_meta("a", "localhost"), &[]);
+    assert_eq!(from.code, OCF_SUCCESS, "{}\n{}", from.text(), logs());
+    eprintln!("agent migration a -> b: {:?}", started.elapsed());
+    // ... and the stop on the source finds it gone: migrated, exit code 6.
+    a.expect("stop", OCF_SUCCESS);
+    assert!(
+        read_log(&a_log).contains("exited with code 6"),
+        "{}",
+        logs()
+    );
+    assert_eq!(a.probe().code, OCF_NOT_RUNNING);
+    assert_eq!(b.monitor().code, OCF_SUCCESS);
+    let mut console = Console::connect(&b_console);
+    let line = console.check_pages();
+    eprintln!("after the move: {line}");
+
+    // Back to a, whose incoming VMM has the wrong token: the migration fails,
+    // migrate_from says so, and the guest runs on in b, memory intact.
+    console.send("pages mib=32");
+    console.wait_for("pages: start", SHORT);
+    let to = b.action_with("migrate_to", &migrate_meta("b", "localhost"), &[]);
+    assert_eq!(to.code, OCF_SUCCESS, "{}", to.text());
+    std::thread::sleep(Duration::from_millis(300));
+    let wrong = dir.join("wrong-token").display().to_string();
+    let from = a.action_with(
+        "migrate_from",
+        &migrate_meta("b", "localhost"),
+        &[("migration_token_file", &wrong)],
+    );
+    assert_eq!(from.code, OCF_ERR_GENERIC, "{}\n{}", from.text(), logs());
+    assert!(
+        exit_reason(&from).contains("migration from b failed"),
+        "{}",
+        from.text()
+    );
+    assert_eq!(
+        a.probe().code,
+        OCF_NOT_RUNNING,
+        "nothing left on the target"
+    );
+    let state_file = dir.join("run-b").join("vm.migrate.state");
+    let state = wait_until(
+        SHORT,
+        "the sender gives up",
+        || {
+            fs::read_to_string(&state_file)
+                .ok()
+                .filter(|s| s.starts_with("failed"))
+        },
+        logs,
+    );
+    assert!(state.contains("token"), "{state}");
+    assert_eq!(b.monitor().code, OCF_SUCCESS, "{}", logs());
+    let line = console.check_pages();
+    eprintln!("after the failed move: {line}");
+    drop(console);
+
+    // What Pacemaker does next: stop everywhere.
+    a.expect("stop", OCF_SUCCESS);
+    b.expect("stop", OCF_SUCCESS);
+    assert!(vmm_processes_with(&dir.path().display().to_string()).is_empty());
+}
+
+// ---------------------------------------------------------------------------
+// A real two-node cluster in network namespaces
+
+/// One lab node: a network namespace and a holder process whose mount and
+/// UTS namespaces give the node its own /run, /var/lib/pacemaker,
+/// /var/log/pacemaker, /etc/hosts and host name.
+struct LabNode {
+    name: String,
+    netns: String,
+    dir: PathBuf,
+    holder: Option<Child>,
+    corosync: Option<Child>,
+    pacemakerd: Option<Child>,
+}
+
+struct Lab {
+    dir: TempDir,
+    nodes: Vec<LabNode>,
+    torn_down: bool,
+}
+
+const LAB_SUBNET: &str = "10.231.29";
+
+impl Lab {
+    /// Builds the namespaces and starts corosync and pacemakerd on both nodes.
+    /// On failure the guard (Drop) tears down whatever was built.
+    fn up() -> Lab {
+        let tag = std::process::id() % 100_000;
+        let dir = TempDir::new("cluster");
+        let mut lab = Lab {
+            nodes: (1..=2)
+                .map(|i| LabNode {
+                    name: format!("node{i}"),
+                    netns: format!("vmmcl{i}-{tag}"),
+                    dir: dir.join(&format!("node{i}")),
+                    holder: None,
+                    corosync: None,
+                    pacemakerd: None,
+                })
+                .collect(),
+            dir,
+            torn_down: false,
+        };
+        // TempDir is 0700; the cluster daemons run as hacluster.
+        fs::set_permissions(lab.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        // corosync's shared key (what corosync-keygen writes: 256 random bytes).
+        let mut key = vec![0u8; 256];
+        fs::File::open("/dev/urandom")
+            .and_then(|mut f| f.read_exact(&mut key))
+            .expect("random bytes for the corosync key");
+        let authkey = lab.dir.join("authkey");
+        fs::write(&authkey, &key).unwrap();
+        fs::set_permissions(&authkey, fs::Permissions::from_mode(0o400)).unwrap();
+        let mut hosts = String::from("127.0.0.1 localhost\n");
+        for i in 1..=2 {
+            hosts += &format!("{LAB_SUBNET}.{i} node{i} node{i}-mig\n");
+        }
+        fs::write(lab.dir.join("hosts"), hosts).unwrap();
+
+        // The network: a veth pair between the namespaces.
+        let ip = tool_path("ip");
+        let (va, vb) = (format!("vcl{tag}a"), format!("vcl{tag}b"));
+        for node in &lab.nodes {
+            run_ok(Command::new(&ip).args(["netns", "add", &node.netns]));
+        }
+        let (n1, n2) = (lab.nodes[0].netns.clone(), lab.nodes[1].netns.clone());
+        run_ok(Command::new(&ip).args([
+            "-n", &n1, "link", "add", &va, "type", "veth", "peer", "name", &vb, "netns", &n2,
+        ]));
+        for (ns, dev, i) in [(&n1, &va, 1), (&n2, &vb, 2)] {
+            let address = format!("{LAB_SUBNET}.{i}/24");
+            run_ok(Command::new(&ip).args(["-n", ns, "addr", "add", &address, "dev", dev]));
+            run_ok(Command::new(&ip).args(["-n", ns, "link", "set", dev, "up"]));
+            run_ok(Command::new(&ip).args(["-n", ns, "link", "set", "lo", "up"]));
+        }
+
+        // Per-node directories, corosync.conf and the holder.
+        for i in 0..2 {
+            lab.prepare_node(i, &authkey);
+        }
+        for i in 0..2 {
+            let holder = lab.nodes[i].holder.as_ref().unwrap().id();
+            wait_until(
+                SHORT,
+                "the namespace holder is ready",
+                || {
+                    fs::read_to_string(format!("/proc/{holder}/comm"))
+                        .ok()
+                        .filter(|c| c.trim() == "sleep")
+                },
+                || read_log(&lab.nodes[i].dir.join("holder.log")),
+            );
+        }
+        for i in 0..2 {
+            let conf = lab.nodes[i].dir.join("corosync.conf");
+            let child = lab.spawn_on(
+                i,
+                "corosync.out",
+                &[],
+                &[
+                    tool_path("corosync").as_os_str(),
+                    "-f".as_ref(),
+                    "-c".as_ref(),
+                    conf.as_os_str(),
+                ],
+            );
+            lab.nodes[i].corosync = Some(child);
+        }
+        std::thread::sleep(Duration::from_secs(1));
+        for i in 0..2 {
+            let logfile = lab.nodes[i].dir.join("pacemaker.log");
+            let child = lab.spawn_on(
+                i,
+                "pacemakerd.out",
+                &[("PCMK_logfile", logfile.as_os_str())],
+                &[tool_path("pacemakerd").as_os_str()],
+            );
+            lab.nodes[i].pacemakerd = Some(child);
+        }
+        lab
+    }
+
+    fn prepare_node(&mut self, i: usize, authkey: &Path) {
+        let dir = self.nodes[i].dir.clone();
+        let name = self.nodes[i].name.clone();
+        for sub in [
+            "lib/cib",
+            "lib/pengine",
+            "lib/blackbox",
+            "lib/cores",
+            "log",
+            "run/crm",
+            "run/resource-agents",
+            "run/lock",
+            "corosync",
+        ] {
+            fs::create_dir_all(dir.join(sub)).unwrap();
+        }
+        std::os::unix::fs::symlink("/dev/shm", dir.join("run/shm")).unwrap();
+        run_ok(
+            Command::new("chown")
+                .args(["-R", "hacluster:haclient"])
+                .arg(dir.join("lib"))
+                .arg(dir.join("log"))
+                .arg(dir.join("run/crm")),
+        );
+        for (sub, mode) in [
+            ("lib/cib", 0o750),
+            ("lib/pengine", 0o750),
+            ("lib/blackbox", 0o750),
+            ("lib/cores", 0o750),
+            ("log", 0o770),
+            ("run/crm", 0o750),
+            ("run/resource-agents", 0o1755),
+            ("run/lock", 0o1777),
+        ] {
+            fs::set_permissions(dir.join(sub), fs::Permissions::from_mode(mode)).unwrap();
+        }
+        let nodelist: String = (1..=2)
+            .map(|n| {
+                format!(
+                    "  node {{\n    ring0_addr: {LAB_SUBNET}.{n}\n    name: node{n}\n    nodeid: {n}\n  }}\n"
+                )
+            })
+            .collect();
+        let conf = format!(
+            "totem {{\n  version: 2\n  cluster_name: vmmlab\n  transport: knet\n  \
+             crypto_cipher: aes256\n  crypto_hash: sha256\n  keyfile: {key}\n  token: 3000\n}}\n\
+             nodelist {{\n{nodelist}}}\n\
+             quorum {{\n  provider: corosync_votequorum\n  two_node: 1\n}}\n\
+             logging {{\n  to_logfile: yes\n  logfile: {dir}/corosync.log\n  to_syslog: no\n  \
+             to_stderr: no\n  timestamp: on\n}}\n\
+             system {{\n  state_dir: {dir}/corosync\n}}\n",
+            key = authkey.display(),
+            dir = dir.display(),
+        );
+        fs::write(dir.join("corosync.conf"), conf).unwrap();
+        let script = format!(
+            "set -e; hostname {name}; \
+             mount --bind {d}/lib /var/lib/pacemaker; \
+             mount --bind {d}/log /var/log/pacemaker; \
+             mount --bind {d}/run /run; \
+             mount --bind {hosts} /etc/hosts; \
+             exec sleep infinity",
+            d = dir.display(),
+            hosts = self.dir.join("hosts").display(),
+        );
+        let log = fs::File::create(dir.join("holder.log")).unwrap();
+        let holder = Command::new(tool_path("ip"))
+            .args(["netns", "exec", &self.nodes[i].netns])
+            .arg(tool_path("unshare"))
+            .args([
+                "--mount",
+                "--uts",
+                "--propagation",
+                "private",
+                "bash",
+                "-c",
+                &script,
+            ])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .expect("the namespace holder starts");
+        self.nodes[i].holder = Some(holder);
+    }
+
+    fn holder_pid(&self, i: usize) -> u32 {
+        self.nodes[i].holder.as_ref().expect("holder").id()
+    }
+
+    fn nsenter(&self, i: usize) -> Command {
+        let mut command = Command::new(tool_path("nsenter"));
+        command
+            .arg("-t")
+            .arg(self.holder_pid(i).to_string())
+            .args(["--net", "--mount", "--uts", "--"]);
+        command
+    }
+
+    /// Starts a daemon on node `i`, detached (own process group), output to a file.
+    fn spawn_on(
+        &self,
+        i: usize,
+        out: &str,
+        env: &[(&str, &std::ffi::OsStr)],
+        argv: &[&std::ffi::OsStr],
+    ) -> Child {
+        let log = fs::File::create(self.nodes[i].dir.join(out)).unwrap();
+        let mut command = self.nsenter(i);
+        command
+            .args(argv)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .process_group(0);
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        command
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {argv:?}: {e}"))
+    }
+
+    /// Runs a command on node `i`.
+    fn on(&self, i: usize, argv: &[&str]) -> Run {
+        let mut command = self.nsenter(i);
+        command.arg(tool_path(argv[0])).args(&argv[1..]);
+        run(&mut command)
+    }
+
+    fn on_ok(&self, i: usize, argv: &[&str]) -> Run {
+        let result = self.on(i, argv);
+        assert_eq!(
+            result.code,
+            0,
+            "{argv:?} on node{}:\n{}\n{}",
+            i + 1,
+            result.text(),
+            self.report()
+        );
+        result
+    }
+
+    fn crm_mon(&self) -> String {
+        self.on(0, &["crm_mon", "-1"]).stdout
+    }
+
+    /// Whether crm_mon shows the guest settled as started on `node`
+    /// (not starting, not migrating), and crm_resource agrees.
+    fn started_on(&self, node: &str) -> bool {
+        let mon = self.crm_mon();
+        let line = mon
+            .lines()
+            .find(|l| l.contains(&format!("(ocf:{PROVIDER}:vmm)")));
+        line.is_some_and(|l| l.trim_end().ends_with(&format!("Started {node}")))
+            && self.locate().ends_with(&format!("running on: {node}"))
+    }
+
+    fn locate(&self) -> String {
+        let r = self.on(0, &["crm_resource", "--locate", "--resource", "vm"]);
+        format!("{}{}", r.stdout, r.stderr).trim().to_string()
+    }
+
+    /// A node's file under its private /run (e.g. `vmm/vm.log`).
+    fn run_file(&self, i: usize, path: &str) -> PathBuf {
+        self.nodes[i].dir.join("run").join(path)
+    }
+
+    fn vm_log(&self, i: usize) -> String {
+        read_log(&self.run_file(i, "vmm/vm.log"))
+    }
+
+    fn vm_pid(&self, i: usize) -> Option<u32> {
+        fs::read_to_string(self.run_file(i, "vmm/vm.pid"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// What to look at when a step fails.
+    fn report(&self) -> String {
+        let tail = |p: PathBuf, n: usize| {
+            let text = read_log(&p);
+            let lines: Vec<&str> = text.lines().collect();
+            lines[lines.len().saturating_sub(n)..].join("\n")
+        };
+        let mut s = format!("--- crm_mon ---\n{}", self.crm_mon());
+        for i in 0..2 {
+            s += &format!(
+                "\n--- node{} vm.log ---\n{}\n--- node{} pacemaker.log (agent lines) ---\n{}",
+                i + 1,
+                tail(self.run_file(i, "vmm/vm.log"), 30),
+                i + 1,
+                read_log(&self.nodes[i].dir.join("pacemaker.log"))
+                    .lines()
+                    .filter(|l| l.contains("vmm(")
+                        || l.contains("ocf-exit-reason")
+                        || l.contains("error"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+        }
+        s
+    }
+
+    /// The inode of a namespace's nsfs file, as /proc/PID/ns/net shows it.
+    fn netns_inode(netns: &str) -> Option<u64> {
+        fs::metadata(Path::new("/run/netns").join(netns))
+            .ok()
+            .map(|m| m.ino())
+    }
+
+    /// Pids of every process inside the lab's network namespaces.
+    fn processes_inside(&self) -> Vec<u32> {
+        let links: Vec<String> = self
+            .nodes
+            .iter()
+            .filter_map(|n| Self::netns_inode(&n.netns))
+            .map(|ino| format!("net:[{ino}]"))
+            .collect();
+        if links.is_empty() {
+            return Vec::new();
+        }
+        let mut pids = Vec::new();
+        for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|s| s.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if let Ok(link) = fs::read_link(format!("/proc/{pid}/ns/net")) {
+                if links.iter().any(|l| Path::new(l) == link) {
+                    pids.push(pid);
+                }
+            }
+        }
+        pids
+    }
+
+    fn wait_children(children: &mut [&mut Option<Child>], timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut running = false;
+            for child in children.iter_mut() {
+                if let Some(c) = child.as_mut() {
+                    match c.try_wait() {
+                        Ok(Some(_)) | Err(_) => **child = None,
+                        Ok(None) => running = true,
+                    }
+                }
+            }
+            if !running {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Stops pacemakerd, then corosync (TERM, then KILL), kills everything
+    /// left in the namespaces (holders, agents' VMMs), deletes the
+    /// namespaces. Idempotent; runs from Drop when a step panics.
+    fn teardown(&mut self) {
+        if self.torn_down {
+            return;
+        }
+        self.torn_down = true;
+        for (daemon, grace) in [("pacemakerd", 60), ("corosync", 20)] {
+            let mut children: Vec<&mut Option<Child>> = self
+                .nodes
+                .iter_mut()
+                .map(|n| {
+                    if daemon == "pacemakerd" {
+                        &mut n.pacemakerd
+                    } else {
+                        &mut n.corosync
+                    }
+                })
+                .collect();
+            for child in children.iter() {
+                if let Some(c) = child.as_ref() {
+                    signal(c.id(), libc::SIGTERM);
+                }
+            }
+            if !Self::wait_children(&mut children, Duration::from_secs(grace)) {
+                eprintln!("lab teardown: {daemon} ignored SIGTERM; killing it");
+                for child in children.iter_mut() {
+                    if let Some(c) = child.as_mut() {
+                        let _ = c.kill();
+                        let _ = c.wait();
+                    }
+                    **child = None;
+                }
+            }
+        }
+        // Whatever still lives in the namespaces: pacemaker's children if
+        // pacemakerd had to be killed, VMMs, the holders.
+        for _ in 0..50 {
+            let pids = self.processes_inside();
+            if pids.is_empty() {
+                break;
+            }
+            for pid in pids {
+                signal(pid, libc::SIGKILL);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        for node in &mut self.nodes {
+            if let Some(mut holder) = node.holder.take() {
+                let _ = holder.kill();
+                let _ = holder.wait();
+            }
+        }
+        let leftover = self.processes_inside();
+        if !leftover.is_empty() {
+            eprintln!("lab teardown: processes survive in the namespaces: {leftover:?}");
+        }
+        for node in &self.nodes {
+            let _ = Command::new("ip")
+                .args(["netns", "del", &node.netns])
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.teardown();
+    }
+}
+
+#[test]
+fn two_node_pacemaker_cluster_live_migrates_and_recovers_the_guest() {
+    require_kvm!();
+    if skip_without(
+        true,
+        &[
+            "ip",
+            "nsenter",
+            "unshare",
+            "corosync",
+            "pacemakerd",
+            "crm_mon",
+            "crm_resource",
+            "crm_attribute",
+            "cibadmin",
+        ],
+    ) {
+        return;
+    }
+    if !Path::new(OCF_ROOT)
+        .join("lib/heartbeat/ocf-shellfuncs")
+        .exists()
+    {
+        eprintln!("SKIP: resource-agents is not installed (ocf-shellfuncs)");
+        return;
+    }
+    let agent = install_agent();
+    assert!(agent.exists());
+    let test_start = Instant::now();
+    let mut lab = Lab::up();
+    let lab_dir = lab.dir.path().display().to_string();
+
+    // The guest: its disk and config in a directory both nodes see; console,
+    // API socket and log under each node's private /run/vmm.
+    let shared = lab.dir.join("shared");
+    fs::create_dir(&shared).unwrap();
+    fs::set_permissions(&shared, fs::Permissions::from_mode(0o755)).unwrap();
+    let disk = shared.join("disk.img");
+    make_disk(&disk);
+    let config = shared.join("vm.json");
+    write_config(
+        &config,
+        "pages mib=32",
+        Path::new("/run/vmm/vm.console"),
+        Some(&disk),
+    );
+    write_token(&shared.join("token"), "lab-migration-token");
+
+    let online = Instant::now();
+    wait_until(
+        Duration::from_secs(120),
+        "both nodes online",
+        || {
+            let out = lab.crm_mon();
+            out.contains("Online: [ node1 node2 ]").then_some(())
+        },
+        || lab.report(),
+    );
+    eprintln!(
+        "cluster: both nodes online {:?} after pacemakerd started",
+        online.elapsed()
+    );
+
+    lab.on_ok(
+        0,
+        &[
+            "crm_attribute",
+            "--type",
+            "crm_config",
+            "--name",
+            "stonith-enabled",
+            "--update",
+            "false",
+        ],
+    );
+    let primitive = format!(
+        "<primitive id='vm' class='ocf' provider='{PROVIDER}' type='vmm'>\
+           <instance_attributes id='vm-params'>\
+             <nvpair id='vm-config' name='config' value='{config}'/>\
+             <nvpair id='vm-vmm' name='vmm_binary' value='{vmm}'/>\
+             <nvpair id='vm-vmmctl' name='vmmctl_binary' value='{vmmctl}'/>\
+             <nvpair id='vm-log' name='log_file' value='/run/vmm/vm.log'/>\
+             <nvpair id='vm-token' name='migration_token_file' value='{token}'/>\
+             <nvpair id='vm-suffix' name='migration_network_suffix' value='-mig'/>\
+           </instance_attributes>\
+           <meta_attributes id='vm-meta'>\
+             <nvpair id='vm-allow-migrate' name='allow-migrate' value='true'/>\
+             <nvpair id='vm-target-role' name='target-role' value='Stopped'/>\
+           </meta_attributes>\
+           <operations>\
+             <op id='vm-monitor' name='monitor' interval='2s' timeout='30s'/>\
+             <op id='vm-start' name='start' interval='0s' timeout='90s'/>\
+             <op id='vm-stop' name='stop' interval='0s' timeout='90s'/>\
+             <op id='vm-migrate_to' name='migrate_to' interval='0s' timeout='120s'/>\
+             <op id='vm-migrate_from' name='migrate_from' interval='0s' timeout='120s'/>\
+           </operations>\
+         </primitive>",
+        config = config.display(),
+        vmm = vmm_binary().display(),
+        vmmctl = vmmctl_binary().display(),
+        token = shared.join("token").display(),
+    );
+    lab.on_ok(
+        0,
+        &[
+            "cibadmin",
+            "--create",
+            "-o",
+            "resources",
+            "--xml-text",
+            &primitive,
+        ],
+    );
+    lab.on_ok(
+        0,
+        &[
+            "cibadmin",
+            "--create",
+            "-o",
+            "constraints",
+            "--xml-text",
+            "<rsc_location id='vm-prefers-node1' rsc='vm' node='node1' score='50'/>",
+        ],
+    );
+
+    // (1) The guest starts on node1.
+    let step = Instant::now();
+    lab.on_ok(
+        0,
+        &[
+            "crm_resource",
+            "--resource",
+            "vm",
+            "--meta",
+            "--set-parameter",
+            "target-role",
+            "--parameter-value",
+            "Started",
+        ],
+    );
+    wait_until(
+        Duration::from_secs(60),
+        "vm started on node1",
+        || lab.started_on("node1").then_some(()),
+        || lab.report(),
+    );
+    let mut console = Console::connect(&lab.run_file(0, "vmm/vm.console"));
+    console.send("echo hello from node1");
+    console.wait_for("hello from node1", SHORT);
+    let before = console.wait_for("pages: pass=", SHORT);
+    drop(console);
+    assert!(
+        lab.vm_log(0).contains("started: vmm pid"),
+        "{}",
+        lab.report()
+    );
+    eprintln!(
+        "cluster: (1) started on node1 in {:?}; {before}",
+        step.elapsed()
+    );
+
+    // (2) crm_resource --move live-migrates it to node2: migrate_to on node1,
+    // migrate_from on node2, the source exits "migrated", no restart.
+    let step = Instant::now();
+    lab.on_ok(
+        0,
+        &[
+            "crm_resource",
+            "--move",
+            "--resource",
+            "vm",
+            "--node",
+            "node2",
+        ],
+    );
+    wait_until(
+        Duration::from_secs(90),
+        "vm migrated to node2",
+        || lab.started_on("node2").then_some(()),
+        || lab.report(),
+    );
+    let moved = step.elapsed();
+    wait_until(
+        SHORT,
+        "the source VMM exits with code 6",
+        || lab.vm_log(0).contains("exited with code 6").then_some(()),
+        || lab.report(),
+    );
+    let (log1, log2) = (lab.vm_log(0), lab.vm_log(1));
+    assert!(
+        log1.contains("vmm-ocf[migrate_to]: migrating to node2 at tcp:node2-mig:"),
+        "{}",
+        lab.report()
+    );
+    assert!(
+        log1.contains(
+            "vmm-ocf[stop]: stopped (vmm exited with code 6 (the guest was migrated away))"
+        ),
+        "{}",
+        lab.report()
+    );
+    assert!(
+        log2.contains("vmm-ocf[migrate_from]: migration from node1 completed"),
+        "{}",
+        lab.report()
+    );
+    assert!(
+        !log2.contains("vmm-ocf[start]"),
+        "node2 restarted the guest instead of receiving it:\n{}",
+        lab.report()
+    );
+    assert!(
+        vmm_processes_with(&lab_dir).len() == 1,
+        "one VMM after the move: {}",
+        lab.report()
+    );
+    let mut console = Console::connect(&lab.run_file(1, "vmm/vm.console"));
+    let after = console.wait_for("pages: pass=", SHORT);
+    let verdict = console.check_pages();
+    drop(console);
+    eprintln!("cluster: (2) live-migrated node1 -> node2 in {moved:?}; {after}; {verdict}");
+
+    // (3) A VMM killed with SIGKILL: monitor notices, Pacemaker restarts it.
+    let step = Instant::now();
+    let old = lab.vm_pid(1).expect("node2 has a pid file");
+    assert!(process_alive(old));
+    signal(old, libc::SIGKILL);
+    let new = wait_until(
+        Duration::from_secs(60),
+        "vm recovered on node2",
+        || {
+            let pid = lab.vm_pid(1).filter(|p| *p != old && process_alive(*p))?;
+            lab.started_on("node2").then_some(pid)
+        },
+        || lab.report(),
+    );
+    let mon = lab.crm_mon();
+    assert!(
+        mon.contains("killed by signal 9"),
+        "the failure and its reason show in crm_mon:\n{mon}"
+    );
+    assert!(!process_alive(old));
+    let mut console = Console::connect(&lab.run_file(1, "vmm/vm.console"));
+    console.send("echo hello again");
+    console.wait_for("hello again", SHORT);
+    drop(console);
+    eprintln!(
+        "cluster: (3) SIGKILLed pid {old} replaced by pid {new} in {:?}",
+        step.elapsed()
+    );
+
+    // (4) target-role=Stopped stops it; no VMM remains.
+    let step = Instant::now();
+    lab.on_ok(
+        0,
+        &[
+            "crm_resource",
+            "--resource",
+            "vm",
+            "--meta",
+            "--set-parameter",
+            "target-role",
+            "--parameter-value",
+            "Stopped",
+        ],
+    );
+    wait_until(
+        Duration::from_secs(60),
+        "vm stopped",
+        || {
+            (lab.locate().contains("NOT running") && vmm_processes_with(&lab_dir).is_empty())
+                .then_some(())
+        },
+        || lab.report(),
+    );
+    assert!(
+        lab.vm_log(1)
+            .contains("stopped (vmm exited with code 0 (the guest powered off))"),
+        "{}",
+        lab.report()
+    );
+    eprintln!("cluster: (4) stopped in {:?}", step.elapsed());
+
+    // (5) Teardown leaves no namespace and no process.
+    let step = Instant::now();
+    let netns: Vec<String> = lab.nodes.iter().map(|n| n.netns.clone()).collect();
+    let daemons: Vec<u32> = lab
+        .nodes
+        .iter()
+        .flat_map(|n| {
+            [
+                n.holder.as_ref(),
+                n.corosync.as_ref(),
+                n.pacemakerd.as_ref(),
+            ]
+        })
+        .flatten()
+        .map(Child::id)
+        .collect();
+    lab.teardown();
+    let listed = run_ok(Command::new(tool_path("ip")).args(["netns", "list"])).stdout;
+    for ns in &netns {
+        assert!(
+            !listed
+                .lines()
+                .any(|l| l.split_whitespace().next() == Some(ns)),
+            "namespace {ns} survives"
+        );
+    }
+    for pid in daemons {
+        assert!(!process_alive(pid), "pid {pid} survives the teardown");
+    }
+    assert!(vmm_processes_with(&lab_dir).is_empty());
+    eprintln!(
+        "cluster: (5) torn down in {:?}; whole test {:?}",
+        step.elapsed(),
+        test_start.elapsed()
+    );
+}
+
+// ---------------------------------------------------------------------------
+// The DRBD and LVM recipes, offline
+
+fn example(name: &str) -> PathBuf {
+    repo().join("resources/ocf/examples").join(name)
+}
+
+/// `crm_verify -x FILE` with nothing to say.
+fn verify_clean(file: &Path) {
+    run_ok(Command::new(tool_path("xmllint")).arg("--noout").arg(file));
+    let result = run(Command::new(tool_path("crm_verify")).arg("-x").arg(file));
+    assert!(
+        result.code == 0 && result.stdout.trim().is_empty() && result.stderr.trim().is_empty(),
+        "crm_verify -x {} is not clean:\n{}",
+        file.display(),
+        result.text()
+    );
+}
+
+/// A simulated transition: the summary lines and the executed actions.
+struct Transition {
+    summary: Vec<String>,
+    actions: Vec<String>,
+    text: String,
+}
+
+impl Transition {
+    /// Lines of the summary / the executed actions that mention `resource`.
+    fn summary_of(&self, resource: &str) -> Vec<&str> {
+        self.summary
+            .iter()
+            .map(String::as_str)
+            .filter(|l| l.split_whitespace().nth(2) == Some(resource))
+            .collect()
+    }
+
+    /// `(action, node)` of the resource actions of `resource`, e.g. `("migrate_to", "node1")`.
+    fn actions_of(&self, resource: &str) -> Vec<(String, String)> {
+        self.actions
+            .iter()
+            .filter_map(|l| {
+                let rest = l.trim().strip_prefix("* Resource action:")?;
+                let mut words = rest.split_whitespace();
+                if words.next()? != resource {
+                    return None;
+                }
+                let action = words.next()?.to_string();
+                let node = words.nth(1)?.to_string(); // "<action> on <node>"
+                Some((action, node))
+            })
+            .collect()
+    }
+}
+
+/// `crm_simulate -S -x FILE -O OUT`, parsed.
+fn simulate(file: &Path, out: &Path) -> Transition {
+    let result = run_ok(
+        Command::new(tool_path("crm_simulate"))
+            .arg("-S")
+            .arg("-x")
+            .arg(file)
+            .arg("-O")
+            .arg(out),
+    );
+    let mut summary = Vec::new();
+    let mut actions = Vec::new();
+    let mut section = "";
+    for line in result.stdout.lines() {
+        if line.starts_with("Transition Summary:") {
+            section = "summary";
+        } else if line.starts_with("Executing Cluster Transition:") {
+            section = "actions";
+        } else if line.starts_with("Revised Cluster Status:") {
+            section = "";
+        } else if line.trim_start().starts_with('*') {
+            match section {
+                "summary" => summary.push(line.trim().to_string()),
+                "actions" => actions.push(line.trim().to_string()),
+                _ => {}
+            }
+        }
+    }
+    Transition {
+        summary,
+        actions,
+        text: result.stdout,
+    }
+}
+
+/// The node an initial transition started `resource` on.
+fn started_on(t: &Transition, resource: &str) -> String {
+    t.actions_of(resource)
+        .into_iter()
+        .find(|(action, _)| action == "start")
+        .map(|(_, node)| node)
+        .unwrap_or_else(|| panic!("{resource} was not started:\n{}", t.text))
+}
+
+/// Starts the recipe's resources, then moves `vm` to the other node:
+/// returns the move's transition and the two nodes.
+fn simulate_move(
+    file: &Path,
+    dir: &TempDir,
+    promotion_scores: Option<&str>,
+) -> (Transition, String, String) {
+    let state0 = dir.join("state0.xml");
+    fs::copy(file, &state0).unwrap();
+    if let Some(resource) = promotion_scores {
+        // What the drbd agent reports when both disks are UpToDate.
+        for node in ["node1", "node2"] {
+            run_ok(
+                Command::new(tool_path("crm_attribute"))
+                    .args([
+                        "--node",
+                        node,
+                        "--name",
+                        &format!("master-{resource}"),
+                        "--update",
+                        "10000",
+                        "--lifetime",
+                        "reboot",
+                    ])
+                    .env("CIB_file", &state0),
+            );
+        }
+    }
+    let state1 = dir.join("state1.xml");
+    let start = simulate(&state0, &state1);
+    let from = started_on(&start, "vm1");
+    let to = if from == "node1" { "node2" } else { "node1" }.to_string();
+    run_ok(
+        Command::new(tool_path("crm_resource"))
+            .args(["--move", "--resource", "vm1", "--node", &to])
+            .env("CIB_file", &state1),
+    );
+    let moved = simulate(&state1, &dir.join("state2.xml"));
+    (moved, from, to)
+}
+
+#[test]
+fn drbd_recipe_live_migrates_with_two_primaries_and_restarts_with_one() {
+    if skip_without(
+        false,
+        &[
+            "crm_verify",
+            "crm_simulate",
+            "crm_resource",
+            "crm_attribute",
+            "xmllint",
+        ],
+    ) {
+        return;
+    }
+    let recipe = example("drbd-cib.xml");
+    verify_clean(&recipe);
+    let text = fs::read_to_string(&recipe).unwrap();
+    for needle in [
+        r#"name="promoted-max" value="2""#,
+        r#"name="allow-migrate" value="true""#,
+        r#"with-rsc-role="Promoted""#,
+        r#"first-action="promote" then="vm1" then-action="start""#,
+        r#"name="stonith-enabled" value="true""#,
+    ] {
+        assert!(text.contains(needle), "the recipe lacks {needle}");
+    }
+
+    // promoted-max=2: both Primary, the move is a live migration.
+    let dir = TempDir::new("drbd-recipe");
+    let (moved, from, to) = simulate_move(&recipe, &dir, Some("drbd-vm1"));
+    assert_eq!(
+        moved.summary_of("vm1"),
+        vec![format!("* Migrate    vm1     ( {from} -> {to} )")],
+        "{}",
+        moved.text
+    );
+    let actions = moved.actions_of("vm1");
+    assert!(
+        actions.contains(&("migrate_to".into(), from.clone())),
+        "{}",
+        moved.text
+    );
+    assert!(
+        actions.contains(&("migrate_from".into(), to.clone())),
+        "{}",
+        moved.text
+    );
+    assert!(
+        !actions.contains(&("start".into(), to.clone())),
+        "restarted:\n{}",
+        moved.text
+    );
+    assert!(
+        moved
+            .actions_of("drbd-vm1")
+            .iter()
+            .all(|(a, _)| a != "demote" && a != "promote"),
+        "{}",
+        moved.text
+    );
+    // Order within the transition: migrate_to, migrate_from, then the stop on the source.
+    let position = |action: &str, node: &str| {
+        moved
+            .actions
+            .iter()
+            .position(|l| l.contains("vm1") && l.contains(&format!(" {action} on {node}")))
+            .unwrap_or_else(|| panic!("no {action} on {node}:\n{}", moved.text))
+    };
+    assert!(position("migrate_to", &from) < position("migrate_from", &to));
+    assert!(position("migrate_from", &to) < position("stop", &from));
+    eprintln!(
+        "drbd promoted-max=2: {}",
+        moved.summary_of("vm1").join("; ")
+    );
+
+    // promoted-max=1: the disk can be Primary on one node only, so the guest
+    // must stop before the demotion and start after the promotion.
+    let single = dir.join("single.xml");
+    fs::write(
+        &single,
+        text.replace(
+            r#"name="promoted-max" value="2""#,
+            r#"name="promoted-max" value="1""#,
+        ),
+    )
+    .unwrap();
+    let dir1 = TempDir::new("drbd-recipe-1");
+    let (moved, from, to) = simulate_move(&single, &dir1, Some("drbd-vm1"));
+    let summary = moved.summary_of("vm1");
+    assert!(
+        summary.len() == 1 && summary[0].starts_with("* Move       vm1"),
+        "{}",
+        moved.text
+    );
+    let actions = moved.actions_of("vm1");
+    assert!(
+        actions.contains(&("stop".into(), from.clone())),
+        "{}",
+        moved.text
+    );
+    assert!(
+        actions.contains(&("start".into(), to.clone())),
+        "{}",
+        moved.text
+    );
+    assert!(
+        actions.iter().all(|(a, _)| !a.starts_with("migrate")),
+        "{}",
+        moved.text
+    );
+    let drbd = moved.actions_of("drbd-vm1");
+    assert!(
+        drbd.contains(&("demote".into(), from)) && drbd.contains(&("promote".into(), to)),
+        "{}",
+        moved.text
+    );
+    eprintln!("drbd promoted-max=1: {}", summary.join("; "));
+}
+
+#[test]
+fn lvm_recipe_live_migrates_on_a_shared_lv() {
+    if skip_without(
+        false,
+        &["crm_verify", "crm_simulate", "crm_resource", "xmllint"],
+    ) {
+        return;
+    }
+    let recipe = example("lvm-cib.xml");
+    verify_clean(&recipe);
+    let text = fs::read_to_string(&recipe).unwrap();
+    for needle in [
+        r#"name="vg_access_mode" value="lvmlockd""#,
+        r#"name="activation_mode" value="shared""#,
+        r#"name="allow-migrate" value="true""#,
+        r#"name="stonith-enabled" value="true""#,
+    ] {
+        assert!(text.contains(needle), "the recipe lacks {needle}");
+    }
+    let dir = TempDir::new("lvm-recipe");
+    let (moved, from, to) = simulate_move(&recipe, &dir, None);
+    assert_eq!(
+        moved.summary_of("vm1"),
+        vec![format!("* Migrate    vm1     ( {from} -> {to} )")],
+        "{}",
+        moved.text
+    );
+    let actions = moved.actions_of("vm1");
+    assert!(
+        actions.contains(&("migrate_to".into(), from)),
+        "{}",
+        moved.text
+    );
+    assert!(
+        actions.contains(&("migrate_from".into(), to)),
+        "{}",
+        moved.text
+    );
+    assert!(
+        moved.actions_of("vm1-lv").is_empty(),
+        "the LV stays active on both nodes:\n{}",
+        moved.text
+    );
+}
+
+#[test]
+fn drbd_resource_file_parses_with_two_primaries_and_fencing() {
+    if skip_without(true, &["drbdadm", "unshare"]) {
+        return;
+    }
+    let res = example("drbd-vm1.res");
+    // drbdadm picks the resource's "on HOST" section by host name: parse it
+    // as node1, in a UTS namespace of its own.
+    let script = format!(
+        "hostname node1 && drbdadm -c {f} dump vm1 && echo ---dry-run--- && drbdadm -c {f} -d up vm1 && drbdadm -c {f} -d primary vm1",
+        f = res.display()
+    );
+    let result = run(Command::new(tool_path("unshare")).args(["--uts", "sh", "-c", &script]));
+    assert_eq!(result.code, 0, "{}", result.text());
+    for needle in [
+        "allow-two-primaries yes;",
+        "fencing          resource-and-stonith;",
+        "fence-peer       /usr/lib/drbd/crm-fence-peer.9.sh;",
+        "unfence-peer     /usr/lib/drbd/crm-unfence-peer.9.sh;",
+        "--allow-two-primaries=yes",
+        "--fencing=resource-and-stonith",
+        "drbdsetup primary vm1",
+    ] {
+        assert!(
+            result.stdout.contains(needle),
+            "drbdadm output lacks {needle:?}:\n{}",
+            result.stdout
+        );
+    }
+}

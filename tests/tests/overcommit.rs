@@ -1,0 +1,700 @@
+//! Memory overcommit end to end: the balloon API of a real `vmm` (targets,
+//! refusals, statistics), `vm.info`'s KSM and balloon figures, `vmmctl
+//! list`, and KSM merging identical pages of two guests.
+//!
+//! The tests that need the test guest's virtio-balloon driver
+//! (`balloon_*_with_the_guest_driver`) run only once the guest has one: they
+//! check that its image knows the `balloon-follow` command and print SKIP
+//! otherwise. The commands and outputs they expect from the guest are
+//! described at [`GUEST_DRIVER_CONTRACT`].
+
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use api::config::{BalloonConfig, MemoryConfig, PayloadConfig, VmConfig};
+use api::http::{ClientError, Method};
+use api::request::{ApiError, ApiErrorKind};
+use vmm_tests::harness::{field, testguest, vmmctl_binary, TempDir, Vmm};
+use vmm_tests::require_kvm;
+
+const BOOT: Duration = Duration::from_secs(20);
+const SHORT: Duration = Duration::from_secs(10);
+const MIB: u64 = 1 << 20;
+const PAGE: u64 = 4096;
+
+/// What the balloon tests expect from the test guest's driver (to be
+/// written; see the report that came with this file):
+///
+/// * `balloon-follow` starts the driver on the first virtio-balloon
+///   function: features VERSION_1, MUST_TELL_HOST, STATS_VQ, and
+///   PAGE_REPORTING if offered; queues numbered by the acked features; the
+///   stats queue primed with one buffer. Prints
+///   `balloon: ready features=0x<acked> queues=<n> num_pages=<n>`. From then
+///   on, in the background (as `virtio::poll_background`): on a config
+///   interrupt (or polling `num_pages` every few ms) it inflates or deflates
+///   towards `num_pages`, at most 256 page numbers per buffer, waiting for
+///   each buffer to be used before the next, writes `actual` after each
+///   buffer, and when it reaches the target prints
+///   `balloon: actual=<pages> target=<pages>`. Inflation takes free RAM
+///   pages in ascending order from the start of the `memfill` area (so it
+///   covers filled memory); deflation gives back the most recently inflated
+///   ones first. When the device returns the stats buffer it refills it and
+///   queues it again: tags 4 (free bytes), 5 (total bytes: the E820 RAM),
+///   6 (available = free), and 3 (minor faults) = the number of refills so
+///   far (so a test sees the re-request round trip).
+/// * `balloon-info`: `balloon: num_pages=<n> actual=<n> inflated=<pages the
+///   driver holds> refills=<n>`, or `balloon: status=nodevice`.
+/// * `balloon-report mib=N [off_mib=M]`: one reporting buffer whose
+///   device-writable descriptors cover N MiB of free RAM from the memfill
+///   area (+M MiB) in 2 MiB pieces; waits for it to be used; prints
+///   `balloon: report status=ok mib=N` (or `status=noreporting` if the
+///   feature was not negotiated).
+/// * `balloon-hostile kind=pfn-range|write-only|huge-len`: one inflate
+///   buffer with page numbers beyond RAM / device-writable / longer than
+///   65536 entries; prints `balloon-hostile kind=<k> status=used` once the
+///   device returned it.
+pub const GUEST_DRIVER_CONTRACT: () = ();
+
+/// Whether the test guest has a balloon driver (its command list names
+/// `balloon-follow`).
+fn guest_has_balloon_driver() -> bool {
+    let image = std::fs::read(testguest()).unwrap_or_default();
+    let has = image
+        .windows(b"balloon-follow".len())
+        .any(|w| w == b"balloon-follow");
+    if !has {
+        eprintln!(
+            "SKIP: the test guest has no virtio-balloon driver (no `balloon-follow` command)"
+        );
+    }
+    has
+}
+
+fn api_error<T: std::fmt::Debug>(result: Result<T, ClientError>) -> (u16, ApiError) {
+    match result {
+        Err(ClientError::Api { status, error }) => (status, error),
+        other => panic!("expected an API error, got {other:?}"),
+    }
+}
+
+/// PUTs `body` on vm.balloon; the status and the ApiError of a refusal.
+fn put_balloon(vmm: &Vmm, body: &[u8]) -> (u16, Option<ApiError>) {
+    let (status, reply) = vmm
+        .api()
+        .request(Method::Put, "vm.balloon", Some(body))
+        .unwrap();
+    (status, serde_json::from_slice(&reply).ok())
+}
+
+/// Proportional set size of a process: what it costs the host, with pages
+/// shared with other processes (KSM pages among them) divided among them.
+/// VmRSS counts a KSM page in full in every process that maps it, so it
+/// does not fall when KSM merges.
+fn pss_bytes(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("Pss:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<u64>().ok())
+        .unwrap_or(0)
+        * 1024
+}
+
+fn ksm_reported_by_this_kernel() -> bool {
+    Path::new("/proc/self/ksm_merging_pages").exists()
+}
+
+fn boot(dir: &TempDir, name: &str, cmdline: &str, flags: &[&str]) -> Vmm {
+    let socket = dir.join(&format!("{name}.sock"));
+    let mut args: Vec<&str> = flags.to_vec();
+    args.extend(["--api-socket", socket.to_str().unwrap()]);
+    let mut vmm = Vmm::boot_testguest(cmdline, &args);
+    vmm.wait_for("testguest: ready", BOOT);
+    vmm.wait_api(SHORT);
+    vmm
+}
+
+#[test]
+fn balloon_api_refusals_targets_and_memory_info() {
+    require_kvm!();
+    let dir = TempDir::new("balloon-api");
+    let vmm = boot(
+        &dir,
+        "with",
+        "-- info",
+        &[
+            "--memory",
+            "size=64M",
+            "--balloon",
+            "target_mib=8,stats_interval_s=1",
+        ],
+    );
+    let api = vmm.api();
+
+    let memory = api.info().unwrap().memory.unwrap();
+    assert_eq!(memory.guest_bytes, 64 * MIB);
+    assert_eq!(memory.balloon_target_bytes, Some(8 * MIB));
+    assert_eq!(memory.balloon_actual_bytes, Some(0));
+    if ksm_reported_by_this_kernel() {
+        // Not mergeable: nothing merged, whatever KSM does on the host.
+        assert_eq!(memory.ksm_merging_pages, Some(0));
+        assert!(memory.ksm_rmap_items.is_some());
+        assert!(memory.ksm_process_profit.is_some());
+    }
+
+    // More than the guest's memory: 400 naming the field.
+    let (status, error) = put_balloon(&vmm, br#"{"target_mib": 65}"#);
+    let error = error.unwrap();
+    assert_eq!((status, error.kind), (400, ApiErrorKind::BadRequest));
+    assert!(
+        error.message.starts_with("target_mib: "),
+        "{}",
+        error.message
+    );
+    assert!(error.message.contains("64 MiB"), "{}", error.message);
+    // Negative, not a number, fractional, missing, unknown fields, not JSON.
+    for (body, names) in [
+        (&br#"{"target_mib": -1}"#[..], "target_mib"),
+        (br#"{"target_mib": "32"}"#, "target_mib"),
+        (br#"{"target_mib": 1.5}"#, "target_mib"),
+        (br#"{"target_mib": null}"#, "target_mib"),
+        (br#"{}"#, "target_mib"),
+        (br#"{"target_mib": 1, "now": true}"#, "now"),
+        (b"target_mib=1", "line 1 column"),
+    ] {
+        let (status, error) = put_balloon(&vmm, body);
+        let error = error.unwrap();
+        let body = String::from_utf8_lossy(body);
+        assert_eq!(status, 400, "{body}: {error:?}");
+        assert!(error.message.contains(names), "{body}: {}", error.message);
+    }
+    // The refusals changed nothing.
+    let stats = api.balloon_statistics().unwrap();
+    assert_eq!((stats.target_mib, stats.target_pages), (8, 8 * MIB / PAGE));
+
+    // Accepted targets, up to the whole guest.
+    for target in [32, 64, 0, 32] {
+        api.balloon(target).unwrap();
+        let stats = api.balloon_statistics().unwrap();
+        assert_eq!(stats.target_mib, target);
+        assert_eq!(stats.target_pages, target * MIB / PAGE);
+    }
+    let stats = api.balloon_statistics().unwrap();
+    // No driver: nothing inflated, no guest statistics.
+    assert_eq!((stats.actual_pages, stats.inflated_pages), (0, 0));
+    assert_eq!(
+        (stats.timestamp_ms, stats.age_ms, stats.free_memory),
+        (None, None, None)
+    );
+    let info = api.info().unwrap();
+    assert_eq!(info.config.balloon.as_ref().unwrap().target_mib, 32);
+    assert_eq!(info.memory.unwrap().balloon_target_bytes, Some(32 * MIB));
+    let counters = api.counters().unwrap();
+    assert_eq!(counters["balloon"]["target_changes"], 4);
+    assert_eq!(counters["balloon"]["inflated_pages"], 0);
+
+    // vmmctl: the same refusal exits 1, a good target 0.
+    let socket = vmm.api_socket.clone().unwrap();
+    let vmmctl = |args: &[&str]| {
+        std::process::Command::new(vmmctl_binary())
+            .arg("--api-socket")
+            .arg(&socket)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = vmmctl(&["balloon", "--target-mib", "65"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("target_mib: must be at most"));
+    let out = vmmctl(&["balloon", "--target-mib", "16"]);
+    assert_eq!(out.status.code(), Some(0));
+    let out = vmmctl(&["balloon"]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(text.starts_with("target: 16 MiB (4096 pages)\n"), "{text}");
+    assert!(text.contains("guest statistics: none yet"), "{text}");
+
+    // A VM without a balloon: 409 for both endpoints.
+    let plain = boot(&dir, "without", "-- info", &["--memory", "size=64M"]);
+    let (status, error) = api_error(plain.api().balloon(1));
+    assert_eq!((status, error.kind), (409, ApiErrorKind::WrongState));
+    assert!(
+        error.message.contains("no balloon device"),
+        "{}",
+        error.message
+    );
+    let (status, _) = api_error(plain.api().balloon_statistics());
+    assert_eq!(status, 409);
+    let memory = plain.api().info().unwrap().memory.unwrap();
+    assert_eq!(memory.balloon_target_bytes, None);
+    assert_eq!(memory.balloon_actual_bytes, None);
+    assert_eq!(
+        memory.ksm_merging_pages.is_some(),
+        ksm_reported_by_this_kernel()
+    );
+}
+
+#[test]
+fn a_created_vm_boots_with_the_target_set_before() {
+    require_kvm!();
+    let dir = TempDir::new("balloon-created");
+    let socket = dir.join("api.sock");
+    let mut vmm = Vmm::spawn(&["--api-socket", socket.to_str().unwrap()]);
+    vmm.wait_api(SHORT);
+    let api = vmm.api();
+    // No VM at all.
+    let (status, error) = api_error(api.balloon(1));
+    assert_eq!((status, error.kind), (409, ApiErrorKind::WrongState));
+    assert!(error.message.contains("not-created"), "{}", error.message);
+
+    let config = VmConfig {
+        payload: PayloadConfig {
+            kernel: testguest(),
+            cmdline: "-- info".into(),
+            initrd: None,
+        },
+        memory: MemoryConfig {
+            size_mib: 64,
+            ..Default::default()
+        },
+        balloon: Some(BalloonConfig {
+            target_mib: 4,
+            deflate_on_oom: false,
+            free_page_reporting: true,
+            stats_interval_s: 0,
+        }),
+        ..Default::default()
+    };
+    api.create(&config).unwrap();
+    // Over the guest's memory before boot too.
+    let (status, _) = api_error(api.balloon(65));
+    assert_eq!(status, 400);
+    api.balloon(16).unwrap();
+    assert_eq!(api.info().unwrap().config.balloon.unwrap().target_mib, 16);
+    // Statistics need a booted VM.
+    let (status, _) = api_error(api.balloon_statistics());
+    assert_eq!(status, 409);
+    api.boot().unwrap();
+    vmm.wait_for("testguest: ready", BOOT);
+    assert_eq!(api.balloon_statistics().unwrap().target_mib, 16);
+    // A target over guest memory in a config is refused at vm.create.
+    let other = dir.join("other.sock");
+    let vmm2 = Vmm::spawn(&["--api-socket", other.to_str().unwrap()]);
+    vmm2.wait_api(SHORT);
+    let mut too_big = config.clone();
+    too_big.balloon.as_mut().unwrap().target_mib = 65;
+    let (status, error) = api_error(vmm2.api().create(&too_big));
+    assert_eq!(status, 400);
+    assert!(
+        error.message.starts_with("balloon.target_mib: "),
+        "{}",
+        error.message
+    );
+}
+
+#[test]
+fn vmmctl_list_shows_live_and_stale_vmms() {
+    require_kvm!();
+    let dir = TempDir::new("list");
+    let live = boot(
+        &dir,
+        "web",
+        "-- info",
+        &["--memory", "size=64M", "--balloon", "target_mib=8"],
+    );
+    // A VMM that is gone and left its socket behind.
+    drop(std::os::unix::net::UnixListener::bind(dir.join("gone.sock")).unwrap());
+    let out = std::process::Command::new(vmmctl_binary())
+        .args(["--json", "list"])
+        .env("VMM_SOCKET_DIR", dir.path())
+        .env_remove("VMM_API_SOCKET")
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let list = list.as_array().unwrap();
+    assert_eq!(list.len(), 2, "{list:?}");
+    assert_eq!(list[0]["name"], "gone");
+    assert_eq!(list[0]["state"], "stale");
+    assert_eq!(list[1]["name"], "web");
+    assert_eq!(list[1]["state"], "running");
+    assert_eq!(list[1]["pid"], live.pid());
+    assert_eq!(list[1]["guest_bytes"], 64 * MIB);
+    assert_eq!(list[1]["balloon_target_bytes"], 8 * MIB);
+    assert!(list[1]["rss_bytes"].as_u64().unwrap() > 0);
+    let out = std::process::Command::new(vmmctl_binary())
+        .args(["list", "--socket-dir", dir.path().to_str().unwrap()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("web ") && l.contains(" running ")),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("gone ") && l.contains(" stale ")),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_balloon_migrates_with_its_target() {
+    require_kvm!();
+    let dir = TempDir::new("balloon-migrate");
+    std::fs::write(dir.join("token"), "t0ken\n").unwrap();
+    let listen = format!("unix:{}", dir.join("migration.sock").display());
+    let target_socket = dir.join("target.sock");
+    let mut target = Vmm::spawn(&[
+        "--incoming",
+        &listen,
+        "--migration-token-file",
+        dir.join("token").to_str().unwrap(),
+        "--api-socket",
+        target_socket.to_str().unwrap(),
+    ]);
+    target.wait_api(SHORT);
+    let mut source = boot(
+        &dir,
+        "source",
+        "-- memfill pattern=77 mib=16",
+        &[
+            "--memory",
+            "size=64M",
+            "--balloon",
+            "target_mib=8,free_page_reporting=on,stats_interval_s=1",
+        ],
+    );
+    source.wait_for("memfill: done", BOOT);
+    source.api().balloon(24).unwrap();
+    source
+        .api()
+        .send_migration(&api::request::SendMigrationRequest {
+            destination: listen.clone(),
+            token: "t0ken".into(),
+            parameters: Default::default(),
+        })
+        .unwrap();
+    assert_eq!(
+        source.exit_code(Duration::from_secs(60)),
+        6,
+        "{}",
+        source.report()
+    );
+    let api = target.api();
+    let deadline = Instant::now() + SHORT;
+    while api.ping().unwrap().state != api::request::VmState::Running {
+        assert!(Instant::now() < deadline, "{}", target.report());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let stats = api.balloon_statistics().unwrap();
+    assert_eq!((stats.target_mib, stats.inflated_pages), (24, 0));
+    let info = api.info().unwrap();
+    assert_eq!(info.config.balloon.unwrap().target_mib, 24);
+    assert_eq!(info.memory.unwrap().balloon_target_bytes, Some(24 * MIB));
+    // The guest runs on, with its memory.
+    target.send_line("memcheck pattern=77 mib=16");
+    target.wait_for("memcheck-ok", SHORT);
+    api.balloon(0).unwrap();
+    assert_eq!(api.counters().unwrap()["balloon"]["target_changes"], 1);
+}
+
+// ------------------------------------------------------------------- KSM
+
+const KSM: &str = "/sys/kernel/mm/ksm";
+/// KSM is host-wide: one test at a time touches it.
+static KSM_LOCK: Mutex<()> = Mutex::new(());
+
+/// Switches KSM on (fast scanning) and puts the previous `run`,
+/// `pages_to_scan` and `sleep_millisecs` back when dropped, also when the
+/// test fails.
+struct KsmGuard {
+    saved: Vec<(&'static str, String)>,
+}
+
+impl KsmGuard {
+    fn start(pages_to_scan: u32, sleep_millisecs: u32) -> Result<KsmGuard, String> {
+        let read = |knob: &str| {
+            std::fs::read_to_string(format!("{KSM}/{knob}"))
+                .map(|s| s.trim().to_string())
+                .map_err(|e| format!("{KSM}/{knob}: {e}"))
+        };
+        // `run` first: it is restored first.
+        let guard = KsmGuard {
+            saved: vec![
+                ("run", read("run")?),
+                ("pages_to_scan", read("pages_to_scan")?),
+                ("sleep_millisecs", read("sleep_millisecs")?),
+            ],
+        };
+        for (knob, value) in [
+            ("pages_to_scan", pages_to_scan.to_string()),
+            ("sleep_millisecs", sleep_millisecs.to_string()),
+            ("run", "1".to_string()),
+        ] {
+            std::fs::write(format!("{KSM}/{knob}"), &value)
+                .map_err(|e| format!("cannot write {value} to {KSM}/{knob}: {e}"))?;
+        }
+        Ok(guard)
+    }
+}
+
+impl Drop for KsmGuard {
+    fn drop(&mut self) {
+        for (knob, value) in &self.saved {
+            if let Err(e) = std::fs::write(format!("{KSM}/{knob}"), value) {
+                eprintln!("WARNING: cannot restore {KSM}/{knob} to {value}: {e}");
+            }
+        }
+    }
+}
+
+fn merging_pages(vmm: &Vmm) -> u64 {
+    vmm.api()
+        .info()
+        .unwrap()
+        .memory
+        .unwrap()
+        .ksm_merging_pages
+        .expect("the kernel reports ksm_merging_pages")
+}
+
+#[test]
+fn ksm_merges_identical_pages_of_mergeable_guests_only() {
+    require_kvm!();
+    if !ksm_reported_by_this_kernel() || !Path::new(KSM).join("run").exists() {
+        eprintln!("SKIP: this kernel has no KSM or no per-process KSM figures");
+        return;
+    }
+    let _lock = KSM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    const FILL_MIB: u64 = 48;
+    // The same pattern in every guest: every filled page is identical.
+    let cmdline = format!("-- memfill pattern=5a5a5a5a00c0ffee mib={FILL_MIB}");
+    let dir = TempDir::new("ksm");
+    let mut vmms = Vec::new();
+    for (name, memory) in [
+        ("on-a", "size=128M,mergeable=on"),
+        ("on-b", "size=128M,mergeable=on"),
+        ("off-a", "size=128M"),
+        ("off-b", "size=128M"),
+    ] {
+        let mut vmm = boot(&dir, name, &cmdline, &["--memory", memory]);
+        vmm.wait_for("memfill: done", BOOT);
+        vmms.push(vmm);
+    }
+    let (on, off) = vmms.split_at(2);
+    let pss = |pair: &[Vmm]| pair.iter().map(|v| pss_bytes(v.pid())).sum::<u64>();
+    let rss = |pair: &[Vmm]| pair.iter().map(|v| v.rss_bytes()).sum::<u64>();
+    let pss_before = (pss(on), pss(off));
+
+    let guard = match KsmGuard::start(5000, 10) {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("SKIP: cannot switch KSM on: {e}");
+            return;
+        }
+    };
+    // Each mergeable guest's filled pages merge (within the guest and with
+    // the other guest's).
+    let want = FILL_MIB * MIB / PAGE * 9 / 10;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let merged: Vec<u64> = on.iter().map(merging_pages).collect();
+        if merged.iter().all(|&m| m >= want) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "KSM merged only {merged:?} pages of the mergeable guests (want {want} each)"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // KSM ran over everything by now: the other guests have nothing merged.
+    for vmm in off {
+        assert_eq!(
+            merging_pages(vmm),
+            0,
+            "a guest without mergeable memory merged"
+        );
+    }
+    let (pss_on, pss_off) = (pss(on), pss(off));
+    let (rss_on, rss_off) = (rss(on), rss(off));
+    drop(guard);
+    eprintln!(
+        "KSM: PSS of the mergeable pair {} -> {} MiB, of the other pair {} -> {} MiB; \
+         RSS {} and {} MiB (RSS counts merged pages in every process)",
+        pss_before.0 / MIB,
+        pss_on / MIB,
+        pss_before.1 / MIB,
+        pss_off / MIB,
+        rss_on / MIB,
+        rss_off / MIB
+    );
+    // The host's cost of the mergeable pair fell by about both fills; the
+    // other pair's did not move.
+    assert!(
+        pss_on + FILL_MIB * MIB < pss_before.0,
+        "PSS of the mergeable pair {pss_on} was {}",
+        pss_before.0
+    );
+    assert!(
+        pss_off + 8 * MIB > pss_before.1,
+        "{pss_off} was {}",
+        pss_before.1
+    );
+    assert!(pss_on + FILL_MIB * MIB < pss_off, "{pss_on} vs {pss_off}");
+    // vm.info still shows the merge.
+    let info = on[0].api().info().unwrap().memory.unwrap();
+    assert!(info.ksm_merging_pages.unwrap() >= want);
+    assert!(info.ksm_process_profit.unwrap() > 0, "{info:?}");
+}
+
+// ------------------------------------- with the guest's balloon driver
+
+#[test]
+fn balloon_inflation_returns_memory_with_the_guest_driver() {
+    require_kvm!();
+    if !guest_has_balloon_driver() {
+        return;
+    }
+    let dir = TempDir::new("balloon-inflate");
+    let mut vmm = boot(
+        &dir,
+        "vm",
+        "-- memfill pattern=1122334455667788 mib=128",
+        &["--memory", "size=256M", "--balloon", "stats_interval_s=1"],
+    );
+    vmm.wait_for("memfill: done", BOOT);
+    vmm.send_line("balloon-follow");
+    vmm.wait_for("balloon: ready", SHORT);
+    let api = vmm.api();
+    let rss_before = vmm.rss_bytes();
+
+    api.balloon(96).unwrap();
+    let line = vmm.wait_for("balloon: actual=", Duration::from_secs(60));
+    assert_eq!(field(&line, "actual"), Some(96 * MIB / PAGE), "{line}");
+    assert_eq!(field(&line, "target"), Some(96 * MIB / PAGE), "{line}");
+    let stats = api.balloon_statistics().unwrap();
+    assert_eq!(stats.actual_mib, 96);
+    assert_eq!(stats.inflated_pages, 96 * MIB / PAGE);
+    let counters = api.counters().unwrap();
+    assert_eq!(counters["balloon"]["inflated_pages"], 96 * MIB / PAGE);
+    assert_eq!(counters["balloon"]["invalid_pfns"], 0);
+    assert_eq!(counters["balloon"]["discard_errors"], 0);
+    let rss_after = vmm.rss_bytes();
+    assert!(
+        rss_after + 90 * MIB < rss_before,
+        "RSS {} MiB -> {} MiB after inflating 96 MiB",
+        rss_before / MIB,
+        rss_after / MIB
+    );
+    let memory = api.info().unwrap().memory.unwrap();
+    assert_eq!(memory.balloon_actual_bytes, Some(96 * MIB));
+
+    // Deflate: the guest gets its memory back and can use it again.
+    api.balloon(0).unwrap();
+    let line = vmm.wait_for("balloon: actual=", Duration::from_secs(60));
+    assert_eq!(field(&line, "actual"), Some(0), "{line}");
+    assert_eq!(api.balloon_statistics().unwrap().inflated_pages, 0);
+    vmm.send_line("memfill pattern=8877665544332211 mib=128");
+    vmm.wait_for("memfill: done", SHORT);
+    vmm.send_line("memcheck pattern=8877665544332211 mib=128");
+    vmm.wait_for("memcheck-ok", SHORT);
+    assert!(vmm.rss_bytes() + 16 * MIB > rss_before);
+
+    // Hostile buffers are returned and change nothing.
+    for kind in ["pfn-range", "write-only", "huge-len"] {
+        vmm.send_line(&format!("balloon-hostile kind={kind}"));
+        vmm.wait_for(&format!("balloon-hostile kind={kind} status=used"), SHORT);
+    }
+    assert_eq!(api.balloon_statistics().unwrap().inflated_pages, 0);
+}
+
+#[test]
+fn balloon_statistics_come_from_the_guest_driver() {
+    require_kvm!();
+    if !guest_has_balloon_driver() {
+        return;
+    }
+    let dir = TempDir::new("balloon-stats");
+    let mut vmm = boot(
+        &dir,
+        "vm",
+        "-- info",
+        &["--memory", "size=128M", "--balloon", "stats_interval_s=1"],
+    );
+    vmm.send_line("balloon-follow");
+    vmm.wait_for("balloon: ready", SHORT);
+    let api = vmm.api();
+    let deadline = Instant::now() + SHORT;
+    let first = loop {
+        let stats = api.balloon_statistics().unwrap();
+        if stats.timestamp_ms.is_some() {
+            break stats;
+        }
+        assert!(Instant::now() < deadline, "no guest statistics");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let total = first.total_memory.unwrap();
+    assert!(total > 100 * MIB && total <= 128 * MIB, "{first:?}");
+    assert!(first.free_memory.unwrap() <= total);
+    assert!(first.age_ms.unwrap() < 2500, "{first:?}");
+    // The device asks again every second: the refill count grows.
+    std::thread::sleep(Duration::from_millis(2500));
+    let later = api.balloon_statistics().unwrap();
+    assert!(
+        later.minor_faults.unwrap() > first.minor_faults.unwrap(),
+        "{later:?}"
+    );
+    assert!(later.timestamp_ms.unwrap() > first.timestamp_ms.unwrap());
+    assert!(later.age_ms.unwrap() < 2500, "{later:?}");
+    let counters = api.counters().unwrap();
+    assert!(counters["balloon"]["stats_requests"] >= 2);
+    assert!(counters["balloon"]["stats_updates"] >= 3);
+}
+
+#[test]
+fn free_page_reporting_returns_memory_with_the_guest_driver() {
+    require_kvm!();
+    if !guest_has_balloon_driver() {
+        return;
+    }
+    let dir = TempDir::new("balloon-report");
+    let mut vmm = boot(
+        &dir,
+        "vm",
+        "-- memfill pattern=0f0f0f0f0f0f0f0f mib=64",
+        &[
+            "--memory",
+            "size=128M",
+            "--balloon",
+            "free_page_reporting=on",
+        ],
+    );
+    vmm.wait_for("memfill: done", BOOT);
+    vmm.send_line("balloon-follow");
+    vmm.wait_for("balloon: ready", SHORT);
+    let rss_before = vmm.rss_bytes();
+    vmm.send_line("balloon-report mib=64");
+    vmm.wait_for("balloon: report status=ok mib=64", SHORT);
+    let rss_after = vmm.rss_bytes();
+    assert!(
+        rss_after + 60 * MIB < rss_before,
+        "RSS {} MiB -> {} MiB after reporting 64 MiB",
+        rss_before / MIB,
+        rss_after / MIB
+    );
+    let counters = vmm.api().counters().unwrap();
+    assert_eq!(counters["balloon"]["reported_pages"], 64 * MIB / PAGE);
+    // Reported pages read as zero and are not in the balloon.
+    vmm.send_line("memcheck pattern=0 mib=64");
+    vmm.wait_for("memcheck-ok", SHORT);
+    assert_eq!(vmm.api().balloon_statistics().unwrap().inflated_pages, 0);
+}
