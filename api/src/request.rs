@@ -165,6 +165,10 @@ pub struct MemoryInfo {
     /// Resident set size of the VMM process in bytes. Pages KSM merged still
     /// count in full in every process that maps them.
     pub rss_bytes: u64,
+    /// Proportional set size: shared pages (KSM-merged ones) split among the
+    /// processes that map them; the fair figure for an overcommit policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pss_bytes: Option<u64>,
     /// Pages of this process that KSM currently merges
     /// (`/proc/self/ksm_merging_pages`); absent if the kernel does not say.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -525,6 +525,7 @@ fn full_info(state: VmState) -> VmInfo {
         memory: Some(MemoryInfo {
             guest_bytes: 1 << 30,
             rss_bytes: 100 << 20,
+            pss_bytes: Some(90 << 20),
             ksm_merging_pages: Some(1200),
             ksm_rmap_items: Some(260_000),
             ksm_process_profit: Some(-4096),

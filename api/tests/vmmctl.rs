@@ -55,7 +55,7 @@ fn queries_print_readably_and_as_json() {
         "serial: stdout",
         "disk disk0: /var/disk.img readonly",
         "net net0: tap tap0 mac 52:54:00:00:00:01",
-        "host memory: guest 512 MiB, rss 100 MiB",
+        "host memory: guest 512 MiB, rss 100 MiB, pss 90 MiB",
     ] {
         assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
     }
@@ -795,15 +795,18 @@ fn list_shows_every_vmm_of_the_socket_directory() {
     };
     assert_eq!(
         words(lines[1]),
-        ["gone", "-", "stale", "-", "-", "-", "-", "-"]
+        ["gone", "-", "stale", "-", "-", "-", "-", "-", "-"]
     );
     assert_eq!(
         words(lines[2]),
-        ["idle", "77", "not-created", "-", "-", "-", "-", "-"]
+        ["idle", "77", "not-created", "-", "-", "-", "-", "-", "-"]
     );
     assert_eq!(
         words(lines[3]),
-        ["web", "4242", "running", "512", "MiB", "100", "MiB", "128", "MiB", "64", "MiB", "300"]
+        [
+            "web", "4242", "running", "512", "MiB", "100", "MiB", "90", "MiB", "128", "MiB", "64",
+            "MiB", "300"
+        ]
     );
     assert!(
         lines[4].starts_with("total: 3 VMMs (1 stale), guest 512 MiB"),

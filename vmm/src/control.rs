@@ -191,6 +191,7 @@ impl Controller {
                     MemoryInfo {
                         guest_bytes: memory::total_size(vm.memory()),
                         rss_bytes: process_rss_bytes(),
+                        pss_bytes: process_pss_bytes(),
                         ksm_merging_pages: ksm.merging_pages,
                         ksm_rmap_items: ksm.rmap_items,
                         ksm_process_profit: ksm.process_profit,
@@ -667,6 +668,19 @@ fn no_balloon() -> ApiError {
         ApiErrorKind::WrongState,
         "the VM has no balloon device (configure one with --balloon or \"balloon\" in the VM config)",
     )
+}
+
+/// The VMM process's proportional set size, from /proc/self/smaps_rollup.
+pub fn process_pss_bytes() -> Option<u64> {
+    let rollup = std::fs::read_to_string("/proc/self/smaps_rollup").ok()?;
+    let kib: u64 = rollup
+        .lines()
+        .find(|l| l.starts_with("Pss:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
 }
 
 /// The VMM process's resident set size, from /proc/self/statm.

@@ -757,6 +757,8 @@ struct ListEntry {
     #[serde(skip_serializing_if = "Option::is_none")]
     rss_bytes: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pss_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     balloon_target_bytes: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     balloon_actual_bytes: Option<u64>,
@@ -831,6 +833,7 @@ fn probe_vmm(name: String, socket: PathBuf, timeout: Duration) -> ListEntry {
     {
         entry.guest_bytes = Some(memory.guest_bytes);
         entry.rss_bytes = Some(memory.rss_bytes);
+        entry.pss_bytes = memory.pss_bytes;
         entry.balloon_target_bytes = memory.balloon_target_bytes;
         entry.balloon_actual_bytes = memory.balloon_actual_bytes;
         entry.ksm_merging_pages = memory.ksm_merging_pages;
@@ -850,11 +853,12 @@ fn show_list(dir: &Path, entries: &[ListEntry]) -> String {
         "STATE",
         "GUEST",
         "RSS",
+        "PSS",
         "BALLOON",
         "ACTUAL",
         "KSM-MERGED",
     ];
-    let rows: Vec<[String; 8]> = entries
+    let rows: Vec<[String; 9]> = entries
         .iter()
         .map(|e| {
             [
@@ -863,6 +867,7 @@ fn show_list(dir: &Path, entries: &[ListEntry]) -> String {
                 e.state.clone(),
                 size(e.guest_bytes),
                 size(e.rss_bytes),
+                size(e.pss_bytes),
                 size(e.balloon_target_bytes),
                 size(e.balloon_actual_bytes),
                 e.ksm_merging_pages.map_or_else(dash, |p| p.to_string()),
@@ -1329,9 +1334,10 @@ fn show_info(info: &VmInfo) -> String {
     ));
     if let Some(memory) = &info.memory {
         lines.push(format!(
-            "host memory: guest {}, rss {}",
+            "host memory: guest {}, rss {}, pss {}",
             mib(memory.guest_bytes),
-            mib(memory.rss_bytes)
+            mib(memory.rss_bytes),
+            memory.pss_bytes.map_or_else(|| "-".to_string(), mib)
         ));
         if let (Some(target), Some(actual)) =
             (memory.balloon_target_bytes, memory.balloon_actual_bytes)
@@ -1613,6 +1619,7 @@ mod tests {
                 pid: Some(4242),
                 guest_bytes: Some(1 << 30),
                 rss_bytes: Some(300 << 20),
+                pss_bytes: Some(200 << 20),
                 balloon_target_bytes: Some(256 << 20),
                 balloon_actual_bytes: Some(128 << 20),
                 ksm_merging_pages: Some(1234),
@@ -1628,9 +1635,9 @@ mod tests {
         ];
         assert_eq!(
             show_list(Path::new("/run/vmm"), &entries),
-            "NAME   PID  STATE       GUEST      RSS  BALLOON   ACTUAL  KSM-MERGED\n\
-             web   4242  running  1024 MiB  300 MiB  256 MiB  128 MiB        1234\n\
-             old      -  stale           -        -        -        -           -\n\
+            "NAME   PID  STATE       GUEST      RSS      PSS  BALLOON   ACTUAL  KSM-MERGED\n\
+             web   4242  running  1024 MiB  300 MiB  200 MiB  256 MiB  128 MiB        1234\n\
+             old      -  stale           -        -        -        -        -           -\n\
              total: 2 VMMs (1 stale), guest 1024 MiB, rss 300 MiB, balloon targets 256 MiB, ksm merged 1234 pages\n"
         );
         assert_eq!(show_list(Path::new("/x"), &[]), "no VMM sockets in /x\n");

@@ -71,6 +71,7 @@ pub fn sample_info() -> VmInfo {
         memory: Some(MemoryInfo {
             guest_bytes: 512 << 20,
             rss_bytes: 100 << 20,
+            pss_bytes: Some(90 << 20),
             ksm_merging_pages: Some(300),
             ksm_rmap_items: Some(131_072),
             ksm_process_profit: Some(1 << 20),
