@@ -552,12 +552,15 @@ impl VirtioPciDevice {
                     Some((setup.device >> 32) as u32),
                 );
                 queue.set_event_idx(self.driver_features & (1 << super::F_EVENT_IDX) != 0);
+                // is_valid() also requires the queue to be ready.
+                queue.set_ready(true);
                 if !queue.is_valid(self.memory.as_ref()) {
                     return Err(format!(
-                        "queue {index}: rings outside guest memory or misaligned"
+                        "queue {index}: rings outside guest memory or misaligned \
+                         (size {}, desc {:#x}, avail {:#x}, used {:#x})",
+                        setup.size, setup.desc, setup.driver, setup.device
                     ));
                 }
-                queue.set_ready(true);
             }
             let event = self.queue_events[index]
                 .try_clone()
