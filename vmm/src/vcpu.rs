@@ -463,6 +463,8 @@ struct Control {
 /// The vCPU threads of a VM.
 pub struct VcpuSet {
     vcpus: Vec<Arc<Mutex<Vcpu>>>,
+    /// Each vCPU's counters, readable while its thread holds the vCPU in KVM_RUN.
+    counters: Vec<(u8, Arc<VcpuCounters>)>,
     threads: Vec<JoinHandle<()>>,
     control: Arc<Control>,
 }
@@ -479,6 +481,7 @@ impl VcpuSet {
             parked_changed: Condvar::new(),
             throttle: Arc::new(Throttle::new()),
         });
+        let counters = vcpus.iter().map(|v| (v.id, v.counters.clone())).collect();
         let vcpus: Vec<Arc<Mutex<Vcpu>>> =
             vcpus.into_iter().map(|v| Arc::new(Mutex::new(v))).collect();
         let mut threads = Vec::new();
@@ -503,6 +506,7 @@ impl VcpuSet {
         }
         let set = VcpuSet {
             vcpus,
+            counters,
             threads,
             control,
         };
@@ -512,6 +516,11 @@ impl VcpuSet {
 
     pub fn vcpus(&self) -> &[Arc<Mutex<Vcpu>>] {
         &self.vcpus
+    }
+
+    /// Exit counters per vCPU id (never blocks on a running vCPU).
+    pub fn counters(&self) -> &[(u8, Arc<VcpuCounters>)] {
+        &self.counters
     }
 
     pub fn throttle(&self) -> Arc<Throttle> {

@@ -315,9 +315,8 @@ impl Vm {
     pub fn counters(&self) -> Counters {
         let mut counters = Counters::new();
         if let Some(v) = &self.vcpus {
-            for vcpu in v.vcpus() {
-                let vcpu = vcpu.lock().unwrap_or_else(|e| e.into_inner());
-                counters.insert(format!("vcpu{}", vcpu.id), vcpu.counters.snapshot());
+            for (id, vcpu_counters) in v.counters() {
+                counters.insert(format!("vcpu{id}"), vcpu_counters.snapshot());
             }
         }
         let s = &self.serial_counters;
