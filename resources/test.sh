@@ -17,6 +17,9 @@ packages=(
     iproute2 util-linux    # network namespaces, veth, tap; losetup
     busybox-static cpio xz-utils   # the Linux guest's initramfs
     acpica-tools           # iasl/acpiexec check the VMM's ACPI tables
+    pacemaker corosync pacemaker-cli-utils resource-agents   # tests/tests/cluster.rs: the OCF agent, a two-node cluster
+    libxml2-utils jq       # ocf-tester's meta-data check (xmllint); the agent's config check
+    drbd-utils             # the DRBD recipe's resource file (drbdadm dump, dry runs)
 )
 missing=()
 for p in "${packages[@]}"; do

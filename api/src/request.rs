@@ -128,6 +128,9 @@ pub enum VmState {
     ShuttingDown,
     /// The guest has stopped; the VMM is about to exit.
     Shutdown,
+    /// The guest was live-migrated away and runs elsewhere; the VMM is about
+    /// to exit. Nothing can resume it here.
+    Migrated,
 }
 
 impl fmt::Display for VmState {
@@ -139,6 +142,7 @@ impl fmt::Display for VmState {
             VmState::Paused => "paused",
             VmState::ShuttingDown => "shutting-down",
             VmState::Shutdown => "shutdown",
+            VmState::Migrated => "migrated",
         };
         f.write_str(text)
     }

@@ -293,10 +293,18 @@ impl Checker {
 fn all_states() -> Vec<VmState> {
     use VmState::*;
     // A new variant fails to compile here: add it to the list too.
-    let all = vec![NotCreated, Created, Running, Paused, ShuttingDown, Shutdown];
+    let all = vec![
+        NotCreated,
+        Created,
+        Running,
+        Paused,
+        ShuttingDown,
+        Shutdown,
+        Migrated,
+    ];
     for state in &all {
         match state {
-            NotCreated | Created | Running | Paused | ShuttingDown | Shutdown => {}
+            NotCreated | Created | Running | Paused | ShuttingDown | Shutdown | Migrated => {}
         }
     }
     all

@@ -431,6 +431,25 @@ impl Console {
     }
 }
 
+/// Kills, when dropped (also when a test fails), every VMM the agent started
+/// for files under `dir`: the agent's VMMs run detached, not as our children.
+struct ReapVmms(String);
+
+impl Drop for ReapVmms {
+    fn drop(&mut self) {
+        for _ in 0..50 {
+            let pids = vmm_processes_with(&self.0);
+            if pids.is_empty() {
+                return;
+            }
+            for pid in pids {
+                signal(pid, libc::SIGKILL);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
 fn read_log(path: &Path) -> String {
     fs::read_to_string(path).unwrap_or_default()
 }
@@ -446,6 +465,7 @@ fn ocf_tester_passes_against_the_installed_agent() {
     }
     let agent = install_agent();
     let dir = TempDir::new("ocf-tester");
+    let _reap = ReapVmms(dir.path().display().to_string());
     let config = dir.join("vm.json");
     write_config(
         &config,
@@ -489,6 +509,7 @@ fn agent_follows_the_ocf_rules_on_failures() {
     }
     let path = install_agent();
     let dir = TempDir::new("ocf-agent");
+    let _reap = ReapVmms(dir.path().display().to_string());
     let config = dir.join("vm.json");
     let console = dir.join("console.sock");
     write_config(&config, "counters period_ms=1000", &console, None);
@@ -715,6 +736,7 @@ fn agent_migrates_in_pacemaker_order_and_a_failed_migration_keeps_the_source() {
     }
     let path = install_agent();
     let dir = TempDir::new("ocf-migrate");
+    let _reap = ReapVmms(dir.path().display().to_string());
     let disk = dir.join("disk.img");
     make_disk(&disk);
     write_token(&dir.join("token"), "the-right-token");

@@ -30,7 +30,7 @@ impl Pair {
     /// A source running `workload` and a target waiting on `listen`
     /// (`unix:` in the temp dir when None).
     fn start(workload: &str, memory: &str, listen: Option<&str>) -> Pair {
-        Self::start_in(workload, memory, listen, &[], &[])
+        Self::start_in(workload, memory, listen, &[], &[], &[])
     }
 
     /// As [`Pair::start`], each VMM run through a command prefix (`ip netns exec NS`).
@@ -40,6 +40,7 @@ impl Pair {
         listen: Option<&str>,
         source_prefix: &[&str],
         target_prefix: &[&str],
+        source_extra: &[String],
     ) -> Pair {
         let dir = TempDir::new("migrate");
         std::fs::write(dir.join("token"), format!("{TOKEN}\n")).unwrap();
@@ -68,6 +69,10 @@ impl Pair {
             "--api-socket".into(),
             dir.join("source.sock").display().to_string(),
         ];
+        let source_args: Vec<String> = source_args
+            .into_iter()
+            .chain(source_extra.iter().cloned())
+            .collect();
         let source = Vmm::spawn_with_prefix(source_prefix, &source_args);
         Pair {
             dir,
@@ -196,13 +201,30 @@ fn counters_continue_on_the_target() {
     let mut pair = Pair::start("counters period_ms=100", "128M", None);
     let line = pair.source.wait_for("counters:", BOOT);
     let before = field(&line, "cpu1").unwrap();
-    pair.source_api()
+    let api = pair.source_api();
+    api.send_migration(&send(
+        &pair.destination(),
+        TOKEN,
+        MigrationParameters::default(),
+    ))
+    .unwrap();
+    wait_status(&api, MIGRATE, "completion", |s| {
+        s.phase == MigrationPhase::Completed
+    });
+    // The guest runs on the target now: the source must not run it again,
+    // nor start another migration of it.
+    let resume = api.resume().unwrap_err().to_string();
+    assert!(resume.contains("migrated"), "{resume}");
+    let again = api
         .send_migration(&send(
             &pair.destination(),
             TOKEN,
             MigrationParameters::default(),
         ))
-        .unwrap();
+        .unwrap_err()
+        .to_string();
+    assert!(again.contains("migrated"), "{again}");
+    assert_eq!(api.info().unwrap().state, api::request::VmState::Migrated);
     assert_eq!(
         pair.source.exit_code(MIGRATE),
         EXIT_MIGRATED,
@@ -447,6 +469,7 @@ fn migration_over_tcp_between_network_namespaces() {
         Some(&listen),
         &["ip", "netns", "exec", &net.source],
         &["ip", "netns", "exec", &net.target],
+        &[],
     );
     pair.source.wait_for("pages: start", BOOT);
     let api = pair.source_api();
@@ -578,4 +601,65 @@ impl Drop for Netns {
                 .output();
         }
     }
+}
+
+#[test]
+fn device_writes_to_guest_memory_are_carried_over() {
+    require_kvm!();
+    // The disk is on storage both sides see (here: the same file).
+    let disk_dir = TempDir::new("migrate-disk");
+    let disk = disk_dir.join("shared.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let mut pair = Pair::start_in(
+        "blk-reader sector=0 count=512 pattern=abcdef cpu=1; pages mib=32 cpu=0",
+        "256M",
+        None,
+        &[],
+        &[],
+        &["--disk".to_string(), format!("path={}", disk.display())],
+    );
+    pair.source.wait_for("blk-reader: start", BOOT);
+    pair.source.wait_for("pages: start", SHORT);
+    pair.source.wait_for("blk-reader: rounds=", SHORT);
+    let api = pair.source_api();
+    // A few forced rounds while the device keeps rewriting the buffer.
+    api.send_migration(&send(
+        &pair.destination(),
+        TOKEN,
+        MigrationParameters {
+            downtime_ms: 1,
+            bandwidth_bytes_per_s: Some(64 << 20),
+            auto_converge: false,
+            ..Default::default()
+        },
+    ))
+    .unwrap();
+    wait_status(&api, MIGRATE, "two dirty rounds", |s| s.iterations >= 2);
+    api.migration_parameters(&MigrationParameters::default())
+        .unwrap();
+    let status = wait_status(&api, MIGRATE, "completion", |s| {
+        matches!(s.phase, MigrationPhase::Completed | MigrationPhase::Failed)
+    });
+    assert_eq!(status.phase, MigrationPhase::Completed, "{status:#?}");
+    assert_eq!(
+        pair.source.exit_code(SHORT),
+        EXIT_MIGRATED,
+        "{}",
+        pair.source.report()
+    );
+    // The reader runs on the target with the disk it took over.
+    pair.target.wait_for("blk-reader: rounds=", SHORT);
+    pair.target.send_line("blk-check pattern=abcdef");
+    let line = pair.target.wait_for("blk-check-", SHORT);
+    assert!(
+        line.starts_with("blk-check-ok"),
+        "{line}\n{}",
+        pair.target.report()
+    );
+    check_pages(&mut pair.target);
+    let counters = pair.target.api().counters().unwrap();
+    assert!(counters["disk0"]["read_ops"] > 0, "{counters:?}");
 }

@@ -129,6 +129,12 @@ impl Console {
                     source,
                 };
                 if path.exists() {
+                    // A socket someone still answers on belongs to a live VMM.
+                    if UnixStream::connect(path).is_ok() {
+                        return Err(err(std::io::Error::other(
+                            "is in use by another process (a running VMM's console?)",
+                        )));
+                    }
                     std::fs::remove_file(path).map_err(err)?;
                 }
                 let listener = UnixListener::bind(path).map_err(err)?;

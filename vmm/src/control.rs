@@ -502,6 +502,15 @@ impl Controller {
             balloon: vm.device_manager().balloon().cloned(),
         };
         self.migration.cancel.store(false, Ordering::SeqCst);
+        // A client polling right after this reply sees this migration, not
+        // the end of an earlier one.
+        self.migration.update(|s| {
+            *s = api::request::MigrationStatus {
+                phase: MigrationPhase::Setup,
+                role: "send".into(),
+                ..Default::default()
+            }
+        });
         *self
             .migration
             .parameters
@@ -587,6 +596,10 @@ impl Controller {
             }
             MigrationCall::Finished => {
                 self.migrating = false;
+                // The guest runs on the target: nothing may resume it here.
+                self.state = VmState::Migrated;
+                self.switching_over = false;
+                self.paused_by_migration = false;
                 eprintln!("vmm: the guest was migrated; exiting");
                 self.deadline = Some((Instant::now() + MIGRATED_GRACE, ExitStatus::Migrated, ""));
                 Ok(MigrationReply::Done)
