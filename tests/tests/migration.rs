@@ -90,6 +90,23 @@ impl Pair {
     }
 }
 
+/// Parameters under which pre-copy cannot converge: a slow link and a 1 ms
+/// downtime budget; the walker keeps re-dirtying pages already sent.
+fn never_converging(bandwidth_bytes_per_s: u64) -> MigrationParameters {
+    MigrationParameters {
+        downtime_ms: 1,
+        bandwidth_bytes_per_s: Some(bandwidth_bytes_per_s),
+        ..Default::default()
+    }
+}
+
+/// A pair whose source runs the page-record walker over 64 MiB.
+fn walking_pair() -> Pair {
+    let mut pair = Pair::start("pages mib=64", "256M", None);
+    pair.source.wait_for("pages: start", BOOT);
+    pair
+}
+
 fn send(destination: &str, token: &str, parameters: MigrationParameters) -> SendMigrationRequest {
     SendMigrationRequest {
         destination: destination.into(),
@@ -148,10 +165,8 @@ fn page_records_survive_forced_dirty_rounds_and_the_guest_runs_on() {
         &pair.destination(),
         TOKEN,
         MigrationParameters {
-            downtime_ms: 1,
-            bandwidth_bytes_per_s: Some(64 << 20),
             auto_converge: false,
-            ..Default::default()
+            ..never_converging(64 << 20)
         },
     ))
     .expect("send-migration");
@@ -277,17 +292,12 @@ fn a_wrong_token_is_refused_and_the_source_runs_on() {
 #[test]
 fn a_target_killed_mid_stream_leaves_the_source_running_intact() {
     require_kvm!();
-    let mut pair = Pair::start("pages mib=64", "256M", None);
-    pair.source.wait_for("pages: start", BOOT);
+    let mut pair = walking_pair();
     let api = pair.source_api();
     api.send_migration(&send(
         &pair.destination(),
         TOKEN,
-        MigrationParameters {
-            downtime_ms: 1,
-            bandwidth_bytes_per_s: Some(16 << 20),
-            ..Default::default()
-        },
+        never_converging(16 << 20),
     ))
     .unwrap();
     wait_status(&api, MIGRATE, "active", |s| {
@@ -308,17 +318,12 @@ fn a_target_killed_mid_stream_leaves_the_source_running_intact() {
 #[test]
 fn cancel_and_timeout_leave_the_source_running() {
     require_kvm!();
-    let mut pair = Pair::start("pages mib=64", "256M", None);
-    pair.source.wait_for("pages: start", BOOT);
+    let mut pair = walking_pair();
     let api = pair.source_api();
     api.send_migration(&send(
         &pair.destination(),
         TOKEN,
-        MigrationParameters {
-            downtime_ms: 1,
-            bandwidth_bytes_per_s: Some(16 << 20),
-            ..Default::default()
-        },
+        never_converging(16 << 20),
     ))
     .unwrap();
     wait_status(&api, MIGRATE, "active", |s| {
@@ -357,11 +362,10 @@ fn cancel_and_timeout_leave_the_source_running() {
         &listen,
         TOKEN,
         MigrationParameters {
-            downtime_ms: 1,
-            bandwidth_bytes_per_s: Some(16 << 20),
             timeout_s: Some(2),
             timeout_action: TimeoutAction::Cancel,
             auto_converge: false,
+            ..never_converging(16 << 20)
         },
     ))
     .unwrap();
@@ -630,10 +634,8 @@ fn device_writes_to_guest_memory_are_carried_over() {
         &pair.destination(),
         TOKEN,
         MigrationParameters {
-            downtime_ms: 1,
-            bandwidth_bytes_per_s: Some(64 << 20),
             auto_converge: false,
-            ..Default::default()
+            ..never_converging(64 << 20)
         },
     ))
     .unwrap();
