@@ -23,6 +23,8 @@
 #   linux-guest: init started kernel=<uname -r>
 #   linux-guest: blk <block devices | none>
 #   linux-guest: net <net interfaces | none>
+#   linux-guest: virtio-drivers <driver bound to each virtio device>
+#   linux-guest: cpus <online CPUs>
 # and then, if the kernel command line contains `linux-guest.shell`, runs a shell on the
 # console; otherwise prints `linux-guest: done` and ends the VM: `poweroff -f` when the
 # kernel has ACPI (our S5 register; exit code 0), else `reboot -f` (without ACPI the kernel
@@ -299,6 +301,14 @@ blk=$(echo $(ls /sys/class/block 2>/dev/null | grep -v -e '^loop' -e '^ram'))
 net=$(echo $(ls /sys/class/net 2>/dev/null))
 echo "linux-guest: blk ${blk:-none}"
 echo "linux-guest: net ${net:-none}"
+# Which virtio driver bound each virtio device (virtio_blk, virtio_net, virtio_balloon).
+drivers=""
+for d in /sys/bus/virtio/devices/*; do
+    [ -e "$d/driver" ] && drivers="$drivers $(basename "$(readlink "$d/driver")")"
+done
+echo "linux-guest: virtio-drivers${drivers:- none}"
+cpus=$(grep -c ^processor /proc/cpuinfo)
+echo "linux-guest: cpus $cpus"
 if grep -qw linux-guest.shell /proc/cmdline; then
     echo "linux-guest: shell (exit it to end the VM)"
     setsid cttyhack sh || sh

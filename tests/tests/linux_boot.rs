@@ -113,8 +113,12 @@ fn which(program: &str) -> Option<PathBuf> {
 }
 
 fn boot(kernel: &Path, initramfs: &Path, extra_cmdline: &str) -> Vmm {
+    boot_with(kernel, initramfs, extra_cmdline, &[])
+}
+
+fn boot_with(kernel: &Path, initramfs: &Path, extra_cmdline: &str, devices: &[&str]) -> Vmm {
     let cmdline = format!("{CMDLINE} {extra_cmdline}");
-    let args = [
+    let mut args = vec![
         "--kernel",
         kernel.to_str().unwrap(),
         "--initrd",
@@ -126,6 +130,7 @@ fn boot(kernel: &Path, initramfs: &Path, extra_cmdline: &str) -> Vmm {
         "--cpus",
         "2",
     ];
+    args.extend_from_slice(devices);
     eprintln!("vmm {}", args.join(" "));
     Vmm::spawn(&args)
 }
@@ -163,7 +168,28 @@ fn skip_reason(speed: &probe::Ring0Speed) -> String {
 fn full_boot(kernel: &Path, guest: &LinuxGuest) {
     let start = Instant::now();
     let secs = || start.elapsed().as_secs_f64();
-    let mut vmm = boot(kernel, &guest.initramfs, "");
+    // Every device Debian's stock drivers must bind: a disk, a NIC, a balloon.
+    let dir = vmm_tests::harness::TempDir::new("linux-devices");
+    let disk = dir.join("disk.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let disk_arg = format!("path={}", disk.display());
+    let tap_arg = format!("tap=vmlx{}", std::process::id() % 100_000);
+    let mut vmm = boot_with(
+        kernel,
+        &guest.initramfs,
+        "",
+        &[
+            "--disk",
+            &disk_arg,
+            "--net",
+            &tap_arg,
+            "--balloon",
+            "target_mib=0",
+        ],
+    );
     let line = vmm.wait_for("linux-guest: init started", Duration::from_secs(120));
     eprintln!("{:6.2} s  {line}", secs());
     assert!(
@@ -181,6 +207,32 @@ fn full_boot(kernel: &Path, guest: &LinuxGuest) {
             eprintln!("          {l}");
         }
     }
+    let line = |prefix: &str| {
+        console
+            .iter()
+            .find(|l| l.contains(prefix))
+            .cloned()
+            .unwrap_or_default()
+    };
+    assert!(
+        line("linux-guest: blk").contains("vda"),
+        "virtio_blk bound: {}",
+        vmm.report()
+    );
+    assert!(
+        line("linux-guest: net").contains("eth0"),
+        "virtio_net bound: {}",
+        vmm.report()
+    );
+    let drivers = line("linux-guest: virtio-drivers");
+    for driver in ["virtio_blk", "virtio_net", "virtio_balloon"] {
+        assert!(drivers.contains(driver), "{driver} bound: {drivers}");
+    }
+    assert!(
+        line("linux-guest: cpus").ends_with(" 2"),
+        "both vCPUs online (ACPI MADT): {}",
+        vmm.report()
+    );
     let failed: Vec<&String> = console
         .iter()
         .filter(|l| l.contains("linux-guest: insmod"))
