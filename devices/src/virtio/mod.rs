@@ -19,6 +19,7 @@ pub mod worker;
 
 use std::collections::BTreeMap;
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -190,6 +191,43 @@ impl From<QueueSnapshot> for QueueState {
     }
 }
 
+/// Named counters as `vm.counters` reports them.
+pub fn counter_map<'a>(
+    counters: impl IntoIterator<Item = (&'a str, &'a AtomicU64)>,
+) -> BTreeMap<String, u64> {
+    counters
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.load(Ordering::Relaxed)))
+        .collect()
+}
+
+/// Reads `data.len()` bytes of the config space `config` from `offset`;
+/// bytes past its end read as zero. The one place devices answer config
+/// reads.
+pub fn read_config_space(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Ok(offset) = usize::try_from(offset) else {
+        return;
+    };
+    if offset >= config.len() {
+        return;
+    }
+    let n = data.len().min(config.len() - offset);
+    data[..n].copy_from_slice(&config[offset..offset + n]);
+}
+
+/// Whether the driver's available index is bogus: more than a queue ahead
+/// of what the device consumed, or unreadable. Asked when a pass popped
+/// nothing although `enable_notification` says more is available; if the
+/// index is sane, a buffer merely arrived in between and must be served
+/// (the driver saw notifications off and will not kick for it).
+pub fn avail_index_is_bogus(queue: &Queue, memory: &GuestMemoryMmap) -> bool {
+    match queue.avail_idx(memory, std::sync::atomic::Ordering::Acquire) {
+        Ok(avail) => avail.0.wrapping_sub(queue.next_avail()) > queue.size(),
+        Err(_) => true,
+    }
+}
+
 /// Adds `head` with `len` bytes written to the used ring and interrupts the
 /// driver if it wants to be told. The one place devices complete requests.
 pub fn complete(
@@ -201,9 +239,51 @@ pub fn complete(
     len: u32,
 ) -> Result<(), virtio_queue::Error> {
     queue.add_used(memory, head, len)?;
-    if queue.needs_notification(memory)? {
+    if driver_wants_interrupt(queue, memory)? {
         // A lost interrupt is recovered by the driver's next kick; nothing to do.
         let _ = interrupt.notify_queue(index);
     }
     Ok(())
+}
+
+/// Avail ring flag: the driver does not want interrupts (virtio 1.2, 2.7.7).
+const VIRTQ_AVAIL_F_NO_INTERRUPT: u16 = 1;
+
+/// Whether the driver wants an interrupt for what was just used: the event
+/// index when negotiated, else the avail ring's NO_INTERRUPT flag (which
+/// virtio-queue's `needs_notification` does not look at).
+pub fn driver_wants_interrupt(
+    queue: &mut Queue,
+    memory: &GuestMemoryMmap,
+) -> Result<bool, virtio_queue::Error> {
+    if queue.event_idx_enabled() {
+        return queue.needs_notification(memory);
+    }
+    use vm_memory::Bytes;
+    let flags: u16 = memory
+        .read_obj(vm_memory::GuestAddress(queue.avail_ring()))
+        .map_err(virtio_queue::Error::GuestMemory)?;
+    Ok(flags & VIRTQ_AVAIL_F_NO_INTERRUPT == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::read_config_space;
+
+    #[test]
+    fn config_reads_past_the_end_are_zero() {
+        let config = [1u8, 2, 3, 4];
+        let mut data = [0xffu8; 3];
+        read_config_space(&config, 0, &mut data);
+        assert_eq!(data, [1, 2, 3]);
+        let mut data = [0xffu8; 4];
+        read_config_space(&config, 2, &mut data);
+        assert_eq!(data, [3, 4, 0, 0]);
+        for offset in [4, 5, u64::MAX] {
+            let mut data = [0xffu8; 2];
+            read_config_space(&config, offset, &mut data);
+            assert_eq!(data, [0, 0], "offset {offset}");
+        }
+        read_config_space(&config, 1, &mut []);
+    }
 }

@@ -920,7 +920,12 @@ fn cmd_hostile(cmd: &str, a: &Args) {
 
 // ---------------------------------------------------------- blk-reader ----
 
-/// The background reader (see README: `blk-reader`).
+/// The background reader (README: `blk-reader`). Round k reads range
+/// `(k / 2) % 2` (A = sectors S..S+C, B = S+C..S+2C) into buffer `k % 2`,
+/// so that each buffer alternates between A and B every other use. When
+/// round k completes, its buffer is checked and so is the other buffer,
+/// which still holds round k-1's data: the last read the device completed
+/// before a migration switch-over is re-checked after it.
 struct Reader {
     /// Started and not stopped.
     running: bool,
@@ -930,18 +935,20 @@ struct Reader {
     disk: usize,
     sector: u64,
     count: u64,
+    /// Two buffers of `count` sectors, at `buf` and `buf + count * 512`.
     buf: u64,
     pattern: Option<u64>,
-    /// (head, range 0/1, disk epoch) of the request in flight.
-    inflight: Option<(u16, u8, u32)>,
-    /// Range of the last read that completed OK.
-    last_done: Option<u8>,
-    next: u8,
+    /// (head, round, disk epoch) of the request in flight.
+    inflight: Option<(u16, u64, u32)>,
+    /// Next round to issue.
+    next: u64,
+    /// Range each buffer holds (None: never read, or the read failed).
+    valid: [Option<u8>; 2],
+    /// Rounds completed OK.
     rounds: u64,
     errors: u64,
-    /// First round whose buffer did not hold its pattern: (round, offset,
-    /// expected, found).
-    bad: Option<(u64, u64, u64, u64)>,
+    /// First check that failed: (round, buffer, offset, expected, found).
+    bad: Option<(u64, usize, u64, u64, u64)>,
     bad_rounds: u64,
 }
 
@@ -955,8 +962,8 @@ static READER: SpinLock<Reader> = SpinLock::new(Reader {
     buf: 0,
     pattern: None,
     inflight: None,
-    last_done: None,
     next: 0,
+    valid: [None; 2],
     rounds: 0,
     errors: 0,
     bad: None,
@@ -967,6 +974,37 @@ static READER_BAD: AtomicU64 = AtomicU64::new(0);
 static REPORTED: AtomicU64 = AtomicU64::new(0);
 static NEXT_REPORT: AtomicU64 = AtomicU64::new(0);
 
+impl Reader {
+    fn buffer(&self, b: usize) -> u64 {
+        self.buf + b as u64 * self.count * SECTOR
+    }
+
+    fn range_start(&self, range: u8) -> u64 {
+        self.sector + range as u64 * self.count
+    }
+
+    /// Check buffer `b` (holding `range`) against pattern `p`.
+    fn check(&self, b: usize, range: u8, p: u64) -> Option<(u64, u64, u64)> {
+        check_pattern(self.buffer(b), self.range_start(range), self.count, p)
+    }
+
+    /// After round `k` completed OK: check both buffers.
+    fn verify_round(&mut self, k: u64) {
+        let Some(p) = self.pattern else { return };
+        for b in [(k % 2) as usize, ((k + 1) % 2) as usize] {
+            let Some(range) = self.valid[b] else { continue };
+            if let Some((off, e, f)) = self.check(b, range, p) {
+                self.bad_rounds += 1;
+                READER_BAD.store(self.bad_rounds, Ordering::Relaxed);
+                if self.bad.is_none() {
+                    self.bad = Some((k, b, off, e, f));
+                }
+                return;
+            }
+        }
+    }
+}
+
 /// One non-blocking step: collect the read in flight, start the next one.
 /// `issue`: start a new read (false while draining).
 fn reader_step_inner(issue: bool) {
@@ -976,11 +1014,13 @@ fn reader_step_inner(issue: bool) {
     }
     let Some(dl) = disk(r.disk) else { return };
     let mut d = dl.lock();
-    if let Some((head, which, epoch)) = r.inflight {
+    if let Some((head, k, epoch)) = r.inflight {
+        let b = (k % 2) as usize;
         if d.epoch != epoch {
             // The device was reset under us: the read is lost.
             r.inflight = None;
             r.errors += 1;
+            r.valid[b] = None;
         } else {
             d.q.poll();
             if d.q.is_done(head) {
@@ -989,33 +1029,28 @@ fn reader_step_inner(issue: bool) {
                 r.inflight = None;
                 if status == 0 {
                     r.rounds += 1;
-                    r.last_done = Some(which);
-                    if let Some(p) = r.pattern {
-                        let start = r.sector + which as u64 * r.count;
-                        if let Some((off, e, f)) = check_pattern(r.buf, start, r.count, p) {
-                            r.bad_rounds += 1;
-                            READER_BAD.store(r.bad_rounds, Ordering::Relaxed);
-                            if r.bad.is_none() {
-                                r.bad = Some((r.rounds, off, e, f));
-                            }
-                        }
-                    }
+                    r.valid[b] = Some(((k / 2) % 2) as u8);
+                    r.verify_round(k);
                     READER_ROUNDS.store(r.rounds, Ordering::Relaxed);
                 } else {
                     r.errors += 1;
+                    r.valid[b] = None;
                 }
             }
         }
     }
     if issue && r.running && r.inflight.is_none() {
-        let which = r.next;
-        let sector = r.sector + which as u64 * r.count;
+        let k = r.next;
+        let b = (k % 2) as usize;
+        let sector = r.range_start(((k / 2) % 2) as u8);
         let len = (r.count * SECTOR) as u32;
-        let buf = r.buf;
+        let buf = r.buffer(b);
+        // The buffer is being overwritten.
+        r.valid[b] = None;
         if let Some(head) = d.submit(T_IN, sector, &[Seg::w(buf, len)]) {
             d.q.kick();
-            r.inflight = Some((head, which, d.epoch));
-            r.next ^= 1;
+            r.inflight = Some((head, k, d.epoch));
+            r.next += 1;
         }
     }
 }
@@ -1080,7 +1115,7 @@ fn cmd_reader(cmd: &str, a: &Args) {
     if !CPUS[cpu].is_alive() {
         return error(cmd, format_args!("cpu {} is not online", cpu));
     }
-    let Some(buf) = buffer(&READER_BUF, READER_MAX_SECTORS * SECTOR) else {
+    let Some(buf) = buffer(&READER_BUF, 2 * READER_MAX_SECTORS * SECTOR) else {
         return error(cmd, format_args!("out of DMA memory"));
     };
     // One reader at a time; the chosen CPU leaves whatever it ran.
@@ -1120,8 +1155,8 @@ fn cmd_reader(cmd: &str, a: &Args) {
             buf,
             pattern,
             inflight: None,
-            last_done: None,
             next: 0,
+            valid: [None; 2],
             rounds: 0,
             errors: 0,
             bad: None,
@@ -1163,20 +1198,22 @@ fn cmd_check(cmd: &str, a: &Args) {
             r.rounds, r.errors
         );
     }
-    let Some(which) = r.last_done else {
+    if r.rounds == 0 {
         return println!("blk-check-bad reason=noround rounds=0 errors={}", r.errors);
-    };
-    let start = r.sector + which as u64 * r.count;
-    if let Some((off, e, f)) = check_pattern(r.buf, start, r.count, p) {
-        return println!(
-            "blk-check-bad reason=final offset={:#x} expected={:#x} found={:#x} rounds={} sector={}",
-            off, e, f, r.rounds, start
-        );
     }
-    if let Some((round, off, e, f)) = r.bad {
+    for b in 0..2 {
+        let Some(range) = r.valid[b] else { continue };
+        if let Some((off, e, f)) = r.check(b, range, p) {
+            return println!(
+                "blk-check-bad reason=final buffer={} offset={:#x} expected={:#x} found={:#x} rounds={}",
+                b, off, e, f, r.rounds
+            );
+        }
+    }
+    if let Some((round, b, off, e, f)) = r.bad {
         return println!(
-            "blk-check-bad reason=round round={} offset={:#x} expected={:#x} found={:#x} rounds={} bad_rounds={}",
-            round, off, e, f, r.rounds, r.bad_rounds
+            "blk-check-bad reason=round round={} buffer={} offset={:#x} expected={:#x} found={:#x} rounds={} bad_rounds={}",
+            round, b, off, e, f, r.rounds, r.bad_rounds
         );
     }
     if r.errors > 0 {
@@ -1185,7 +1222,7 @@ fn cmd_check(cmd: &str, a: &Args) {
             r.rounds, r.errors
         );
     }
-    println!("blk-check-ok rounds={} sector={}", r.rounds, start);
+    println!("blk-check-ok rounds={}", r.rounds);
 }
 
 /// BSP main loop: reader progress, disk configuration changes.

@@ -212,7 +212,7 @@ static DMA_BASE: AtomicU64 = AtomicU64::new(0);
 static DMA_END: AtomicU64 = AtomicU64::new(0);
 static DMA_NEXT: AtomicU64 = AtomicU64::new(0);
 /// Arena size (less on small guests: at most a quarter of the range).
-pub const DMA_ARENA: u64 = 8 * MIB;
+pub const DMA_ARENA: u64 = 12 * MIB;
 
 /// The arena (base, end), if reserved.
 pub fn dma_arena() -> Option<(u64, u64)> {

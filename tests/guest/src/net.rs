@@ -512,6 +512,7 @@ pub fn command(cmd: &str, rest: &str) {
         "net-recv" => cmd_recv,
         "net-echo" => cmd_echo,
         "net-bench" => cmd_bench,
+        "net-announce" => cmd_announce,
         _ => return println!("testguest: error: unknown command {}", cmd),
     };
     let keys: &[&str] = match cmd {
@@ -519,6 +520,7 @@ pub fn command(cmd: &str, rest: &str) {
         "net-send" => &["count", "size", "ethertype", "dst", "seq", "nic"],
         "net-recv" => &["count", "timeout_ms", "ethertype", "print", "nic"],
         "net-echo" => &["on", "nic"],
+        "net-announce" => &["nic"],
         _ => &["count", "size", "ethertype", "dst", "nic"],
     };
     let Some(a) = Args::parse(cmd, rest, keys) else {
@@ -740,6 +742,14 @@ fn cmd_recv(cmd: &str, a: &Args) {
         other,
         got - printed
     );
+}
+
+/// Send the announce frame now (what a config interrupt with
+/// VIRTIO_NET_S_ANNOUNCE triggers, without the ack).
+fn cmd_announce(cmd: &str, a: &Args) {
+    let Some((n, d)) = pick(cmd, a) else { return };
+    let sent = d.lock().send_announce_frame();
+    println!("net: announce-frame nic={} sent={}", n, sent as u8);
 }
 
 fn cmd_echo(cmd: &str, a: &Args) {

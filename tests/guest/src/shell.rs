@@ -374,7 +374,7 @@ const HELP: &str = "echo info counters pages check-pages stop memfill memcheck s
                     gatebench poweroff reset triple-fault halt ud fault help \
                     blk-info blk-id blk-write blk-read blk-flush blk-discard blk-zeroes \
                     blk-inflight blk-bench blk-hostile blk-reader blk-check \
-                    net-info net-send net-recv net-echo net-bench";
+                    net-info net-send net-recv net-echo net-bench net-announce";
 
 impl Shell {
     /// One slice of the BSP's own job. Returns whether the BSP is busy.

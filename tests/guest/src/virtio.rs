@@ -689,7 +689,7 @@ impl Wait {
 /// timeout. With `Wait::Irq` on the BSP, sleeps between checks until
 /// `vector` fires (a LAPIC one-shot every 10 ms bounds each sleep).
 pub fn wait_until(vector: u8, deadline: u64, mode: Wait, mut check: impl FnMut() -> bool) -> bool {
-    let sleep = mode == Wait::Irq && cpu_id() == 0;
+    let mut sleep = mode == Wait::Irq && cpu_id() == 0;
     let mut timer_until = 0u64;
     loop {
         let seen = irq::count(vector);
@@ -699,10 +699,16 @@ pub fn wait_until(vector: u8, deadline: u64, mode: Wait, mut check: impl FnMut()
         if time::passed(deadline) {
             return false;
         }
-        if sleep {
-            if time::passed(timer_until) && lapic::oneshot_us(10_000) {
+        if sleep && time::passed(timer_until) {
+            if lapic::oneshot_us(10_000) {
                 timer_until = time::deadline_after_us(9_000);
+            } else {
+                // No usable LAPIC timer: a lost interrupt could make us
+                // sleep forever; poll instead.
+                sleep = false;
             }
+        }
+        if sleep {
             irq::wait_for(vector, seen);
         } else {
             core::hint::spin_loop();

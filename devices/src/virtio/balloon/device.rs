@@ -22,10 +22,10 @@ use super::{
     BalloonError, CONFIG_SPACE_SIZE, F_DEFLATE_ON_OOM, F_FREE_PAGE_HINT, F_MUST_TELL_HOST,
     F_PAGE_REPORTING, F_STATS_VQ, PAGE_SHIFT, PAGE_SIZE, QUEUE_SIZE, STATS_ENTRY_SIZE,
 };
-use crate::virtio::worker::{EventLoop, Worker, WorkerHandler};
+use crate::virtio::worker::{DeviceWorker, EventLoop, WorkerHandler};
 use crate::virtio::{
-    complete, ActivateContext, ActivateError, VirtioDevice, VirtioInterrupt, COMMON_FEATURES,
-    F_EVENT_IDX, TYPE_BALLOON,
+    avail_index_is_bogus, complete, counter_map, read_config_space, ActivateContext, ActivateError,
+    VirtioDevice, VirtioInterrupt, COMMON_FEATURES, F_EVENT_IDX, TYPE_BALLOON,
 };
 use crate::GuestMemoryMmap;
 
@@ -111,7 +111,7 @@ impl BalloonCounters {
     }
 
     pub fn to_map(&self) -> BTreeMap<String, u64> {
-        [
+        counter_map([
             ("inflated_pages", &self.inflated_pages),
             ("deflated_pages", &self.deflated_pages),
             ("reported_pages", &self.reported_pages),
@@ -121,10 +121,7 @@ impl BalloonCounters {
             ("stats_updates", &self.stats_updates),
             ("stats_requests", &self.stats_requests),
             ("target_changes", &self.target_changes),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v.load(Ordering::Relaxed)))
-        .collect()
+        ])
     }
 }
 
@@ -520,7 +517,7 @@ impl BalloonHandler {
             match self.queues[index].enable_notification(mem) {
                 // More available but nothing could be popped: a bogus avail
                 // index. Stop rather than spin; the driver is broken until reset.
-                Ok(true) if !popped => {
+                Ok(true) if !popped && avail_index_is_bogus(&self.queues[index], mem) => {
                     self.log(format_args!(
                         "queue {index}: invalid available ring index; queue stalled"
                     ));
@@ -778,21 +775,13 @@ impl WorkerHandler for BalloonHandler {
     }
 }
 
-enum State {
-    Inactive,
-    Running(Worker<BalloonHandler>),
-    Paused(Box<BalloonHandler>),
-    /// Transient, while moving between states.
-    Busy,
-}
-
 /// A virtio-balloon device.
 pub struct Balloon {
     pub(crate) config: BalloonConfig,
     pub(crate) avail_features: u64,
     pub(crate) shared: Arc<Shared>,
     backend: Arc<dyn BalloonBackend>,
-    state: State,
+    worker: DeviceWorker<BalloonHandler>,
 }
 
 impl Balloon {
@@ -837,7 +826,7 @@ impl Balloon {
                 ram_bytes,
             }),
             backend,
-            state: State::Inactive,
+            worker: DeviceWorker::new("balloon", "balloon"),
         })
     }
 
@@ -859,70 +848,24 @@ impl Balloon {
 
     /// Whether the worker is running.
     pub fn is_running(&self) -> bool {
-        matches!(self.state, State::Running(_))
+        self.worker.is_running()
     }
 
     /// Whether the driver activated the device (running or paused).
     pub fn is_activated(&self) -> bool {
-        matches!(self.state, State::Running(_) | State::Paused(_))
+        self.worker.is_active()
     }
 
     /// The stats buffer the device holds, if any (pauses the worker around
     /// the read if it runs).
     pub fn held_stats_buffer(&mut self) -> Option<u16> {
-        self.with_handler(|h| h.stats_head).flatten()
+        self.worker.with_handler(|h| h.stats_head).flatten()
     }
 
     /// Returns the held stats buffer now, asking the driver for fresh
     /// statistics (as the timer does every `stats_interval_s`).
     pub fn request_stats(&mut self) {
-        self.with_handler(|h| h.request_stats());
-    }
-
-    fn spawn(&mut self, handler: BalloonHandler) -> io::Result<()> {
-        match Worker::spawn("balloon", handler) {
-            Ok(worker) => {
-                self.state = State::Running(worker);
-                Ok(())
-            }
-            Err(e) => {
-                // The handler (and the queues) went with the failed spawn:
-                // the device needs a reset.
-                self.state = State::Inactive;
-                Err(e)
-            }
-        }
-    }
-
-    /// Stops the worker if it runs; returns the handler if there is one.
-    /// Leaves the state `Busy` for the caller to set.
-    fn take_handler(&mut self) -> Option<Box<BalloonHandler>> {
-        match std::mem::replace(&mut self.state, State::Busy) {
-            State::Running(worker) => worker.stop().map(Box::new),
-            State::Paused(handler) => Some(handler),
-            State::Inactive | State::Busy => None,
-        }
-    }
-
-    /// Runs `f` on the handler, pausing the worker around it if it runs.
-    fn with_handler<T>(&mut self, f: impl FnOnce(&mut BalloonHandler) -> T) -> Option<T> {
-        let was_running = self.is_running();
-        let mut handler = match self.take_handler() {
-            Some(h) => h,
-            None => {
-                self.state = State::Inactive;
-                return None;
-            }
-        };
-        let result = f(&mut handler);
-        if was_running {
-            if let Err(e) = self.spawn(*handler) {
-                eprintln!("vmm: balloon: cannot restart the worker: {e}");
-            }
-        } else {
-            self.state = State::Paused(handler);
-        }
-        Some(result)
+        self.worker.with_handler(|h| h.request_stats());
     }
 
     /// Starts the worker on `queues` (shared by `activate` and restore):
@@ -981,8 +924,7 @@ impl Balloon {
             _ => None,
         };
         // Stop a previous worker, if the transport activates twice.
-        let _ = self.take_handler();
-        self.state = State::Inactive;
+        self.worker.stop();
         self.shared.lock().acked_features = acked;
         self.shared.set_interrupt(Some(interrupt.clone()));
         let handler = BalloonHandler {
@@ -997,13 +939,14 @@ impl Balloon {
             stats_head,
             logged_errors: 0,
         };
-        self.spawn(handler).map_err(ActivateError::Worker)
+        self.worker.start(handler).map_err(ActivateError::Worker)
     }
 
     /// Every queue's state and the held stats buffer, if the device is
     /// active (pauses the worker around the read if it runs).
     pub(crate) fn current_queue_states(&mut self) -> (Vec<QueueState>, Option<u16>) {
-        self.with_handler(|h| (h.queues.iter().map(|q| q.state()).collect(), h.stats_head))
+        self.worker
+            .with_handler(|h| (h.queues.iter().map(|q| q.state()).collect(), h.stats_head))
             .unwrap_or_default()
     }
 
@@ -1039,16 +982,7 @@ impl VirtioDevice for Balloon {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        data.fill(0);
-        let Ok(offset) = usize::try_from(offset) else {
-            return;
-        };
-        if offset >= CONFIG_SPACE_SIZE {
-            return;
-        }
-        let config = self.config_space();
-        let n = data.len().min(CONFIG_SPACE_SIZE - offset);
-        data[..n].copy_from_slice(&config[offset..offset + n]);
+        read_config_space(&self.config_space(), offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
@@ -1077,9 +1011,9 @@ impl VirtioDevice for Balloon {
 
     fn reset(&mut self) -> Option<Vec<QueueState>> {
         let states = self
-            .take_handler()
+            .worker
+            .stop()
             .map(|h| h.queues.iter().map(|q| q.state()).collect());
-        self.state = State::Inactive;
         self.shared.set_interrupt(None);
         let mut inner = self.shared.lock();
         inner.acked_features = 0;
@@ -1093,22 +1027,11 @@ impl VirtioDevice for Balloon {
     }
 
     fn pause(&mut self) {
-        if let State::Running(_) = self.state {
-            match self.take_handler() {
-                Some(handler) => self.state = State::Paused(handler),
-                None => self.state = State::Inactive,
-            }
-        }
+        self.worker.pause();
     }
 
     fn resume(&mut self) {
-        if let State::Paused(_) = self.state {
-            if let Some(handler) = self.take_handler() {
-                if let Err(e) = self.spawn(*handler) {
-                    eprintln!("vmm: balloon: cannot restart the worker: {e}");
-                }
-            }
-        }
+        self.worker.resume();
     }
 
     fn counters(&self) -> BTreeMap<String, u64> {
@@ -1122,10 +1045,10 @@ impl VirtioDevice for Balloon {
     }
 
     fn queue_states(&self) -> Vec<QueueState> {
-        match &self.state {
-            State::Paused(handler) => handler.queues.iter().map(|q| q.state()).collect(),
-            _ => Vec::new(),
-        }
+        self.worker
+            .handler()
+            .map(|h| h.queues.iter().map(|q| q.state()).collect())
+            .unwrap_or_default()
     }
 
     fn restore(

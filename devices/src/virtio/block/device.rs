@@ -20,10 +20,10 @@ use super::disk::{DiskFile, SECTOR_SIZE};
 use super::request::{self, Executor, Limits, Parsed, RequestType, Scratch, ID_BYTES, STATUS_OK};
 use super::{BlockError, QUEUE_SIZE};
 use crate::rate_limiter::RateLimiter;
-use crate::virtio::worker::{EventLoop, Worker, WorkerHandler};
+use crate::virtio::worker::{DeviceWorker, EventLoop, WorkerHandler};
 use crate::virtio::{
-    complete, ActivateContext, ActivateError, VirtioDevice, VirtioInterrupt, COMMON_FEATURES,
-    F_EVENT_IDX, TYPE_BLOCK,
+    avail_index_is_bogus, complete, counter_map, read_config_space, ActivateContext, ActivateError,
+    VirtioDevice, VirtioInterrupt, COMMON_FEATURES, F_EVENT_IDX, TYPE_BLOCK,
 };
 use crate::GuestMemoryMmap;
 
@@ -66,7 +66,7 @@ impl BlockCounters {
     }
 
     pub fn to_map(&self) -> BTreeMap<String, u64> {
-        [
+        counter_map([
             ("read_ops", &self.read_ops),
             ("write_ops", &self.write_ops),
             ("read_bytes", &self.read_bytes),
@@ -76,10 +76,7 @@ impl BlockCounters {
             ("write_zeroes_ops", &self.write_zeroes_ops),
             ("errors", &self.errors),
             ("throttled", &self.throttled),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v.load(Ordering::Relaxed)))
-        .collect()
+        ])
     }
 }
 
@@ -148,7 +145,7 @@ impl BlockHandler {
                 // More available but nothing could be popped: the avail
                 // index is bogus (more than a queue ahead) or unreadable.
                 // Stop rather than spin; the driver is broken until reset.
-                Ok(true) if !popped => {
+                Ok(true) if !popped && avail_index_is_bogus(&self.queue, mem) => {
                     self.log(format_args!("invalid available ring index; queue stalled"));
                     break;
                 }
@@ -249,14 +246,6 @@ impl WorkerHandler for BlockHandler {
     }
 }
 
-enum State {
-    Inactive,
-    Running(Worker<BlockHandler>),
-    Paused(Box<BlockHandler>),
-    /// Transient, while moving between states.
-    Busy,
-}
-
 /// A virtio-blk device.
 pub struct Block {
     pub(crate) config: DiskConfig,
@@ -267,7 +256,7 @@ pub struct Block {
     config_space: [u8; CONFIG_SPACE_SIZE],
     serial: [u8; ID_BYTES],
     counters: Arc<BlockCounters>,
-    state: State,
+    worker: DeviceWorker<BlockHandler>,
 }
 
 impl Block {
@@ -315,6 +304,10 @@ impl Block {
             .unwrap_or("");
         let n = id.len().min(ID_BYTES);
         serial[..n].copy_from_slice(&id.as_bytes()[..n]);
+        let worker = DeviceWorker::new(
+            worker_name(config),
+            format!("disk {}", disk.path().display()),
+        );
         Ok(Block {
             config: config.clone(),
             config_space: build_config_space(&disk),
@@ -324,7 +317,7 @@ impl Block {
             acked_features: 0,
             serial,
             counters: Arc::new(BlockCounters::default()),
-            state: State::Inactive,
+            worker,
         })
     }
 
@@ -374,12 +367,12 @@ impl Block {
 
     /// Whether the worker is running.
     pub fn is_running(&self) -> bool {
-        matches!(self.state, State::Running(_))
+        self.worker.is_running()
     }
 
     /// Whether the device was activated (running or paused).
     pub fn is_activated(&self) -> bool {
-        matches!(self.state, State::Running(_) | State::Paused(_))
+        self.worker.is_active()
     }
 
     fn limiter(&self) -> io::Result<Option<RateLimiter>> {
@@ -401,61 +394,6 @@ impl Block {
         }
     }
 
-    fn worker_name(&self) -> String {
-        let id = self.config.id.as_deref().unwrap_or("disk");
-        // Thread names are at most 15 bytes.
-        format!("blk-{}", id.chars().take(11).collect::<String>())
-    }
-
-    fn spawn(&mut self, handler: BlockHandler) -> io::Result<()> {
-        match Worker::spawn(&self.worker_name(), handler) {
-            Ok(worker) => {
-                self.state = State::Running(worker);
-                Ok(())
-            }
-            Err(e) => {
-                // The handler (and with it the queues) went with the failed
-                // spawn: the device needs a reset.
-                self.state = State::Inactive;
-                Err(e)
-            }
-        }
-    }
-
-    /// Stops the worker if it runs; returns the handler if there is one.
-    /// Leaves the state `Busy` for the caller to set.
-    fn take_handler(&mut self) -> Option<Box<BlockHandler>> {
-        match std::mem::replace(&mut self.state, State::Busy) {
-            State::Running(worker) => worker.stop().map(Box::new),
-            State::Paused(handler) => Some(handler),
-            State::Inactive | State::Busy => None,
-        }
-    }
-
-    /// Runs `f` on the handler, pausing the worker around it if it runs.
-    fn with_handler<T>(&mut self, f: impl FnOnce(&mut BlockHandler) -> T) -> Option<T> {
-        let was_running = self.is_running();
-        let mut handler = match self.take_handler() {
-            Some(h) => h,
-            None => {
-                self.state = State::Inactive;
-                return None;
-            }
-        };
-        let result = f(&mut handler);
-        if was_running {
-            if let Err(e) = self.spawn(*handler) {
-                eprintln!(
-                    "vmm: disk {}: cannot restart the worker: {e}",
-                    self.disk.path().display()
-                );
-            }
-        } else {
-            self.state = State::Paused(handler);
-        }
-        Some(result)
-    }
-
     /// Starts the worker on `queue` (shared by `activate` and restore).
     pub(crate) fn start(
         &mut self,
@@ -475,8 +413,7 @@ impl Block {
         }
         queue.set_event_idx(self.acked_features & (1 << F_EVENT_IDX) != 0);
         // Stop a previous worker, if the transport activates twice.
-        let _ = self.take_handler();
-        self.state = State::Inactive;
+        self.worker.stop();
         let limiter = self.limiter().map_err(ActivateError::Worker)?;
         let handler = BlockHandler {
             queue,
@@ -492,15 +429,23 @@ impl Block {
             executor: Executor::new(),
             logged_errors: 0,
         };
-        self.spawn(handler).map_err(ActivateError::Worker)
+        self.worker.start(handler).map_err(ActivateError::Worker)
     }
 
     /// The queue's state, if the device is active (pauses the worker
     /// around the read if it runs).
     pub(crate) fn current_queue_states(&mut self) -> Vec<QueueState> {
-        self.with_handler(|h| vec![h.queue.state()])
+        self.worker
+            .with_handler(|h| vec![h.queue.state()])
             .unwrap_or_default()
     }
+}
+
+/// The worker thread's name.
+fn worker_name(config: &DiskConfig) -> String {
+    let id = config.id.as_deref().unwrap_or("disk");
+    // Thread names are at most 15 bytes.
+    format!("blk-{}", id.chars().take(11).collect::<String>())
 }
 
 /// `struct virtio_blk_config` (virtio 1.2, 5.2.4), little-endian.
@@ -552,15 +497,7 @@ impl VirtioDevice for Block {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        data.fill(0);
-        let Ok(offset) = usize::try_from(offset) else {
-            return;
-        };
-        if offset >= CONFIG_SPACE_SIZE {
-            return;
-        }
-        let n = data.len().min(CONFIG_SPACE_SIZE - offset);
-        data[..n].copy_from_slice(&self.config_space[offset..offset + n]);
+        read_config_space(&self.config_space, offset, data);
     }
 
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {
@@ -576,32 +513,17 @@ impl VirtioDevice for Block {
     }
 
     fn reset(&mut self) -> Option<Vec<QueueState>> {
-        let states = self.take_handler().map(|h| vec![h.queue.state()]);
-        self.state = State::Inactive;
+        let states = self.worker.stop().map(|h| vec![h.queue.state()]);
         self.acked_features = 0;
         states
     }
 
     fn pause(&mut self) {
-        if let State::Running(_) = self.state {
-            match self.take_handler() {
-                Some(handler) => self.state = State::Paused(handler),
-                None => self.state = State::Inactive,
-            }
-        }
+        self.worker.pause();
     }
 
     fn resume(&mut self) {
-        if let State::Paused(_) = self.state {
-            if let Some(handler) = self.take_handler() {
-                if let Err(e) = self.spawn(*handler) {
-                    eprintln!(
-                        "vmm: disk {}: cannot restart the worker: {e}",
-                        self.disk.path().display()
-                    );
-                }
-            }
-        }
+        self.worker.resume();
     }
 
     fn counters(&self) -> BTreeMap<String, u64> {
@@ -614,10 +536,10 @@ impl VirtioDevice for Block {
     }
 
     fn queue_states(&self) -> Vec<QueueState> {
-        match &self.state {
-            State::Paused(handler) => vec![handler.queue.state()],
-            _ => Vec::new(),
-        }
+        self.worker
+            .handler()
+            .map(|h| vec![h.queue.state()])
+            .unwrap_or_default()
     }
 
     fn restore(

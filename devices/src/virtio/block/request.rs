@@ -27,8 +27,8 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::DescriptorChain;
-use vm_memory::bitmap::Bitmap;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::bitmap::{Bitmap, MS};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, VolatileSlice};
 
 use super::disk::{AlignedBuf, DiskFile, SECTOR_SIZE};
 use crate::GuestMemoryMmap;
@@ -128,11 +128,27 @@ fn in_range(offset: Option<u64>, len: u64, size: u64) -> bool {
         .is_some_and(|end| end <= size)
 }
 
-/// Appends to `out` the buffers of `descs` after skipping `skip` bytes and
-/// keeping at most `take` bytes.
-fn collect_segments(descs: &[Descriptor], mut skip: u64, mut take: u64, out: &mut Vec<Segment>) {
-    for d in descs {
-        let len = u64::from(d.len());
+impl From<&Descriptor> for Segment {
+    fn from(d: &Descriptor) -> Segment {
+        Segment {
+            addr: d.addr(),
+            len: d.len(),
+        }
+    }
+}
+
+/// Appends to `out` the parts of the buffers `bufs` (descriptors or
+/// segments) left after skipping `skip` bytes and keeping at most `take`
+/// bytes.
+fn collect_segments<B: Into<Segment>>(
+    bufs: impl IntoIterator<Item = B>,
+    mut skip: u64,
+    mut take: u64,
+    out: &mut Vec<Segment>,
+) {
+    for b in bufs {
+        let b: Segment = b.into();
+        let len = u64::from(b.len);
         if skip >= len {
             skip -= len;
             continue;
@@ -141,7 +157,7 @@ fn collect_segments(descs: &[Descriptor], mut skip: u64, mut take: u64, out: &mu
         if n > 0 {
             // `skip < len <= u32::MAX` and `n <= len`: no overflow.
             out.push(Segment {
-                addr: d.addr().unchecked_add(skip),
+                addr: b.addr.unchecked_add(skip),
                 len: n as u32,
             });
         }
@@ -399,12 +415,12 @@ fn copy_to_guest(
     data: &[u8],
 ) -> io::Result<()> {
     let mut parts = Vec::new();
-    collect_segments_of(segs, skip, data.len() as u64, &mut parts);
+    collect_segments(segs.iter().copied(), skip, data.len() as u64, &mut parts);
     let mut done = 0;
     for s in parts {
         let n = s.len as usize;
         mem.write_slice(&data[done..done + n], s.addr)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+            .map_err(guest_error)?;
         done += n;
     }
     Ok(())
@@ -418,41 +434,43 @@ fn copy_from_guest(
     data: &mut [u8],
 ) -> io::Result<()> {
     let mut parts = Vec::new();
-    collect_segments_of(segs, skip, data.len() as u64, &mut parts);
+    collect_segments(segs.iter().copied(), skip, data.len() as u64, &mut parts);
     let mut done = 0;
     for s in parts {
         let n = s.len as usize;
         mem.read_slice(&mut data[done..done + n], s.addr)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+            .map_err(guest_error)?;
         done += n;
     }
     Ok(())
 }
 
-fn collect_segments_of(segs: &[Segment], mut skip: u64, mut take: u64, out: &mut Vec<Segment>) {
-    for s in segs {
-        let len = u64::from(s.len);
-        if skip >= len {
-            skip -= len;
-            continue;
-        }
-        let n = (len - skip).min(take);
-        if n > 0 {
-            out.push(Segment {
-                addr: s.addr.unchecked_add(skip),
-                len: n as u32,
-            });
-        }
-        take -= n;
-        skip = 0;
-        if take == 0 {
-            break;
-        }
-    }
-}
-
 fn guest_error(e: vm_memory::GuestMemoryError) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidInput, e)
+}
+
+/// The host memory behind the guest buffers `segs`.
+fn guest_slices<'m>(
+    mem: &'m GuestMemoryMmap,
+    segs: &[Segment],
+) -> io::Result<Vec<VolatileSlice<'m, MS<'m, GuestMemoryMmap>>>> {
+    let mut slices = Vec::with_capacity(segs.len());
+    for seg in segs {
+        for slice in GuestMemoryBackend::get_slices(mem, seg.addr, seg.len as usize) {
+            slices.push(slice.map_err(guest_error)?);
+        }
+    }
+    Ok(slices)
+}
+
+/// One iovec per (host address, length).
+fn iovecs(ptrs: &[(usize, usize)]) -> Vec<libc::iovec> {
+    ptrs.iter()
+        .map(|&(ptr, n)| libc::iovec {
+            iov_base: ptr as *mut libc::c_void,
+            iov_len: n,
+        })
+        .collect()
 }
 
 /// Executes requests against one disk.
@@ -496,12 +514,7 @@ impl Executor {
         offset: u64,
         len: u64,
     ) -> io::Result<()> {
-        let mut slices = Vec::with_capacity(segs.len());
-        for seg in segs {
-            for slice in GuestMemoryBackend::get_slices(mem, seg.addr, seg.len as usize) {
-                slices.push(slice.map_err(guest_error)?);
-            }
-        }
+        let slices = guest_slices(mem, segs)?;
         let guards: Vec<_> = slices.iter().map(|s| s.ptr_guard_mut()).collect();
         let ptrs: Vec<(usize, usize)> = guards
             .iter()
@@ -509,13 +522,7 @@ impl Executor {
             .map(|(g, s)| (g.as_ptr() as usize, s.len()))
             .collect();
         if !disk.direct() || Self::direct_ok(disk, &ptrs, offset, len) {
-            let mut iov: Vec<libc::iovec> = ptrs
-                .iter()
-                .map(|&(ptr, n)| libc::iovec {
-                    iov_base: ptr as *mut libc::c_void,
-                    iov_len: n,
-                })
-                .collect();
+            let mut iov = iovecs(&ptrs);
             // The iovecs point into guest memory mapped for as long as
             // `mem` is borrowed, and the guards keep them valid.
             let result = disk.preadv_all(&mut iov, offset);
@@ -576,12 +583,7 @@ impl Executor {
         offset: u64,
         len: u64,
     ) -> io::Result<()> {
-        let mut slices = Vec::with_capacity(segs.len());
-        for seg in segs {
-            for slice in GuestMemoryBackend::get_slices(mem, seg.addr, seg.len as usize) {
-                slices.push(slice.map_err(guest_error)?);
-            }
-        }
+        let slices = guest_slices(mem, segs)?;
         let guards: Vec<_> = slices.iter().map(|s| s.ptr_guard()).collect();
         let ptrs: Vec<(usize, usize)> = guards
             .iter()
@@ -589,13 +591,7 @@ impl Executor {
             .map(|(g, s)| (g.as_ptr() as usize, s.len()))
             .collect();
         if !disk.direct() || Self::direct_ok(disk, &ptrs, offset, len) {
-            let mut iov: Vec<libc::iovec> = ptrs
-                .iter()
-                .map(|&(ptr, n)| libc::iovec {
-                    iov_base: ptr as *mut libc::c_void,
-                    iov_len: n,
-                })
-                .collect();
+            let mut iov = iovecs(&ptrs);
             match disk.pwritev_all(&mut iov, offset) {
                 Err(e) if disk.direct() && e.raw_os_error() == Some(libc::EINVAL) => {}
                 other => return other,

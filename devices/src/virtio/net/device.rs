@@ -16,10 +16,10 @@ use super::persist::NetState;
 use super::tap::{Tap, TapError};
 use super::{CTRL_QUEUE, NUM_QUEUES, QUEUE_SIZE, RX_QUEUE, TX_QUEUE};
 use crate::rate_limiter::RateLimiter;
-use crate::virtio::worker::Worker;
+use crate::virtio::worker::DeviceWorker;
 use crate::virtio::{
-    ActivateContext, ActivateError, QueueSnapshot, VirtioDevice, VirtioInterrupt, COMMON_FEATURES,
-    TYPE_NET,
+    read_config_space, ActivateContext, ActivateError, QueueSnapshot, VirtioDevice,
+    VirtioInterrupt, COMMON_FEATURES, TYPE_NET,
 };
 
 /// Bytes of config space we expose: mac, status, max_virtqueue_pairs.
@@ -68,10 +68,9 @@ struct Restored {
     guest_offloads: u64,
 }
 
+/// What the driver set up, from `activate` to `reset`. The worker stays
+/// inactive if its thread could not restart after a pause (or panicked).
 struct Active {
-    /// None while paused (then `paused` holds the handler).
-    worker: Option<Worker<NetHandler>>,
-    paused: Option<NetHandler>,
     interrupt: Arc<dyn VirtioInterrupt>,
     acked_features: u64,
 }
@@ -86,6 +85,7 @@ pub struct Net {
     shared: Arc<Shared>,
     rate_limit: Option<RateLimitConfig>,
     active: Option<Active>,
+    worker: DeviceWorker<NetHandler>,
     restored: Option<Restored>,
 }
 
@@ -158,6 +158,7 @@ impl Net {
                 features |= bit(VIRTIO_NET_F_HOST_UFO) | bit(VIRTIO_NET_F_GUEST_UFO);
             }
         }
+        let worker = DeviceWorker::new(thread_name(&id), format!("net {id}"));
         Ok(Net {
             id,
             tap: Arc::new(tap),
@@ -166,6 +167,7 @@ impl Net {
             shared: Arc::new(Shared::new(config_mac)),
             rate_limit: config.rate_limit.clone(),
             active: None,
+            worker,
             restored: None,
         })
     }
@@ -269,28 +271,20 @@ impl Net {
     /// The handler when paused (tests look inside).
     #[cfg(test)]
     pub(super) fn paused_handler(&self) -> Option<&NetHandler> {
-        self.active.as_ref()?.paused.as_ref()
+        self.worker.handler()
     }
 
     fn stop_worker(&mut self) -> Option<NetHandler> {
-        let active = self.active.as_mut()?;
-        if let Some(worker) = active.worker.take() {
-            let handler = worker.stop();
-            if handler.is_none() {
-                eprintln!("vmm: net {}: the worker thread panicked", self.id);
-            }
-            return handler;
+        let was_running = self.worker.is_running();
+        let handler = self.worker.stop();
+        if was_running && handler.is_none() {
+            self.log_panicked();
         }
-        active.paused.take()
+        handler
     }
 
-    fn thread_name(&self) -> String {
-        let mut name = format!("net-{}", self.id);
-        // Linux thread names are at most 15 bytes.
-        while name.len() > 15 {
-            name.pop();
-        }
-        name
+    fn log_panicked(&self) {
+        eprintln!("vmm: net {}: the worker thread panicked", self.id);
     }
 
     fn limiter(&self) -> std::io::Result<RateLimiter> {
@@ -335,13 +329,7 @@ impl VirtioDevice for Net {
         config[6..8].copy_from_slice(&self.shared.status.load(Ordering::SeqCst).to_le_bytes());
         // max_virtqueue_pairs
         config[8..10].copy_from_slice(&1u16.to_le_bytes());
-        for (i, byte) in data.iter_mut().enumerate() {
-            *byte = offset
-                .checked_add(i as u64)
-                .and_then(|o| usize::try_from(o).ok())
-                .and_then(|o| config.get(o).copied())
-                .unwrap_or(0);
-        }
+        read_config_space(&config, offset, data);
     }
 
     // The config space is read-only in virtio 1.x (the MAC changes through
@@ -399,10 +387,8 @@ impl VirtioDevice for Net {
             tx_limiter,
         );
         handler.notify_on_start = restored.is_some();
-        let worker = Worker::spawn(&self.thread_name(), handler).map_err(ActivateError::Worker)?;
+        self.worker.start(handler).map_err(ActivateError::Worker)?;
         self.active = Some(Active {
-            worker: Some(worker),
-            paused: None,
             interrupt: context.interrupt,
             acked_features: acked,
         });
@@ -426,25 +412,16 @@ impl VirtioDevice for Net {
     }
 
     fn pause(&mut self) {
-        if self.active.as_ref().is_some_and(|a| a.worker.is_some()) {
-            let handler = self.stop_worker();
-            if let Some(active) = self.active.as_mut() {
-                active.paused = handler;
+        if self.worker.is_running() {
+            self.worker.pause();
+            if !self.worker.is_active() {
+                self.log_panicked();
             }
         }
     }
 
     fn resume(&mut self) {
-        let name = self.thread_name();
-        let Some(active) = self.active.as_mut() else {
-            return;
-        };
-        if let Some(handler) = active.paused.take() {
-            match Worker::spawn(&name, handler) {
-                Ok(worker) => active.worker = Some(worker),
-                Err(e) => eprintln!("vmm: net {}: cannot restart the worker: {e}", self.id),
-            }
-        }
+        self.worker.resume();
     }
 
     fn counters(&self) -> BTreeMap<String, u64> {
@@ -468,7 +445,7 @@ impl VirtioDevice for Net {
     fn snapshot(&mut self) -> serde_json::Value {
         // Normally called paused; if not, pause around it so the queue
         // states are consistent.
-        let running = self.active.as_ref().is_some_and(|a| a.worker.is_some());
+        let running = self.worker.is_running();
         if running {
             self.pause();
         }
@@ -481,9 +458,8 @@ impl VirtioDevice for Net {
     }
 
     fn queue_states(&self) -> Vec<QueueState> {
-        self.active
-            .as_ref()
-            .and_then(|a| a.paused.as_ref())
+        self.worker
+            .handler()
             .map(|h| h.queue_states())
             .unwrap_or_default()
     }
@@ -509,6 +485,16 @@ impl VirtioDevice for Net {
             eprintln!("vmm: {}: cannot announce the guest: {e}", self.id);
         }
     }
+}
+
+/// The worker thread's name.
+fn thread_name(id: &str) -> String {
+    let mut name = format!("net-{id}");
+    // Linux thread names are at most 15 bytes.
+    while name.len() > 15 {
+        name.pop();
+    }
+    name
 }
 
 impl Drop for Net {

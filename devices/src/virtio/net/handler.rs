@@ -144,8 +144,8 @@ fn avail_pending(queue: &Queue, mem: &GuestMemoryMmap) -> Option<u16> {
 /// some of them without the others (Linux drops the frame: "rx error: N
 /// buffers out of M missing"), so they go out together. A single entry goes
 /// through [`complete`]; for a batch the notification decision is the one
-/// `Queue::needs_notification` makes (EVENT_IDX: `used_event` within the
-/// batch; otherwise always).
+/// `Queue::needs_notification` makes with EVENT_IDX (`used_event` within
+/// the batch), otherwise the avail ring's NO_INTERRUPT flag.
 pub(super) fn publish_used(
     queue: &mut Queue,
     mem: &GuestMemoryMmap,
@@ -194,7 +194,7 @@ pub(super) fn publish_used(
                 );
                 new.wrapping_sub(used_event).wrapping_sub(1) < new.wrapping_sub(old)
             } else {
-                true
+                super::super::driver_wants_interrupt(queue, mem)?
             };
             if notify {
                 // A lost interrupt is recovered by the driver's next kick.
