@@ -68,8 +68,9 @@ struct Restored {
     guest_offloads: u64,
 }
 
-/// What the driver set up, from `activate` to `reset`. The worker stays
-/// inactive if its thread could not restart after a pause (or panicked).
+/// What the driver set up, from `activate` to `reset`. The device stays
+/// active when its worker does not (a thread that panicked or could not
+/// restart after a pause).
 struct Active {
     interrupt: Arc<dyn VirtioInterrupt>,
     acked_features: u64,
