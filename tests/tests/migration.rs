@@ -665,3 +665,37 @@ fn device_writes_to_guest_memory_are_carried_over() {
     let counters = pair.target.api().counters().unwrap();
     assert!(counters["disk0"]["read_ops"] > 0, "{counters:?}");
 }
+
+#[test]
+fn auto_converge_throttles_a_guest_that_outruns_the_link() {
+    require_kvm!();
+    let mut pair = walking_pair();
+    let api = pair.source_api();
+    // The walker rewrites 64 MiB far faster than 32 MiB/s drains it: without
+    // throttling this never fits a 50 ms budget.
+    api.send_migration(&send(
+        &pair.destination(),
+        TOKEN,
+        MigrationParameters {
+            downtime_ms: 50,
+            bandwidth_bytes_per_s: Some(32 << 20),
+            auto_converge: true,
+            ..Default::default()
+        },
+    ))
+    .unwrap();
+    let throttled = wait_status(&api, MIGRATE, "throttling", |s| {
+        s.throttle_percent >= 20 || s.phase == MigrationPhase::Completed
+    });
+    assert!(throttled.throttle_percent >= 20, "{throttled:#?}");
+    let done = wait_status(&api, Duration::from_secs(120), "completion", |s| {
+        matches!(s.phase, MigrationPhase::Completed | MigrationPhase::Failed)
+    });
+    assert_eq!(done.phase, MigrationPhase::Completed, "{done:#?}");
+    assert_eq!(pair.source.exit_code(SHORT), EXIT_MIGRATED);
+    // Throttling is gone on the target: the walker runs at full speed again.
+    let before = pages_pass(&mut pair.target);
+    let after = pages_pass(&mut pair.target);
+    assert!(after > before);
+    check_pages(&mut pair.target);
+}
