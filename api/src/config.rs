@@ -116,6 +116,14 @@ impl VmConfig {
         }
         if let Some(balloon) = &self.balloon {
             balloon.validate().map_err(|e| e.within("balloon"))?;
+            if self.memory.backing == MemoryBacking::Hugetlbfs {
+                // The guest gives back 4 KiB pages; hugetlbfs frees only whole
+                // 2 MiB ones, so inflating would return nothing.
+                return Err(ConfigError::new(
+                    "balloon",
+                    "cannot return memory from hugetlbfs-backed guest RAM: use backing anonymous or memfd",
+                ));
+            }
             if balloon.target_mib > self.memory.size_mib {
                 return Err(ConfigError::new(
                     "balloon.target_mib",
@@ -935,6 +943,16 @@ mod tests {
         assert!(MemoryConfig::parse("size=99999999999999999999").is_err());
         assert!(MemoryConfig::parse("size=64M,backing=memfd,mergeable=on").is_err());
         assert_eq!(parse_size("x", "64K").unwrap(), 65536);
+    }
+
+    #[test]
+    fn a_balloon_needs_memory_it_can_give_back() {
+        let e = VmConfig::from_json(
+            br#"{"payload": {"kernel": "/k"}, "memory": {"size_mib": 64, "backing": "hugetlbfs"}, "balloon": {}}"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.field, "balloon");
+        assert!(e.message.contains("hugetlbfs"), "{e}");
     }
 
     #[test]

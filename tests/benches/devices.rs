@@ -48,7 +48,10 @@ impl Guest {
         let mut line = String::new();
         while Instant::now() < deadline {
             line.clear();
-            assert!(self.stdout.read_line(&mut line).unwrap_or(0) > 0, "the guest stopped before {needle:?}");
+            assert!(
+                self.stdout.read_line(&mut line).unwrap_or(0) > 0,
+                "the guest stopped before {needle:?}"
+            );
             if line.contains(needle) {
                 return line;
             }
@@ -99,9 +102,23 @@ fn boot(peer: Peer, disk: Option<(&Path, bool)>, tap: bool, prefix: &[&str]) -> 
     }
     match peer {
         Peer::Ours => {
-            cmd.arg("--kernel").arg(testguest()).args(["--cmdline", "--", "--cpus", "2", "--memory", "size=512M"]);
+            cmd.arg("--kernel").arg(testguest()).args([
+                "--cmdline",
+                "--",
+                "--cpus",
+                "2",
+                "--memory",
+                "size=512M",
+            ]);
             if let Some((path, direct)) = disk {
-                cmd.args(["--disk", &format!("path={},direct={}", path.display(), if direct { "on" } else { "off" })]);
+                cmd.args([
+                    "--disk",
+                    &format!(
+                        "path={},direct={}",
+                        path.display(),
+                        if direct { "on" } else { "off" }
+                    ),
+                ]);
             }
             if tap {
                 cmd.args(["--net", &format!("tap={TAP}")]);
@@ -109,19 +126,44 @@ fn boot(peer: Peer, disk: Option<(&Path, bool)>, tap: bool, prefix: &[&str]) -> 
         }
         Peer::Qemu => {
             // q35 has ECAM (at 0xb0000000) and firmware that assigns BARs.
-            cmd.args(["-accel", "kvm", "-cpu", "host,-arch-capabilities", "-machine", "q35"])
-                .args(["-m", "512M", "-smp", "2", "-nodefaults", "-no-user-config", "-nographic"])
-                .args(["-serial", "stdio", "-kernel"])
-                .arg(testguest())
-                .args(["-append", "cpus=2 ecam=0xb0000000 --"]);
+            cmd.args([
+                "-accel",
+                "kvm",
+                "-cpu",
+                "host,-arch-capabilities",
+                "-machine",
+                "q35",
+            ])
+            .args([
+                "-m",
+                "512M",
+                "-smp",
+                "2",
+                "-nodefaults",
+                "-no-user-config",
+                "-nographic",
+            ])
+            .args(["-serial", "stdio", "-kernel"])
+            .arg(testguest())
+            .args(["-append", "cpus=2 ecam=0xb0000000 --"]);
             if let Some((path, direct)) = disk {
-                let cache = if direct { "cache=none,aio=native" } else { "cache=writeback" };
-                cmd.args(["-drive", &format!("file={},if=none,id=d0,format=raw,{cache}", path.display())])
-                    .args(["-device", "virtio-blk-pci,drive=d0,disable-legacy=on"]);
+                let cache = if direct {
+                    "cache=none,aio=native"
+                } else {
+                    "cache=writeback"
+                };
+                cmd.args([
+                    "-drive",
+                    &format!("file={},if=none,id=d0,format=raw,{cache}", path.display()),
+                ])
+                .args(["-device", "virtio-blk-pci,drive=d0,disable-legacy=on"]);
             }
             if tap {
-                cmd.args(["-netdev", &format!("tap,id=n0,ifname={TAP},script=no,downscript=no,vhost=off")])
-                    .args(["-device", "virtio-net-pci,netdev=n0,disable-legacy=on"]);
+                cmd.args([
+                    "-netdev",
+                    &format!("tap,id=n0,ifname={TAP},script=no,downscript=no,vhost=off"),
+                ])
+                .args(["-device", "virtio-net-pci,netdev=n0,disable-legacy=on"]);
             }
         }
     }
@@ -176,7 +218,9 @@ fn blk_figure(peer: Peer, disk: &Path, case: &BlkCase) -> f64 {
     // Warm-up: the first run also brings the driver up.
     guest.run(case.command, "blk-bench:");
     let line = guest.run(case.command, "blk-bench:");
-    field(&line, "errors").filter(|&e| e == 0).unwrap_or_else(|| panic!("errors: {line}"));
+    field(&line, "errors")
+        .filter(|&e| e == 0)
+        .unwrap_or_else(|| panic!("errors: {line}"));
     field(&line, case.figure).unwrap_or_else(|| panic!("no {} in {line}", case.figure)) as f64
 }
 
@@ -201,7 +245,10 @@ fn net_throughput(peer: Peer, net: &Netns) -> f64 {
         bytes as f64 * 8.0 / secs / 1e6
     });
     is_ready.recv().unwrap();
-    guest.run(&format!("net-bench count={FRAMES} size={FRAME}"), "net-bench:");
+    guest.run(
+        &format!("net-bench count={FRAMES} size={FRAME}"),
+        "net-bench:",
+    );
     counter.join().unwrap()
 }
 
@@ -209,7 +256,10 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
-    let have_qemu = Command::new("qemu-system-x86_64").arg("--version").output().is_ok();
+    let have_qemu = Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .is_ok();
     let dir = TempDir::new("bench-devices");
     let disk = dir.join("disk.img");
     // A disk full of data, so reads read something.
@@ -217,8 +267,18 @@ fn main() {
 
     let mut table = Table::new(&["figure", "ours", "QEMU 7.2", "ours/QEMU"]);
     for case in BLK_CASES {
-        let ours = median((0..RUNS).map(|_| blk_figure(Peer::Ours, &disk, case)).collect());
-        let qemu = have_qemu.then(|| median((0..RUNS).map(|_| blk_figure(Peer::Qemu, &disk, case)).collect()));
+        let ours = median(
+            (0..RUNS)
+                .map(|_| blk_figure(Peer::Ours, &disk, case))
+                .collect(),
+        );
+        let qemu = have_qemu.then(|| {
+            median(
+                (0..RUNS)
+                    .map(|_| blk_figure(Peer::Qemu, &disk, case))
+                    .collect(),
+            )
+        });
         table.row(vec![
             format!("virtio-blk {}", case.name),
             format!("{ours:.0}"),
@@ -228,8 +288,18 @@ fn main() {
     }
     if vmm_tests::netns::available() {
         let net = Netns::create("bench");
-        let ours = median((0..RUNS).map(|_| net_throughput(Peer::Ours, &net)).collect());
-        let qemu = have_qemu.then(|| median((0..RUNS).map(|_| net_throughput(Peer::Qemu, &net)).collect()));
+        let ours = median(
+            (0..RUNS)
+                .map(|_| net_throughput(Peer::Ours, &net))
+                .collect(),
+        );
+        let qemu = have_qemu.then(|| {
+            median(
+                (0..RUNS)
+                    .map(|_| net_throughput(Peer::Qemu, &net))
+                    .collect(),
+            )
+        });
         table.row(vec![
             "virtio-net guest to host, 1514-byte frames (Mbit/s)".into(),
             format!("{ours:.0}"),

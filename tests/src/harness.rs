@@ -265,8 +265,19 @@ impl Vmm {
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
                 self.status = Some(status);
-                // Let the readers drain what is left in the pipes.
-                std::thread::sleep(Duration::from_millis(20));
+                // Let the readers drain what is left in the pipes (they end
+                // at EOF; a grandchild holding a pipe could keep it open).
+                let drained = Instant::now() + Duration::from_secs(2);
+                for lines in [&self.stdout, &self.stderr] {
+                    let mut guard = lines.lines.lock().unwrap();
+                    while !guard.1 && Instant::now() < drained {
+                        guard = lines
+                            .changed
+                            .wait_timeout(guard, Duration::from_millis(50))
+                            .unwrap()
+                            .0;
+                    }
+                }
                 return Some(status);
             }
             if Instant::now() >= deadline {

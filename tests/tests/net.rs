@@ -63,6 +63,11 @@ struct Nic {
 }
 
 fn boot_with_nic(cmdline: &str, extra_net: &str) -> Option<Nic> {
+    boot_with_nic_and_options("", cmdline, extra_net)
+}
+
+/// [`boot_with_nic`] with guest boot options (`key=value` before `--`).
+fn boot_with_nic_and_options(options: &str, cmdline: &str, extra_net: &str) -> Option<Nic> {
     if !netns::available() {
         return None;
     }
@@ -72,7 +77,7 @@ fn boot_with_nic(cmdline: &str, extra_net: &str) -> Option<Nic> {
         "--kernel".into(),
         vmm_tests::harness::testguest().display().to_string(),
         "--cmdline".into(),
-        format!("-- net-info; {cmdline}"),
+        format!("{options} -- net-info; {cmdline}"),
         "--net".into(),
         format!("tap={TAP}{extra_net}"),
         "--api-socket".into(),
@@ -225,4 +230,119 @@ fn offloads_negotiated_by_the_guest_reach_the_tap() {
     }
     nic.vmm.send_line("poweroff");
     assert_eq!(nic.vmm.exit_code(SHORT), 0);
+}
+
+/// A hexadecimal field `key=0x...` of a console line.
+fn hex_field(line: &str, key: &str) -> u64 {
+    let value = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix("=0x"))
+        .unwrap_or_else(|| panic!("no {key}=0x.. in {line:?}"));
+    u64::from_str_radix(value, 16).unwrap()
+}
+
+/// The tap's transmit offloads as the host kernel has them: (checksum,
+/// TCP segmentation), what `ethtool -k` shows as `tx-checksumming` and
+/// `tcp-segmentation-offload` (the VMM sets them with TUNSETOFFLOAD from the
+/// guest's GUEST_* features: the kernel may then hand the tap frames with
+/// partial checksums and GSO frames). Read with the SIOCETHTOOL commands
+/// ETHTOOL_GTXCSUM and ETHTOOL_GTSO (stable ABI; ETHTOOL_GFEATURES would
+/// need the feature names from ETHTOOL_GSTRINGS), inside the namespace.
+fn tap_offloads(net: &Netns, tap: &'static str) -> (bool, bool) {
+    const ETHTOOL_GTXCSUM: u32 = 0x16;
+    const ETHTOOL_GTSO: u32 = 0x1e;
+    #[repr(C)]
+    struct EthtoolValue {
+        cmd: u32,
+        data: u32,
+    }
+    /// `struct ifreq` with `ifr_data`.
+    #[repr(C)]
+    struct IfreqData {
+        name: [u8; libc::IFNAMSIZ],
+        data: *mut EthtoolValue,
+        _pad: [u8; 16],
+    }
+    net.run(move || {
+        // SAFETY: a plain socket call; the fd is owned below.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        // SAFETY: a fresh fd we own.
+        let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        let get = |cmd: u32| {
+            let mut value = EthtoolValue { cmd, data: 0 };
+            let mut req = IfreqData {
+                name: [0; libc::IFNAMSIZ],
+                data: &mut value,
+                _pad: [0; 16],
+            };
+            req.name[..tap.len()].copy_from_slice(tap.as_bytes());
+            // SAFETY: SIOCETHTOOL with an ifreq whose ifr_data points at an
+            // ethtool_value that outlives the call.
+            let rc = unsafe {
+                libc::ioctl(
+                    std::os::fd::AsRawFd::as_raw_fd(&fd),
+                    libc::SIOCETHTOOL,
+                    &mut req,
+                )
+            };
+            assert_eq!(
+                rc,
+                0,
+                "SIOCETHTOOL {cmd:#x} on {tap}: {}",
+                std::io::Error::last_os_error()
+            );
+            value.data != 0
+        };
+        (get(ETHTOOL_GTXCSUM), get(ETHTOOL_GTSO))
+    })
+}
+
+#[test]
+fn offloads_acked_with_net_offload_turn_the_taps_offloads_on() {
+    require_kvm!();
+    const GUEST_CSUM: u64 = 1 << 1;
+    const GUEST_TSO4: u64 = 1 << 7;
+    // With the option the guest acks the offloads; without, none (the
+    // existing tests' default).
+    for (options, on) in [("net_offload=1", true), ("", false)] {
+        let Some(mut nic) = boot_with_nic_and_options(options, "", "") else {
+            return;
+        };
+        let info = nic
+            .vmm
+            .console()
+            .into_iter()
+            .find(|l| l.starts_with("net0: mac="))
+            .unwrap();
+        let acked = hex_field(&info, "acked");
+        for (bit, name) in [(GUEST_CSUM, "GUEST_CSUM"), (GUEST_TSO4, "GUEST_TSO4")] {
+            assert_eq!(acked & bit != 0, on, "{options:?}: {name} acked: {info}");
+        }
+        // The device set the tap's offloads at DRIVER_OK, before net-info.
+        let (csum, tso) = tap_offloads(&nic.net, TAP);
+        eprintln!("{options:?}: acked={acked:#x}, tap tx-checksumming={csum} tso={tso}");
+        assert_eq!(
+            (csum, tso),
+            (on, on),
+            "{options:?}: tap tx-checksumming, tcp-segmentation-offload ({info})"
+        );
+        // Plain frames still reach the guest intact.
+        let guest_mac = nic.mac;
+        nic.net.run(move || {
+            let socket = PacketSocket::bind(TAP, ETHERTYPE);
+            socket.send(&frame(guest_mac, [0x02, 0, 0, 0, 0, 0x44], 7, 500));
+        });
+        nic.vmm.send_line(&format!(
+            "net-recv count=1 ethertype={ETHERTYPE:#x} timeout_ms=5000"
+        ));
+        let line = nic.vmm.wait_for("net: received=", SHORT);
+        assert_eq!(
+            (field(&line, "received"), field(&line, "ok")),
+            (Some(1), Some(1)),
+            "{options:?}: {line}"
+        );
+        nic.vmm.send_line("poweroff");
+        assert_eq!(nic.vmm.exit_code(SHORT), 0, "{}", nic.vmm.report());
+    }
 }

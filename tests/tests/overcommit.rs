@@ -23,8 +23,8 @@ const SHORT: Duration = Duration::from_secs(10);
 const MIB: u64 = 1 << 20;
 const PAGE: u64 = 4096;
 
-/// What the balloon tests expect from the test guest's driver (to be
-/// written; see the report that came with this file):
+/// What the balloon tests expect from the test guest's driver
+/// (tests/guest/src/balloon.rs; its README has the details):
 ///
 /// * `balloon-follow` starts the driver on the first virtio-balloon
 ///   function: features VERSION_1, MUST_TELL_HOST, STATS_VQ, and

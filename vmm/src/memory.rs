@@ -72,13 +72,30 @@ pub fn create_guest_memory(config: &MemoryConfig) -> Result<GuestMemoryMmap, Mem
                 .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE),
             Some(f) => {
                 let f = f.try_clone().map_err(|e| map_error(e.to_string()))?;
+                // hugetlbfs pages are reserved at mmap time (no NORESERVE), so
+                // a host without enough of them refuses here instead of the
+                // guest dying of SIGBUS later.
+                let noreserve = if config.backing == MemoryBacking::Hugetlbfs {
+                    0
+                } else {
+                    libc::MAP_NORESERVE
+                };
                 builder
-                    .with_mmap_flags(libc::MAP_SHARED | libc::MAP_NORESERVE)
+                    .with_mmap_flags(libc::MAP_SHARED | noreserve)
                     .with_file_offset(FileOffset::new(f, file_offset))
                     .with_hugetlbfs(config.backing == MemoryBacking::Hugetlbfs)
             }
         };
-        let mapping = builder.build().map_err(|e| map_error(e.to_string()))?;
+        let mapping = builder.build().map_err(|e| {
+            if config.backing == MemoryBacking::Hugetlbfs {
+                map_error(format!(
+                    "{e} (hugetlbfs backing needs {} free 2 MiB huge pages: see /proc/sys/vm/nr_hugepages)",
+                    len.div_ceil(HUGE_PAGE_SIZE)
+                ))
+            } else {
+                map_error(e.to_string())
+            }
+        })?;
         let region = GuestRegionMmap::new(mapping, GuestAddress(start))
             .ok_or_else(|| map_error("region wraps the address space".into()))?;
         regions.push(region);

@@ -33,8 +33,9 @@ pub mod svc {
     pub const SET_IF: u64 = 14;
     pub const NOP: u64 = 15;
     pub const FLUSH_TLB: u64 = 16;
+    pub const CRASH: u64 = 17;
     /// Number of services.
-    pub const COUNT: usize = 17;
+    pub const COUNT: usize = 18;
 }
 
 /// Raw gate call. Returns (rax, rdi, rsi, rdx) after the call.
@@ -204,4 +205,14 @@ pub fn flush_tlb() {
 pub fn nop() {
     // SAFETY: no memory arguments.
     unsafe { call(svc::NOP, 0, 0, 0) };
+}
+
+/// Execute at CPL0 an instruction this development host's KVM cannot
+/// emulate (POPCNT): KVM_RUN fails with KVM_EXIT_INTERNAL_ERROR (suberror 1,
+/// emulation failure) and the VMM reports a guest crash. Returns only where
+/// CPL0 runs natively (hardware-assisted virtualization), where the
+/// instruction is harmless.
+pub fn crash() {
+    // SAFETY: no memory arguments.
+    unsafe { call(svc::CRASH, 0, 0, 0) };
 }

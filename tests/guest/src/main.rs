@@ -13,6 +13,7 @@
 #[macro_use]
 mod console;
 
+mod balloon;
 mod blk;
 mod bootinfo;
 mod builtins;

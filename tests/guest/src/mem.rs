@@ -3,12 +3,15 @@
 //!
 //! Free RAM = the E820 RAM ranges from the PVH memory map, minus everything
 //! below the end of the image (`__image_end`), clipped to the mapped range.
-//! Workload regions (`pages`, `memfill`) are carved from it by [`choose`].
+//! Workload regions (`pages`, `memfill`) are carved from it by [`choose`],
+//! after taking out the two reservations of the virtio drivers: the DMA
+//! arena (top of the largest range) and the pages the balloon holds
+//! (bottom of the free RAM, see [`balloon_take`]).
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use crate::bootinfo::{BootInfo, E820_RAM};
-use crate::sync::BootCell;
+use crate::sync::{BootCell, SpinLock};
 
 pub const MIB: u64 = 1 << 20;
 pub const GIB: u64 = 1 << 30;
@@ -142,9 +145,9 @@ pub fn init(boot: &BootInfo) {
     INFO.set(info);
 }
 
-/// Free ranges for workloads: [`free_ranges`] minus the DMA arena of the
-/// virtio drivers, once it is reserved.
-fn workload_ranges() -> ([Range; MAX_RANGES], usize) {
+/// [`free_ranges`] minus the DMA arena of the virtio drivers, once it is
+/// reserved.
+fn arena_free_ranges() -> ([Range; MAX_RANGES], usize) {
     let mut out = [Range::default(); MAX_RANGES];
     let mut n = 0;
     let (dma_base, dma_end) = (
@@ -165,9 +168,58 @@ fn workload_ranges() -> ([Range; MAX_RANGES], usize) {
     (out, n)
 }
 
-/// Choose a region of `mib` MiB starting `off_mib` MiB into a free range:
-/// the first (lowest) range that fits; if none does, the largest range,
-/// clamped. Returns (base, bytes); None if there is no free RAM at all.
+/// Most pieces [`workload_ranges`] can return: every balloon run can split
+/// one range in two.
+const MAX_PIECES: usize = MAX_RANGES + MAX_BALLOON_RUNS;
+
+/// Free ranges for workloads: [`free_ranges`] minus the DMA arena and minus
+/// the pages the balloon holds (ascending).
+fn workload_ranges() -> ([Range; MAX_PIECES], usize) {
+    let (ranges, nr) = arena_free_ranges();
+    let balloon = BALLOON.lock();
+    let runs = &balloon.runs[..balloon.n];
+    let mut out = [Range::default(); MAX_PIECES];
+    let mut n = 0;
+    for r in &ranges[..nr] {
+        let mut start = r.start;
+        // Runs are ascending and disjoint.
+        for b in runs {
+            if b.end <= start || b.start >= r.end {
+                continue;
+            }
+            if b.start > start && n < MAX_PIECES {
+                out[n] = Range {
+                    start,
+                    end: b.start,
+                };
+                n += 1;
+            }
+            start = start.max(b.end);
+        }
+        if r.end > start && n < MAX_PIECES {
+            out[n] = Range { start, end: r.end };
+            n += 1;
+        }
+    }
+    (out, n)
+}
+
+/// Bytes of free RAM left for workloads (what the balloon driver reports
+/// as free and available memory).
+pub fn workload_free_bytes() -> u64 {
+    let (ranges, n) = workload_ranges();
+    ranges[..n].iter().map(Range::len).sum()
+}
+
+/// Total RAM in the memory map, in bytes.
+pub fn total_bytes() -> u64 {
+    INFO.get().map_or(0, |m| m.total)
+}
+
+/// Choose a region of `mib` MiB starting `off_mib` MiB into a free range
+/// (free RAM minus the DMA arena and the balloon's pages): the first
+/// (lowest) range that fits; if none does, the largest range, clamped.
+/// Returns (base, bytes); None if there is no free RAM at all.
 pub fn choose(mib: u64, off_mib: u64) -> Option<(u64, u64)> {
     let want = mib.saturating_mul(MIB);
     let off = off_mib.saturating_mul(MIB);
@@ -265,6 +317,126 @@ pub fn dma_alloc(bytes: u64, align: u64) -> Option<u64> {
                 return Some(start);
             }
             Err(c) => cur = c,
+        }
+    }
+}
+
+// ------------------------------------------------------- balloon pages ----
+
+/// Most runs of ballooned pages; [`balloon_take`] stops taking pages when
+/// a new run would not fit.
+pub const MAX_BALLOON_RUNS: usize = 32;
+
+/// The pages the virtio-balloon driver gave to the host (or is giving:
+/// pages are recorded before the inflate buffer is queued and forgotten
+/// only after the device returned the deflate buffer). Runs of pages,
+/// ascending and disjoint; taken from the bottom, released from the top
+/// (last in, first out).
+struct BalloonRuns {
+    runs: [Range; MAX_BALLOON_RUNS],
+    n: usize,
+    pages: u64,
+}
+
+static BALLOON: SpinLock<BalloonRuns> = SpinLock::new(BalloonRuns {
+    runs: [Range { start: 0, end: 0 }; MAX_BALLOON_RUNS],
+    n: 0,
+    pages: 0,
+});
+
+/// Pages the balloon holds.
+pub fn balloon_pages() -> u64 {
+    BALLOON.lock().pages
+}
+
+/// Reserve up to `out.len()` free pages for the balloon and write their
+/// page numbers (4 KiB units) to `out`; returns how many. Pages are taken in
+/// ascending order from the first free page above the balloon's highest
+/// page (so, from an empty balloon, from the start of the `memfill` area),
+/// skipping the DMA arena and `avoid` (the region of a running `pages`
+/// workload). From then on [`choose`] never returns them.
+pub fn balloon_take(out: &mut [u32], avoid: Option<Range>) -> usize {
+    let (ranges, nr) = arena_free_ranges();
+    let mut b = BALLOON.lock();
+    let mut taken = 0;
+    while taken < out.len() {
+        let cursor = if b.n > 0 { b.runs[b.n - 1].end } else { 0 };
+        // The lowest free piece at or above the cursor.
+        let piece = ranges[..nr].iter().find_map(|r| {
+            let mut p = Range {
+                start: r.start.max(cursor),
+                end: r.end,
+            };
+            if let Some(a) = avoid.filter(|a| a.start < p.end && p.start < a.end) {
+                if a.start > p.start {
+                    p.end = a.start;
+                } else {
+                    p.start = a.end;
+                }
+            }
+            (p.end > p.start).then_some(p)
+        });
+        let Some(piece) = piece else { break };
+        // Page numbers are le32: nothing at or above 16 TiB.
+        if piece.start / PAGE > u32::MAX as u64 {
+            break;
+        }
+        let want = (out.len() - taken) as u64;
+        let count = want.min(piece.len() / PAGE);
+        let end = piece.start + count * PAGE;
+        let n = b.n;
+        if n > 0 && b.runs[n - 1].end == piece.start {
+            b.runs[n - 1].end = end;
+        } else if n < MAX_BALLOON_RUNS {
+            b.runs[n] = Range {
+                start: piece.start,
+                end,
+            };
+            b.n += 1;
+        } else {
+            break;
+        }
+        for i in 0..count {
+            out[taken] = ((piece.start / PAGE) + i) as u32;
+            taken += 1;
+        }
+        b.pages += count;
+    }
+    taken
+}
+
+/// Page numbers of the `out.len()` (at most) most recently taken pages,
+/// most recent first, without releasing them; returns how many.
+pub fn balloon_top(out: &mut [u32]) -> usize {
+    let b = BALLOON.lock();
+    let mut k = 0;
+    for r in b.runs[..b.n].iter().rev() {
+        let mut page = r.end;
+        while page > r.start && k < out.len() {
+            page -= PAGE;
+            out[k] = (page / PAGE) as u32;
+            k += 1;
+        }
+        if k == out.len() {
+            break;
+        }
+    }
+    k
+}
+
+/// Release the `n` most recently taken pages (once the device has
+/// acknowledged their deflation): they are free RAM for workloads again.
+pub fn balloon_release(mut n: u64) {
+    let mut b = BALLOON.lock();
+    while n > 0 && b.n > 0 {
+        let top = b.n - 1;
+        let r = b.runs[top];
+        let k = n.min(r.len() / PAGE);
+        b.runs[top].end -= k * PAGE;
+        b.pages -= k;
+        n -= k;
+        if b.runs[top].end == b.runs[top].start {
+            b.n -= 1;
         }
     }
 }

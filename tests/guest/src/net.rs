@@ -5,6 +5,15 @@
 //! offloads: frames are plain Ethernet both ways). The 12-byte
 //! `virtio_net_hdr_v1` precedes every frame; on tx it is all zero.
 //!
+//! With the boot option `net_offload=1` the driver also acks the offloads
+//! the device offers: CSUM, GUEST_CSUM, CTRL_GUEST_OFFLOADS, GUEST_TSO4/6,
+//! GUEST_ECN, HOST_TSO4/6, HOST_ECN (the GUEST_TSO/ECN ones only with
+//! MRG_RXBUF, since large frames need it). Nothing else changes: the guest
+//! never sends partial checksums or GSO frames (its tx header stays zero),
+//! and received frames are taken as they are (header flags ignored; a GSO
+//! frame from the host is reassembled from its mergeable buffers like any
+//! other). It is for tests of the host side (the tap's offloads).
+//!
 //! rx: one device-writable buffer per descriptor (2 KiB with MRG_RXBUF,
 //! 12 KiB without), all posted at start and re-posted once consumed; a
 //! frame spanning several buffers (`num_buffers`) is reassembled. Frames
@@ -24,7 +33,7 @@
 //! | 16.. | byte i (from 0) = (seq + i) & 0xff |
 
 use core::fmt::{self, Write};
-use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use crate::console::LineBuf;
 use crate::shell::{error, parse_hex, Args};
@@ -41,6 +50,47 @@ const F_STATUS: u64 = 1 << 16;
 const F_CTRL_VQ: u64 = 1 << 17;
 const F_GUEST_ANNOUNCE: u64 = 1 << 21;
 const WANTED: u64 = F_MAC | F_MRG_RXBUF | F_STATUS | F_CTRL_VQ | F_GUEST_ANNOUNCE;
+// Offloads, acked only with the `net_offload=1` option.
+const F_CSUM: u64 = 1 << 0;
+const F_GUEST_CSUM: u64 = 1 << 1;
+const F_CTRL_GUEST_OFFLOADS: u64 = 1 << 2;
+const F_GUEST_TSO4: u64 = 1 << 7;
+const F_GUEST_TSO6: u64 = 1 << 8;
+const F_GUEST_ECN: u64 = 1 << 9;
+const F_HOST_TSO4: u64 = 1 << 11;
+const F_HOST_TSO6: u64 = 1 << 12;
+const F_HOST_ECN: u64 = 1 << 13;
+const OFFLOADS: u64 = F_CSUM
+    | F_GUEST_CSUM
+    | F_CTRL_GUEST_OFFLOADS
+    | F_GUEST_TSO4
+    | F_GUEST_TSO6
+    | F_GUEST_ECN
+    | F_HOST_TSO4
+    | F_HOST_TSO6
+    | F_HOST_ECN;
+/// Guest offloads that bring frames of up to 64 KiB: only with mergeable
+/// rx buffers (our buffers without them are 12 KiB).
+const GUEST_GSO: u64 = F_GUEST_TSO4 | F_GUEST_TSO6 | F_GUEST_ECN;
+
+/// `net_offload=1`: also ack the offloads (set at boot from the options).
+static OFFLOAD: AtomicBool = AtomicBool::new(false);
+
+pub fn set_offload(on: bool) {
+    OFFLOAD.store(on, Ordering::Relaxed);
+}
+
+/// The features asked for, given those offered.
+fn wanted(offered: u64) -> u64 {
+    if !OFFLOAD.load(Ordering::Relaxed) {
+        return WANTED;
+    }
+    if offered & F_MRG_RXBUF == 0 {
+        WANTED | (OFFLOADS & !GUEST_GSO)
+    } else {
+        WANTED | OFFLOADS
+    }
+}
 
 const S_LINK_UP: u16 = 1;
 const S_ANNOUNCE: u16 = 2;
@@ -127,7 +177,7 @@ pub fn attach(dev: u8, func: u8) -> Result<(), &'static str> {
         return Err("too many NICs");
     }
     let mut d = Device::probe(dev, func, 1, 3)?;
-    d.begin(WANTED)?;
+    d.begin_with(wanted)?;
     let mrg = d.features & F_MRG_RXBUF != 0;
     let has_ctrl = d.features & F_CTRL_VQ != 0;
     let (rx_max, rx_buf) = if mrg {

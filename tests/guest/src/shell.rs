@@ -18,7 +18,7 @@ use crate::percpu::{CPUS, MAX_CPUS};
 use crate::workload::{
     self, PagesCheck, Walker, JOB_COUNTERS, JOB_FAULT, JOB_HALT, JOB_NONE, JOB_PAGES,
 };
-use crate::{blk, fault, irq, lapic, mem, net, pci, time, virtio};
+use crate::{balloon, blk, fault, irq, lapic, mem, net, pci, time, virtio};
 
 /// What to do on Ctrl-Alt-Del or the ACPI power button (`on_cad=`).
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -41,6 +41,8 @@ pub struct Options {
     /// `ecam=0x...`: PCI ECAM base of bus 0 (default 0xe0000000; QEMU q35:
     /// 0xb0000000).
     pub ecam: Option<u64>,
+    /// `net_offload=1`: the virtio-net driver also acks the offloads.
+    pub net_offload: bool,
 }
 
 /// Split the command line into (options, commands). With a `--` token the
@@ -76,6 +78,7 @@ impl Options {
             tsc_khz: None,
             on_cad: CadAction::Poweroff,
             ecam: None,
+            net_offload: false,
         };
         let (opts, _) = split_cmdline(cmdline);
         for tok in opts.split_whitespace() {
@@ -101,6 +104,13 @@ impl Options {
                         "testguest: error: bad option {} (1 MiB aligned, below 4 GiB)",
                         tok
                     ),
+                },
+                "net_offload" => match v {
+                    "0" | "1" => {
+                        o.net_offload = v == "1";
+                        net::set_offload(o.net_offload);
+                    }
+                    _ => println!("testguest: error: bad option {} (0|1)", tok),
                 },
                 "on_cad" => match v {
                     "poweroff" => o.on_cad = CadAction::Poweroff,
@@ -371,10 +381,11 @@ impl core::fmt::Display for Keys<'_> {
 }
 
 const HELP: &str = "echo info counters pages check-pages stop memfill memcheck sleep irqs lspci \
-                    gatebench poweroff reset triple-fault halt ud fault help \
+                    gatebench poweroff reset triple-fault halt crash ud fault help \
                     blk-info blk-id blk-write blk-read blk-flush blk-discard blk-zeroes \
                     blk-inflight blk-bench blk-hostile blk-reader blk-check \
-                    net-info net-send net-recv net-echo net-bench net-announce";
+                    net-info net-send net-recv net-echo net-bench net-announce \
+                    balloon-follow balloon-info balloon-report balloon-hostile";
 
 impl Shell {
     /// One slice of the BSP's own job. Returns whether the BSP is busy.
@@ -619,9 +630,18 @@ impl Shell {
                 }
                 gate::halt_forever();
             }
+            "crash" => {
+                if Args::parse(cmd, rest, &[]).is_some() {
+                    println!("testguest: crash");
+                    gate::crash();
+                    // CPL0 is not emulated on this host: the instruction ran.
+                    println!("testguest: crash status=survived (CPL0 runs natively here)");
+                }
+            }
             "ud" | "fault" => self.cmd_fault(cmd, rest),
             c if c.starts_with("blk-") => blk::command(c, rest),
             c if c.starts_with("net-") => net::command(c, rest),
+            c if c.starts_with("balloon-") => balloon::command(c, rest),
             _ => println!("testguest: error: unknown command {}", cmd),
         }
     }

@@ -1,5 +1,6 @@
 //! The virtio-pci transport (virtio 1.2, 4.1.4: modern interface only) and
-//! split virtqueues (2.7), shared by the drivers in `blk.rs` and `net.rs`.
+//! split virtqueues (2.7), shared by the drivers in `blk.rs`, `net.rs` and
+//! `balloon.rs`.
 //!
 //! Everything is found as a real driver finds it: the vendor capabilities
 //! give the common, notify, ISR and device configuration regions (BAR and
@@ -16,13 +17,16 @@
 //!
 //! Drivers initialise lazily: the first command that needs a device calls
 //! [`init_all`], which enumerates bus 0, reserves the DMA arena and starts
-//! every virtio-blk and virtio-net function (one `virtio:` line each).
+//! every virtio-blk and virtio-net function (one `virtio:` line each). The
+//! balloon driver starts only on the first `balloon-*` command (after
+//! [`init_all`]), so that a configured balloon target never takes guest
+//! memory behind a test's back.
 
 use core::ptr::{read_volatile, write_volatile};
 use core::sync::atomic::{fence, AtomicU8, Ordering};
 
 use crate::percpu::{cpu_id, CPUS};
-use crate::{blk, irq, lapic, mem, net, pci, time, workload};
+use crate::{balloon, blk, irq, lapic, mem, net, pci, time, workload};
 
 pub const F_VERSION_1: u64 = 1 << 32;
 
@@ -158,8 +162,8 @@ impl Device {
         let (notify, _, notify_cap) = get(CFG_NOTIFY, 2)?;
         let (isr, _, _) = get(CFG_ISR, 1)?;
         let cfg = match device_type {
-            // Block and net have device configuration; others may not.
-            1 | 2 => get(CFG_DEVICE, 8)?.0,
+            // Net, block and balloon have device configuration; others may not.
+            1 | 2 | 5 => get(CFG_DEVICE, 8)?.0,
             _ => regions[CFG_DEVICE as usize].map_or(0, |r| r.0),
         };
         let notify_mult = pci::read32(0, dev, func, notify_cap + 16);
@@ -221,6 +225,12 @@ impl Device {
     /// VERSION_1 required), FEATURES_OK (checked), MSI-X table setup and
     /// the config vector.
     pub fn begin(&mut self, wanted: u64) -> Result<(), &'static str> {
+        self.begin_with(|_| wanted)
+    }
+
+    /// [`Device::begin`] with the wanted features computed from the offered
+    /// ones (features that only make sense together with others).
+    pub fn begin_with(&mut self, wanted: impl FnOnce(u64) -> u64) -> Result<(), &'static str> {
         if !self.reset() {
             return Err("device reset did not complete");
         }
@@ -235,7 +245,7 @@ impl Device {
             self.set_status(STATUS_FAILED);
             return Err("device does not offer VERSION_1");
         }
-        self.features = self.offered & (wanted | F_VERSION_1);
+        self.features = self.offered & (wanted(self.offered) | F_VERSION_1);
         wr32(self.c(common::DRIVER_FEATURE_SELECT), 0);
         wr32(self.c(common::DRIVER_FEATURE), self.features as u32);
         wr32(self.c(common::DRIVER_FEATURE_SELECT), 1);
@@ -341,6 +351,13 @@ impl Device {
                 return v;
             }
         }
+    }
+
+    /// Write a 32-bit field of the device configuration (the balloon's
+    /// `actual`). Only for devices whose configuration region was required
+    /// by [`Device::probe`].
+    pub fn write_config_u32(&self, off: u64, value: u32) {
+        wr32(self.cfg + off, value)
     }
 }
 
@@ -788,6 +805,7 @@ pub fn poll_background() {
     }
     net::poll_background();
     blk::poll_background();
+    balloon::poll_background();
 }
 
 /// Stop the background workloads (`stop`).

@@ -326,6 +326,17 @@ svc_flush_tlb:
     xor %eax, %eax
     iretq
 
+/* 17 CRASH() -> rax = 0 if it returns. Executes, at CPL0, an instruction
+ * that the development host's KVM cannot emulate (CPL0 is emulated there):
+ * POPCNT, which ends KVM_RUN with KVM_EXIT_INTERNAL_ERROR, suberror 1
+ * (emulation failure), i.e. a guest crash as the VMM sees it. Harmless
+ * where CPL0 runs on hardware (VT-x/AMD-V): it just runs, and the service
+ * returns. There is no instruction that crashes every VMM. */
+svc_crash:
+    popcnt %rax, %rax
+    xor %eax, %eax
+    iretq
+
 svc_bad:
     mov $-1, %rax
     iretq
@@ -350,6 +361,7 @@ gate_table:
     .quad svc_set_if                        /* 14 */
     .quad svc_nop                           /* 15 */
     .quad svc_flush_tlb                     /* 16 */
+    .quad svc_crash                         /* 17 */
 gate_table_end:
 .if (gate_table_end - gate_table) != GATE_COUNT * 8
 .error "gate_table and GATE_COUNT disagree"
