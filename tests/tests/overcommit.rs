@@ -698,3 +698,70 @@ fn free_page_reporting_returns_memory_with_the_guest_driver() {
     vmm.wait_for("memcheck-ok", SHORT);
     assert_eq!(vmm.api().balloon_statistics().unwrap().inflated_pages, 0);
 }
+
+#[test]
+fn a_migrated_ballooned_guest_keeps_its_balloon_and_its_pages_are_not_sent() {
+    require_kvm!();
+    if !guest_has_balloon_driver() {
+        return;
+    }
+    let dir = TempDir::new("balloon-migrate-pages");
+    std::fs::write(dir.join("token"), "t0ken\n").unwrap();
+    let listen = format!("unix:{}", dir.join("migration.sock").display());
+    let mut target = Vmm::spawn(&[
+        "--incoming",
+        &listen,
+        "--migration-token-file",
+        dir.join("token").to_str().unwrap(),
+        "--api-socket",
+        dir.join("target.sock").to_str().unwrap(),
+    ]);
+    target.wait_api(SHORT);
+    let mut source = boot(
+        &dir,
+        "source",
+        "-- memfill pattern=77 mib=192; balloon-follow",
+        &["--memory", "size=256M", "--balloon", "target_mib=0"],
+    );
+    source.wait_for("balloon: ready", BOOT);
+    // 128 MiB of the filled memory go into the balloon.
+    source.api().balloon(128).unwrap();
+    source.wait_for(
+        "balloon: actual=32768 target=32768",
+        Duration::from_secs(60),
+    );
+    let api = source.api();
+    api.send_migration(&api::request::SendMigrationRequest {
+        destination: listen,
+        token: "t0ken".into(),
+        parameters: Default::default(),
+    })
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        let s = api.migration_status().unwrap();
+        if s.phase == api::request::MigrationPhase::Completed {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "{s:#?}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // 192 MiB were filled, 128 MiB of them are ballooned: only the other
+    // 64 MiB (and the guest's own few MiB) may go over the wire.
+    let sent_mib = status.data_pages * 4096 / MIB;
+    assert!(
+        sent_mib < 100,
+        "{sent_mib} MiB of data pages sent: {status:#?}"
+    );
+    assert_eq!(source.exit_code(SHORT), 6, "{}", source.report());
+    let target_api = target.api();
+    let stats = target_api.balloon_statistics().unwrap();
+    assert_eq!(
+        stats.inflated_pages, 32768,
+        "the balloon moved with the guest"
+    );
+    assert_eq!(stats.target_mib, 128);
+    // What the guest kept is intact.
+    target.send_line("memcheck pattern=77 mib=64");
+    target.wait_for("memcheck-ok", SHORT);
+}
