@@ -373,3 +373,64 @@ pub fn field(line: &str, key: &str) -> Option<u64> {
                 .unwrap_or_else(|| v.parse().ok())
         })
 }
+
+pub const KSM: &str = "/sys/kernel/mm/ksm";
+
+/// Switches KSM on (fast scanning) and puts the previous `run`,
+/// `pages_to_scan` and `sleep_millisecs` back when dropped, also when the
+/// test fails.
+pub struct KsmGuard {
+    saved: Vec<(&'static str, String)>,
+}
+
+impl KsmGuard {
+    pub fn start(pages_to_scan: u32, sleep_millisecs: u32) -> Result<KsmGuard, String> {
+        let read = |knob: &str| {
+            std::fs::read_to_string(format!("{KSM}/{knob}"))
+                .map(|s| s.trim().to_string())
+                .map_err(|e| format!("{KSM}/{knob}: {e}"))
+        };
+        // `run` first: it is restored first.
+        let guard = KsmGuard {
+            saved: vec![
+                ("run", read("run")?),
+                ("pages_to_scan", read("pages_to_scan")?),
+                ("sleep_millisecs", read("sleep_millisecs")?),
+            ],
+        };
+        for (knob, value) in [
+            ("pages_to_scan", pages_to_scan.to_string()),
+            ("sleep_millisecs", sleep_millisecs.to_string()),
+            ("run", "1".to_string()),
+        ] {
+            std::fs::write(format!("{KSM}/{knob}"), &value)
+                .map_err(|e| format!("cannot write {value} to {KSM}/{knob}: {e}"))?;
+        }
+        Ok(guard)
+    }
+}
+
+impl Drop for KsmGuard {
+    fn drop(&mut self) {
+        for (knob, value) in &self.saved {
+            if let Err(e) = std::fs::write(format!("{KSM}/{knob}"), value) {
+                eprintln!("WARNING: cannot restore {KSM}/{knob} to {value}: {e}");
+            }
+        }
+    }
+}
+
+/// Proportional set size of a process: what it costs the host, with pages
+/// shared with other processes (KSM pages among them) divided among them.
+/// VmRSS counts a KSM page in full in every process that maps it, so it
+/// does not fall when KSM merges.
+pub fn pss_bytes(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("Pss:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<u64>().ok())
+        .unwrap_or(0)
+        * 1024
+}

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use api::config::{BalloonConfig, MemoryConfig, PayloadConfig, VmConfig};
 use api::http::{ClientError, Method};
 use api::request::{ApiError, ApiErrorKind};
-use vmm_tests::harness::{field, testguest, vmmctl_binary, TempDir, Vmm};
+use vmm_tests::harness::{field, pss_bytes, testguest, vmmctl_binary, KsmGuard, TempDir, Vmm, KSM};
 use vmm_tests::require_kvm;
 
 const BOOT: Duration = Duration::from_secs(20);
@@ -85,21 +85,6 @@ fn put_balloon(vmm: &Vmm, body: &[u8]) -> (u16, Option<ApiError>) {
         .request(Method::Put, "vm.balloon", Some(body))
         .unwrap();
     (status, serde_json::from_slice(&reply).ok())
-}
-
-/// Proportional set size of a process: what it costs the host, with pages
-/// shared with other processes (KSM pages among them) divided among them.
-/// VmRSS counts a KSM page in full in every process that maps it, so it
-/// does not fall when KSM merges.
-fn pss_bytes(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("Pss:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|kb| kb.parse::<u64>().ok())
-        .unwrap_or(0)
-        * 1024
 }
 
 fn ksm_reported_by_this_kernel() -> bool {
@@ -408,53 +393,8 @@ fn a_balloon_migrates_with_its_target() {
 
 // ------------------------------------------------------------------- KSM
 
-const KSM: &str = "/sys/kernel/mm/ksm";
 /// KSM is host-wide: one test at a time touches it.
 static KSM_LOCK: Mutex<()> = Mutex::new(());
-
-/// Switches KSM on (fast scanning) and puts the previous `run`,
-/// `pages_to_scan` and `sleep_millisecs` back when dropped, also when the
-/// test fails.
-struct KsmGuard {
-    saved: Vec<(&'static str, String)>,
-}
-
-impl KsmGuard {
-    fn start(pages_to_scan: u32, sleep_millisecs: u32) -> Result<KsmGuard, String> {
-        let read = |knob: &str| {
-            std::fs::read_to_string(format!("{KSM}/{knob}"))
-                .map(|s| s.trim().to_string())
-                .map_err(|e| format!("{KSM}/{knob}: {e}"))
-        };
-        // `run` first: it is restored first.
-        let guard = KsmGuard {
-            saved: vec![
-                ("run", read("run")?),
-                ("pages_to_scan", read("pages_to_scan")?),
-                ("sleep_millisecs", read("sleep_millisecs")?),
-            ],
-        };
-        for (knob, value) in [
-            ("pages_to_scan", pages_to_scan.to_string()),
-            ("sleep_millisecs", sleep_millisecs.to_string()),
-            ("run", "1".to_string()),
-        ] {
-            std::fs::write(format!("{KSM}/{knob}"), &value)
-                .map_err(|e| format!("cannot write {value} to {KSM}/{knob}: {e}"))?;
-        }
-        Ok(guard)
-    }
-}
-
-impl Drop for KsmGuard {
-    fn drop(&mut self) {
-        for (knob, value) in &self.saved {
-            if let Err(e) = std::fs::write(format!("{KSM}/{knob}"), value) {
-                eprintln!("WARNING: cannot restore {KSM}/{knob} to {value}: {e}");
-            }
-        }
-    }
-}
 
 fn merging_pages(vmm: &Vmm) -> u64 {
     vmm.api()

@@ -1,0 +1,246 @@
+//! Memory overcommit benchmark: how fast balloon inflation gives memory
+//! back to the host, and the host memory N identical guests use with and
+//! without KSM — ours beside QEMU 7.2 (whose guest RAM is mergeable by
+//! default, `mem-merge=on`).
+//!
+//! `cargo bench -p vmm-tests --bench overcommit` prints a table and writes
+//! docs/benchmarks/overcommit.md. KSM is switched on for the run and its
+//! knobs restored afterwards.
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use api::http::ApiClient;
+use vmm_tests::bench::{median, ratio, write_report, Table};
+use vmm_tests::harness::{pss_bytes, testguest, vmm_binary, KsmGuard, TempDir};
+
+const TIMEOUT: Duration = Duration::from_secs(120);
+const GUESTS: usize = 4;
+const GUEST_MIB: u64 = 512;
+const FILL_MIB: u64 = 384;
+const INFLATE_MIB: u64 = 768;
+const MIB: f64 = (1u64 << 20) as f64;
+
+struct Guest {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl Guest {
+    fn spawn(mut cmd: Command) -> Guest {
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starts");
+        Guest {
+            stdin: child.stdin.take().unwrap(),
+            stdout: BufReader::new(child.stdout.take().unwrap()),
+            child,
+        }
+    }
+
+    fn wait(&mut self, needle: &str) {
+        let deadline = Instant::now() + TIMEOUT;
+        let mut line = String::new();
+        while Instant::now() < deadline {
+            line.clear();
+            assert!(
+                self.stdout.read_line(&mut line).unwrap_or(0) > 0,
+                "the guest stopped before {needle:?}"
+            );
+            if line.contains(needle) {
+                return;
+            }
+        }
+        panic!("no {needle:?} within {TIMEOUT:?}");
+    }
+
+    fn send(&mut self, line: &str) {
+        writeln!(self.stdin, "{line}").unwrap();
+        self.stdin.flush().unwrap();
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn rss_bytes(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .unwrap_or(0)
+        * 1024
+}
+
+/// Inflation speed: MiB/s from the target request until the VMM's RSS has
+/// dropped by the inflated amount.
+fn inflation_speed(dir: &TempDir) -> f64 {
+    let socket = dir.join("balloon.sock");
+    let _ = std::fs::remove_file(&socket);
+    let mut cmd = Command::new(vmm_binary());
+    cmd.arg("--kernel")
+        .arg(testguest())
+        .args([
+            "--cmdline",
+            &format!(
+                "-- memfill pattern=77 mib={}; balloon-follow",
+                INFLATE_MIB + 64
+            ),
+        ])
+        .args([
+            "--memory",
+            "size=1G",
+            "--balloon",
+            "target_mib=0",
+            "--api-socket",
+        ])
+        .arg(&socket);
+    let mut guest = Guest::spawn(cmd);
+    guest.wait("balloon: ready");
+    let pid = guest.child.id();
+    let before = rss_bytes(pid);
+    let start = Instant::now();
+    ApiClient::new(&socket).balloon(INFLATE_MIB).unwrap();
+    guest.wait("balloon: actual=");
+    let goal = before.saturating_sub((INFLATE_MIB << 20) * 9 / 10);
+    while rss_bytes(pid) > goal {
+        assert!(start.elapsed() < TIMEOUT, "RSS never fell");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    INFLATE_MIB as f64 / start.elapsed().as_secs_f64()
+}
+
+/// Summed PSS of `GUESTS` guests that filled `FILL_MIB` with the same
+/// pattern, once KSM has had time to merge them.
+fn identical_guests_pss(peer: &str, mergeable: bool) -> f64 {
+    let mut guests: Vec<Guest> = (0..GUESTS)
+        .map(|_| {
+            let commands = format!("memfill pattern=5eedf00d mib={FILL_MIB}");
+            let cmd = if peer == "ours" {
+                let mut c = Command::new(vmm_binary());
+                c.arg("--kernel")
+                    .arg(testguest())
+                    .args(["--cmdline", &format!("-- {commands}")])
+                    .args([
+                        "--memory",
+                        &format!(
+                            "size={GUEST_MIB}M,mergeable={}",
+                            if mergeable { "on" } else { "off" }
+                        ),
+                    ]);
+                c
+            } else {
+                let mut c = Command::new("qemu-system-x86_64");
+                c.args([
+                    "-accel",
+                    "kvm",
+                    "-cpu",
+                    "host,-arch-capabilities",
+                    "-machine",
+                ])
+                .arg(format!(
+                    "microvm,x-option-roms=off,rtc=off,isa-serial=on,mem-merge={}",
+                    if mergeable { "on" } else { "off" }
+                ))
+                .args([
+                    "-m",
+                    &format!("{GUEST_MIB}M"),
+                    "-smp",
+                    "1",
+                    "-nodefaults",
+                    "-no-user-config",
+                ])
+                .args(["-nographic", "-serial", "stdio", "-kernel"])
+                .arg(testguest())
+                .args(["-append", &format!("-- {commands}")]);
+                c
+            };
+            Guest::spawn(cmd)
+        })
+        .collect();
+    for g in &mut guests {
+        g.wait("memfill: done");
+    }
+    // Let KSM scan everything (it has been told to go fast), then a bit more.
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let mut last = u64::MAX;
+    let total = loop {
+        std::thread::sleep(Duration::from_secs(2));
+        let total: u64 = guests.iter().map(|g| pss_bytes(g.child.id())).sum();
+        if !mergeable || total.abs_diff(last) < 2 << 20 || Instant::now() > deadline {
+            break total;
+        }
+        last = total;
+    };
+    for g in &mut guests {
+        g.send("poweroff");
+    }
+    total as f64
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let dir = TempDir::new("bench-overcommit");
+    let have_qemu = Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .is_ok();
+    let mut table = Table::new(&["figure", "ours", "QEMU 7.2", "ours/QEMU"]);
+
+    let speed = median((0..3).map(|_| inflation_speed(&dir)).collect());
+    table.row(vec![
+        format!("balloon inflation of {INFLATE_MIB} MiB, memory back to the host (MiB/s)"),
+        format!("{speed:.0}"),
+        "-".into(),
+        "-".into(),
+    ]);
+
+    let _ksm = match KsmGuard::start(20_000, 10) {
+        Ok(guard) => Some(guard),
+        Err(e) => {
+            eprintln!("SKIP KSM rows: {e}");
+            None
+        }
+    };
+    if _ksm.is_some() {
+        for mergeable in [false, true] {
+            let ours = identical_guests_pss("ours", mergeable);
+            let qemu = have_qemu.then(|| identical_guests_pss("qemu", mergeable));
+            table.row(vec![
+                format!(
+                    "{GUESTS} guests x {FILL_MIB} MiB identical pages, KSM {}: summed PSS (MiB)",
+                    if mergeable {
+                        "merging"
+                    } else {
+                        "off for guest RAM"
+                    }
+                ),
+                format!("{:.0}", ours / MIB),
+                qemu.map_or("-".into(), |q| format!("{:.0}", q / MIB)),
+                ratio(ours, qemu),
+            ]);
+        }
+    }
+    let text = table.render();
+    println!("{text}");
+    let note = format!(
+        "Inflation: the test guest's balloon driver gives back {INFLATE_MIB} MiB of filled memory of a 1 GiB \
+         guest; time from `vm.balloon` until the VMM's RSS fell by 90% of that (median of 3). KSM: \
+         {GUESTS} guests of {GUEST_MIB} MiB each filling {FILL_MIB} MiB with the same pattern, KSM running \
+         with pages_to_scan=20000 and sleep_millisecs=10 for the benchmark; ours `mergeable=on|off`, QEMU \
+         `-machine microvm,mem-merge=on|off`. PSS counts a merged page once across the processes sharing it."
+    );
+    write_report("overcommit", &note, &text);
+}
