@@ -240,6 +240,8 @@ fn counters_continue_on_the_target() {
         .to_string();
     assert!(again.contains("migrated"), "{again}");
     assert_eq!(api.info().unwrap().state, api::request::VmState::Migrated);
+    // Stopping it now (a cluster agent's stop) still says "migrated".
+    pair.source.signal(libc::SIGTERM);
     assert_eq!(
         pair.source.exit_code(MIGRATE),
         EXIT_MIGRATED,

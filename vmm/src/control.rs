@@ -140,13 +140,19 @@ impl Controller {
                 }
                 ControlEvent::Signal(signal) => {
                     eprintln!("vmm: signal {signal}: stopping");
-                    self.exit = Some(if self.vm.is_some() {
-                        ExitStatus::Stopped
-                    } else {
-                        ExitStatus::PoweredOff
-                    });
+                    self.exit = Some(self.exit_by_request());
                 }
             }
+        }
+    }
+
+    /// How the VMM ends when asked to (vmm.shutdown, a signal): a guest that
+    /// ran is stopped, one that moved away stays "migrated".
+    fn exit_by_request(&self) -> ExitStatus {
+        match (self.state, &self.vm) {
+            (VmState::Migrated, _) => ExitStatus::Migrated,
+            (_, Some(_)) => ExitStatus::Stopped,
+            (_, None) => ExitStatus::PoweredOff,
         }
     }
 
@@ -158,11 +164,7 @@ impl Controller {
                 state: self.state,
             })),
             ApiRequest::VmmShutdown => {
-                self.exit = Some(if self.vm.is_some() {
-                    ExitStatus::Stopped
-                } else {
-                    ExitStatus::PoweredOff
-                });
+                self.exit = Some(self.exit_by_request());
                 Ok(ApiResponse::Empty)
             }
             ApiRequest::VmCreate(config) => self.create(*config).map(|_| ApiResponse::Empty),
