@@ -7,12 +7,11 @@
 //! `blk-bench` (requests timed by the guest); network throughput is what
 //! the host receives on the tap from the guest's `net-bench`.
 
-use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use vmm_tests::bench::{median, write_report, Table};
+use vmm_tests::bench::{median, write_report, ConsoleGuest, Table};
 use vmm_tests::harness::{field, testguest, vmm_binary, TempDir};
 use vmm_tests::netns::{Netns, PacketSocket};
 
@@ -20,59 +19,6 @@ const RUNS: usize = 3;
 const TIMEOUT: Duration = Duration::from_secs(300);
 const DISK_MIB: u64 = 256;
 const TAP: &str = "benchtap0";
-
-/// A guest whose console we drive line by line.
-struct Guest {
-    child: Child,
-    stdin: ChildStdin,
-    stdout: BufReader<ChildStdout>,
-}
-
-impl Guest {
-    fn spawn(mut cmd: Command) -> Guest {
-        let mut child = cmd
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("the VMM starts");
-        Guest {
-            stdin: child.stdin.take().unwrap(),
-            stdout: BufReader::new(child.stdout.take().unwrap()),
-            child,
-        }
-    }
-
-    fn wait(&mut self, needle: &str) -> String {
-        let deadline = Instant::now() + TIMEOUT;
-        let mut line = String::new();
-        while Instant::now() < deadline {
-            line.clear();
-            assert!(
-                self.stdout.read_line(&mut line).unwrap_or(0) > 0,
-                "the guest stopped before {needle:?}"
-            );
-            if line.contains(needle) {
-                return line;
-            }
-            assert!(!line.contains("testguest: error"), "guest error: {line}");
-        }
-        panic!("no {needle:?} within {TIMEOUT:?}");
-    }
-
-    fn run(&mut self, command: &str, needle: &str) -> String {
-        writeln!(self.stdin, "{command}").unwrap();
-        self.stdin.flush().unwrap();
-        self.wait(needle)
-    }
-}
-
-impl Drop for Guest {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// One of the two peers.
 #[derive(Clone, Copy, PartialEq)]
@@ -82,7 +28,7 @@ enum Peer {
 }
 
 /// Boots `peer` with the disk (`direct`: O_DIRECT / cache=none) and/or NIC.
-fn boot(peer: Peer, disk: Option<(&Path, bool)>, tap: bool, prefix: &[&str]) -> Guest {
+fn boot(peer: Peer, disk: Option<(&Path, bool)>, tap: bool, prefix: &[&str]) -> ConsoleGuest {
     let mut cmd = match prefix.split_first() {
         Some((p, rest)) => {
             let mut c = Command::new(p);
@@ -167,7 +113,7 @@ fn boot(peer: Peer, disk: Option<(&Path, bool)>, tap: bool, prefix: &[&str]) -> 
             }
         }
     }
-    let mut guest = Guest::spawn(cmd);
+    let mut guest = ConsoleGuest::spawn(cmd, TIMEOUT);
     guest.wait("testguest: ready");
     guest
 }

@@ -7,12 +7,11 @@
 //! docs/benchmarks/overcommit.md. KSM is switched on for the run and its
 //! knobs restored afterwards.
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use api::http::ApiClient;
-use vmm_tests::bench::{median, ratio, write_report, Table};
+use vmm_tests::bench::{median, ratio, write_report, ConsoleGuest, Table};
 use vmm_tests::harness::{pss_bytes, testguest, vmm_binary, KsmGuard, TempDir};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
@@ -21,56 +20,6 @@ const GUEST_MIB: u64 = 512;
 const FILL_MIB: u64 = 384;
 const INFLATE_MIB: u64 = 768;
 const MIB: f64 = (1u64 << 20) as f64;
-
-struct Guest {
-    child: Child,
-    stdin: ChildStdin,
-    stdout: BufReader<ChildStdout>,
-}
-
-impl Guest {
-    fn spawn(mut cmd: Command) -> Guest {
-        let mut child = cmd
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starts");
-        Guest {
-            stdin: child.stdin.take().unwrap(),
-            stdout: BufReader::new(child.stdout.take().unwrap()),
-            child,
-        }
-    }
-
-    fn wait(&mut self, needle: &str) {
-        let deadline = Instant::now() + TIMEOUT;
-        let mut line = String::new();
-        while Instant::now() < deadline {
-            line.clear();
-            assert!(
-                self.stdout.read_line(&mut line).unwrap_or(0) > 0,
-                "the guest stopped before {needle:?}"
-            );
-            if line.contains(needle) {
-                return;
-            }
-        }
-        panic!("no {needle:?} within {TIMEOUT:?}");
-    }
-
-    fn send(&mut self, line: &str) {
-        writeln!(self.stdin, "{line}").unwrap();
-        self.stdin.flush().unwrap();
-    }
-}
-
-impl Drop for Guest {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn rss_bytes(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -105,7 +54,7 @@ fn inflation_speed(dir: &TempDir) -> f64 {
             "--api-socket",
         ])
         .arg(&socket);
-    let mut guest = Guest::spawn(cmd);
+    let mut guest = ConsoleGuest::spawn(cmd, TIMEOUT);
     guest.wait("balloon: ready");
     let pid = guest.child.id();
     let before = rss_bytes(pid);
@@ -123,7 +72,7 @@ fn inflation_speed(dir: &TempDir) -> f64 {
 /// Summed PSS of `GUESTS` guests that filled `FILL_MIB` with the same
 /// pattern, once KSM has had time to merge them.
 fn identical_guests_pss(peer: &str, mergeable: bool) -> f64 {
-    let mut guests: Vec<Guest> = (0..GUESTS)
+    let mut guests: Vec<ConsoleGuest> = (0..GUESTS)
         .map(|_| {
             let commands = format!("memfill pattern=5eedf00d mib={FILL_MIB}");
             let cmd = if peer == "ours" {
@@ -165,7 +114,7 @@ fn identical_guests_pss(peer: &str, mergeable: bool) -> f64 {
                 .args(["-append", &format!("-- {commands}")]);
                 c
             };
-            Guest::spawn(cmd)
+            ConsoleGuest::spawn(cmd, TIMEOUT)
         })
         .collect();
     for g in &mut guests {

@@ -111,3 +111,72 @@ mod tests {
         assert_eq!(ratio(1.0, None), "-");
     }
 }
+
+/// A VMM (ours or QEMU) whose guest console a benchmark drives line by line:
+/// stdin and stdout piped, killed on drop. (The tests use
+/// [`crate::harness::Vmm`]; benchmarks read the console without a thread.)
+pub struct ConsoleGuest {
+    pub child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+    timeout: std::time::Duration,
+}
+
+impl ConsoleGuest {
+    /// Starts `cmd`; waits for lines at most `timeout` each.
+    pub fn spawn(mut cmd: std::process::Command, timeout: std::time::Duration) -> ConsoleGuest {
+        use std::process::Stdio;
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("the VMM starts");
+        ConsoleGuest {
+            stdin: child.stdin.take().expect("piped"),
+            stdout: std::io::BufReader::new(child.stdout.take().expect("piped")),
+            child,
+            timeout,
+        }
+    }
+
+    /// Reads console lines until one contains `needle`; a guest error line
+    /// or the end of the output fails the benchmark.
+    pub fn wait(&mut self, needle: &str) -> String {
+        use std::io::BufRead;
+        let deadline = std::time::Instant::now() + self.timeout;
+        let mut line = String::new();
+        while std::time::Instant::now() < deadline {
+            line.clear();
+            assert!(
+                self.stdout.read_line(&mut line).unwrap_or(0) > 0,
+                "the guest stopped before {needle:?}"
+            );
+            if line.contains(needle) {
+                return line;
+            }
+            assert!(!line.contains("testguest: error"), "guest error: {line}");
+        }
+        panic!("no {needle:?} within {:?}", self.timeout);
+    }
+
+    /// Types `line` on the console.
+    pub fn send(&mut self, line: &str) {
+        use std::io::Write;
+        writeln!(self.stdin, "{line}").expect("the console takes input");
+        self.stdin.flush().expect("the console takes input");
+    }
+
+    /// Types `command` and waits for the line containing `needle`.
+    pub fn run(&mut self, command: &str, needle: &str) -> String {
+        self.send(command);
+        self.wait(needle)
+    }
+}
+
+impl Drop for ConsoleGuest {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

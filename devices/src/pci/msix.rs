@@ -47,6 +47,15 @@ pub struct MsixEntry {
 }
 
 impl MsixEntry {
+    /// The entry as the table holds it: address, data, vector control.
+    fn to_bytes(self) -> [u8; 16] {
+        let mut raw = [0u8; 16];
+        raw[0..8].copy_from_slice(&self.message.address.to_le_bytes());
+        raw[8..12].copy_from_slice(&self.message.data.to_le_bytes());
+        raw[12..16].copy_from_slice(&self.control.to_le_bytes());
+        raw
+    }
+
     fn masked(&self) -> bool {
         self.control & VECTOR_MASKED != 0
     }
@@ -133,10 +142,7 @@ impl Msix {
         let Some(entry) = self.entries.get(index) else {
             return;
         };
-        let mut raw = [0u8; 16];
-        raw[0..8].copy_from_slice(&entry.message.address.to_le_bytes());
-        raw[8..12].copy_from_slice(&entry.message.data.to_le_bytes());
-        raw[12..16].copy_from_slice(&entry.control.to_le_bytes());
+        let raw = entry.to_bytes();
         let start = (offset % ENTRY_SIZE) as usize;
         let len = data.len().min(16 - start);
         data[..len].copy_from_slice(&raw[start..start + len]);
@@ -147,10 +153,7 @@ impl Msix {
         let Some(entry) = self.entries.get_mut(index) else {
             return;
         };
-        let mut raw = [0u8; 16];
-        raw[0..8].copy_from_slice(&entry.message.address.to_le_bytes());
-        raw[8..12].copy_from_slice(&entry.message.data.to_le_bytes());
-        raw[12..16].copy_from_slice(&entry.control.to_le_bytes());
+        let mut raw = entry.to_bytes();
         let start = (offset % ENTRY_SIZE) as usize;
         let len = data.len().min(16 - start);
         raw[start..start + len].copy_from_slice(&data[..len]);
