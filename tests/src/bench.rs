@@ -99,18 +99,6 @@ pub fn write_report(name: &str, note: &str, table: &str) {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn median_and_ratio() {
-        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
-        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
-        assert_eq!(ratio(1.0, Some(4.0)), "0.25");
-        assert_eq!(ratio(1.0, None), "-");
-    }
-}
 
 /// A VMM (ours or QEMU) whose guest console a benchmark drives line by line:
 /// stdin and stdout piped, killed on drop. (The tests use
@@ -178,5 +166,18 @@ impl Drop for ConsoleGuest {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_and_ratio() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert_eq!(ratio(1.0, Some(4.0)), "0.25");
+        assert_eq!(ratio(1.0, None), "-");
     }
 }

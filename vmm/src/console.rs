@@ -241,8 +241,9 @@ fn open_pty() -> std::io::Result<(File, PathBuf)> {
     }
     // SAFETY: fd is a fresh descriptor we own.
     let master = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: grantpt/unlockpt on our own master fd.
+    // SAFETY: grantpt on our own master fd.
     if unsafe { libc::grantpt(master.as_raw_fd()) } != 0
+        // SAFETY: unlockpt on our own master fd.
         || unsafe { libc::unlockpt(master.as_raw_fd()) } != 0
     {
         return Err(std::io::Error::last_os_error());

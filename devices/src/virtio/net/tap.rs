@@ -198,8 +198,8 @@ impl Tap {
         }
         // SAFETY: F_GETFL/F_SETFL on our own valid fd.
         let fl = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
-        // SAFETY: as above.
         if fl < 0
+            // SAFETY: F_SETFL on our own valid fd.
             || unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK) } < 0
         {
             return Err(TapError::new(label, "O_NONBLOCK", last_error()));
