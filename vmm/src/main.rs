@@ -225,13 +225,24 @@ fn forward_signals(sender: std::sync::mpsc::Sender<ControlEvent>) -> std::io::Re
     }
     std::thread::Builder::new()
         .name("signals".into())
-        .spawn(move || loop {
-            let mut signal: libc::c_int = 0;
-            // SAFETY: set and signal are valid for the call.
-            if unsafe { libc::sigwait(&set, &mut signal) } == 0
-                && sender.send(ControlEvent::Signal(signal)).is_err()
-            {
-                return;
+        .spawn(move || {
+            let mut asked = false;
+            loop {
+                let mut signal: libc::c_int = 0;
+                // SAFETY: set and signal are valid for the call.
+                if unsafe { libc::sigwait(&set, &mut signal) } != 0 {
+                    continue;
+                }
+                if asked {
+                    // A second signal while the first is being handled: the
+                    // control loop is stuck or too slow; leave now.
+                    eprintln!("vmm: signal {signal} again: exiting at once");
+                    std::process::exit(ExitStatus::Stopped.code());
+                }
+                asked = true;
+                if sender.send(ControlEvent::Signal(signal)).is_err() {
+                    return;
+                }
             }
         })?;
     Ok(())
