@@ -87,6 +87,11 @@ impl Drop for LoopDevice {
 
 /// The write/read/flush/discard/write-zeroes cycle on one backend.
 fn exercise(disk: &Path, backing_file: &Path) {
+    exercise_with(disk, backing_file, "")
+}
+
+/// [`exercise`] with extra disk options (`,direct=on`).
+fn exercise_with(disk: &Path, backing_file: &Path, options: &str) {
     // The host writes a pattern the guest must read back.
     let host_pattern = 0x5eed_0000_1111u64;
     write_at(
@@ -101,7 +106,7 @@ fn exercise(disk: &Path, backing_file: &Path) {
         ),
         &[
             "--disk",
-            &format!("path={},serial=e2e-disk", disk.display()),
+            &format!("path={},serial=e2e-disk{options}", disk.display()),
         ],
     );
     let info = vmm.wait_for("blk0: capacity=", BOOT);
@@ -322,4 +327,18 @@ fn a_request_added_while_the_device_looks_is_not_lost() {
     let rounds = field(&line, "rounds").unwrap();
     assert!(rounds > 100, "the reader kept going: {line}");
     assert_eq!(vmm.exit_code(SHORT), 0);
+}
+
+#[test]
+fn o_direct_disks_on_a_file_and_a_loop_device() {
+    // direct=on: no host page cache, requests in flight through io_uring.
+    require_kvm!();
+    let dir = TempDir::new("blk-direct");
+    let disk = image(&dir, "direct.img", 64);
+    exercise_with(&disk, &disk, ",direct=on");
+    let file = image(&dir, "loop-direct.img", 64);
+    let Some(device) = LoopDevice::attach(&file) else {
+        return;
+    };
+    exercise_with(&device.device, &file, ",direct=on");
 }

@@ -31,7 +31,7 @@ const BLKDISCARD: libc::c_ulong = 0x1277;
 const BLKZEROOUT: libc::c_ulong = 0x127f;
 
 /// At most this many iovecs per preadv/pwritev (the kernel's UIO_MAXIOV).
-const IOV_MAX: usize = 1024;
+pub const IOV_MAX: usize = 1024;
 
 /// What the backend is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -147,6 +147,12 @@ fn bdev_can_discard(rdev: u64) -> bool {
 
 fn valid_block_size(size: u32) -> bool {
     (512..=65536).contains(&size) && size.is_power_of_two()
+}
+
+impl AsRawFd for DiskFile {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.file.as_raw_fd()
+    }
 }
 
 impl DiskFile {

@@ -3,9 +3,13 @@
 //! # Order of operations
 //!
 //! Source (the VM is paused; the transport pauses every device first):
-//! 1. `pause()` — the worker stops after the request it is serving; every
-//!    request taken from the queue has been completed, so no guest memory
-//!    is written after this and nothing is in flight.
+//! 1. `pause()` — the worker stops after the event it is handling; with
+//!    the io_uring engine, `pause()` then waits for the requests the worker
+//!    left in flight and completes them itself (re-executing any the kernel
+//!    cancelled with the worker thread). Either way every request taken
+//!    from the queue has been completed when it returns, so no guest memory
+//!    is written after this and nothing is in flight; requests not yet
+//!    taken stay in the available ring, for the target to serve.
 //! 2. `snapshot()` — a JSON [`BlockState`]: acked features, the disk's
 //!    geometry for a sanity check on the target, whether the device was
 //!    active, and the queue state (next_avail/next_used, ring addresses).

@@ -408,7 +408,7 @@ pub fn parse(
 pub const BOUNCE_SIZE: usize = 512 << 10;
 
 /// Copies `data` into the guest buffers `segs`, starting `skip` bytes in.
-fn copy_to_guest(
+pub(super) fn copy_to_guest(
     mem: &GuestMemoryMmap,
     segs: &[Segment],
     skip: u64,
@@ -427,7 +427,7 @@ fn copy_to_guest(
 }
 
 /// Copies guest data from `segs`, starting `skip` bytes in, into `data`.
-fn copy_from_guest(
+pub(super) fn copy_from_guest(
     mem: &GuestMemoryMmap,
     segs: &[Segment],
     skip: u64,
@@ -450,7 +450,7 @@ fn guest_error(e: vm_memory::GuestMemoryError) -> io::Error {
 }
 
 /// The host memory behind the guest buffers `segs`.
-fn guest_slices<'m>(
+pub(super) fn guest_slices<'m>(
     mem: &'m GuestMemoryMmap,
     segs: &[Segment],
 ) -> io::Result<Vec<VolatileSlice<'m, MS<'m, GuestMemoryMmap>>>> {
@@ -464,7 +464,7 @@ fn guest_slices<'m>(
 }
 
 /// One iovec per (host address, length).
-fn iovecs(ptrs: &[(usize, usize)]) -> Vec<libc::iovec> {
+pub(super) fn iovecs(ptrs: &[(usize, usize)]) -> Vec<libc::iovec> {
     ptrs.iter()
         .map(|&(ptr, n)| libc::iovec {
             iov_base: ptr as *mut libc::c_void,
@@ -493,7 +493,12 @@ impl Executor {
     }
 
     /// Whether the guest buffers can go to an O_DIRECT preadv/pwritev as is.
-    fn direct_ok(disk: &DiskFile, ptrs: &[(usize, usize)], offset: u64, len: u64) -> bool {
+    pub(super) fn direct_ok(
+        disk: &DiskFile,
+        ptrs: &[(usize, usize)],
+        offset: u64,
+        len: u64,
+    ) -> bool {
         let off_align = disk.dio_offset_align();
         let mem_align = disk.dio_mem_align();
         offset.is_multiple_of(off_align)
@@ -692,12 +697,18 @@ impl Executor {
                 .write_zeroes(disk, request.offset, request.len, request.unmap)
                 .map(|()| 0),
         };
-        match result {
-            // `written` is at most the chain's writable length, which the
-            // chain iterator keeps under 4 GiB.
-            Ok(written) => (STATUS_OK, (written as u32).saturating_add(1), None),
-            Err(e) => (STATUS_IOERR, 1, Some(e)),
-        }
+        outcome(result)
+    }
+}
+
+/// A request's status, used length (status byte included) and error, from
+/// the bytes it wrote to guest buffers or its error.
+pub fn outcome(result: io::Result<u64>) -> (u8, u32, Option<io::Error>) {
+    match result {
+        // `written` is at most the chain's writable length, which the
+        // chain iterator keeps under 4 GiB.
+        Ok(written) => (STATUS_OK, (written as u32).saturating_add(1), None),
+        Err(e) => (STATUS_IOERR, 1, Some(e)),
     }
 }
 
