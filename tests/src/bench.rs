@@ -99,7 +99,6 @@ pub fn write_report(name: &str, note: &str, table: &str) {
     }
 }
 
-
 /// A VMM (ours or QEMU) whose guest console a benchmark drives line by line:
 /// stdin and stdout piped, killed on drop. (The tests use
 /// [`crate::harness::Vmm`]; benchmarks read the console without a thread.)
