@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 packages=(
     build-essential pkg-config curl ca-certificates
     qemu-system-x86        # the comparison peer in benchmarks and guest checks
-    iproute2 util-linux    # network namespaces, veth, tap; losetup
+    iproute2 util-linux mount procps kmod   # namespaces, veth, tap; losetup; sysctl; modprobe
     busybox-static cpio xz-utils   # the Linux guest's initramfs
     acpica-tools           # iasl/acpiexec check the VMM's ACPI tables
     pacemaker corosync pacemaker-cli-utils resource-agents   # tests/tests/cluster.rs: the OCF agent, a two-node cluster
