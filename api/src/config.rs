@@ -83,6 +83,17 @@ impl VmConfig {
         Ok(config)
     }
 
+    /// Whether guest RAM gets transparent huge pages: as `memory.thp` says,
+    /// or by default for anonymous memory of guests without a balloon or KSM
+    /// merging (huge pages give memory back only whole).
+    pub fn transparent_huge_pages(&self) -> bool {
+        self.memory.thp.unwrap_or(
+            self.memory.backing == MemoryBacking::Anonymous
+                && !self.memory.mergeable
+                && self.balloon.is_none(),
+        )
+    }
+
     /// Checks every field; assigns default device ids where none were given.
     pub fn validate(&self) -> ConfigResult<()> {
         self.cpus.validate().map_err(|e| e.within("cpus"))?;
@@ -247,6 +258,11 @@ pub struct MemoryConfig {
     /// Mark guest RAM MADV_MERGEABLE so KSM may merge identical pages.
     #[serde(default)]
     pub mergeable: bool,
+    /// Transparent huge pages for anonymous guest RAM (MADV_HUGEPAGE).
+    /// Unset: on, except for guests with a balloon or KSM merging, where
+    /// 2 MiB pages would keep memory the host wants back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thp: Option<bool>,
 }
 
 fn default_memory_mib() -> u64 {
@@ -259,6 +275,7 @@ impl Default for MemoryConfig {
             size_mib: default_memory_mib(),
             backing: MemoryBacking::default(),
             mergeable: false,
+            thp: None,
         }
     }
 }
@@ -284,6 +301,13 @@ impl MemoryConfig {
             return Err(ConfigError::new(
                 "mergeable",
                 "KSM only merges anonymous memory: use backing \"anonymous\"",
+            ));
+        }
+        if self.thp == Some(true) && self.backing != MemoryBacking::Anonymous {
+            return Err(ConfigError::new(
+                "thp",
+                "transparent huge pages apply to anonymous memory only \
+                 (hugetlbfs is huge pages already)",
             ));
         }
         Ok(())
@@ -620,7 +644,7 @@ pub fn parse_mac(text: &str) -> Result<[u8; 6], String> {
 pub const BALLOON_DEVICE_ID: &str = "balloon";
 
 /// The virtio-balloon device.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BalloonConfig {
     /// The initial balloon target in MiB (memory taken from the guest).
@@ -672,7 +696,7 @@ impl BalloonConfig {
 }
 
 impl MemoryConfig {
-    /// Parses `size=128M[,backing=anonymous|memfd|hugetlbfs][,mergeable=on]`.
+    /// Parses `size=128M[,backing=anonymous|memfd|hugetlbfs][,mergeable=on][,thp=on|off]`.
     /// A size without a unit is in MiB.
     pub fn parse(text: &str) -> ConfigResult<MemoryConfig> {
         let mut memory = MemoryConfig::default();
@@ -704,6 +728,7 @@ impl MemoryConfig {
                     }
                 }
                 "mergeable" => memory.mergeable = parse_bool(&field(), value)?,
+                "thp" => memory.thp = Some(parse_bool(&field(), value)?),
                 _ => return Err(unknown_key("--memory", key)),
             }
         }
@@ -943,6 +968,27 @@ mod tests {
         assert!(MemoryConfig::parse("size=99999999999999999999").is_err());
         assert!(MemoryConfig::parse("size=64M,backing=memfd,mergeable=on").is_err());
         assert_eq!(parse_size("x", "64K").unwrap(), 65536);
+    }
+
+    #[test]
+    fn transparent_huge_pages_default_and_override() {
+        let config = |memory: &str, balloon: bool| VmConfig {
+            memory: MemoryConfig::parse(memory).unwrap(),
+            balloon: balloon.then(BalloonConfig::default),
+            ..Default::default()
+        };
+        assert!(config("size=1G", false).transparent_huge_pages());
+        assert!(!config("size=1G", true).transparent_huge_pages());
+        assert!(!config("size=1G,mergeable=on", false).transparent_huge_pages());
+        assert!(!config("size=1G,backing=memfd", false).transparent_huge_pages());
+        assert!(!config("size=1G,thp=off", false).transparent_huge_pages());
+        assert!(config("size=1G,thp=on", true).transparent_huge_pages());
+        let e = MemoryConfig::parse("size=64M,backing=hugetlbfs,thp=on").unwrap_err();
+        assert_eq!(e.field, "--memory.thp");
+        assert!(MemoryConfig::parse("size=64M,thp=maybe").is_err());
+        // Unset stays unset in JSON, so a migrated config keeps the default rule.
+        let json = serde_json::to_string(&MemoryConfig::default()).unwrap();
+        assert!(!json.contains("thp"), "{json}");
     }
 
     #[test]

@@ -470,6 +470,7 @@ fn full_config(serial: SerialConfig, backing: MemoryBacking, on_reset: ResetActi
             size_mib: 1024,
             backing,
             mergeable: true,
+            thp: Some(false),
         },
         payload: PayloadConfig {
             kernel: "/boot/vmlinux".into(),

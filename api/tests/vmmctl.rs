@@ -49,7 +49,7 @@ fn queries_print_readably_and_as_json() {
     for line in [
         "state: running",
         "vcpus: 2",
-        "memory: 512 MiB (anonymous)",
+        "memory: 512 MiB (anonymous, transparent huge pages)",
         "kernel: /boot/vmlinux",
         "cmdline: console=ttyS0",
         "serial: stdout",

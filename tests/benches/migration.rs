@@ -334,7 +334,12 @@ fn main() {
         .is_ok();
     let tcp = median((0..3).map(|_| loopback_tcp()).collect());
     let mut table = Table::new(&["case", "figure", "ours", "QEMU 7.2", "ours/QEMU"]);
-    for case in CASES {
+    // MIGRATION_BENCH_CASES=hot picks the cases whose name contains "hot".
+    let only = std::env::var("MIGRATION_BENCH_CASES").ok();
+    for case in CASES
+        .iter()
+        .filter(|c| only.as_deref().is_none_or(|o| c.name.contains(o)))
+    {
         let ours_runs: Vec<Figures> = (0..RUNS).map(|_| ours(case, &dir)).collect();
         let qemu_runs: Vec<Figures> = if have_qemu {
             (0..RUNS).map(|_| qemu(case, &dir)).collect()

@@ -425,10 +425,16 @@ impl Drop for KsmGuard {
 /// VmRSS counts a KSM page in full in every process that maps it, so it
 /// does not fall when KSM merges.
 pub fn pss_bytes(pid: u32) -> u64 {
+    smaps_rollup_bytes(pid, "Pss")
+}
+
+/// One figure of `/proc/PID/smaps_rollup` (`Pss`, `AnonHugePages`, ...) in
+/// bytes; 0 if the process or the field is gone.
+pub fn smaps_rollup_bytes(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
         .unwrap_or_default()
         .lines()
-        .find(|l| l.starts_with("Pss:"))
+        .find(|l| l.split(':').next() == Some(field))
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|kb| kb.parse::<u64>().ok())
         .unwrap_or(0)

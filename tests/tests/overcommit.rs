@@ -391,6 +391,82 @@ fn a_balloon_migrates_with_its_target() {
     assert_eq!(api.counters().unwrap()["balloon"]["target_changes"], 1);
 }
 
+// ---------------------------------------------------- transparent huge pages
+
+/// Whether the host hands out transparent huge pages to memory that asks
+/// (`always` or `madvise` in /sys/kernel/mm/transparent_hugepage/enabled).
+fn host_has_thp() -> bool {
+    let mode =
+        std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").unwrap_or_default();
+    if mode.contains("[always]") || mode.contains("[madvise]") {
+        return true;
+    }
+    eprintln!("SKIP: transparent huge pages are off on this host ({mode:?})");
+    false
+}
+
+#[test]
+fn guest_memory_gets_huge_pages_by_default_and_after_migration() {
+    require_kvm!();
+    if !host_has_thp() {
+        return;
+    }
+    let dir = TempDir::new("thp");
+    let huge = |vmm: &Vmm| vmm_tests::harness::smaps_rollup_bytes(vmm.pid(), "AnonHugePages");
+    let fill = "-- memfill pattern=3c mib=64";
+
+    let mut off = boot(&dir, "off", fill, &["--memory", "size=128M,thp=off"]);
+    off.wait_for("memfill: done", BOOT);
+    assert_eq!(huge(&off), 0, "thp=off");
+    drop(off);
+
+    std::fs::write(dir.join("token"), "t0ken\n").unwrap();
+    let listen = format!("unix:{}", dir.join("migration.sock").display());
+    let target_socket = dir.join("target.sock");
+    let mut target = Vmm::spawn(&[
+        "--incoming",
+        &listen,
+        "--migration-token-file",
+        dir.join("token").to_str().unwrap(),
+        "--api-socket",
+        target_socket.to_str().unwrap(),
+    ]);
+    target.wait_api(SHORT);
+    let mut source = boot(&dir, "source", fill, &["--memory", "size=128M"]);
+    source.wait_for("memfill: done", BOOT);
+    // Most of the 64 MiB the guest filled sits in 2 MiB pages (khugepaged
+    // aside, faults give huge pages where a whole aligned 2 MiB is free).
+    assert!(huge(&source) >= 48 * MIB, "{} MiB", huge(&source) / MIB);
+    assert!(
+        source.api().info().unwrap().config.transparent_huge_pages(),
+        "vm.info"
+    );
+    source
+        .api()
+        .send_migration(&api::request::SendMigrationRequest {
+            destination: listen.clone(),
+            token: "t0ken".into(),
+            parameters: Default::default(),
+        })
+        .unwrap();
+    assert_eq!(
+        source.exit_code(Duration::from_secs(60)),
+        6,
+        "{}",
+        source.report()
+    );
+    let api = target.api();
+    let deadline = Instant::now() + SHORT;
+    while api.ping().unwrap().state != api::request::VmState::Running {
+        assert!(Instant::now() < deadline, "{}", target.report());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The target filled its memory in huge pages too, and the data is there.
+    assert!(huge(&target) >= 48 * MIB, "{} MiB", huge(&target) / MIB);
+    target.send_line("memcheck pattern=3c mib=64");
+    target.wait_for("memcheck-ok", SHORT);
+}
+
 // ------------------------------------------------------------------- KSM
 
 /// KSM is host-wide: one test at a time touches it.

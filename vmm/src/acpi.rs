@@ -616,10 +616,13 @@ mod tests {
 
     #[test]
     fn tables_land_in_guest_memory() {
-        let mem = crate::memory::create_guest_memory(&api::config::MemoryConfig {
-            size_mib: 16,
-            ..Default::default()
-        })
+        let mem = crate::memory::create_guest_memory(
+            &api::config::MemoryConfig {
+                size_mib: 16,
+                ..Default::default()
+            },
+            false,
+        )
         .unwrap();
         let rsdp = write_tables(&mem, 2).unwrap();
         assert_eq!(rsdp, ACPI_RSDP_START);
@@ -631,10 +634,13 @@ mod tests {
 
     #[test]
     fn e820_reserves_the_legacy_hole_with_the_tables() {
-        let mem = crate::memory::create_guest_memory(&api::config::MemoryConfig {
-            size_mib: 64,
-            ..Default::default()
-        })
+        let mem = crate::memory::create_guest_memory(
+            &api::config::MemoryConfig {
+                size_mib: 64,
+                ..Default::default()
+            },
+            false,
+        )
         .unwrap();
         let map = crate::boot::memory_map(&mem);
         let covering = |addr: u64| {

@@ -28,6 +28,8 @@ VM flags (the same fields as the JSON config file and the vm.create body):
   --initrd PATH          initial ramdisk
   --cpus N               number of vCPUs (default 1)
   --memory SPEC          size=128M[,backing=anonymous|memfd|hugetlbfs][,mergeable=on]
+                         [,thp=on|off]  (default: on for anonymous memory
+                         unless a balloon or mergeable is configured)
   --disk SPEC            path=P[,id=ID][,readonly=on][,direct=on][,serial=S]
                          [,logical_block_size=N][,physical_block_size=N]
                          [,rate_bytes=N][,rate_ops=N]   (repeatable)

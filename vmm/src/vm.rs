@@ -129,7 +129,10 @@ impl Vm {
         let vm_fd = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
         // Memory slots first: on shadow-paging hosts, creating the irqchip
         // and PIT before any slot exists makes all three several times slower.
-        let memory = Arc::new(memory::create_guest_memory(&config.memory)?);
+        let memory = Arc::new(memory::create_guest_memory(
+            &config.memory,
+            config.transparent_huge_pages(),
+        )?);
         register_memory(&vm_fd, &memory, false)?;
         vm_fd
             .set_tss_address(layout::KVM_TSS_ADDRESS as usize)

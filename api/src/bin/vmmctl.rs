@@ -1247,8 +1247,13 @@ fn show_info(info: &VmInfo) -> String {
     } else {
         ""
     };
+    let thp = if config.transparent_huge_pages() {
+        ", transparent huge pages"
+    } else {
+        ""
+    };
     lines.push(format!(
-        "memory: {} MiB ({backing}{mergeable})",
+        "memory: {} MiB ({backing}{mergeable}{thp})",
         config.memory.size_mib
     ));
     lines.push(format!("kernel: {}", config.payload.kernel.display()));
