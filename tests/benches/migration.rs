@@ -4,8 +4,10 @@
 //!
 //! `cargo bench -p vmm-tests --bench migration` prints a table and writes
 //! docs/benchmarks/migration.md. Cases: an idle 1 GiB guest (memory never
-//! touched), a quiet 1 GiB guest whose memory is all non-zero, and a guest
-//! rewriting a 64 MiB hot set at full speed.
+//! touched), a quiet 1 GiB guest whose memory is all non-zero, and guests
+//! rewriting a 64 MiB and a 512 MiB hot set at full speed.
+//! `MIGRATION_BENCH_CASES=hot` runs only the cases whose name contains
+//! "hot"; `VMM_MIGRATION_TRACE=1` shows our VMMs' round-by-round trace.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -66,6 +68,12 @@ const CASES: &[Case] = &[
         commands: "pages mib=64",
         ready: "pages: pass=",
     },
+    Case {
+        name: "guest rewriting a 512 MiB hot set",
+        memory_mib: 1024,
+        commands: "pages mib=512",
+        ready: "pages: pass=",
+    },
 ];
 
 /// Reads console lines until one contains `needle`.
@@ -90,6 +98,16 @@ fn drain(mut out: BufReader<ChildStdout>) {
         let mut sink = [0u8; 4096];
         while out.read(&mut sink).unwrap_or(0) > 0 {}
     });
+}
+
+/// Our VMMs' stderr: shown with VMM_MIGRATION_TRACE (their round-by-round
+/// trace), else dropped.
+fn vmm_stderr() -> Stdio {
+    if std::env::var_os("VMM_MIGRATION_TRACE").is_some() {
+        Stdio::inherit()
+    } else {
+        Stdio::null()
+    }
 }
 
 fn free_port() -> u16 {
@@ -124,7 +142,7 @@ fn ours(case: &Case, dir: &TempDir) -> Figures {
         .arg(&token)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(vmm_stderr())
         .spawn()
         .unwrap();
     let mut source = Command::new(vmm_binary())
@@ -140,7 +158,7 @@ fn ours(case: &Case, dir: &TempDir) -> Figures {
         .arg(&api_socket)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(vmm_stderr())
         .spawn()
         .unwrap();
     let mut out = BufReader::new(source.stdout.take().unwrap());

@@ -407,6 +407,8 @@ impl Throttle {
         let mut ticker = self.ticker.lock().unwrap_or_else(|e| e.into_inner());
         if percent == 0 {
             if let Some(t) = ticker.take() {
+                // Wake it from its period's sleep: a switch-over waits here.
+                t.thread().unpark();
                 let _ = t.join();
             }
         } else if old == 0 && ticker.is_none() {
@@ -420,18 +422,10 @@ impl Throttle {
                             // set stops it before joining them.
                             unsafe { libc::pthread_kill(thread, kick_signal()) };
                         }
-                        std::thread::sleep(THROTTLE_PERIOD);
+                        std::thread::park_timeout(THROTTLE_PERIOD);
                     }
                 })
                 .ok();
-        }
-    }
-
-    /// Called by a kicked vCPU thread: sleeps its share of the period.
-    fn pause_if_throttled(&self) {
-        let percent = self.percent();
-        if percent > 0 {
-            std::thread::sleep(THROTTLE_PERIOD * percent / 100);
         }
     }
 }
@@ -458,6 +452,23 @@ struct Control {
     /// Signalled when a thread parks.
     parked_changed: Condvar,
     throttle: Arc<Throttle>,
+}
+
+impl Control {
+    /// Called by a kicked vCPU thread: sleeps its share of the throttle
+    /// period, or less if a command (pause for the switch-over) comes.
+    fn sleep_if_throttled(&self) {
+        let percent = self.throttle.percent();
+        if percent == 0 {
+            return;
+        }
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let _ =
+            self.command_changed
+                .wait_timeout_while(state, THROTTLE_PERIOD * percent / 100, |s| {
+                    s.command == Command::Run
+                });
+    }
 }
 
 /// The vCPU threads of a VM.
@@ -620,7 +631,7 @@ fn vcpu_thread(vcpu: Arc<Mutex<Vcpu>>, control: Arc<Control>, on_stop: VcpuStopS
             (stop, vcpu.counters.kicks.load(Ordering::Relaxed) != kicks)
         };
         if kicked {
-            control.throttle.pause_if_throttled();
+            control.sleep_if_throttled();
         }
         if let Some(stop) = stop {
             on_stop(id, stop);

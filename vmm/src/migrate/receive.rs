@@ -142,8 +142,10 @@ fn receive(
             }
             Kind::Complete => {
                 let _ = protocol::read_payload(stream, &header)?;
+                let completed = Instant::now();
                 call(control, MigrationCall::Start).map_err(ReceiveError::Other)?;
                 protocol::send_json(stream, Kind::Running, &Empty {})?;
+                super::trace("the guest runs", completed);
                 return Ok(());
             }
             Kind::Abandon => {

@@ -47,6 +47,13 @@ const RUN_PAGES: usize = 1024;
 const THROTTLE_INITIAL: u32 = 20;
 const THROTTLE_STEP: u32 = 10;
 const THROTTLE_MAX: u32 = 99;
+/// The downtime limit is a ceiling, not a goal: once the dirty set fits it,
+/// pre-copy goes on towards this pause while rounds still shrink the dirty
+/// set by a fifth or more, or (with auto-converge) throttling can push it
+/// down, for at most [`GOAL_ROUNDS`] rounds. A few milliseconds of total
+/// time buy a pause several times shorter.
+const DOWNTIME_GOAL_MS: u64 = 5;
+const GOAL_ROUNDS: u32 = 5;
 
 /// Everything the sending thread needs.
 pub struct SendContext {
@@ -264,6 +271,7 @@ fn precopy_and_switch(
     let mut previous_dirty = u64::MAX;
     let mut high_dirty_rounds = 0;
     let mut throttle = 0u32;
+    let mut rounds_fitting = 0u32;
 
     loop {
         check_cancel(&shared)?;
@@ -283,6 +291,14 @@ fn precopy_and_switch(
             s.throughput_bytes_per_s = bandwidth;
             s.total_time_ms = start.elapsed().as_millis() as u64;
         });
+        trace(
+            &format!(
+                "harvested {} KiB dirty, expected downtime {expected_downtime_ms} ms at {} MB/s",
+                dirty_bytes >> 10,
+                bandwidth / 1_000_000
+            ),
+            start,
+        );
         let timed_out = parameters
             .timeout_s
             .is_some_and(|t| start.elapsed() >= Duration::from_secs(t));
@@ -296,7 +312,18 @@ fn precopy_and_switch(
                 parameters.timeout_s.unwrap_or_default()
             )));
         }
-        if expected_downtime_ms <= parameters.downtime_ms || timed_out {
+        let fits = expected_downtime_ms <= parameters.downtime_ms;
+        let shrinking = shrinks(dirty_bytes, previous_dirty);
+        let can_throttle = parameters.auto_converge && throttle < THROTTLE_MAX;
+        if timed_out
+            || fits
+                && settled(
+                    expected_downtime_ms,
+                    shrinking,
+                    can_throttle,
+                    rounds_fitting,
+                )
+        {
             // Let the target catch up with what is still in flight, while
             // the guest runs, so the pause does not wait for it.
             let synced = Instant::now();
@@ -308,13 +335,16 @@ fn precopy_and_switch(
 
         // Auto-converge: the guest dirties more than half of what a round
         // drains, twice in a row: slow its vCPUs down.
+        if fits {
+            rounds_fitting += 1;
+        }
         if parameters.auto_converge {
             if dirty_bytes * 2 > round_bytes && dirty_bytes >= previous_dirty / 2 {
                 high_dirty_rounds += 1;
             } else {
                 high_dirty_rounds = 0;
             }
-            if high_dirty_rounds >= 2 {
+            if high_dirty_rounds >= 2 || (fits && !shrinking) {
                 throttle = if throttle == 0 {
                     THROTTLE_INITIAL
                 } else {
@@ -373,6 +403,7 @@ fn switch_over(
     for (d, l) in dirty.iter_mut().zip(&last) {
         d.merge(l);
     }
+    trace("last harvest", paused_at);
     // The balloon is paused with the devices: its map is the one in the snapshot.
     sender.apply_balloon(&mut dirty);
     sender.window_bytes = 0;
@@ -401,6 +432,25 @@ fn switch_over(
         s.iterations += 1;
     });
     Ok(())
+}
+
+/// Whether pre-copy, with the dirty set under the downtime limit, should
+/// stop chasing [`DOWNTIME_GOAL_MS`] and switch over.
+fn settled(
+    expected_downtime_ms: u64,
+    shrinking: bool,
+    can_throttle: bool,
+    rounds_fitting: u32,
+) -> bool {
+    expected_downtime_ms <= DOWNTIME_GOAL_MS
+        || rounds_fitting >= GOAL_ROUNDS
+        || !(shrinking || can_throttle)
+}
+
+/// Whether a round's dirty set is at least a fifth smaller than the one
+/// before: pre-copy still converges on its own.
+fn shrinks(dirty_bytes: u64, previous_dirty: u64) -> bool {
+    dirty_bytes.saturating_mul(5) < previous_dirty.saturating_mul(4)
 }
 
 /// Assumed link bandwidth before a round big enough to measure it (bytes/s).
@@ -728,5 +778,28 @@ mod balloon_tests {
         // 5 joins the round (a zero marker); 2 stays for `classify` to skip.
         assert_eq!(pages[0], bitmap(8, &[1, 2, 3, 5]));
         assert_eq!(pages[1], bitmap(4, &[0, 1]));
+    }
+}
+
+#[cfg(test)]
+mod convergence_tests {
+    use super::*;
+
+    #[test]
+    fn pre_copy_chases_the_goal_only_while_it_pays() {
+        const MIB: u64 = 1 << 20;
+        // A fifth smaller is shrinking; less is not.
+        assert!(shrinks(39 * MIB, 50 * MIB));
+        assert!(!shrinks(41 * MIB, 50 * MIB));
+        assert!(shrinks(50 * MIB, u64::MAX), "the first round after round 0");
+        // At the goal: switch.
+        assert!(settled(DOWNTIME_GOAL_MS, true, true, 0));
+        // Above it, still converging or throttleable: one more round.
+        assert!(!settled(30, true, false, 0));
+        assert!(!settled(30, false, true, 0));
+        // Stuck with no throttle left: switch now.
+        assert!(settled(30, false, false, 0));
+        // Never more than GOAL_ROUNDS extra rounds.
+        assert!(settled(30, true, true, GOAL_ROUNDS));
     }
 }
