@@ -48,13 +48,14 @@ fn qemu_command(guest: &Path, cmdline: &str) -> Command {
 }
 
 fn ours_command(guest: &Path, cmdline: &str) -> Command {
+    ours_command_with_memory(guest, cmdline, &format!("size={MEMORY_MIB}M"))
+}
+
+fn ours_command_with_memory(guest: &Path, cmdline: &str, memory: &str) -> Command {
     let mut cmd = Command::new(vmm_binary());
-    cmd.arg("--kernel").arg(guest).args([
-        "--cmdline",
-        cmdline,
-        "--memory",
-        &format!("size={MEMORY_MIB}M"),
-    ]);
+    cmd.arg("--kernel")
+        .arg(guest)
+        .args(["--cmdline", cmdline, "--memory", memory]);
     cmd
 }
 
@@ -341,6 +342,23 @@ fn main() {
         "lifecycle, peak RSS (MiB)",
         pick(&ours_life, |l| l.2 as f64).unwrap(),
         pick(&qemu_life, |l| l.2 as f64),
+    );
+
+    // Huge pages round the tiny guest's few touched pages up to 2 MiB: the
+    // same lifecycle with them off shows what that costs.
+    let small_pages: Vec<_> = (0..RUNS)
+        .map(|_| {
+            lifecycle(ours_command_with_memory(
+                &guest,
+                "-- reset",
+                &format!("size={MEMORY_MIB}M,thp=off"),
+            ))
+        })
+        .collect();
+    table.row_mib(
+        "lifecycle, peak RSS, ours with thp=off (MiB)",
+        pick(&small_pages, |l| l.2 as f64).unwrap(),
+        None,
     );
 
     let ours = median(

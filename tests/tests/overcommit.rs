@@ -640,6 +640,50 @@ fn balloon_inflation_returns_memory_with_the_guest_driver() {
 }
 
 #[test]
+fn balloon_inflation_punches_holes_in_memfd_memory() {
+    require_kvm!();
+    if !guest_has_balloon_driver() {
+        return;
+    }
+    let dir = TempDir::new("balloon-memfd");
+    let mut vmm = boot(
+        &dir,
+        "vm",
+        "-- memfill pattern=5566778899aabbcc mib=96",
+        &[
+            "--memory",
+            "size=192M,backing=memfd",
+            "--balloon",
+            "stats_interval_s=1",
+        ],
+    );
+    vmm.wait_for("memfill: done", BOOT);
+    vmm.send_line("balloon-follow");
+    vmm.wait_for("balloon: ready", SHORT);
+    let rss_before = vmm.rss_bytes();
+    vmm.api().balloon(64).unwrap();
+    let line = vmm.wait_for("balloon: actual=", Duration::from_secs(60));
+    assert_eq!(field(&line, "actual"), Some(64 * MIB / PAGE), "{line}");
+    let counters = vmm.api().counters().unwrap();
+    assert_eq!(counters["balloon"]["discard_errors"], 0);
+    // Shared memory leaves RSS only when its pages leave the memfd.
+    let rss_after = vmm.rss_bytes();
+    assert!(
+        rss_after + 60 * MIB < rss_before,
+        "RSS {} MiB -> {} MiB after inflating 64 MiB of memfd memory",
+        rss_before / MIB,
+        rss_after / MIB
+    );
+    vmm.api().balloon(0).unwrap();
+    let line = vmm.wait_for("balloon: actual=", Duration::from_secs(60));
+    assert_eq!(field(&line, "actual"), Some(0), "{line}");
+    vmm.send_line("memcheck pattern=0 mib=64");
+    vmm.wait_for("memcheck-ok", SHORT);
+    vmm.send_line("memcheck pattern=5566778899aabbcc mib=32 off_mib=64");
+    vmm.wait_for("memcheck-ok", SHORT);
+}
+
+#[test]
 fn balloon_statistics_come_from_the_guest_driver() {
     require_kvm!();
     if !guest_has_balloon_driver() {
