@@ -198,6 +198,38 @@ impl Vmm {
         }
     }
 
+    /// A VMM waiting for an incoming migration on a Unix socket in `dir`,
+    /// with `token` in a token file; returns it with the destination to
+    /// send to.
+    pub fn incoming(dir: &TempDir, token: &str) -> (Vmm, String) {
+        let token_file = dir.join("token");
+        std::fs::write(&token_file, format!("{token}\n")).unwrap();
+        let listen = format!("unix:{}", dir.join("migration.sock").display());
+        let target = Vmm::spawn(&[
+            "--incoming",
+            &listen,
+            "--migration-token-file",
+            token_file.to_str().unwrap(),
+            "--api-socket",
+            dir.join("target.sock").to_str().unwrap(),
+        ]);
+        target.wait_api(Duration::from_secs(10));
+        (target, listen)
+    }
+
+    /// Waits until `vmm.ping` reports `state`.
+    pub fn wait_state(&self, state: api::request::VmState, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.api().ping().map(|p| p.state).ok() != Some(state) {
+            assert!(
+                Instant::now() < deadline,
+                "not {state:?} within {timeout:?}\n{}",
+                self.report()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Waits for a console line containing `needle`, after those already
     /// consumed; returns it. Panics with the console so far on timeout.
     pub fn wait_for(&mut self, needle: &str, timeout: Duration) -> String {

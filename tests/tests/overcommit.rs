@@ -101,6 +101,41 @@ fn boot(dir: &TempDir, name: &str, cmdline: &str, flags: &[&str]) -> Vmm {
     vmm
 }
 
+/// Sends `source`'s guest to `destination` (token "t0ken") and waits until
+/// it runs on `target` and the source has exited "migrated".
+fn migrate(source: &mut Vmm, destination: &str, target: &Vmm) {
+    source
+        .api()
+        .send_migration(&api::request::SendMigrationRequest {
+            destination: destination.to_string(),
+            token: "t0ken".into(),
+            parameters: Default::default(),
+        })
+        .unwrap();
+    assert_eq!(
+        source.exit_code(Duration::from_secs(60)),
+        6,
+        "{}",
+        source.report()
+    );
+    target.wait_state(api::request::VmState::Running, SHORT);
+}
+
+/// Boots a guest that fills `fill_mib` MiB with `pattern`, then starts its
+/// balloon driver.
+fn boot_with_balloon_driver(dir: &TempDir, pattern: &str, fill_mib: u64, flags: &[&str]) -> Vmm {
+    let mut vmm = boot(
+        dir,
+        "vm",
+        &format!("-- memfill pattern={pattern} mib={fill_mib}"),
+        flags,
+    );
+    vmm.wait_for("memfill: done", BOOT);
+    vmm.send_line("balloon-follow");
+    vmm.wait_for("balloon: ready", SHORT);
+    vmm
+}
+
 #[test]
 fn balloon_api_refusals_targets_and_memory_info() {
     require_kvm!();
@@ -334,18 +369,7 @@ fn vmmctl_list_shows_live_and_stale_vmms() {
 fn a_balloon_migrates_with_its_target() {
     require_kvm!();
     let dir = TempDir::new("balloon-migrate");
-    std::fs::write(dir.join("token"), "t0ken\n").unwrap();
-    let listen = format!("unix:{}", dir.join("migration.sock").display());
-    let target_socket = dir.join("target.sock");
-    let mut target = Vmm::spawn(&[
-        "--incoming",
-        &listen,
-        "--migration-token-file",
-        dir.join("token").to_str().unwrap(),
-        "--api-socket",
-        target_socket.to_str().unwrap(),
-    ]);
-    target.wait_api(SHORT);
+    let (mut target, listen) = Vmm::incoming(&dir, "t0ken");
     let mut source = boot(
         &dir,
         "source",
@@ -359,26 +383,8 @@ fn a_balloon_migrates_with_its_target() {
     );
     source.wait_for("memfill: done", BOOT);
     source.api().balloon(24).unwrap();
-    source
-        .api()
-        .send_migration(&api::request::SendMigrationRequest {
-            destination: listen.clone(),
-            token: "t0ken".into(),
-            parameters: Default::default(),
-        })
-        .unwrap();
-    assert_eq!(
-        source.exit_code(Duration::from_secs(60)),
-        6,
-        "{}",
-        source.report()
-    );
+    migrate(&mut source, &listen, &target);
     let api = target.api();
-    let deadline = Instant::now() + SHORT;
-    while api.ping().unwrap().state != api::request::VmState::Running {
-        assert!(Instant::now() < deadline, "{}", target.report());
-        std::thread::sleep(Duration::from_millis(20));
-    }
     let stats = api.balloon_statistics().unwrap();
     assert_eq!((stats.target_mib, stats.inflated_pages), (24, 0));
     let info = api.info().unwrap();
@@ -420,18 +426,7 @@ fn guest_memory_gets_huge_pages_by_default_and_after_migration() {
     assert_eq!(huge(&off), 0, "thp=off");
     drop(off);
 
-    std::fs::write(dir.join("token"), "t0ken\n").unwrap();
-    let listen = format!("unix:{}", dir.join("migration.sock").display());
-    let target_socket = dir.join("target.sock");
-    let mut target = Vmm::spawn(&[
-        "--incoming",
-        &listen,
-        "--migration-token-file",
-        dir.join("token").to_str().unwrap(),
-        "--api-socket",
-        target_socket.to_str().unwrap(),
-    ]);
-    target.wait_api(SHORT);
+    let (mut target, listen) = Vmm::incoming(&dir, "t0ken");
     let mut source = boot(&dir, "source", fill, &["--memory", "size=128M"]);
     source.wait_for("memfill: done", BOOT);
     // Most of the 64 MiB the guest filled sits in 2 MiB pages (khugepaged
@@ -441,26 +436,7 @@ fn guest_memory_gets_huge_pages_by_default_and_after_migration() {
         source.api().info().unwrap().config.transparent_huge_pages(),
         "vm.info"
     );
-    source
-        .api()
-        .send_migration(&api::request::SendMigrationRequest {
-            destination: listen.clone(),
-            token: "t0ken".into(),
-            parameters: Default::default(),
-        })
-        .unwrap();
-    assert_eq!(
-        source.exit_code(Duration::from_secs(60)),
-        6,
-        "{}",
-        source.report()
-    );
-    let api = target.api();
-    let deadline = Instant::now() + SHORT;
-    while api.ping().unwrap().state != api::request::VmState::Running {
-        assert!(Instant::now() < deadline, "{}", target.report());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    migrate(&mut source, &listen, &target);
     // The target filled its memory in huge pages too, and the data is there.
     assert!(huge(&target) >= 48 * MIB, "{} MiB", huge(&target) / MIB);
     target.send_line("memcheck pattern=3c mib=64");
@@ -581,15 +557,12 @@ fn balloon_inflation_returns_memory_with_the_guest_driver() {
         return;
     }
     let dir = TempDir::new("balloon-inflate");
-    let mut vmm = boot(
+    let mut vmm = boot_with_balloon_driver(
         &dir,
-        "vm",
-        "-- memfill pattern=1122334455667788 mib=128",
+        "1122334455667788",
+        128,
         &["--memory", "size=256M", "--balloon", "stats_interval_s=1"],
     );
-    vmm.wait_for("memfill: done", BOOT);
-    vmm.send_line("balloon-follow");
-    vmm.wait_for("balloon: ready", SHORT);
     let api = vmm.api();
     let rss_before = vmm.rss_bytes();
 
@@ -646,20 +619,12 @@ fn balloon_inflation_punches_holes_in_memfd_memory() {
         return;
     }
     let dir = TempDir::new("balloon-memfd");
-    let mut vmm = boot(
+    let mut vmm = boot_with_balloon_driver(
         &dir,
-        "vm",
-        "-- memfill pattern=5566778899aabbcc mib=96",
-        &[
-            "--memory",
-            "size=192M,backing=memfd",
-            "--balloon",
-            "stats_interval_s=1",
-        ],
+        "5566778899aabbcc",
+        96,
+        &["--memory", "size=192M,backing=memfd", "--balloon", ""],
     );
-    vmm.wait_for("memfill: done", BOOT);
-    vmm.send_line("balloon-follow");
-    vmm.wait_for("balloon: ready", SHORT);
     let rss_before = vmm.rss_bytes();
     vmm.api().balloon(64).unwrap();
     let line = vmm.wait_for("balloon: actual=", Duration::from_secs(60));
@@ -733,10 +698,10 @@ fn free_page_reporting_returns_memory_with_the_guest_driver() {
         return;
     }
     let dir = TempDir::new("balloon-report");
-    let mut vmm = boot(
+    let mut vmm = boot_with_balloon_driver(
         &dir,
-        "vm",
-        "-- memfill pattern=0f0f0f0f0f0f0f0f mib=64",
+        "0f0f0f0f0f0f0f0f",
+        64,
         &[
             "--memory",
             "size=128M",
@@ -744,9 +709,6 @@ fn free_page_reporting_returns_memory_with_the_guest_driver() {
             "free_page_reporting=on",
         ],
     );
-    vmm.wait_for("memfill: done", BOOT);
-    vmm.send_line("balloon-follow");
-    vmm.wait_for("balloon: ready", SHORT);
     let rss_before = vmm.rss_bytes();
     vmm.send_line("balloon-report mib=64");
     vmm.wait_for("balloon: report status=ok mib=64", SHORT);
@@ -772,17 +734,7 @@ fn a_migrated_ballooned_guest_keeps_its_balloon_and_its_pages_are_not_sent() {
         return;
     }
     let dir = TempDir::new("balloon-migrate-pages");
-    std::fs::write(dir.join("token"), "t0ken\n").unwrap();
-    let listen = format!("unix:{}", dir.join("migration.sock").display());
-    let mut target = Vmm::spawn(&[
-        "--incoming",
-        &listen,
-        "--migration-token-file",
-        dir.join("token").to_str().unwrap(),
-        "--api-socket",
-        dir.join("target.sock").to_str().unwrap(),
-    ]);
-    target.wait_api(SHORT);
+    let (mut target, listen) = Vmm::incoming(&dir, "t0ken");
     let mut source = boot(
         &dir,
         "source",
