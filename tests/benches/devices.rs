@@ -54,8 +54,10 @@ fn boot(peer: Peer, disk: Option<(&Path, bool)>, tap: bool, prefix: &[&str]) -> 
                 "--cpus",
                 "2",
                 "--memory",
-                "size=512M",
             ]);
+            // DEVICES_BENCH_MEMORY: another --memory spec for ours (e.g. to
+            // compare size=512M,thp=off).
+            cmd.arg(std::env::var("DEVICES_BENCH_MEMORY").unwrap_or_else(|_| "size=512M".into()));
             if let Some((path, direct)) = disk {
                 cmd.args([
                     "--disk",
@@ -212,7 +214,11 @@ fn main() {
     std::fs::write(&disk, vec![0x5au8; (DISK_MIB << 20) as usize]).unwrap();
 
     let mut table = Table::new(&["figure", "ours", "QEMU 7.2", "ours/QEMU"]);
-    for case in BLK_CASES {
+    // DEVICES_BENCH_CASES=net (or a part of a virtio-blk case's name) runs
+    // only the matching cases.
+    let only = std::env::var("DEVICES_BENCH_CASES").ok();
+    let wanted = |name: &str| only.as_deref().is_none_or(|o| name.contains(o));
+    for case in BLK_CASES.iter().filter(|c| wanted(c.name)) {
         let ours = median(
             (0..RUNS)
                 .map(|_| blk_figure(Peer::Ours, &disk, case))
@@ -232,7 +238,7 @@ fn main() {
             vmm_tests::bench::ratio(ours, qemu),
         ]);
     }
-    if vmm_tests::netns::available() {
+    if vmm_tests::netns::available() && wanted("net") {
         let net = Netns::create("bench");
         let ours = median(
             (0..RUNS)
