@@ -330,6 +330,49 @@ fn a_request_added_while_the_device_looks_is_not_lost() {
 }
 
 #[test]
+fn requests_in_flight_and_a_racing_reader_with_event_idx_as_linux_negotiates_it() {
+    // Linux's virtio_blk acks VIRTIO_F_EVENT_IDX: notifications and
+    // interrupts then go by avail_event / used_event, not the ring flags.
+    require_kvm!();
+    let dir = TempDir::new("blk-event-idx");
+    let disk = image(&dir, "e.img", 64);
+    write_at(&disk, 1000 * SECTOR, &pattern_bytes(0x77, 1000, 128));
+    let mut vmm = Vmm::boot_testguest(
+        "event_idx=1 -- blk-info; blk-inflight n=32 count=2000; \
+         blk-reader sector=1000 count=128 pattern=77; sleep ms=2000; blk-check pattern=77; irqs; poweroff",
+        &["--cpus", "2", "--disk", &format!("path={}", disk.display())],
+    );
+    let info = vmm.wait_for("blk0: capacity=", BOOT);
+    let acked = info
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("acked=0x"))
+        .and_then(|v| u64::from_str_radix(v, 16).ok())
+        .unwrap_or_else(|| panic!("no acked=0x.. in {info:?}"));
+    assert_ne!(acked & (1 << 29), 0, "EVENT_IDX negotiated: {info}");
+    let line = vmm.wait_for("blk: inflight done=", SHORT);
+    assert_eq!(field(&line, "done"), Some(2000), "{line}");
+    let line = vmm.wait_for("blk-check-", Duration::from_secs(30));
+    assert!(line.starts_with("blk-check-ok"), "{line}\n{}", vmm.report());
+    assert!(field(&line, "rounds").unwrap() > 100, "{line}");
+    // Completions came as interrupts (used_event re-armed), not only by
+    // the guest's 10 ms timer fallback.
+    let irqs = vmm.wait_for("irqs:", SHORT);
+    let queue_irqs: u64 = irqs
+        .split_whitespace()
+        .filter_map(|w| w.strip_prefix("vec"))
+        .filter_map(|w| w.split_once('='))
+        .filter(|(vector, _)| {
+            vector
+                .parse::<u32>()
+                .is_ok_and(|v| (0x30..=0xef).contains(&v))
+        })
+        .filter_map(|(_, n)| n.parse::<u64>().ok())
+        .sum();
+    assert!(queue_irqs >= 100, "{irqs}");
+    assert_eq!(vmm.exit_code(SHORT), 0, "{}", vmm.report());
+}
+
+#[test]
 fn o_direct_disks_on_a_file_and_a_loop_device() {
     // direct=on: no host page cache, requests in flight through io_uring.
     require_kvm!();

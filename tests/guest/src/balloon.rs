@@ -282,7 +282,12 @@ impl Balloon {
         if self.has_reporting {
             self.dev.setup_queue(&mut self.reporting)?;
         }
-        for q in [&self.inflate, &self.deflate, &self.stats, &self.reporting] {
+        for q in [
+            &mut self.inflate,
+            &mut self.deflate,
+            &mut self.stats,
+            &mut self.reporting,
+        ] {
             if q.size != 0 {
                 q.set_interrupts(true);
             }

@@ -43,6 +43,8 @@ pub struct Options {
     pub ecam: Option<u64>,
     /// `net_offload=1`: the virtio-net driver also acks the offloads.
     pub net_offload: bool,
+    /// `event_idx=1`: the virtio drivers negotiate VIRTIO_F_EVENT_IDX.
+    pub event_idx: bool,
 }
 
 /// Split the command line into (options, commands). With a `--` token the
@@ -79,6 +81,7 @@ impl Options {
             on_cad: CadAction::Poweroff,
             ecam: None,
             net_offload: false,
+            event_idx: false,
         };
         let (opts, _) = split_cmdline(cmdline);
         for tok in opts.split_whitespace() {
@@ -109,6 +112,13 @@ impl Options {
                     "0" | "1" => {
                         o.net_offload = v == "1";
                         net::set_offload(o.net_offload);
+                    }
+                    _ => println!("testguest: error: bad option {} (0|1)", tok),
+                },
+                "event_idx" => match v {
+                    "0" | "1" => {
+                        o.event_idx = v == "1";
+                        virtio::set_event_idx(o.event_idx);
                     }
                     _ => println!("testguest: error: bad option {} (0|1)", tok),
                 },

@@ -23,12 +23,22 @@
 //! memory behind a test's back.
 
 use core::ptr::{read_volatile, write_volatile};
-use core::sync::atomic::{fence, AtomicU8, Ordering};
+use core::sync::atomic::{fence, AtomicBool, AtomicU8, Ordering};
 
 use crate::percpu::{cpu_id, CPUS};
 use crate::{balloon, blk, irq, lapic, mem, net, pci, time, workload};
 
 pub const F_VERSION_1: u64 = 1 << 32;
+/// VIRTIO_F_EVENT_IDX (ring feature 29): used_event / avail_event instead
+/// of the ring flags, as Linux's drivers negotiate it.
+pub const F_EVENT_IDX: u64 = 1 << 29;
+
+/// `event_idx=1`: every driver also negotiates [`F_EVENT_IDX`] if offered.
+static EVENT_IDX: AtomicBool = AtomicBool::new(false);
+
+pub fn set_event_idx(on: bool) {
+    EVENT_IDX.store(on, Ordering::Relaxed);
+}
 
 const STATUS_ACKNOWLEDGE: u8 = 1;
 const STATUS_DRIVER: u8 = 2;
@@ -245,7 +255,12 @@ impl Device {
             self.set_status(STATUS_FAILED);
             return Err("device does not offer VERSION_1");
         }
-        self.features = self.offered & (wanted(self.offered) | F_VERSION_1);
+        let event_idx = if EVENT_IDX.load(Ordering::Relaxed) {
+            F_EVENT_IDX
+        } else {
+            0
+        };
+        self.features = self.offered & (wanted(self.offered) | F_VERSION_1 | event_idx);
         wr32(self.c(common::DRIVER_FEATURE_SELECT), 0);
         wr32(self.c(common::DRIVER_FEATURE), self.features as u32);
         wr32(self.c(common::DRIVER_FEATURE_SELECT), 1);
@@ -299,6 +314,7 @@ impl Device {
             return Err("queue shrank");
         }
         q.reinit();
+        q.event_idx = self.features & F_EVENT_IDX != 0;
         wr16(self.c(common::QUEUE_SIZE), q.size);
         let entry = q.index + 1;
         q.vector = self.queue_vectors[q.index as usize];
@@ -445,6 +461,12 @@ pub struct Virtqueue {
     last_used: u16,
     /// Used entries naming a descriptor that was not in flight.
     pub bogus: u32,
+    /// EVENT_IDX negotiated: suppression through used_event / avail_event.
+    event_idx: bool,
+    /// The avail index at the last notification decision (EVENT_IDX).
+    kicked_idx: u16,
+    /// Whether the driver wants interrupts (EVENT_IDX: re-armed on pop).
+    interrupts: bool,
 }
 
 impl Virtqueue {
@@ -467,6 +489,9 @@ impl Virtqueue {
             avail_idx: 0,
             last_used: 0,
             bogus: 0,
+            event_idx: false,
+            kicked_idx: 0,
+            interrupts: true,
         }
     }
 
@@ -494,6 +519,8 @@ impl Virtqueue {
         self.avail_idx = 0;
         self.last_used = 0;
         self.bogus = 0;
+        self.kicked_idx = 0;
+        self.interrupts = true;
     }
 
     fn write_desc(&self, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
@@ -563,19 +590,46 @@ impl Virtqueue {
         wr16(self.avail + 2, self.avail_idx);
     }
 
-    /// Notify the device unless it asked not to be (used flags).
-    pub fn kick(&self) {
+    /// Notify the device unless it asked not to be: the used ring's flags,
+    /// or with EVENT_IDX unless avail_event lies outside the entries
+    /// published since the last kick (the spec's vring_need_event).
+    pub fn kick(&mut self) {
         // The index store must be visible before we read the flags.
         fence(Ordering::SeqCst);
-        if rd16(self.used) & USED_F_NO_NOTIFY == 0 {
+        let notify = if self.event_idx {
+            let event = rd16(self.used + 4 + 8 * self.size as u64);
+            let (new, old) = (self.avail_idx, self.kicked_idx);
+            self.kicked_idx = new;
+            new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
+        } else {
+            rd16(self.used) & USED_F_NO_NOTIFY == 0
+        };
+        if notify {
             wr16(self.notify, self.index);
         }
     }
 
-    /// Ask the device for interrupts (true) or not.
-    pub fn set_interrupts(&self, on: bool) {
-        wr16(self.avail, if on { 0 } else { AVAIL_F_NO_INTERRUPT });
+    /// Ask the device for interrupts (true) or not. With EVENT_IDX:
+    /// used_event at the next entry, re-armed as entries are popped; off
+    /// parks it half the ring space behind (as far from firing as it gets).
+    pub fn set_interrupts(&mut self, on: bool) {
+        self.interrupts = on;
+        if self.event_idx {
+            self.arm_used_event();
+        } else {
+            wr16(self.avail, if on { 0 } else { AVAIL_F_NO_INTERRUPT });
+        }
         fence(Ordering::SeqCst);
+    }
+
+    /// EVENT_IDX: tell the device which used entry to interrupt for.
+    fn arm_used_event(&self) {
+        let event = if self.interrupts {
+            self.last_used
+        } else {
+            self.last_used.wrapping_sub(0x8000)
+        };
+        wr16(self.avail + 4 + 2 * self.size as u64, event);
     }
 
     /// The device's used index.
@@ -601,6 +655,13 @@ impl Virtqueue {
         let id = rd32(e);
         let len = rd32(e + 4);
         self.last_used = self.last_used.wrapping_add(1);
+        if self.event_idx {
+            // Interrupt again for the next entry (the spec's re-arm; the
+            // caller checks the ring again before it sleeps), or keep the
+            // parked event out of reach.
+            self.arm_used_event();
+            fence(Ordering::SeqCst);
+        }
         if id >= self.size as u32 || self.state[id as usize] != IN_FLIGHT {
             self.bogus += 1;
             return None;
