@@ -124,8 +124,8 @@ fn boot(peer: Peer, disk: Option<(&Path, bool)>, tap: bool, prefix: &[&str]) -> 
 }
 
 /// The test guest's boot options on both peers: its drivers negotiate
-/// EVENT_IDX, as Linux's do.
-const GUEST_OPTIONS: &str = "event_idx=1 --";
+/// EVENT_IDX and INDIRECT_DESC, as Linux's do.
+const GUEST_OPTIONS: &str = "event_idx=1 indirect=1 --";
 
 struct BlkCase {
     name: &'static str,
@@ -269,7 +269,7 @@ fn main() {
     let text = table.render();
     println!("{text}");
     let note = format!(
-        "The test guest's own drivers on both sides, negotiating EVENT_IDX as Linux's do (2 vCPUs, 512 MiB), the same {DISK_MIB} MiB disk file \
+        "The test guest's own drivers on both sides, negotiating EVENT_IDX and INDIRECT_DESC as Linux's do (2 vCPUs, 512 MiB), the same {DISK_MIB} MiB disk file \
          (host page cache, or O_DIRECT / QEMU `cache=none,aio=native`), medians of {RUNS} runs after a warm-up run. \
          QEMU: `-machine q35`, `virtio-blk-pci`/`virtio-net-pci` with `disable-legacy=on`, tap without vhost \
          (no vhost-net on this host). Network: frames the host receives on the tap while the guest sends."

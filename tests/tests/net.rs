@@ -173,15 +173,16 @@ fn the_guest_echoes_host_frames_round_trip() {
 }
 
 #[test]
-fn the_echo_round_trip_with_event_idx_as_linux_negotiates_it() {
-    // Linux's virtio_net acks VIRTIO_F_EVENT_IDX: notifications and
-    // interrupts then go by avail_event / used_event, not the ring flags.
+fn the_echo_round_trip_with_linux_ring_features() {
+    // Linux's virtio_net acks VIRTIO_F_EVENT_IDX (notifications and
+    // interrupts by avail_event / used_event, not the ring flags) and
+    // VIRTIO_F_INDIRECT_DESC (multi-buffer chains in tables of their own).
     require_kvm!();
-    echo_round_trip("event_idx=1");
+    echo_round_trip("event_idx=1 indirect=1");
 }
 
 /// Twenty host frames echoed back by the guest, whose boot `options` choose
-/// the ring's notification scheme; checks it was negotiated as asked.
+/// the ring features; checks they were negotiated as asked.
 fn echo_round_trip(options: &str) {
     let Some(mut nic) = boot_with_nic_and_options(options, "net-echo", "") else {
         return;
@@ -192,8 +193,17 @@ fn echo_round_trip(options: &str) {
         .into_iter()
         .find(|l| l.starts_with("net0: mac="))
         .unwrap();
-    let event_idx = hex_field(&info, "acked") & (1 << 29) != 0;
-    assert_eq!(event_idx, options.contains("event_idx=1"), "{info}");
+    let acked = hex_field(&info, "acked");
+    assert_eq!(
+        acked & (1 << 29) != 0,
+        options.contains("event_idx=1"),
+        "{info}"
+    );
+    assert_eq!(
+        acked & (1 << 28) != 0,
+        options.contains("indirect=1"),
+        "{info}"
+    );
     let guest_mac = nic.mac;
     std::thread::sleep(Duration::from_millis(200));
     let returned = nic.net.run(move || {

@@ -43,8 +43,6 @@ pub struct Options {
     pub ecam: Option<u64>,
     /// `net_offload=1`: the virtio-net driver also acks the offloads.
     pub net_offload: bool,
-    /// `event_idx=1`: the virtio drivers negotiate VIRTIO_F_EVENT_IDX.
-    pub event_idx: bool,
 }
 
 /// Split the command line into (options, commands). With a `--` token the
@@ -81,7 +79,6 @@ impl Options {
             on_cad: CadAction::Poweroff,
             ecam: None,
             net_offload: false,
-            event_idx: false,
         };
         let (opts, _) = split_cmdline(cmdline);
         for tok in opts.split_whitespace() {
@@ -115,10 +112,14 @@ impl Options {
                     }
                     _ => println!("testguest: error: bad option {} (0|1)", tok),
                 },
-                "event_idx" => match v {
+                "event_idx" | "indirect" => match v {
                     "0" | "1" => {
-                        o.event_idx = v == "1";
-                        virtio::set_event_idx(o.event_idx);
+                        let feature = if k == "event_idx" {
+                            virtio::F_EVENT_IDX
+                        } else {
+                            virtio::F_INDIRECT_DESC
+                        };
+                        virtio::set_ring_feature(feature, v == "1");
                     }
                     _ => println!("testguest: error: bad option {} (0|1)", tok),
                 },

@@ -23,21 +23,29 @@
 //! memory behind a test's back.
 
 use core::ptr::{read_volatile, write_volatile};
-use core::sync::atomic::{fence, AtomicBool, AtomicU8, Ordering};
+use core::sync::atomic::{fence, AtomicU64, AtomicU8, Ordering};
 
 use crate::percpu::{cpu_id, CPUS};
 use crate::{balloon, blk, irq, lapic, mem, net, pci, time, workload};
 
 pub const F_VERSION_1: u64 = 1 << 32;
+/// VIRTIO_F_INDIRECT_DESC (ring feature 28): a chain as one descriptor
+/// pointing at a table of its own.
+pub const F_INDIRECT_DESC: u64 = 1 << 28;
 /// VIRTIO_F_EVENT_IDX (ring feature 29): used_event / avail_event instead
-/// of the ring flags, as Linux's drivers negotiate it.
+/// of the ring flags.
 pub const F_EVENT_IDX: u64 = 1 << 29;
 
-/// `event_idx=1`: every driver also negotiates [`F_EVENT_IDX`] if offered.
-static EVENT_IDX: AtomicBool = AtomicBool::new(false);
+/// Ring features every driver also negotiates if offered, as Linux's
+/// drivers do both (boot options `indirect=1`, `event_idx=1`).
+static RING_FEATURES: AtomicU64 = AtomicU64::new(0);
 
-pub fn set_event_idx(on: bool) {
-    EVENT_IDX.store(on, Ordering::Relaxed);
+pub fn set_ring_feature(feature: u64, on: bool) {
+    if on {
+        RING_FEATURES.fetch_or(feature, Ordering::Relaxed);
+    } else {
+        RING_FEATURES.fetch_and(!feature, Ordering::Relaxed);
+    }
 }
 
 const STATUS_ACKNOWLEDGE: u8 = 1;
@@ -255,12 +263,8 @@ impl Device {
             self.set_status(STATUS_FAILED);
             return Err("device does not offer VERSION_1");
         }
-        let event_idx = if EVENT_IDX.load(Ordering::Relaxed) {
-            F_EVENT_IDX
-        } else {
-            0
-        };
-        self.features = self.offered & (wanted(self.offered) | F_VERSION_1 | event_idx);
+        let ring = RING_FEATURES.load(Ordering::Relaxed);
+        self.features = self.offered & (wanted(self.offered) | F_VERSION_1 | ring);
         wr32(self.c(common::DRIVER_FEATURE_SELECT), 0);
         wr32(self.c(common::DRIVER_FEATURE), self.features as u32);
         wr32(self.c(common::DRIVER_FEATURE_SELECT), 1);
@@ -315,6 +319,12 @@ impl Device {
         }
         q.reinit();
         q.event_idx = self.features & F_EVENT_IDX != 0;
+        if self.features & F_INDIRECT_DESC != 0 && q.indirect_tables == 0 {
+            let bytes = q.size as u64 * INDIRECT_MAX as u64 * 16;
+            q.indirect_tables =
+                mem::dma_alloc(bytes, mem::PAGE).ok_or("out of DMA memory for indirect tables")?;
+        }
+        q.indirect = self.features & F_INDIRECT_DESC != 0;
         wr16(self.c(common::QUEUE_SIZE), q.size);
         let entry = q.index + 1;
         q.vector = self.queue_vectors[q.index as usize];
@@ -403,6 +413,9 @@ pub const MAX_QUEUE: usize = 256;
 
 const DESC_F_NEXT: u16 = 1;
 const DESC_F_WRITE: u16 = 2;
+const DESC_F_INDIRECT: u16 = 4;
+/// Longest chain put in an indirect table (longer ones use the ring).
+const INDIRECT_MAX: usize = 8;
 const AVAIL_F_NO_INTERRUPT: u16 = 1;
 const USED_F_NO_NOTIFY: u16 = 1;
 
@@ -463,6 +476,10 @@ pub struct Virtqueue {
     pub bogus: u32,
     /// EVENT_IDX negotiated: suppression through used_event / avail_event.
     event_idx: bool,
+    /// INDIRECT_DESC negotiated: chains of 2..=INDIRECT_MAX buffers go in
+    /// the head's own table at `indirect_tables + head * INDIRECT_MAX * 16`.
+    indirect: bool,
+    indirect_tables: u64,
     /// The avail index at the last notification decision (EVENT_IDX).
     kicked_idx: u16,
     /// Whether the driver wants interrupts (EVENT_IDX: re-armed on pop).
@@ -490,6 +507,8 @@ impl Virtqueue {
             last_used: 0,
             bogus: 0,
             event_idx: false,
+            indirect: false,
+            indirect_tables: 0,
             kicked_idx: 0,
             interrupts: true,
         }
@@ -545,9 +564,14 @@ impl Virtqueue {
     }
 
     /// Build a chain of `segs` in the descriptor table. Returns its head and
-    /// the indices used (in order); None if not enough descriptors.
+    /// the indices used (in order); None if not enough descriptors. With
+    /// INDIRECT_DESC a chain of 2..=INDIRECT_MAX buffers takes one ring
+    /// descriptor pointing at the head's table (every id is then the head).
     pub fn add_chain(&mut self, segs: &[Seg], ids: &mut [u16]) -> Option<u16> {
         let n = segs.len();
+        if self.indirect && (2..=INDIRECT_MAX).contains(&n) && self.num_free > 0 && n <= ids.len() {
+            return Some(self.add_indirect(segs, ids));
+        }
         if n == 0 || n > self.num_free as usize || n > ids.len() {
             return None;
         }
@@ -569,6 +593,27 @@ impl Virtqueue {
         self.chain_len[head as usize] = n as u16;
         self.state[head as usize] = IN_FLIGHT;
         Some(head)
+    }
+
+    fn add_indirect(&mut self, segs: &[Seg], ids: &mut [u16]) -> u16 {
+        let head = self.free_head;
+        let table = self.indirect_tables + (head as usize * INDIRECT_MAX * 16) as u64;
+        for (k, s) in segs.iter().enumerate() {
+            let last = k + 1 == segs.len();
+            let flags = if s.write { DESC_F_WRITE } else { 0 } | if last { 0 } else { DESC_F_NEXT };
+            let d = table + 16 * k as u64;
+            wr64(d, s.addr);
+            wr32(d + 8, s.len);
+            wr16(d + 12, flags);
+            wr16(d + 14, if last { 0 } else { k as u16 + 1 });
+            ids[k] = head;
+        }
+        self.write_desc(head, table, (segs.len() * 16) as u32, DESC_F_INDIRECT, 0);
+        self.free_head = self.next[head as usize];
+        self.num_free -= 1;
+        self.chain_len[head as usize] = 1;
+        self.state[head as usize] = IN_FLIGHT;
+        head
     }
 
     /// A one-descriptor chain whose buffer depends on the descriptor index:
