@@ -121,19 +121,26 @@ fn migrate(source: &mut Vmm, destination: &str, target: &Vmm) {
     target.wait_state(api::request::VmState::Running, SHORT);
 }
 
-/// Boots a guest that fills `fill_mib` MiB with `pattern`, then starts its
-/// balloon driver.
-fn boot_with_balloon_driver(dir: &TempDir, pattern: &str, fill_mib: u64, flags: &[&str]) -> Vmm {
+/// Boots a guest (with boot `options`, e.g. ring features) that fills
+/// `fill_mib` MiB with `pattern`, then starts its balloon driver; returns
+/// the VMM and the driver's `balloon: ready` line.
+fn boot_with_balloon_driver(
+    dir: &TempDir,
+    options: &str,
+    pattern: &str,
+    fill_mib: u64,
+    flags: &[&str],
+) -> (Vmm, String) {
     let mut vmm = boot(
         dir,
         "vm",
-        &format!("-- memfill pattern={pattern} mib={fill_mib}"),
+        &format!("{options} -- memfill pattern={pattern} mib={fill_mib}"),
         flags,
     );
     vmm.wait_for("memfill: done", BOOT);
     vmm.send_line("balloon-follow");
-    vmm.wait_for("balloon: ready", SHORT);
-    vmm
+    let ready = vmm.wait_for("balloon: ready", SHORT);
+    (vmm, ready)
 }
 
 #[test]
@@ -557,11 +564,23 @@ fn balloon_inflation_returns_memory_with_the_guest_driver() {
         return;
     }
     let dir = TempDir::new("balloon-inflate");
-    let mut vmm = boot_with_balloon_driver(
+    // The guest's driver negotiates the ring features Linux's does.
+    let (mut vmm, ready) = boot_with_balloon_driver(
         &dir,
+        "event_idx=1 indirect=1",
         "1122334455667788",
         128,
         &["--memory", "size=256M", "--balloon", "stats_interval_s=1"],
+    );
+    let features = ready
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("features=0x"))
+        .and_then(|v| u64::from_str_radix(v, 16).ok())
+        .unwrap_or_else(|| panic!("no features=0x.. in {ready:?}"));
+    assert_eq!(
+        features & (3 << 28),
+        3 << 28,
+        "EVENT_IDX and INDIRECT_DESC: {ready}"
     );
     let api = vmm.api();
     let rss_before = vmm.rss_bytes();
@@ -619,8 +638,9 @@ fn balloon_inflation_punches_holes_in_memfd_memory() {
         return;
     }
     let dir = TempDir::new("balloon-memfd");
-    let mut vmm = boot_with_balloon_driver(
+    let (mut vmm, _) = boot_with_balloon_driver(
         &dir,
+        "",
         "5566778899aabbcc",
         96,
         &["--memory", "size=192M,backing=memfd", "--balloon", ""],
@@ -698,8 +718,9 @@ fn free_page_reporting_returns_memory_with_the_guest_driver() {
         return;
     }
     let dir = TempDir::new("balloon-report");
-    let mut vmm = boot_with_balloon_driver(
+    let (mut vmm, _) = boot_with_balloon_driver(
         &dir,
+        "",
         "0f0f0f0f0f0f0f0f",
         64,
         &[
