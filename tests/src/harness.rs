@@ -406,6 +406,21 @@ pub fn field(line: &str, key: &str) -> Option<u64> {
         })
 }
 
+/// Interrupts the test guest took on device vectors (its dynamic range
+/// 0x30..=0xef), from its `irqs: vecN=COUNT ...` line.
+pub fn device_interrupts(irqs_line: &str) -> u64 {
+    irqs_line
+        .split_whitespace()
+        .filter_map(|w| w.strip_prefix("vec")?.split_once('='))
+        .filter(|(vector, _)| {
+            vector
+                .parse::<u32>()
+                .is_ok_and(|v| (0x30..=0xef).contains(&v))
+        })
+        .filter_map(|(_, n)| n.parse::<u64>().ok())
+        .sum()
+}
+
 pub const KSM: &str = "/sys/kernel/mm/ksm";
 
 /// Switches KSM on (fast scanning) and puts the previous `run`,

@@ -8,7 +8,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use vmm_tests::harness::{field, TempDir, Vmm};
+use vmm_tests::harness::{device_interrupts, field, TempDir, Vmm};
 use vmm_tests::require_kvm;
 
 const BOOT: Duration = Duration::from_secs(20);
@@ -345,11 +345,7 @@ fn requests_in_flight_and_a_racing_reader_with_linux_ring_features() {
         &["--cpus", "2", "--disk", &format!("path={}", disk.display())],
     );
     let info = vmm.wait_for("blk0: capacity=", BOOT);
-    let acked = info
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("acked=0x"))
-        .and_then(|v| u64::from_str_radix(v, 16).ok())
-        .unwrap_or_else(|| panic!("no acked=0x.. in {info:?}"));
+    let acked = field(&info, "acked").unwrap();
     assert_eq!(
         acked & (3 << 28),
         3 << 28,
@@ -363,18 +359,7 @@ fn requests_in_flight_and_a_racing_reader_with_linux_ring_features() {
     // Completions came as interrupts (used_event re-armed), not only by
     // the guest's 10 ms timer fallback.
     let irqs = vmm.wait_for("irqs:", SHORT);
-    let queue_irqs: u64 = irqs
-        .split_whitespace()
-        .filter_map(|w| w.strip_prefix("vec"))
-        .filter_map(|w| w.split_once('='))
-        .filter(|(vector, _)| {
-            vector
-                .parse::<u32>()
-                .is_ok_and(|v| (0x30..=0xef).contains(&v))
-        })
-        .filter_map(|(_, n)| n.parse::<u64>().ok())
-        .sum();
-    assert!(queue_irqs >= 100, "{irqs}");
+    assert!(device_interrupts(&irqs) >= 100, "{irqs}");
     assert_eq!(vmm.exit_code(SHORT), 0, "{}", vmm.report());
 }
 

@@ -572,11 +572,7 @@ fn balloon_inflation_returns_memory_with_the_guest_driver() {
         128,
         &["--memory", "size=256M", "--balloon", "stats_interval_s=1"],
     );
-    let features = ready
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("features=0x"))
-        .and_then(|v| u64::from_str_radix(v, 16).ok())
-        .unwrap_or_else(|| panic!("no features=0x.. in {ready:?}"));
+    let features = field(&ready, "features").unwrap();
     assert_eq!(
         features & (3 << 28),
         3 << 28,
