@@ -62,6 +62,17 @@ struct Nic {
     _dir: TempDir,
 }
 
+impl Nic {
+    /// The driver's `net0: mac=... acked=0x...` line.
+    fn info_line(&self) -> String {
+        self.vmm
+            .console()
+            .into_iter()
+            .find(|l| l.starts_with("net0: mac="))
+            .expect("net-info ran at boot")
+    }
+}
+
 fn boot_with_nic(cmdline: &str, extra_net: &str) -> Option<Nic> {
     boot_with_nic_and_options("", cmdline, extra_net)
 }
@@ -187,12 +198,7 @@ fn echo_round_trip(options: &str) {
     let Some(mut nic) = boot_with_nic_and_options(options, "net-echo", "") else {
         return;
     };
-    let info = nic
-        .vmm
-        .console()
-        .into_iter()
-        .find(|l| l.starts_with("net0: mac="))
-        .unwrap();
+    let info = nic.info_line();
     let acked = hex_field(&info, "acked");
     assert_eq!(
         acked & (1 << 29) != 0,
@@ -341,12 +347,7 @@ fn offloads_acked_with_net_offload_turn_the_taps_offloads_on() {
         let Some(mut nic) = boot_with_nic_and_options(options, "", "") else {
             return;
         };
-        let info = nic
-            .vmm
-            .console()
-            .into_iter()
-            .find(|l| l.starts_with("net0: mac="))
-            .unwrap();
+        let info = nic.info_line();
         let acked = hex_field(&info, "acked");
         for (bit, name) in [(GUEST_CSUM, "GUEST_CSUM"), (GUEST_TSO4, "GUEST_TSO4")] {
             assert_eq!(acked & bit != 0, on, "{options:?}: {name} acked: {info}");
