@@ -596,12 +596,12 @@ fn read_write_round_trip() {
         ],
     );
     assert_eq!((status, len), (OK, 1));
-    assert_bytes(&disk.read_at(4096, 8192), &data, "line 386");
+    assert_bytes(&disk.read_at(4096, 8192), &data, "on disk");
 
     d.mem.write_slice(&[0u8; 8192], GuestAddress(DATA)).unwrap();
     let (status, len) = d.read(8, 8192);
     assert_eq!((status, len), (OK, 8193));
-    assert_bytes(&d.data(8192), &data, "line 391");
+    assert_bytes(&d.data(8192), &data, "in guest memory");
 
     // Scattered read: two writable buffers.
     let (status, len) = d.request(
@@ -633,7 +633,7 @@ fn read_write_round_trip() {
     d.notify();
     assert_eq!(d.wait().1, 513);
     assert_eq!(d.status(), OK);
-    assert_bytes(&d.data(512), &data[512..1024], "line 411");
+    assert_bytes(&d.data(512), &data[512..1024], "in guest memory");
 
     // The last sector of the disk.
     let last = DISK_SIZE / 512 - 1;
@@ -739,12 +739,12 @@ fn discard_punches_a_hole() {
     assert_bytes(
         &disk.read_at(512 << 10, 1 << 20),
         &vec![0u8; 1 << 20],
-        "line 509",
+        "on disk",
     );
     assert_bytes(
         &disk.read_at(0, 512 << 10),
         &pattern(2 << 20, 3)[..512 << 10],
-        "line 510",
+        "on disk",
     );
     assert_eq!(counter(&block, "discard_ops"), 1);
 
@@ -793,16 +793,16 @@ fn write_zeroes() {
     d.activate(&mut block, &mem);
 
     assert_eq!(d.dwz(VIRTIO_BLK_T_WRITE_ZEROES, 8, 8, 0), (OK, 1));
-    assert_bytes(&disk.read_at(4096, 4096), &vec![0u8; 4096], "line 547");
+    assert_bytes(&disk.read_at(4096, 4096), &vec![0u8; 4096], "on disk");
     assert_bytes(
         &disk.read_at(0, 4096),
         &pattern(1 << 20, 9)[..4096],
-        "line 548",
+        "on disk",
     );
     assert_bytes(
         &disk.read_at(8192, 512),
         &pattern(1 << 20, 9)[8192..8704],
-        "line 549",
+        "on disk",
     );
     // With UNMAP: a hole is fine.
     assert_eq!(
@@ -817,7 +817,7 @@ fn write_zeroes() {
     assert_bytes(
         &disk.read_at(64 * 512, 1000 * 512),
         &vec![0u8; 1000 * 512],
-        "line 555",
+        "on disk",
     );
     assert_eq!(
         disk.read_at(1064 * 512, 512),
@@ -825,7 +825,7 @@ fn write_zeroes() {
     );
     // The guest sees zeros too.
     assert_eq!(d.read(64, 4096).0, OK);
-    assert_bytes(&d.data(4096), &vec![0u8; 4096], "line 562");
+    assert_bytes(&d.data(4096), &vec![0u8; 4096], "in guest memory");
     assert_eq!(counter(&block, "write_zeroes_ops"), 2);
     // Unknown flag.
     assert_eq!(d.dwz(VIRTIO_BLK_T_WRITE_ZEROES, 0, 8, 2).0, UNSUPP);
@@ -844,12 +844,12 @@ fn zeros_are_written_when_the_backend_cannot_zero_in_place() {
     assert_bytes(
         &disk.read_at(512, len as usize),
         &vec![0u8; len as usize],
-        "line 578",
+        "on disk",
     );
     assert_bytes(
         &disk.read_at(0, 512),
         &pattern(1 << 20, 1)[..512],
-        "line 579",
+        "on disk",
     );
 }
 
@@ -870,10 +870,10 @@ fn read_only_rejects_writes() {
     assert_eq!(d.write(0, &[0u8; 4096]), (IOERR, 1));
     assert_eq!(d.dwz(VIRTIO_BLK_T_DISCARD, 0, 8, 0).0, IOERR);
     assert_eq!(d.dwz(VIRTIO_BLK_T_WRITE_ZEROES, 0, 8, 0).0, IOERR);
-    assert_bytes(&disk.read_at(0, 65536), &pattern(65536, 5), "line 600");
+    assert_bytes(&disk.read_at(0, 65536), &pattern(65536, 5), "on disk");
     // Reads still work.
     assert_eq!(d.read(0, 4096), (OK, 4097));
-    assert_bytes(&d.data(4096), &pattern(65536, 5)[..4096], "line 603");
+    assert_bytes(&d.data(4096), &pattern(65536, 5)[..4096], "in guest memory");
     assert_eq!(counter(&block, "errors"), 3);
     assert_eq!(counter(&block, "write_ops"), 0);
 }
@@ -892,7 +892,7 @@ fn malformed_requests_get_an_error_and_the_device_keeps_working() {
         errors += 1;
         // The next good request works.
         assert_eq!(d.read(0, 512), (OK, 513), "after {what}");
-        assert_bytes(&d.data(512), &pattern(4096, 11)[..512], "line 623");
+        assert_bytes(&d.data(512), &pattern(4096, 11)[..512], "in guest memory");
     };
 
     let r = d.read(capacity, 512);
@@ -966,11 +966,11 @@ fn malformed_requests_get_an_error_and_the_device_keeps_working() {
     check(&mut d, r, IOERR, "GET_ID into a readable buffer");
     assert_eq!(counter(&block, "errors"), errors);
     // Nothing was written by the bad writes.
-    assert_bytes(&disk.read_at(0, 4096), &pattern(4096, 11), "line 673");
+    assert_bytes(&disk.read_at(0, 4096), &pattern(4096, 11), "on disk");
     assert_bytes(
         &disk.read_at(DISK_SIZE - 512, 512),
         &vec![0u8; 512],
-        "line 674",
+        "on disk",
     );
 }
 
@@ -1195,9 +1195,9 @@ fn direct_io_aligned_and_unaligned_buffers() {
 
     // Aligned: straight to guest memory.
     assert_eq!(d.write(16, &data), (OK, 1));
-    assert_bytes(&disk.read_at(16 * 512, 16384), &data, "line 881");
+    assert_bytes(&disk.read_at(16 * 512, 16384), &data, "on disk");
     assert_eq!(d.read(16, 16384), (OK, 16385));
-    assert_bytes(&d.data(16384), &data, "line 883");
+    assert_bytes(&d.data(16384), &data, "in guest memory");
 
     // Unaligned guest buffers (odd addresses, odd lengths per segment).
     let odd = DATA + 0x100001;
@@ -1213,10 +1213,10 @@ fn direct_io_aligned_and_unaligned_buffers() {
         ],
     );
     assert_eq!(status, OK);
-    assert_bytes(&disk.read_at(512, 4096), &data[..4096], "line 894");
+    assert_bytes(&disk.read_at(512, 4096), &data[..4096], "on disk");
     // Its neighbours were kept (read-modify-write of the edges).
-    assert_bytes(&disk.read_at(0, 512), &vec![0u8; 512], "line 896");
-    assert_bytes(&disk.read_at(4608, 512), &vec![0u8; 512], "line 897");
+    assert_bytes(&disk.read_at(0, 512), &vec![0u8; 512], "on disk");
+    assert_bytes(&disk.read_at(4608, 512), &vec![0u8; 512], "on disk");
     let (status, len) = d.request(
         VIRTIO_BLK_T_IN,
         1,
@@ -1230,17 +1230,17 @@ fn direct_io_aligned_and_unaligned_buffers() {
     assert_eq!((status, len), (OK, 4097));
     let mut back = vec![0u8; 4096];
     mem.read_slice(&mut back, GuestAddress(odd + 8192)).unwrap();
-    assert_bytes(&back, &data[..4096], "line 906");
+    assert_bytes(&back, &data[..4096], "in guest memory");
 
     // A single unaligned sector.
     assert_eq!(d.write(3, &data[..512]), (OK, 1));
-    assert_bytes(&disk.read_at(1536, 512), &data[..512], "line 910");
+    assert_bytes(&disk.read_at(1536, 512), &data[..512], "on disk");
     assert_eq!(d.read(3, 512), (OK, 513));
-    assert_bytes(&d.data(512), &data[..512], "line 912");
+    assert_bytes(&d.data(512), &data[..512], "in guest memory");
 
     assert_eq!(d.dwz(VIRTIO_BLK_T_WRITE_ZEROES, 1, 1, 0), (OK, 1));
-    assert_bytes(&disk.read_at(512, 512), &vec![0u8; 512], "line 915");
-    assert_bytes(&disk.read_at(1024, 512), &data[512..1024], "line 916");
+    assert_bytes(&disk.read_at(512, 512), &vec![0u8; 512], "on disk");
+    assert_bytes(&disk.read_at(1024, 512), &data[512..1024], "on disk");
 }
 
 fn rate_limiter_throttles() {
@@ -1332,7 +1332,7 @@ fn pause_resume_snapshot_restore() {
     assert!(block.is_running());
     d.wait();
     assert_eq!(d.status(), OK);
-    assert_bytes(&d.data(4096), &data, "line 1011");
+    assert_bytes(&d.data(4096), &data, "in guest memory");
 
     // Migrate: pause, snapshot, flush, release; restore elsewhere.
     block.pause();
@@ -1361,7 +1361,7 @@ fn pause_resume_snapshot_restore() {
     // The target serves the request made available before it started.
     d.wait();
     assert_eq!(d.status(), OK);
-    assert_bytes(&d.data(4096), &data, "line 1040");
+    assert_bytes(&d.data(4096), &data, "in guest memory");
     // And new ones, kicked on its eventfd.
     d.header(HDR, VIRTIO_BLK_T_FLUSH, 0);
     d.add(&[(HDR, 16, R), (STATUS, 1, W)]);
@@ -1823,7 +1823,7 @@ fn loop_device_backend() {
     let data = pattern(65536, 77);
     assert_eq!(d.write(0, &data), (OK, 1));
     assert_eq!(d.read(0, 65536), (OK, 65537));
-    assert_bytes(&d.data(65536), &data, "line 1149");
+    assert_bytes(&d.data(65536), &data, "in guest memory");
 
     // BLKDISCARD (4 KiB aligned, as the guest does with blk_size 4096).
     assert_eq!(d.dwz(VIRTIO_BLK_T_DISCARD, 8, 16, 0), (OK, 1));
@@ -1839,9 +1839,9 @@ fn loop_device_backend() {
     assert_bytes(
         &d.data(8192)[..4096],
         &data[56 * 512..64 * 512],
-        "line 1158",
+        "in guest memory",
     );
-    assert_bytes(&d.data(8192)[4096..], &vec![0u8; 4096], "line 1159");
+    assert_bytes(&d.data(8192)[4096..], &vec![0u8; 4096], "in guest memory");
     // A request not aligned to the 4 KiB logical block fails cleanly.
     assert_eq!(d.dwz(VIRTIO_BLK_T_WRITE_ZEROES, 1, 1, 0).0, IOERR);
     assert_eq!(d.dwz(VIRTIO_BLK_T_DISCARD, 1, 1, 0).0, IOERR);
@@ -1857,14 +1857,14 @@ fn loop_device_backend() {
     let mut d = Driver::new(&mem);
     d.activate(&mut block, &mem);
     assert_eq!(d.read(0, 4096), (OK, 4097));
-    assert_bytes(&d.data(4096), &data[..4096], "line 1174");
+    assert_bytes(&d.data(4096), &data[..4096], "in guest memory");
     // Unaligned to the 4 KiB block: bounced, read-modify-write.
     assert_eq!(d.write(1, &[0x5a; 512]), (OK, 1));
     assert_eq!(d.read(0, 4096).0, OK);
     let back = d.data(4096);
-    assert_bytes(&back[..512], &data[..512], "line 1179");
-    assert_bytes(&back[512..1024], &[0x5a; 512], "line 1180");
-    assert_bytes(&back[1024..], &data[1024..4096], "line 1181");
+    assert_bytes(&back[..512], &data[..512], "in guest memory");
+    assert_bytes(&back[512..1024], &[0x5a; 512], "in guest memory");
+    assert_bytes(&back[1024..], &data[1024..4096], "in guest memory");
 }
 
 /// Not a test of the device: a quick throughput probe (numbers in mod.rs), run by hand with
