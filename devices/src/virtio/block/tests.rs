@@ -434,6 +434,16 @@ fn assert_bytes(got: &[u8], want: &[u8], what: &str) {
     }
 }
 
+/// A device on `disk` opened with O_DIRECT, or None (saying `what` is
+/// skipped) where the file system refuses O_DIRECT.
+fn direct_block(disk: &TempDisk, what: &str) -> Option<Block> {
+    let mut config = disk.config();
+    config.direct = true;
+    Block::new(&config)
+        .map_err(|e| eprintln!("skipping {what}: {e}"))
+        .ok()
+}
+
 fn counter(block: &Block, name: &str) -> u64 {
     block.counters()[name]
 }
@@ -1179,14 +1189,8 @@ fn open_errors_name_the_path_and_cause() {
 
 fn direct_io_aligned_and_unaligned_buffers() {
     let disk = TempDisk::new(DISK_SIZE);
-    let mut config = disk.config();
-    config.direct = true;
-    let mut block = match Block::new(&config) {
-        Ok(b) => b,
-        Err(e) => {
-            eprintln!("skipping the O_DIRECT test: {e}");
-            return;
-        }
+    let Some(mut block) = direct_block(&disk, "the O_DIRECT test") else {
+        return;
     };
     let mem = memory();
     let mut d = Driver::new(&mem);
@@ -1410,14 +1414,8 @@ fn restore_checks_the_disk() {
 fn direct_reads_mark_guest_pages_dirty() {
     let disk = TempDisk::new(DISK_SIZE);
     disk.write_at(0, &pattern(1 << 20, 4));
-    let mut config = disk.config();
-    config.direct = true;
-    let mut block = match Block::new(&config) {
-        Ok(b) => b,
-        Err(e) => {
-            eprintln!("skipping the O_DIRECT dirty bitmap test: {e}");
-            return;
-        }
+    let Some(mut block) = direct_block(&disk, "the O_DIRECT dirty bitmap test") else {
+        return;
     };
     let mem = memory();
     let mut d = Driver::new(&mem);
@@ -1671,14 +1669,8 @@ fn the_engine_follows_the_disk_mode() {
     drop(block);
 
     // O_DIRECT: io_uring, where the kernel has it.
-    let mut config = disk.config();
-    config.direct = true;
-    let mut block = match Block::new(&config) {
-        Ok(b) => b,
-        Err(e) => {
-            eprintln!("skipping the O_DIRECT part: {e}");
-            return;
-        }
+    let Some(mut block) = direct_block(&disk, "the O_DIRECT part") else {
+        return;
     };
     let mut d = Driver::new(&mem);
     d.activate(&mut block, &mem);
