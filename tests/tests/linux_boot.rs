@@ -165,6 +165,27 @@ fn skip_reason(speed: &probe::Ring0Speed) -> String {
 }
 
 /// The full boot: kernel, initramfs /init with the virtio modules, power-off.
+/// Boots the guest's `kernel` fully where guest ring 0 runs at hardware
+/// speed (None: done), or says SKIP with the measured speed and returns the
+/// guest for the test's reduced check. None also when the guest cannot be
+/// built (SKIP with why).
+fn full_boot_or_skip(kernel: fn(&LinuxGuest) -> &PathBuf) -> Option<&'static LinuxGuest> {
+    let speed = ring0();
+    let guest = match linux_guest() {
+        Ok(guest) => guest,
+        Err(reason) => {
+            eprintln!("SKIP: {reason}");
+            return None;
+        }
+    };
+    if speed.is_native() {
+        full_boot(kernel(guest), guest);
+        return None;
+    }
+    eprintln!("SKIP: {}", skip_reason(speed));
+    Some(guest)
+}
+
 fn full_boot(kernel: &Path, guest: &LinuxGuest) {
     let start = Instant::now();
     let secs = || start.elapsed().as_secs_f64();
@@ -256,15 +277,9 @@ fn full_boot(kernel: &Path, guest: &LinuxGuest) {
 #[test]
 fn linux_bzimage_boots_to_initramfs_and_powers_off() {
     require_kvm!();
-    let speed = ring0();
-    let guest = match linux_guest() {
-        Ok(guest) => guest,
-        Err(reason) => return eprintln!("SKIP: {reason}"),
+    let Some(guest) = full_boot_or_skip(|g| &g.bzimage) else {
+        return;
     };
-    if speed.is_native() {
-        return full_boot(&guest.bzimage, guest);
-    }
-    eprintln!("SKIP: {}", skip_reason(speed));
 
     // Reduced check: the bzImage's decompressor runs and reads our command
     // line (bzImage loaded where the setup header says, 64-bit entry,
@@ -293,15 +308,9 @@ fn linux_bzimage_boots_to_initramfs_and_powers_off() {
 #[test]
 fn linux_vmlinux_pvh_boots_to_initramfs_and_powers_off() {
     require_kvm!();
-    let speed = ring0();
-    let guest = match linux_guest() {
-        Ok(guest) => guest,
-        Err(reason) => return eprintln!("SKIP: {reason}"),
+    let Some(guest) = full_boot_or_skip(|g| &g.vmlinux) else {
+        return;
     };
-    if speed.is_native() {
-        return full_boot(&guest.vmlinux, guest);
-    }
-    eprintln!("SKIP: {}", skip_reason(speed));
 
     // Reduced check: the kernel proper starts (no decompression on this
     // path), prints its banner with our command line, and takes the memory
