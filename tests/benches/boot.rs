@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use vmm_tests::bench::{median, write_report, Table};
+use vmm_tests::bench::{have_qemu, median, qemu_test_guest, write_report, Table, QEMU};
 use vmm_tests::harness::{testguest, vmm_binary, TempDir};
 
 const RUNS: usize = 10;
@@ -22,28 +22,16 @@ const TIMEOUT: Duration = Duration::from_secs(30);
 
 /// QEMU's fastest configuration that runs the test guest: microvm, no
 /// firmware option ROMs, no RTC, PVH entry straight into the guest.
-fn qemu_command(guest: &Path, cmdline: &str) -> Command {
-    let mut cmd = Command::new("qemu-system-x86_64");
-    // -arch-capabilities: QEMU cannot set that MSR on this nested host.
-    cmd.args([
-        "-accel",
-        "kvm",
-        "-cpu",
-        "host,-arch-capabilities",
-        "-machine",
-    ])
-    .arg("microvm,x-option-roms=off,rtc=off,isa-serial=on")
-    .args(["-m", &format!("{MEMORY_MIB}M"), "-smp", "1"])
-    .args([
-        "-nodefaults",
-        "-no-user-config",
-        "-nographic",
-        "-serial",
-        "stdio",
-    ])
-    .args(["-no-reboot", "-kernel"])
-    .arg(guest)
-    .args(["-append", cmdline]);
+fn qemu_command(cmdline: &str) -> Command {
+    let mut cmd = Command::new(QEMU);
+    qemu_test_guest(
+        &mut cmd,
+        "microvm,x-option-roms=off,rtc=off,isa-serial=on",
+        MEMORY_MIB,
+        1,
+        cmdline,
+    )
+    .arg("-no-reboot");
     cmd
 }
 
@@ -118,10 +106,10 @@ fn ours_api_ready(dir: &TempDir) -> Duration {
 }
 
 /// QEMU: exec to the QMP greeting on its socket.
-fn qemu_api_ready(dir: &TempDir, guest: &Path) -> Duration {
+fn qemu_api_ready(dir: &TempDir) -> Duration {
     let socket = dir.join("qmp.sock");
     let start = Instant::now();
-    let mut cmd = qemu_command(guest, "--");
+    let mut cmd = qemu_command("--");
     cmd.arg("-S")
         .arg("-qmp")
         .arg(format!("unix:{},server=on,wait=off", socket.display()));
@@ -172,9 +160,9 @@ fn ours_boot_request(dir: &TempDir, guest: &Path) -> Duration {
 }
 
 /// QEMU: started with -S, then QMP `cont` to the first guest byte.
-fn qemu_boot_request(dir: &TempDir, guest: &Path) -> Duration {
+fn qemu_boot_request(dir: &TempDir) -> Duration {
     let socket = dir.join("qmp.sock");
-    let mut cmd = qemu_command(guest, "--");
+    let mut cmd = qemu_command("--");
     cmd.arg("-S")
         .arg("-qmp")
         .arg(format!("unix:{},server=on,wait=off", socket.display()));
@@ -294,27 +282,21 @@ fn main() {
     }
     let guest: PathBuf = testguest();
     let dir = TempDir::new("bench-boot");
-    let have_qemu = Command::new("qemu-system-x86_64")
-        .arg("--version")
-        .output()
-        .is_ok();
-    if !have_qemu {
-        eprintln!("SKIP QEMU columns: qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)");
-    }
+    let have_qemu = have_qemu();
     let mut table = Table::new(&["figure", "ours", "QEMU 7.2 microvm", "ours/QEMU"]);
 
     let runs = |f: &mut dyn FnMut() -> f64| -> f64 { median((0..RUNS).map(|_| f()).collect()) };
 
     let ours = runs(&mut || ms(ours_api_ready(&dir)));
-    let qemu = have_qemu.then(|| runs(&mut || ms(qemu_api_ready(&dir, &guest))));
+    let qemu = have_qemu.then(|| runs(&mut || ms(qemu_api_ready(&dir))));
     table.row_ms("exec to API ready (ms)", ours, qemu);
 
     let ours = runs(&mut || ms(ours_boot_request(&dir, &guest)));
-    let qemu = have_qemu.then(|| runs(&mut || ms(qemu_boot_request(&dir, &guest))));
+    let qemu = have_qemu.then(|| runs(&mut || ms(qemu_boot_request(&dir))));
     table.row_ms("boot request to first guest output (ms)", ours, qemu);
 
     let ours = runs(&mut || ms(exec_to_output(ours_command(&guest, "--"))));
-    let qemu = have_qemu.then(|| runs(&mut || ms(exec_to_output(qemu_command(&guest, "--")))));
+    let qemu = have_qemu.then(|| runs(&mut || ms(exec_to_output(qemu_command("--")))));
     table.row_ms("exec to first guest output (ms)", ours, qemu);
 
     let mut ours_life = Vec::new();
@@ -322,7 +304,7 @@ fn main() {
     for _ in 0..RUNS {
         ours_life.push(lifecycle(ours_command(&guest, "-- reset")));
         if have_qemu {
-            qemu_life.push(lifecycle(qemu_command(&guest, "-- reset")));
+            qemu_life.push(lifecycle(qemu_command("-- reset")));
         }
     }
     let pick = |v: &[(Duration, Duration, u64)], f: fn(&(Duration, Duration, u64)) -> f64| {
@@ -369,7 +351,7 @@ fn main() {
     let qemu = have_qemu.then(|| {
         median(
             (0..3)
-                .map(|_| steady_overhead(qemu_command(&guest, "--")) as f64)
+                .map(|_| steady_overhead(qemu_command("--")) as f64)
                 .collect(),
         )
     });

@@ -11,7 +11,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use vmm_tests::bench::{median, write_report, ConsoleGuest, Table};
+use vmm_tests::bench::{
+    have_qemu, median, qemu_test_guest, write_report, ConsoleGuest, Table, QEMU,
+};
 use vmm_tests::harness::{field, testguest, vmm_binary, TempDir};
 use vmm_tests::netns::{Netns, PacketSocket};
 
@@ -37,13 +39,13 @@ fn boot(peer: Peer, disk: Option<(&Path, bool)>, tap: bool, prefix: &[&str]) -> 
         }
         None => Command::new(match peer {
             Peer::Ours => vmm_binary().display().to_string(),
-            Peer::Qemu => "qemu-system-x86_64".into(),
+            Peer::Qemu => QEMU.into(),
         }),
     };
     if !prefix.is_empty() {
         cmd.arg(match peer {
             Peer::Ours => vmm_binary().display().to_string(),
-            Peer::Qemu => "qemu-system-x86_64".into(),
+            Peer::Qemu => QEMU.into(),
         });
     }
     match peer {
@@ -74,29 +76,13 @@ fn boot(peer: Peer, disk: Option<(&Path, bool)>, tap: bool, prefix: &[&str]) -> 
         }
         Peer::Qemu => {
             // q35 has ECAM (at 0xb0000000) and firmware that assigns BARs.
-            cmd.args([
-                "-accel",
-                "kvm",
-                "-cpu",
-                "host,-arch-capabilities",
-                "-machine",
+            qemu_test_guest(
+                &mut cmd,
                 "q35",
-            ])
-            .args([
-                "-m",
-                "512M",
-                "-smp",
-                "2",
-                "-nodefaults",
-                "-no-user-config",
-                "-nographic",
-            ])
-            .args(["-serial", "stdio", "-kernel"])
-            .arg(testguest())
-            .args([
-                "-append",
+                512,
+                2,
                 &format!("cpus=2 ecam=0xb0000000 {GUEST_OPTIONS}"),
-            ]);
+            );
             if let Some((path, direct)) = disk {
                 let cache = if direct {
                     "cache=none,aio=native"
@@ -211,10 +197,7 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
-    let have_qemu = Command::new("qemu-system-x86_64")
-        .arg("--version")
-        .output()
-        .is_ok();
+    let have_qemu = have_qemu();
     let dir = TempDir::new("bench-devices");
     let disk = dir.join("disk.img");
     // A disk full of data, so reads read something.

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use api::http::ApiClient;
 use api::request::{MigrationParameters, MigrationPhase, SendMigrationRequest};
-use vmm_tests::bench::{median, write_report, Table};
+use vmm_tests::bench::{have_qemu, median, qemu_test_guest, write_report, Table, QEMU};
 use vmm_tests::harness::{testguest, vmm_binary, TempDir};
 
 const RUNS: usize = 3;
@@ -240,26 +240,14 @@ impl Qmp {
 }
 
 fn qemu_command(case: &Case, qmp: &Path) -> Command {
-    let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args([
-        "-accel",
-        "kvm",
-        "-cpu",
-        "host,-arch-capabilities",
-        "-machine",
-    ])
-    .arg("microvm,x-option-roms=off,rtc=off,isa-serial=on")
-    .args(["-m", &format!("{}M", case.memory_mib), "-smp", "2"])
-    .args([
-        "-nodefaults",
-        "-no-user-config",
-        "-nographic",
-        "-serial",
-        "stdio",
-    ])
-    .arg("-kernel")
-    .arg(testguest())
-    .args(["-append", &format!("cpus=2 {}", cmdline(case))])
+    let mut cmd = Command::new(QEMU);
+    qemu_test_guest(
+        &mut cmd,
+        "microvm,x-option-roms=off,rtc=off,isa-serial=on",
+        case.memory_mib,
+        2,
+        &format!("cpus=2 {}", cmdline(case)),
+    )
     .arg("-qmp")
     .arg(format!("unix:{},server=on,wait=off", qmp.display()))
     .stdin(Stdio::null())
@@ -346,10 +334,7 @@ fn main() {
         return;
     }
     let dir = TempDir::new("bench-migration");
-    let have_qemu = Command::new("qemu-system-x86_64")
-        .arg("--version")
-        .output()
-        .is_ok();
+    let have_qemu = have_qemu();
     let tcp = median((0..3).map(|_| loopback_tcp()).collect());
     let mut table = Table::new(&["case", "figure", "ours", "QEMU 7.2", "ours/QEMU"]);
     // MIGRATION_BENCH_CASES=hot picks the cases whose name contains "hot".

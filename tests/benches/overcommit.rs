@@ -11,7 +11,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use api::http::ApiClient;
-use vmm_tests::bench::{median, ratio, write_report, ConsoleGuest, Table};
+use vmm_tests::bench::{
+    have_qemu, median, qemu_test_guest, ratio, write_report, ConsoleGuest, Table, QEMU,
+};
 use vmm_tests::harness::{pss_bytes, testguest, vmm_binary, KsmGuard, TempDir};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
@@ -89,29 +91,17 @@ fn identical_guests_pss(peer: &str, mergeable: bool) -> f64 {
                     ]);
                 c
             } else {
-                let mut c = Command::new("qemu-system-x86_64");
-                c.args([
-                    "-accel",
-                    "kvm",
-                    "-cpu",
-                    "host,-arch-capabilities",
-                    "-machine",
-                ])
-                .arg(format!(
-                    "microvm,x-option-roms=off,rtc=off,isa-serial=on,mem-merge={}",
-                    if mergeable { "on" } else { "off" }
-                ))
-                .args([
-                    "-m",
-                    &format!("{GUEST_MIB}M"),
-                    "-smp",
-                    "1",
-                    "-nodefaults",
-                    "-no-user-config",
-                ])
-                .args(["-nographic", "-serial", "stdio", "-kernel"])
-                .arg(testguest())
-                .args(["-append", &format!("-- {commands}")]);
+                let mut c = Command::new(QEMU);
+                qemu_test_guest(
+                    &mut c,
+                    &format!(
+                        "microvm,x-option-roms=off,rtc=off,isa-serial=on,mem-merge={}",
+                        if mergeable { "on" } else { "off" }
+                    ),
+                    GUEST_MIB,
+                    1,
+                    &format!("-- {commands}"),
+                );
                 c
             };
             ConsoleGuest::spawn(cmd, TIMEOUT)
@@ -142,10 +132,7 @@ fn main() {
         return;
     }
     let dir = TempDir::new("bench-overcommit");
-    let have_qemu = Command::new("qemu-system-x86_64")
-        .arg("--version")
-        .output()
-        .is_ok();
+    let have_qemu = have_qemu();
     let mut table = Table::new(&["figure", "ours", "QEMU 7.2", "ours/QEMU"]);
 
     let speed = median((0..3).map(|_| inflation_speed(&dir)).collect());

@@ -2,6 +2,51 @@
 //! tables and the report files kept in docs/benchmarks/.
 
 use std::path::PathBuf;
+use std::process::Command;
+
+/// The comparison peer's binary.
+pub const QEMU: &str = "qemu-system-x86_64";
+
+/// Whether QEMU is installed; says so when not (its columns stay empty).
+pub fn have_qemu() -> bool {
+    let have = Command::new(QEMU).arg("--version").output().is_ok();
+    if !have {
+        eprintln!("SKIP QEMU columns: {QEMU} is not installed (apt-get install qemu-system-x86)");
+    }
+    have
+}
+
+/// Adds to a QEMU command line what every benchmark runs the test guest
+/// with: KVM, the host CPU (less arch-capabilities, an MSR QEMU cannot set
+/// on this nested host), `machine`, `memory_mib` and `cpus`, no default
+/// devices, COM1 on stdio, and the test guest booted with `append`.
+pub fn qemu_test_guest<'a>(
+    cmd: &'a mut Command,
+    machine: &str,
+    memory_mib: u64,
+    cpus: u32,
+    append: &str,
+) -> &'a mut Command {
+    cmd.args([
+        "-accel",
+        "kvm",
+        "-cpu",
+        "host,-arch-capabilities",
+        "-machine",
+        machine,
+    ])
+    .args(["-m", &format!("{memory_mib}M"), "-smp", &cpus.to_string()])
+    .args([
+        "-nodefaults",
+        "-no-user-config",
+        "-nographic",
+        "-serial",
+        "stdio",
+    ])
+    .arg("-kernel")
+    .arg(crate::harness::testguest())
+    .args(["-append", append])
+}
 
 /// The median of `values` (the mean of the middle two for an even count).
 pub fn median(mut values: Vec<f64>) -> f64 {
