@@ -356,6 +356,32 @@ impl Nic {
         Ok(())
     }
 
+    /// Queue `count` test frames (sequence numbers from `seq0`), kicking
+    /// every 16 and at the end; Err(frames queued) if the tx queue stayed
+    /// full.
+    fn send_test_frames(
+        &mut self,
+        count: u64,
+        size: usize,
+        ethertype: u16,
+        dst: [u8; 6],
+        seq0: u32,
+    ) -> Result<(), u64> {
+        let mac = self.mac;
+        for sent in 0..count {
+            let seq = seq0.wrapping_add(sent as u32);
+            if !self.queue_tx(|b| build_test_frame(b, dst, mac, ethertype, seq, size)) {
+                self.tx.kick();
+                return Err(sent);
+            }
+            if (sent + 1).is_multiple_of(16) {
+                self.tx.kick();
+            }
+        }
+        self.tx.kick();
+        Ok(())
+    }
+
     /// Queue one frame built by `f` into its tx slot (not kicked). Waits up
     /// to 2 s for a free slot. `f` gets the frame area and returns the frame
     /// length.
@@ -660,22 +686,10 @@ fn cmd_send(cmd: &str, a: &Args) {
     };
     let Some((_, d)) = pick(cmd, a) else { return };
     let mut d = d.lock();
-    let mac = d.mac;
-    let seq0 = seq0.unwrap_or(0) as u32;
-    let mut sent = 0;
-    while sent < count {
-        let seq = seq0.wrapping_add(sent as u32);
-        if !d.queue_tx(|b| build_test_frame(b, dst, mac, et, seq, size)) {
-            d.tx.kick();
-            return println!("net: sent={} status=timeout", sent);
-        }
-        sent += 1;
-        if sent.is_multiple_of(16) {
-            d.tx.kick();
-        }
+    match d.send_test_frames(count, size, et, dst, seq0.unwrap_or(0) as u32) {
+        Ok(()) => println!("net: sent={}", count),
+        Err(sent) => println!("net: sent={} status=timeout", sent),
     }
-    d.tx.kick();
-    println!("net: sent={}", sent);
 }
 
 fn cmd_bench(cmd: &str, a: &Args) {
@@ -684,20 +698,10 @@ fn cmd_bench(cmd: &str, a: &Args) {
     };
     let Some((_, d)) = pick(cmd, a) else { return };
     let mut d = d.lock();
-    let mac = d.mac;
     let t0 = time::rdtsc();
-    let mut sent = 0u64;
-    while sent < count {
-        if !d.queue_tx(|b| build_test_frame(b, dst, mac, et, sent as u32, size)) {
-            d.tx.kick();
-            return println!("net-bench: status=timeout frames={}", sent);
-        }
-        sent += 1;
-        if sent.is_multiple_of(16) {
-            d.tx.kick();
-        }
+    if let Err(sent) = d.send_test_frames(count, size, et, dst, 0) {
+        return println!("net-bench: status=timeout frames={}", sent);
     }
-    d.tx.kick();
     // Until the device took every frame.
     let tx_size = d.tx.size;
     let tx = &mut d.tx;
