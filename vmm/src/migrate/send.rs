@@ -333,11 +333,12 @@ fn precopy_and_switch(
             return switch_over(&mut sender, stream, context, dirty_log, dirty, stage, start);
         }
 
-        // Auto-converge: the guest dirties more than half of what a round
-        // drains, twice in a row: slow its vCPUs down.
         if fits {
             rounds_fitting += 1;
         }
+        // Auto-converge: slow the vCPUs down when the guest dirties more
+        // than half of what a round drains twice in a row, or when the
+        // dirty set fits the limit but no longer shrinks on its own.
         if parameters.auto_converge {
             if dirty_bytes * 2 > round_bytes && dirty_bytes >= previous_dirty / 2 {
                 high_dirty_rounds += 1;
