@@ -419,6 +419,16 @@ const INDIRECT_MAX: usize = 8;
 const AVAIL_F_NO_INTERRUPT: u16 = 1;
 const USED_F_NO_NOTIFY: u16 = 1;
 
+/// Writes descriptor `i` of the table at `table` (the ring's or an
+/// indirect one).
+fn write_desc(table: u64, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
+    let d = table + 16 * i as u64;
+    wr64(d, addr);
+    wr32(d + 8, len);
+    wr16(d + 12, flags);
+    wr16(d + 14, next);
+}
+
 /// A buffer of a descriptor chain.
 #[derive(Clone, Copy)]
 pub struct Seg {
@@ -543,11 +553,7 @@ impl Virtqueue {
     }
 
     fn write_desc(&self, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
-        let d = self.desc + 16 * i as u64;
-        wr64(d, addr);
-        wr32(d + 8, len);
-        wr16(d + 12, flags);
-        wr16(d + 14, next);
+        write_desc(self.desc, i, addr, len, flags, next);
     }
 
     /// Overwrite the `next` field the device sees (hostile chains only; the
@@ -601,11 +607,8 @@ impl Virtqueue {
         for (k, s) in segs.iter().enumerate() {
             let last = k + 1 == segs.len();
             let flags = if s.write { DESC_F_WRITE } else { 0 } | if last { 0 } else { DESC_F_NEXT };
-            let d = table + 16 * k as u64;
-            wr64(d, s.addr);
-            wr32(d + 8, s.len);
-            wr16(d + 12, flags);
-            wr16(d + 14, if last { 0 } else { k as u16 + 1 });
+            let next = if last { 0 } else { k as u16 + 1 };
+            write_desc(table, k as u16, s.addr, s.len, flags, next);
             ids[k] = head;
         }
         self.write_desc(head, table, (segs.len() * 16) as u32, DESC_F_INDIRECT, 0);
