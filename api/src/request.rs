@@ -11,7 +11,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::VmConfig;
+use config::VmConfig;
 
 /// One request to the VMM.
 #[derive(Clone, Debug, PartialEq)]
@@ -362,8 +362,8 @@ impl fmt::Display for ApiError {
 
 impl std::error::Error for ApiError {}
 
-impl From<crate::config::ConfigError> for ApiError {
-    fn from(e: crate::config::ConfigError) -> Self {
+impl From<config::ConfigError> for ApiError {
+    fn from(e: config::ConfigError) -> Self {
         ApiError::bad_request(e.to_string())
     }
 }
@@ -437,8 +437,8 @@ impl Default for MigrationParameters {
 }
 
 impl MigrationParameters {
-    pub fn validate(&self) -> Result<(), crate::config::ConfigError> {
-        use crate::config::ConfigError;
+    pub fn validate(&self) -> Result<(), config::ConfigError> {
+        use config::ConfigError;
         if self.downtime_ms == 0 || self.downtime_ms > 600_000 {
             return Err(ConfigError::new(
                 "downtime_ms",
@@ -463,8 +463,8 @@ pub struct ReceiveMigrationRequest {
 }
 
 /// Checks the form of a migration URL; returns an error naming it.
-pub fn validate_migration_url(field: &str, url: &str) -> Result<(), crate::config::ConfigError> {
-    use crate::config::ConfigError;
+pub fn validate_migration_url(field: &str, url: &str) -> Result<(), config::ConfigError> {
+    use config::ConfigError;
     match url.split_once(':') {
         Some(("tcp", rest))
             if rest

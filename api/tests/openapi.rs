@@ -16,15 +16,15 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use api::config::{
-    BalloonConfig, CpusConfig, DiskConfig, MemoryBacking, MemoryConfig, NetConfig, PayloadConfig,
-    RateLimitConfig, ResetAction, SerialConfig, VmConfig,
-};
 use api::http::{BodyKind, ROUTES};
 use api::request::{
     ApiError, ApiErrorKind, BalloonStatistics, BalloonUpdate, Counters, MemoryInfo,
     MigrationParameters, MigrationPhase, MigrationStatus, PingInfo, ReceiveMigrationRequest,
     SendMigrationRequest, ShutdownMode, ShutdownRequest, TimeoutAction, VmInfo, VmState,
+};
+use config::{
+    BalloonConfig, CpusConfig, DiskConfig, MemoryBacking, MemoryConfig, NetConfig, PayloadConfig,
+    RateLimitConfig, ResetAction, SerialConfig, VmConfig,
 };
 
 const METHODS: [&str; 8] = [

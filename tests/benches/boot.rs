@@ -138,13 +138,13 @@ fn ours_boot_request(dir: &TempDir, guest: &Path) -> Duration {
         assert!(start.elapsed() < TIMEOUT);
         std::thread::sleep(Duration::from_millis(1));
     }
-    let config = api::config::VmConfig {
-        payload: api::config::PayloadConfig {
+    let config = config::VmConfig {
+        payload: config::PayloadConfig {
             kernel: guest.to_path_buf(),
             cmdline: "--".into(),
             initrd: None,
         },
-        memory: api::config::MemoryConfig {
+        memory: config::MemoryConfig {
             size_mib: MEMORY_MIB,
             ..Default::default()
         },

@@ -6,9 +6,9 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
-use api::config::{PayloadConfig, VmConfig};
 use api::http::ClientError;
 use api::request::{ApiErrorKind, VmState};
+use config::{PayloadConfig, VmConfig};
 use vmm_tests::harness::{testguest, TempDir, Vmm};
 use vmm_tests::require_kvm;
 

@@ -12,9 +12,9 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use api::config::{BalloonConfig, MemoryConfig, PayloadConfig, VmConfig};
 use api::http::{ClientError, Method};
 use api::request::{ApiError, ApiErrorKind};
+use config::{BalloonConfig, MemoryConfig, PayloadConfig, VmConfig};
 use vmm_tests::harness::{field, pss_bytes, testguest, vmmctl_binary, KsmGuard, TempDir, Vmm, KSM};
 use vmm_tests::require_kvm;
 

@@ -617,7 +617,7 @@ mod tests {
     #[test]
     fn tables_land_in_guest_memory() {
         let mem = crate::memory::create_guest_memory(
-            &api::config::MemoryConfig {
+            &config::MemoryConfig {
                 size_mib: 16,
                 ..Default::default()
             },
@@ -635,7 +635,7 @@ mod tests {
     #[test]
     fn e820_reserves_the_legacy_hole_with_the_tables() {
         let mem = crate::memory::create_guest_memory(
-            &api::config::MemoryConfig {
+            &config::MemoryConfig {
                 size_mib: 64,
                 ..Default::default()
             },
@@ -658,7 +658,7 @@ mod tests {
 
     #[test]
     fn the_largest_vm_fits() {
-        let t = build(api::config::MAX_VCPUS);
+        let t = build(config::MAX_VCPUS);
         assert!(t.rsdp_addr + t.image.len() as u64 <= ACPI_TABLES_END);
     }
 

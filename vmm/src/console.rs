@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use api::config::SerialConfig;
+use config::SerialConfig;
 use devices::legacy::SerialDevice;
 
 /// The serial device input goes to, swapped on reboot.

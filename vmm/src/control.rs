@@ -6,14 +6,15 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use api::config::{ResetAction, VmConfig};
 use api::http::ApiCall;
 use api::request::{
-    ApiError, ApiErrorKind, ApiRequest, ApiResponse, ApiResult, BalloonUpdate, MemoryInfo,
-    MigrationPhase, PingInfo, ReceiveMigrationRequest, SendMigrationRequest, ShutdownMode,
-    ShutdownRequest, VmInfo, VmState,
+    ApiError, ApiErrorKind, ApiRequest, ApiResponse, ApiResult, BalloonStatistics, BalloonUpdate,
+    MemoryInfo, MigrationPhase, PingInfo, ReceiveMigrationRequest, SendMigrationRequest,
+    ShutdownMode, ShutdownRequest, VmInfo, VmState,
 };
+use config::{ResetAction, VmConfig};
 use devices::legacy::PowerEvent;
+use devices::virtio::balloon::BalloonReport;
 use std::sync::atomic::Ordering;
 
 use crate::console::Console;
@@ -299,7 +300,7 @@ impl Controller {
             .ok_or_else(|| ApiError::wrong_state("report balloon statistics", self.state))?;
         let handle = vm.device_manager().balloon().ok_or_else(no_balloon)?;
         Ok(ApiResponse::BalloonStatistics(Box::new(
-            handle.statistics(),
+            balloon_statistics_reply(&handle.report()),
         )))
     }
 
@@ -674,6 +675,27 @@ impl Controller {
         }
         self.state = VmState::Shutdown;
     }
+}
+
+/// `vm.balloon-statistics` from what the balloon reports.
+fn balloon_statistics_reply(report: &BalloonReport) -> BalloonStatistics {
+    let page_size = devices::virtio::balloon::PAGE_SIZE;
+    let mut reply = BalloonStatistics {
+        target_pages: report.target_pages,
+        actual_pages: report.actual_pages,
+        target_mib: (report.target_pages * page_size) >> 20,
+        actual_mib: (report.actual_pages * page_size) >> 20,
+        inflated_pages: report.inflated_pages,
+        ..BalloonStatistics::default()
+    };
+    if let Some(guest) = &report.guest {
+        reply.timestamp_ms = Some(guest.unix_ms);
+        reply.age_ms = Some(guest.age_ms());
+        for (&tag, &value) in &guest.values {
+            reply.set_guest_stat(tag, value);
+        }
+    }
+    reply
 }
 
 /// The refusal of balloon requests for a VM without a balloon: 409, as the

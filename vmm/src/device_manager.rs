@@ -48,7 +48,7 @@ impl DeviceManager {
     /// source has released it.
     pub fn add_configured(
         &mut self,
-        config: &api::config::VmConfig,
+        config: &config::VmConfig,
         incoming: bool,
     ) -> Result<(), String> {
         for disk in &config.disks {
@@ -77,7 +77,7 @@ impl DeviceManager {
             });
             let device = Balloon::new(balloon, &ram, backend).map_err(|e| e.to_string())?;
             let handle = device.handle();
-            self.add_virtio(api::config::BALLOON_DEVICE_ID, Box::new(device))?;
+            self.add_virtio(config::BALLOON_DEVICE_ID, Box::new(device))?;
             self.balloon = Some(handle);
         }
         Ok(())

@@ -7,11 +7,11 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use api::config::{
+use api::request::{validate_migration_url, ReceiveMigrationRequest};
+use config::{
     parse_number, BalloonConfig, ConfigError, CpusConfig, DiskConfig, MemoryConfig, NetConfig,
     PayloadConfig, ResetAction, SerialConfig, VmConfig,
 };
-use api::request::{validate_migration_url, ReceiveMigrationRequest};
 use vmm::control::{ControlEvent, Controller};
 use vmm::exit::ExitStatus;
 

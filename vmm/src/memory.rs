@@ -7,7 +7,7 @@
 use std::fs::File;
 use std::os::fd::FromRawFd;
 
-use api::config::{MemoryBacking, MemoryConfig};
+use config::{MemoryBacking, MemoryConfig};
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};

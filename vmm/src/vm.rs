@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
-use api::config::VmConfig;
 use api::request::Counters;
+use config::VmConfig;
 use devices::bus::{Bus, BusError};
 use devices::legacy::{
     GedDevice, I8042Device, PowerDevice, PowerEvent, PowerEventSink, ResetControl, SerialCounters,

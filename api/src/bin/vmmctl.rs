@@ -5,13 +5,13 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use api::config::{MemoryBacking, SerialConfig, VmConfig};
 use api::http::{ApiClient, ClientError};
 use api::request::{
     validate_migration_url, BalloonStatistics, Counters, MigrationParameters, MigrationPhase,
     MigrationStatus, PingInfo, ReceiveMigrationRequest, SendMigrationRequest, ShutdownMode,
     ShutdownRequest, TimeoutAction, VmInfo,
 };
+use config::{MemoryBacking, SerialConfig, VmConfig};
 
 const USAGE: &str = "\
 vmmctl: drive a vmm over its REST API socket
@@ -1219,7 +1219,7 @@ fn mib(bytes: u64) -> String {
     }
 }
 
-fn rate(limit: &Option<api::config::RateLimitConfig>) -> Option<String> {
+fn rate(limit: &Option<config::RateLimitConfig>) -> Option<String> {
     let limit = limit.as_ref().filter(|l| !l.is_unlimited())?;
     let mut parts = Vec::new();
     if let Some(bytes) = limit.bytes_per_sec.filter(|&b| b > 0) {
@@ -1333,8 +1333,8 @@ fn show_info(info: &VmInfo) -> String {
     lines.push(format!(
         "on reset: {}",
         match config.on_reset {
-            api::config::ResetAction::Exit => "exit",
-            api::config::ResetAction::Reboot => "reboot",
+            config::ResetAction::Exit => "exit",
+            config::ResetAction::Reboot => "reboot",
         }
     ));
     if let Some(memory) = &info.memory {

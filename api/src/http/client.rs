@@ -7,12 +7,12 @@ use std::time::{Duration, Instant};
 
 use super::routes::{encode, route_named, Method, Route, API_PREFIX};
 use super::wire::{clip, find_head, parse_content_length, reason, split_head};
-use crate::config::VmConfig;
 use crate::request::{
     ApiError, ApiErrorKind, ApiRequest, ApiResponse, BalloonStatistics, BalloonUpdate, Counters,
     MigrationParameters, MigrationStatus, PingInfo, ReceiveMigrationRequest, SendMigrationRequest,
     ShutdownRequest, VmInfo,
 };
+use config::VmConfig;
 
 /// How long a request may take, connection to last byte of the reply.
 pub const DEFAULT_CLIENT_TIMEOUT: Duration = Duration::from_secs(30);

@@ -13,12 +13,12 @@ use std::fmt;
 
 use serde::de::DeserializeOwned;
 
-use crate::config::VmConfig;
 use crate::request::{
     validate_migration_url, ApiError, ApiRequest, ApiResponse, BalloonStatistics, BalloonUpdate,
     Counters, MigrationParameters, MigrationStatus, PingInfo, ReceiveMigrationRequest,
     SendMigrationRequest, ShutdownRequest, VmInfo,
 };
+use config::VmConfig;
 
 /// Every path starts with this.
 pub const API_PREFIX: &str = "/api/v1/";
@@ -155,7 +155,7 @@ impl Route {
 
 /// Parses a JSON body into `T`, naming the field or position of any error.
 fn json_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    crate::config::from_json(body).map_err(ApiError::from)
+    config::from_json(body).map_err(ApiError::from)
 }
 
 /// The API. Paths are unique per method; see the module doc to add one.

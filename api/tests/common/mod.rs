@@ -9,12 +9,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use api::config::{DiskConfig, NetConfig, VmConfig};
 use api::http::{start_server, ApiCall, ApiServer};
 use api::request::{
     ApiError, ApiRequest, ApiResponse, BalloonStatistics, Counters, MemoryInfo, MigrationPhase,
     MigrationStatus, PingInfo, VmInfo, VmState,
 };
+use config::{DiskConfig, NetConfig, VmConfig};
 
 /// A directory removed on drop.
 pub struct TempDir(PathBuf);

@@ -7,7 +7,7 @@ pub mod regs;
 use std::fs::File;
 use std::path::Path;
 
-use api::config::PayloadConfig;
+use config::PayloadConfig;
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
 use linux_loader::loader::elf::start_info::{
     hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,

@@ -18,8 +18,8 @@ use std::sync::mpsc::{sync_channel, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use api::config::VmConfig;
 use api::request::{MigrationParameters, MigrationStatus};
+use config::VmConfig;
 
 use crate::control::ControlEvent;
 use crate::memory::GuestMemoryMmap;

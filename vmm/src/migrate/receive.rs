@@ -9,8 +9,8 @@ use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::time::Instant;
 
-use api::config::VmConfig;
 use api::request::MigrationPhase;
+use config::VmConfig;
 use migration::protocol::{
     self, Empty, ErrorMessage, Hello, Kind, PageRange, ProtocolError, RANGE_HEADER_SIZE,
 };

@@ -22,8 +22,8 @@ use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use api::config::VmConfig;
 use api::request::{MigrationPhase, TimeoutAction};
+use config::VmConfig;
 use kvm_ioctls::VmFd;
 use migration::bitmap::DirtyBitmap;
 use migration::protocol::{

@@ -9,8 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use api::config::BalloonConfig;
-use api::request::BalloonStatistics;
+use config::BalloonConfig;
 use serde::{Deserialize, Serialize};
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueState, QueueT};
 use vm_memory::Bytes;
@@ -131,8 +130,35 @@ impl BalloonCounters {
 pub struct GuestStats {
     /// Unix time in milliseconds when they arrived.
     pub unix_ms: u64,
-    /// Tag to value (the last entry of a tag wins).
+    /// Tag (`STAT_*`) to value (the last entry of a tag wins).
     pub values: BTreeMap<u16, u64>,
+}
+
+impl GuestStats {
+    /// The value of tag `tag` (one of the `STAT_*` constants), if the guest sent it.
+    pub fn get(&self, tag: u16) -> Option<u64> {
+        self.values.get(&tag).copied()
+    }
+
+    /// Milliseconds since the guest sent them.
+    pub fn age_ms(&self) -> u64 {
+        unix_ms().saturating_sub(self.unix_ms)
+    }
+}
+
+/// The balloon's size as host and guest see it, and the guest's last
+/// statistics: what [`BalloonHandle::report`] gives.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BalloonReport {
+    /// The target: 4 KiB pages the guest is asked to put in the balloon.
+    pub target_pages: u64,
+    /// The pages the guest says it has put in the balloon (`actual`).
+    pub actual_pages: u64,
+    /// Pages in the balloon as the device counts them (inflated and not
+    /// deflated since); their host memory was given back.
+    pub inflated_pages: u64,
+    /// Absent until the guest sent statistics.
+    pub guest: Option<GuestStats>,
 }
 
 /// The pages of one RAM region that are in the balloon: bit `i` of `words`
@@ -402,25 +428,16 @@ impl BalloonHandle {
         self.shared.lock().pages.regions().to_vec()
     }
 
-    /// Sizes and the guest's last statistics, for `vm.balloon-statistics`.
-    pub fn statistics(&self) -> BalloonStatistics {
+    /// Sizes and the guest's last statistics (the VMM turns them into
+    /// `vm.balloon-statistics`).
+    pub fn report(&self) -> BalloonReport {
         let inner = self.shared.lock();
-        let mut stats = BalloonStatistics {
+        BalloonReport {
             target_pages: u64::from(inner.num_pages),
             actual_pages: u64::from(inner.actual),
-            target_mib: (u64::from(inner.num_pages) * PAGE_SIZE) >> 20,
-            actual_mib: (u64::from(inner.actual) * PAGE_SIZE) >> 20,
             inflated_pages: inner.pages.count(),
-            ..BalloonStatistics::default()
-        };
-        if let Some(guest) = &inner.stats {
-            stats.timestamp_ms = Some(guest.unix_ms);
-            stats.age_ms = Some(unix_ms().saturating_sub(guest.unix_ms));
-            for (&tag, &value) in &guest.values {
-                stats.set_guest_stat(tag, value);
-            }
+            guest: inner.stats.clone(),
         }
-        stats
     }
 
     /// Counters, as in `vm.counters`.

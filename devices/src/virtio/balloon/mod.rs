@@ -49,8 +49,8 @@ pub mod persist;
 mod tests;
 
 pub use device::{
-    queue_indices, Balloon, BalloonBackend, BalloonCounters, BalloonHandle, GuestStats, PageMap,
-    QueueIndices, RegionBitmap,
+    queue_indices, Balloon, BalloonBackend, BalloonCounters, BalloonHandle, BalloonReport,
+    GuestStats, PageMap, QueueIndices, RegionBitmap,
 };
 pub use persist::{BalloonState, BALLOON_STATE_VERSION};
 
@@ -67,6 +67,24 @@ pub const F_DEFLATE_ON_OOM: u32 = 2;
 pub const F_FREE_PAGE_HINT: u32 = 3;
 pub const F_PAGE_POISON: u32 = 4;
 pub const F_PAGE_REPORTING: u32 = 5;
+
+/// Guest statistics tags (virtio 1.2, 5.5.6.3; Linux's `VIRTIO_BALLOON_S_*`).
+pub const STAT_SWAP_IN: u16 = 0;
+pub const STAT_SWAP_OUT: u16 = 1;
+pub const STAT_MAJOR_FAULTS: u16 = 2;
+pub const STAT_MINOR_FAULTS: u16 = 3;
+pub const STAT_FREE_MEMORY: u16 = 4;
+pub const STAT_TOTAL_MEMORY: u16 = 5;
+pub const STAT_AVAILABLE_MEMORY: u16 = 6;
+pub const STAT_DISK_CACHES: u16 = 7;
+pub const STAT_HUGETLB_ALLOCATIONS: u16 = 8;
+pub const STAT_HUGETLB_FAILURES: u16 = 9;
+pub const STAT_OOM_KILLS: u16 = 10;
+pub const STAT_ALLOC_STALLS: u16 = 11;
+pub const STAT_ASYNC_SCANS: u16 = 12;
+pub const STAT_DIRECT_SCANS: u16 = 13;
+pub const STAT_ASYNC_RECLAIMS: u16 = 14;
+pub const STAT_DIRECT_RECLAIMS: u16 = 15;
 
 /// `struct virtio_balloon_config`: num_pages, actual, free_page_hint_cmd_id,
 /// poison_val (le32 each).

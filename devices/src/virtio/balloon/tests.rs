@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use api::config::BalloonConfig;
+use config::BalloonConfig;
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::{AvailRing, DescriptorTable, UsedRing};
@@ -423,8 +423,8 @@ fn config_space_target_and_actual() {
     ));
     handle.set_target_bytes(96 << 20).unwrap();
     assert_eq!(counter(&b, "target_changes"), 3);
-    let stats = handle.statistics();
-    assert_eq!((stats.target_mib, stats.target_pages), (96, 96 << 8));
+    let stats = handle.report();
+    assert_eq!(stats.target_pages, 96 << 8);
     assert_eq!(stats.actual_pages, 0xbbaa_5602);
 }
 
@@ -571,15 +571,21 @@ fn stats_are_parsed_held_and_requested_again() {
         .as_millis() as u64;
     d.activate(&mut b, &mem, ALL);
     wait_until("the first stats", || {
-        handle.statistics().total_memory.is_some()
+        stat(&handle, STAT_TOTAL_MEMORY).is_some()
     });
-    let stats = handle.statistics();
+    let stats = handle.report();
     // The last entry of a tag wins; unknown tags and the partial entry are ignored.
-    assert_eq!(stats.free_memory, Some(1500));
-    assert_eq!(stats.total_memory, Some(5000));
-    assert_eq!(stats.swap_in, None);
-    assert!(stats.timestamp_ms.unwrap() >= before);
-    assert!(stats.age_ms.unwrap() < 5000);
+    assert_eq!(
+        stats.guest.as_ref().and_then(|g| g.get(STAT_FREE_MEMORY)),
+        Some(1500)
+    );
+    assert_eq!(
+        stats.guest.as_ref().and_then(|g| g.get(STAT_TOTAL_MEMORY)),
+        Some(5000)
+    );
+    assert_eq!(stats.guest.as_ref().and_then(|g| g.get(STAT_SWAP_IN)), None);
+    assert!(stats.guest.as_ref().unwrap().unix_ms >= before);
+    assert!(stats.guest.as_ref().unwrap().age_ms() < 5000);
     // The device keeps the buffer until it wants new stats.
     assert_eq!(d.vqs[2].used_idx(), 0);
     assert_eq!(b.held_stats_buffer(), Some(head));
@@ -611,33 +617,51 @@ fn stats_are_parsed_held_and_requested_again() {
     d.vqs[2].add(&[(STATS_BUF, len, R)]);
     d.vqs[2].notify();
     wait_until("fresh stats", || {
-        handle.statistics().free_memory == Some(2000)
+        stat(&handle, STAT_FREE_MEMORY) == Some(2000)
     });
-    let stats = handle.statistics();
+    let stats = handle.report();
     assert_eq!(
         (
-            stats.swap_in,
-            stats.swap_out,
-            stats.major_faults,
-            stats.minor_faults
+            stats.guest.as_ref().and_then(|g| g.get(STAT_SWAP_IN)),
+            stats.guest.as_ref().and_then(|g| g.get(STAT_SWAP_OUT)),
+            stats.guest.as_ref().and_then(|g| g.get(STAT_MAJOR_FAULTS)),
+            stats.guest.as_ref().and_then(|g| g.get(STAT_MINOR_FAULTS))
         ),
         (Some(11), Some(22), Some(33), Some(44))
     );
     assert_eq!(
-        (stats.available_memory, stats.disk_caches),
+        (
+            stats
+                .guest
+                .as_ref()
+                .and_then(|g| g.get(STAT_AVAILABLE_MEMORY)),
+            stats.guest.as_ref().and_then(|g| g.get(STAT_DISK_CACHES))
+        ),
         (Some(3000), Some(55))
     );
     assert_eq!(
         (
-            stats.hugetlb_allocations,
-            stats.hugetlb_failures,
-            stats.oom_kills,
-            stats.direct_reclaims
+            stats
+                .guest
+                .as_ref()
+                .and_then(|g| g.get(STAT_HUGETLB_ALLOCATIONS)),
+            stats
+                .guest
+                .as_ref()
+                .and_then(|g| g.get(STAT_HUGETLB_FAILURES)),
+            stats.guest.as_ref().and_then(|g| g.get(STAT_OOM_KILLS)),
+            stats
+                .guest
+                .as_ref()
+                .and_then(|g| g.get(STAT_DIRECT_RECLAIMS))
         ),
         (Some(1), Some(2), Some(3), Some(9))
     );
     // Stats of the old buffer do not linger.
-    assert_eq!(stats.total_memory, None);
+    assert_eq!(
+        stats.guest.as_ref().and_then(|g| g.get(STAT_TOTAL_MEMORY)),
+        None
+    );
     assert_eq!(counter(&b, "stats_updates"), 2);
 
     // A stats buffer the device cannot read is held (and returned) all the same.
@@ -646,7 +670,7 @@ fn stats_are_parsed_held_and_requested_again() {
     d.vqs[2].add(&[(STATS_BUF, 20, W)]);
     d.vqs[2].notify();
     wait_until("the bad buffer", || counter(&b, "invalid_buffers") == 1);
-    assert_eq!(handle.statistics().free_memory, Some(2000));
+    assert_eq!(stat(&handle, STAT_FREE_MEMORY), Some(2000));
     b.request_stats();
     d.vqs[2].wait_used(3);
 }
@@ -658,11 +682,11 @@ fn without_an_interval_stats_are_only_read_once() {
     let handle = b.handle();
     let mut d = Driver::new(&mem, &b);
     d.activate(&mut b, &mem, ALL);
-    assert_eq!(handle.statistics().timestamp_ms, None);
+    assert_eq!(handle.report().guest.map(|g| g.unix_ms), None);
     let len = write_stats(&mem, &[(4, 1)]);
     let head = d.vqs[2].add(&[(STATS_BUF, len, R)]);
     d.vqs[2].notify();
-    wait_until("stats", || handle.statistics().free_memory == Some(1));
+    wait_until("stats", || stat(&handle, STAT_FREE_MEMORY) == Some(1));
     std::thread::sleep(Duration::from_millis(50));
     assert_eq!(d.vqs[2].used_idx(), 0);
     // A second buffer makes the device give the first one back.
@@ -710,7 +734,7 @@ fn reporting_moves_down_when_stats_are_not_negotiated() {
     d.vqs[2].submit(&[(0x40_0000, 0x1000, W)]);
     assert_eq!(backend.take(), vec![(0x40_0000, 0x1000)]);
     assert_eq!(counter(&b, "reported_pages"), 1);
-    assert_eq!(handle.statistics().timestamp_ms, None);
+    assert_eq!(handle.report().guest.map(|g| g.unix_ms), None);
 
     // Without the optional queues the device still runs inflate/deflate.
     let (mut b, _) = balloon(&config());
@@ -738,7 +762,7 @@ fn snapshot_restore_and_reset() {
     let len = write_stats(&mem, &[(4, 777)]);
     let stats_head = d.vqs[2].add(&[(STATS_BUF, len, R)]);
     d.vqs[2].notify();
-    wait_until("stats", || handle.statistics().free_memory == Some(777));
+    wait_until("stats", || stat(&handle, STAT_FREE_MEMORY) == Some(777));
 
     // Paused: a kicked inflate buffer stays in the queue.
     source.pause();
@@ -795,9 +819,15 @@ fn snapshot_restore_and_reset() {
     assert_eq!(target_handle.target_bytes(), 4 << 20);
     assert_eq!(target_handle.actual_bytes(), 3 * PAGE_SIZE);
     assert!(target_handle.must_tell_host());
-    let stats = target_handle.statistics();
-    assert_eq!(stats.free_memory, Some(777));
-    assert_eq!(stats.timestamp_ms, handle.statistics().timestamp_ms);
+    let stats = target_handle.report();
+    assert_eq!(
+        stats.guest.as_ref().and_then(|g| g.get(STAT_FREE_MEMORY)),
+        Some(777)
+    );
+    assert_eq!(
+        stats.guest.map(|g| g.unix_ms),
+        handle.report().guest.map(|g| g.unix_ms)
+    );
     // The target holds the source's stats buffer and returns it on request.
     assert_eq!(target.held_stats_buffer(), Some(stats_head));
     target.request_stats();
@@ -927,4 +957,9 @@ fn page_map_runs_and_ranges() {
         map.ram_ranges(0x1000, 0x2000),
         Some(vec![(0x1000, 0x1000), (0x2000, 0x1000)])
     );
+}
+
+/// The guest's last value of statistics tag `tag`.
+fn stat(handle: &BalloonHandle, tag: u16) -> Option<u64> {
+    handle.report().guest.and_then(|g| g.get(tag))
 }

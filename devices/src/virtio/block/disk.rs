@@ -13,7 +13,7 @@ use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 
-use api::config::DiskConfig;
+use config::DiskConfig;
 
 use super::lock::{self, LockError, LockKind};
 use super::BlockError;

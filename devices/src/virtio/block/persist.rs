@@ -34,7 +34,7 @@
 
 use std::sync::Arc;
 
-use api::config::DiskConfig;
+use config::DiskConfig;
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueState};
 use vmm_sys_util::eventfd::EventFd;

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use api::config::{parse_mac, NetConfig, RateLimitConfig};
+use config::{parse_mac, NetConfig, RateLimitConfig};
 use virtio_bindings::virtio_net::*;
 use virtio_queue::{QueueState, QueueT};
 

@@ -1,7 +1,7 @@
 //! virtio-net (virtio 1.2, 5.1) on a tap device.
 //!
 //! - [`Net`] is the device model ([`crate::virtio::VirtioDevice`]); build it
-//!   with [`Net::new`] from an [`api::config::NetConfig`], or with
+//!   with [`Net::new`] from an [`config::NetConfig`], or with
 //!   [`Net::restore`] from a [`NetState`] on a migration target.
 //! - [`tap::Tap`] is the backend: `/dev/net/tun` with IFF_TAP | IFF_NO_PI |
 //!   IFF_VNET_HDR and a 12-byte header (`virtio_net_hdr_v1`, i.e. with

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use api::config::{NetConfig, RateLimitConfig};
+use config::{NetConfig, RateLimitConfig};
 use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_bindings::virtio_net::*;
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
