@@ -352,6 +352,17 @@ impl ApiError {
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(ApiErrorKind::Internal, message)
     }
+
+    /// An error whose class (whose fault it is) decides the status: 400
+    /// for the caller's, 409 for a conflict, 500 for the host's.
+    pub fn of_class(class: config::ErrorClass, message: impl Into<String>) -> Self {
+        let kind = match class {
+            config::ErrorClass::Caller => ApiErrorKind::BadRequest,
+            config::ErrorClass::Conflict => ApiErrorKind::WrongState,
+            config::ErrorClass::Host => ApiErrorKind::Internal,
+        };
+        Self::new(kind, message)
+    }
 }
 
 impl fmt::Display for ApiError {
@@ -502,13 +513,30 @@ pub enum MigrationPhase {
     Cancelled,
 }
 
+/// Which side of a migration a VMM is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MigrationRole {
+    Send,
+    Receive,
+}
+
+impl fmt::Display for MigrationRole {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            MigrationRole::Send => "send",
+            MigrationRole::Receive => "receive",
+        })
+    }
+}
+
 /// `vm.migration-status`: the figures users read from QEMU's `query-migrate`.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct MigrationStatus {
     pub phase: MigrationPhase,
-    /// `send` or `receive`.
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub role: String,
+    /// Which side this VMM is, once a migration started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<MigrationRole>,
     pub total_time_ms: u64,
     pub setup_time_ms: u64,
     /// Downtime estimated from the last round and the link bandwidth.

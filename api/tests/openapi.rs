@@ -19,8 +19,9 @@ use serde_json::{json, Value};
 use api::http::{BodyKind, ROUTES};
 use api::request::{
     ApiError, ApiErrorKind, BalloonStatistics, BalloonUpdate, Counters, MemoryInfo,
-    MigrationParameters, MigrationPhase, MigrationStatus, PingInfo, ReceiveMigrationRequest,
-    SendMigrationRequest, ShutdownMode, ShutdownRequest, TimeoutAction, VmInfo, VmState,
+    MigrationParameters, MigrationPhase, MigrationRole, MigrationStatus, PingInfo,
+    ReceiveMigrationRequest, SendMigrationRequest, ShutdownMode, ShutdownRequest, TimeoutAction,
+    VmInfo, VmState,
 };
 use config::{
     BalloonConfig, CpusConfig, DiskConfig, MemoryBacking, MemoryConfig, NetConfig, PayloadConfig,
@@ -436,10 +437,10 @@ fn full_receive_migration() -> ReceiveMigrationRequest {
 }
 
 /// A MigrationStatus with every optional field set.
-fn full_migration_status(phase: MigrationPhase, role: &str) -> MigrationStatus {
+fn full_migration_status(phase: MigrationPhase, role: MigrationRole) -> MigrationStatus {
     MigrationStatus {
         phase,
-        role: role.into(),
+        role: Some(role),
         total_time_ms: 5300,
         setup_time_ms: 12,
         expected_downtime_ms: 80,
@@ -634,7 +635,7 @@ fn schemas_describe_exactly_the_rust_types() {
     );
     checker.value("ReceiveMigrationRequest", &full_receive_migration());
     for phase in all_migration_phases() {
-        for role in ["send", "receive"] {
+        for role in [MigrationRole::Send, MigrationRole::Receive] {
             checker.value("MigrationStatus", &full_migration_status(phase, role));
         }
     }
@@ -775,7 +776,7 @@ fn required_properties_match_serde() {
     check_required(
         &checker,
         "MigrationStatus",
-        &full_migration_status(MigrationPhase::Failed, "send"),
+        &full_migration_status(MigrationPhase::Failed, MigrationRole::Send),
     );
     check_required(&checker, "BalloonUpdate", &BalloonUpdate { target_mib: 1 });
     check_required(&checker, "BalloonStatistics", &full_balloon_statistics());

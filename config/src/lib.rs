@@ -1014,3 +1014,30 @@ mod tests {
         assert!(SerialConfig::parse("tty").is_err());
     }
 }
+
+/// Whose fault an error is, which decides how it is reported: the HTTP
+/// status of an API reply and the exit code of a `vmm` that cannot start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// The caller asked for something wrong (a bad field, a missing file):
+    /// 400, exit code 2.
+    Caller,
+    /// Something else holds what the VM needs (a disk locked by another
+    /// VMM) or the VM is in the wrong state: 409, exit code 1.
+    Conflict,
+    /// The host failed (KVM, memory, an I/O error): 500, exit code 1.
+    Host,
+}
+
+impl ErrorClass {
+    /// The class of an I/O error on something the caller named (a disk
+    /// path, a tap name): missing or forbidden is theirs, anything else the host's.
+    pub fn of_io(error: &std::io::Error) -> ErrorClass {
+        use std::io::ErrorKind::*;
+        match error.kind() {
+            NotFound | PermissionDenied | InvalidInput | AlreadyExists | IsADirectory
+            | NotADirectory | ReadOnlyFilesystem => ErrorClass::Caller,
+            _ => ErrorClass::Host,
+        }
+    }
+}

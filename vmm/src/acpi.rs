@@ -60,20 +60,17 @@ use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
 use acpi_tables::{aml, Aml};
-use devices::legacy::{
-    GED_EVENT_PORT, GED_EVENT_PORT_LEN, GED_EVENT_POWER_BUTTON, RESET_CONTROL_PORT, S5_SLEEP_TYPE,
-    SLEEP_CONTROL_PORT,
-};
-use devices::pci::{CONFIG_IO_LEN as PCI_CONFIG_IO_LEN, CONFIG_IO_PORT as PCI_CONFIG_IO_PORT};
+use devices::legacy::{GED_EVENT_POWER_BUTTON, S5_SLEEP_TYPE};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::boot::BootError;
 use crate::layout::{
-    ACPI_RSDP_START, ACPI_TABLES_END, APIC_START, GED_IRQ, I8042_KBD_IRQ, IOAPIC_START,
-    PCI_ECAM_SIZE, PCI_ECAM_START, PCI_MMIO_SIZE, PCI_MMIO_START, SERIAL_IRQ,
+    ACPI_RSDP_START, ACPI_TABLES_END, APIC_START, GED_EVENT_PORT, GED_EVENT_PORT_LEN, GED_IRQ,
+    I8042_KBD_IRQ, I8042_PORT, IOAPIC_START, PCI_CONFIG_IO_LEN, PCI_CONFIG_IO_PORT, PCI_ECAM_SIZE,
+    PCI_ECAM_START, PCI_MMIO_SIZE, PCI_MMIO_START, RESET_CONTROL_PORT, SERIAL_IRQ, SERIAL_PORT,
+    SERIAL_PORT_LEN, SLEEP_CONTROL_PORT,
 };
 use crate::memory::GuestMemoryMmap;
-use crate::vm::{I8042_PORT, SERIAL_PORT, SERIAL_PORT_LEN};
 
 /// Identifies the tables' maker; nothing Linux keys a quirk on.
 pub const OEM_ID: [u8; 6] = *b"RUSTVM";
@@ -299,8 +296,8 @@ fn dsdt_aml() -> Vec<u8> {
     // PCI host bridge: segment 0, bus 0.
     let pci_bus = aml::AddressSpace::new_bus_number(0u16, 0u16);
     let pci_config = aml::IO::new(
-        PCI_CONFIG_IO_PORT as u16,
-        PCI_CONFIG_IO_PORT as u16,
+        PCI_CONFIG_IO_PORT,
+        PCI_CONFIG_IO_PORT,
         1,
         PCI_CONFIG_IO_LEN as u8,
     );
@@ -324,12 +321,7 @@ fn dsdt_aml() -> Vec<u8> {
     .to_aml_bytes(&mut out);
 
     // COM1.
-    let com1_io = aml::IO::new(
-        SERIAL_PORT as u16,
-        SERIAL_PORT as u16,
-        0,
-        SERIAL_PORT_LEN as u8,
-    );
+    let com1_io = aml::IO::new(SERIAL_PORT, SERIAL_PORT, 0, SERIAL_PORT_LEN as u8);
     let com1_irq = aml::Interrupt::new(true, true, false, false, SERIAL_IRQ);
     let com1_crs = aml::ResourceTemplate::new(vec![&com1_io, &com1_irq]);
     let com1_hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0501"));
@@ -337,8 +329,8 @@ fn dsdt_aml() -> Vec<u8> {
     aml::Device::new("_SB_.COM1".into(), vec![&com1_hid, &uid0, &com1_crs]).to_aml_bytes(&mut out);
 
     // The i8042 keyboard controller: data port, then command/status port.
-    let kbd_data = aml::IO::new(I8042_PORT as u16, I8042_PORT as u16, 1, 1);
-    let kbd_cmd = aml::IO::new(I8042_PORT as u16 + 4, I8042_PORT as u16 + 4, 1, 1);
+    let kbd_data = aml::IO::new(I8042_PORT, I8042_PORT, 1, 1);
+    let kbd_cmd = aml::IO::new(I8042_PORT + 4, I8042_PORT + 4, 1, 1);
     let kbd_irq = aml::Interrupt::new(true, true, false, false, I8042_KBD_IRQ);
     let kbd_crs = aml::ResourceTemplate::new(vec![&kbd_data, &kbd_cmd, &kbd_irq]);
     let kbd_hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0303"));

@@ -34,6 +34,17 @@ pub enum ConsoleError {
     Thread(std::io::Error),
 }
 
+impl ConsoleError {
+    pub fn class(&self) -> config::ErrorClass {
+        match self {
+            ConsoleError::File { source, .. } | ConsoleError::Socket { source, .. } => {
+                config::ErrorClass::of_io(source)
+            }
+            ConsoleError::Pty(_) | ConsoleError::Thread(_) => config::ErrorClass::Host,
+        }
+    }
+}
+
 /// The guest's console.
 pub struct Console {
     output: SharedOutput,

@@ -2,15 +2,15 @@
 //! events, vCPU stops and signals change the VM's state. Requests that make
 //! no sense in the current state are refused here.
 
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use api::http::ApiCall;
 use api::request::{
     ApiError, ApiErrorKind, ApiRequest, ApiResponse, ApiResult, BalloonStatistics, BalloonUpdate,
-    MemoryInfo, MigrationPhase, PingInfo, ReceiveMigrationRequest, SendMigrationRequest,
-    ShutdownMode, ShutdownRequest, VmInfo, VmState,
+    MemoryInfo, MigrationPhase, MigrationRole, MigrationStatus, PingInfo, ReceiveMigrationRequest,
+    SendMigrationRequest, ShutdownMode, ShutdownRequest, VmInfo, VmState,
 };
 use config::{ResetAction, VmConfig};
 use devices::legacy::PowerEvent;
@@ -20,9 +20,13 @@ use std::sync::atomic::Ordering;
 use crate::console::Console;
 use crate::exit::ExitStatus;
 use crate::memory;
-use crate::migrate::{MigrationCall, MigrationReply, MigrationShared};
+use crate::migrate::{
+    ControlHandle, MigrationCall, MigrationError, MigrationReply, MigrationReplySender,
+    MigrationShared,
+};
+use crate::snapshot::VmSnapshot;
 use crate::vcpu::VcpuStop;
-use crate::vm::{Vm, VmEvent, VmEventSink, VmStart};
+use crate::vm::{Vm, VmError, VmEvent, VmEventSink, VmStart};
 
 /// Everything the control loop reacts to.
 pub enum ControlEvent {
@@ -31,7 +35,20 @@ pub enum ControlEvent {
     /// SIGTERM, SIGINT or SIGHUP.
     Signal(i32),
     /// A migration thread needs the VM.
-    Migration(MigrationCall, SyncSender<Result<MigrationReply, String>>),
+    Migration(MigrationCall, MigrationReplySender),
+}
+
+/// Where a migration stands, as the control loop sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum MigrationState {
+    /// No migration thread runs.
+    Idle,
+    /// A migration thread runs.
+    Running(MigrationRole),
+    /// The source paused the VM and its devices for the switch-over;
+    /// `resume` says whether the guest ran before and runs again if the
+    /// migration fails.
+    SwitchingOver { resume: bool },
 }
 
 /// How long a migrated source keeps answering the API, so clients can read
@@ -49,12 +66,7 @@ pub struct Controller {
     /// shutdown that timed out, or the grace period after a migration.
     deadline: Option<(Instant, ExitStatus, &'static str)>,
     migration: Arc<MigrationShared>,
-    /// A migration thread is running (either direction).
-    migrating: bool,
-    /// The guest was running when a switch-over paused it.
-    paused_by_migration: bool,
-    /// A switch-over paused the VM and its devices.
-    switching_over: bool,
+    migration_state: MigrationState,
     /// Set when the loop should end with this status.
     exit: Option<ExitStatus>,
 }
@@ -77,9 +89,7 @@ impl Controller {
             sender,
             deadline: None,
             migration: Arc::new(MigrationShared::default()),
-            migrating: false,
-            paused_by_migration: false,
-            switching_over: false,
+            migration_state: MigrationState::Idle,
             exit: None,
         }
     }
@@ -87,6 +97,12 @@ impl Controller {
     /// Where other threads send events.
     pub fn sender(&self) -> Sender<ControlEvent> {
         self.sender.clone()
+    }
+
+    /// How a migration thread reaches this loop.
+    fn control_handle(&self) -> ControlHandle {
+        let sender = self.sender.clone();
+        Arc::new(move |call, reply| sender.send(ControlEvent::Migration(call, reply)).is_ok())
     }
 
     /// `vm.create` without booting (the local config of a migration target).
@@ -227,9 +243,12 @@ impl Controller {
                 self.migration.status(),
             ))),
             ApiRequest::VmMigrationCancel => {
-                let phase = self.migration.status().phase;
-                let role = self.migration.status().role;
-                if !self.migrating || role != "send" || phase == MigrationPhase::Completed {
+                let sending = matches!(
+                    self.migration_state,
+                    MigrationState::Running(MigrationRole::Send)
+                        | MigrationState::SwitchingOver { .. }
+                );
+                if !sending || self.migration.status().phase == MigrationPhase::Completed {
                     return Err(ApiError::new(
                         ApiErrorKind::WrongState,
                         "cannot cancel: no outgoing migration is running",
@@ -239,7 +258,7 @@ impl Controller {
                 Ok(ApiResponse::Empty)
             }
             ApiRequest::VmMigrationParameters(parameters) => {
-                if !self.migrating {
+                if self.migration_state == MigrationState::Idle {
                     return Err(ApiError::new(
                         ApiErrorKind::WrongState,
                         "cannot change migration parameters: no migration is running",
@@ -335,35 +354,29 @@ impl Controller {
             .ok_or_else(|| ApiError::internal("no VM config"))?;
         if self.console.is_none() {
             let console = Console::open(&config.serial)
-                .map_err(|e| ApiError::bad_request(format!("serial: {e}")))?;
+                .map_err(|e| ApiError::of_class(e.class(), format!("serial: {e}")))?;
             self.console = Some(console);
         }
-        let vm = self.build_vm(&config, VmStart::Boot)?;
+        let vm = self
+            .build_vm(&config, VmStart::Boot)
+            .map_err(|e| ApiError::of_class(e.class(), e.to_string()))?;
         vm.resume();
         self.vm = Some(vm);
         self.state = VmState::Running;
         Ok(())
     }
 
-    fn build_vm(&self, config: &VmConfig, start: VmStart) -> Result<Vm, ApiError> {
-        let console = self
-            .console
-            .as_ref()
-            .ok_or_else(|| ApiError::internal("no console"))?;
+    /// Builds the VM of `config` on the console opened for it.
+    fn build_vm(&self, config: &VmConfig, start: VmStart) -> Result<Vm, VmError> {
+        let Some(console) = self.console.as_ref() else {
+            unreachable!("the console opens before any VM is built");
+        };
         let sender = self.sender.clone();
         let sink: VmEventSink = Arc::new(move |event| {
             // The loop ends only when the process exits.
             let _ = sender.send(ControlEvent::Vm(event));
         });
-        let vm = Vm::create(config, console, sink, start).map_err(|e| {
-            // A missing file is the caller's mistake; anything else is ours.
-            match &e {
-                crate::vm::VmError::Boot(_) | crate::vm::VmError::Device(_) => {
-                    ApiError::bad_request(e.to_string())
-                }
-                _ => ApiError::internal(e.to_string()),
-            }
-        })?;
+        let vm = Vm::create(config, console, sink, start)?;
         console.attach(Some(vm.serial()));
         Ok(vm)
     }
@@ -382,7 +395,7 @@ impl Controller {
             ShutdownMode::Graceful | ShutdownMode::CtrlAltDel => {
                 if self.state == VmState::Paused {
                     return Err(ApiError::new(
-                        api::request::ApiErrorKind::WrongState,
+                        ApiErrorKind::WrongState,
                         "cannot shut down gracefully: the VM is paused (resume it, or use mode force)",
                     ));
                 }
@@ -480,7 +493,7 @@ impl Controller {
 
     fn send_migration(&mut self, request: SendMigrationRequest) -> ApiResult {
         self.expect_state("migrate", &[VmState::Running, VmState::Paused])?;
-        if self.migrating {
+        if self.migration_state != MigrationState::Idle {
             return Err(ApiError::new(
                 ApiErrorKind::WrongState,
                 "cannot migrate: a migration is already running",
@@ -501,16 +514,16 @@ impl Controller {
                 .throttle()
                 .ok_or_else(|| ApiError::internal("no vCPUs"))?,
             shared: self.migration.clone(),
-            control: self.sender.clone(),
+            control: self.control_handle(),
             balloon: vm.device_manager().balloon().cloned(),
         };
         self.migration.cancel.store(false, Ordering::SeqCst);
         // A client polling right after this reply sees this migration, not
         // the end of an earlier one.
         self.migration.update(|s| {
-            *s = api::request::MigrationStatus {
+            *s = MigrationStatus {
                 phase: MigrationPhase::Setup,
-                role: "send".into(),
+                role: Some(MigrationRole::Send),
                 ..Default::default()
             }
         });
@@ -519,7 +532,7 @@ impl Controller {
             .parameters
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = request.parameters;
-        self.migrating = true;
+        self.migration_state = MigrationState::Running(MigrationRole::Send);
         std::thread::Builder::new()
             .name("migration-send".into())
             .spawn(move || crate::migrate::send::run(context))
@@ -535,7 +548,7 @@ impl Controller {
             "receive a migration",
             &[VmState::NotCreated, VmState::Created],
         )?;
-        if self.migrating {
+        if self.migration_state != MigrationState::Idle {
             return Err(ApiError::new(
                 ApiErrorKind::WrongState,
                 "cannot receive a migration: one is already under way",
@@ -551,9 +564,9 @@ impl Controller {
             listener,
             token: request.token,
             shared: self.migration.clone(),
-            control: self.sender.clone(),
+            control: self.control_handle(),
         };
-        self.migrating = true;
+        self.migration_state = MigrationState::Running(MigrationRole::Receive);
         std::thread::Builder::new()
             .name("migration-receive".into())
             .spawn(move || crate::migrate::receive::run(context))
@@ -561,109 +574,101 @@ impl Controller {
         Ok(())
     }
 
-    fn handle_migration(&mut self, call: MigrationCall) -> Result<MigrationReply, String> {
+    fn handle_migration(&mut self, call: MigrationCall) -> Result<MigrationReply, MigrationError> {
         match call {
             MigrationCall::SwitchOver => {
-                let was_running = self.state == VmState::Running;
-                let vm = self.vm.as_mut().ok_or("no VM")?;
+                let resume = self.state == VmState::Running;
+                let vm = self.vm.as_mut().ok_or(MigrationError::ShuttingDown)?;
                 vm.pause();
-                let snapshot = vm.snapshot()?;
-                let bytes = serde_json::to_vec(&snapshot)
-                    .map_err(|e| format!("serializing the VM state: {e}"))?;
-                self.paused_by_migration = was_running;
-                self.switching_over = true;
+                let bytes = vm.snapshot()?.encode()?;
+                self.migration_state = MigrationState::SwitchingOver { resume };
                 self.state = VmState::Paused;
                 // Devices are paused: no disk I/O until the target runs.
                 vm.device_manager().migration_release()?;
                 Ok(MigrationReply::Snapshot(bytes))
             }
             MigrationCall::Abort => {
-                self.migrating = false;
-                if !std::mem::take(&mut self.switching_over) {
+                let state = std::mem::replace(&mut self.migration_state, MigrationState::Idle);
+                let MigrationState::SwitchingOver { resume } = state else {
                     return Ok(MigrationReply::Done);
-                }
-                let vm = self.vm.as_ref().ok_or("no VM")?;
+                };
+                let vm = self.vm.as_ref().ok_or(MigrationError::ShuttingDown)?;
                 vm.device_manager().migration_acquire()?;
                 vm.device_manager().resume();
-                if std::mem::take(&mut self.paused_by_migration) {
+                if resume {
                     vm.resume();
                     self.state = VmState::Running;
                 }
                 Ok(MigrationReply::Done)
             }
             MigrationCall::Undecided => {
-                self.migrating = false;
-                self.switching_over = false;
-                self.paused_by_migration = false;
+                self.migration_state = MigrationState::Idle;
                 Ok(MigrationReply::Done)
             }
             MigrationCall::Finished => {
-                self.migrating = false;
+                self.migration_state = MigrationState::Idle;
                 // The guest runs on the target: nothing may resume it here.
                 self.state = VmState::Migrated;
-                self.switching_over = false;
-                self.paused_by_migration = false;
                 eprintln!("vmm: the guest was migrated; exiting");
                 self.deadline = Some((Instant::now() + MIGRATED_GRACE, ExitStatus::Migrated, ""));
                 Ok(MigrationReply::Done)
             }
-            MigrationCall::Build(source) => {
-                let mut source = *source;
-                source.assign_device_ids();
-                // A VM created here first is the local view of the guest:
-                // its host resources (disk paths, taps) are used.
-                let config = match (self.state, self.config.take()) {
-                    (VmState::NotCreated, _) => source,
-                    (VmState::Created, Some(mut local)) => {
-                        local.check_migration_compatible(&source).map_err(|e| {
-                            format!("the local VM config does not fit the source's: {e}")
-                        })?;
-                        for (net, from) in local.nets.iter_mut().zip(&source.nets) {
-                            net.mac = net.mac.clone().or_else(|| from.mac.clone());
-                        }
-                        local
-                    }
-                    (state, config) => {
-                        self.config = config;
-                        return Err(format!("a VM already runs here (state {state})"));
-                    }
-                };
-                if self.console.is_none() {
-                    self.console =
-                        Some(Console::open(&config.serial).map_err(|e| format!("serial: {e}"))?);
-                }
-                let vm = self
-                    .build_vm(&config, VmStart::Incoming)
-                    .map_err(|e| e.message)?;
-                let memory = vm.memory().clone();
-                self.vm = Some(vm);
-                self.config = Some(config);
-                self.state = VmState::Paused;
-                Ok(MigrationReply::Memory(memory))
-            }
+            MigrationCall::Build(source) => self.build_incoming(*source),
             MigrationCall::Restore(bytes) => {
-                let snapshot: crate::vm::VmSnapshot = serde_json::from_slice(&bytes)
-                    .map_err(|e| format!("malformed VM state: {e}"))?;
-                let vm = self.vm.as_mut().ok_or("no VM")?;
+                let snapshot = VmSnapshot::decode(&bytes)?;
+                let vm = self.vm.as_mut().ok_or(MigrationError::ShuttingDown)?;
                 vm.device_manager().migration_acquire()?;
-                vm.restore(&snapshot)
+                vm.restore(snapshot)?;
+                Ok(MigrationReply::Done)
             }
-            .map(|_| MigrationReply::Done),
             MigrationCall::Start => {
-                let vm = self.vm.as_ref().ok_or("no VM")?;
+                let vm = self.vm.as_ref().ok_or(MigrationError::ShuttingDown)?;
                 vm.resume();
                 vm.device_manager().migration_completed();
                 self.state = VmState::Running;
-                self.migrating = false;
+                self.migration_state = MigrationState::Idle;
                 Ok(MigrationReply::Done)
             }
             MigrationCall::Failed(message) => {
                 eprintln!("vmm: exiting: the incoming migration failed: {message}");
-                self.migrating = false;
+                self.migration_state = MigrationState::Idle;
                 self.exit = Some(ExitStatus::Error);
                 Ok(MigrationReply::Done)
             }
         }
+    }
+
+    /// Target: builds the VM (not started) from the source's config, or
+    /// from the local one created here first, which gives the host
+    /// resources (disk paths, taps) and must fit the source's.
+    fn build_incoming(&mut self, mut source: VmConfig) -> Result<MigrationReply, MigrationError> {
+        source.assign_device_ids();
+        let config = match (self.state, self.config.take()) {
+            (VmState::NotCreated, _) => source,
+            (VmState::Created, Some(mut local)) => {
+                if let Err(e) = local.check_migration_compatible(&source) {
+                    self.config = Some(local);
+                    return Err(MigrationError::Incompatible(e));
+                }
+                for (net, from) in local.nets.iter_mut().zip(&source.nets) {
+                    net.mac = net.mac.clone().or_else(|| from.mac.clone());
+                }
+                local
+            }
+            (state, config) => {
+                self.config = config;
+                return Err(MigrationError::Busy(state));
+            }
+        };
+        if self.console.is_none() {
+            self.console = Some(Console::open(&config.serial)?);
+        }
+        let vm = self.build_vm(&config, VmStart::Incoming)?;
+        let memory = vm.memory().clone();
+        self.vm = Some(vm);
+        self.config = Some(config);
+        self.state = VmState::Paused;
+        Ok(MigrationReply::Memory(memory))
     }
 
     fn teardown(&mut self) {

@@ -5,10 +5,13 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use devices::pci::PciRoot;
+use devices::pci::{PciError, PciRoot};
 use devices::virtio::balloon::{Balloon, BalloonBackend, BalloonHandle};
+use devices::virtio::block::Block;
+use devices::virtio::net::Net;
 use devices::virtio::pci::{VirtioPciDevice, BAR_SIZE};
-use devices::virtio::VirtioDevice;
+use devices::virtio::{VirtioDevice, VirtioDeviceSnapshot};
+use devices::{DeviceError, StateError};
 use migration::bitmap::DirtyBitmap;
 use vm_memory::bitmap::Bitmap;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
@@ -50,21 +53,19 @@ impl DeviceManager {
         &mut self,
         config: &config::VmConfig,
         incoming: bool,
-    ) -> Result<(), String> {
+    ) -> Result<(), DeviceError> {
         for disk in &config.disks {
             let id = disk.id.clone().unwrap_or_default();
             let block = if incoming {
-                devices::virtio::block::Block::new_unlocked(disk)
+                Block::new_unlocked(disk)
             } else {
-                devices::virtio::block::Block::new(disk)
-            }
-            .map_err(|e| e.to_string())?;
+                Block::new(disk)
+            }?;
             self.add_virtio(&id, Box::new(block))?;
         }
         for net in &config.nets {
             let id = net.id.clone().unwrap_or_default();
-            let device = devices::virtio::net::Net::new(net).map_err(|e| e.to_string())?;
-            self.add_virtio(&id, Box::new(device))?;
+            self.add_virtio(&id, Box::new(Net::new(net)?))?;
         }
         if let Some(balloon) = &config.balloon {
             let ram: Vec<(u64, u64)> = self
@@ -75,7 +76,7 @@ impl DeviceManager {
             let backend = Arc::new(MemoryBalloonBackend {
                 memory: self.memory.clone(),
             });
-            let device = Balloon::new(balloon, &ram, backend).map_err(|e| e.to_string())?;
+            let device = Balloon::new(balloon, &ram, backend)?;
             let handle = device.handle();
             self.add_virtio(config::BALLOON_DEVICE_ID, Box::new(device))?;
             self.balloon = Some(handle);
@@ -84,11 +85,8 @@ impl DeviceManager {
     }
 
     /// Plugs a virtio device named `id` into the next free slot.
-    pub fn add_virtio(&mut self, id: &str, device: Box<dyn VirtioDevice>) -> Result<(), String> {
-        let bar = self
-            .bars
-            .allocate(BAR_SIZE)
-            .ok_or_else(|| format!("{id}: no room left in the PCI MMIO window"))?;
+    pub fn add_virtio(&mut self, id: &str, device: Box<dyn VirtioDevice>) -> Result<(), PciError> {
+        let bar = self.bars.allocate(BAR_SIZE).ok_or(PciError::NoMmioSpace)?;
         let transport = VirtioPciDevice::new(
             id,
             device,
@@ -100,8 +98,7 @@ impl DeviceManager {
         self.pci_root
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .add(transport.clone())
-            .map_err(|e| format!("{id}: {e}"))?;
+            .add(transport.clone())?;
         self.virtio.push(transport);
         Ok(())
     }
@@ -134,50 +131,36 @@ impl DeviceManager {
 }
 
 impl DeviceManager {
-    /// Pauses every virtio device and takes its transport and device state.
-    pub fn snapshot(&self) -> Result<BTreeMap<String, serde_json::Value>, String> {
-        let mut states = BTreeMap::new();
-        for device in &self.virtio {
-            let mut device = device.lock().unwrap_or_else(|e| e.into_inner());
-            let id = device.id().to_string();
-            device.device_mut().pause();
-            let transport = device.state();
-            let queues: Vec<devices::virtio::QueueSnapshot> = device
-                .device()
-                .queue_states()
-                .into_iter()
-                .map(Into::into)
-                .collect();
-            let state = serde_json::json!({
-                "transport": transport,
-                "queues": queues,
-                "device": device.device_mut().snapshot(),
-            });
-            states.insert(id, state);
-        }
-        Ok(states)
+    /// Pauses every virtio device and saves it with its transport, by device id.
+    pub fn snapshot(&self) -> BTreeMap<String, VirtioDeviceSnapshot> {
+        self.virtio
+            .iter()
+            .map(|device| {
+                let mut device = device.lock().unwrap_or_else(|e| e.into_inner());
+                (device.id().to_string(), device.snapshot())
+            })
+            .collect()
     }
 
-    /// Restores the state of every virtio device (same ids as the source).
-    pub fn restore(&self, states: &BTreeMap<String, serde_json::Value>) -> Result<(), String> {
-        if states.len() != self.virtio.len() {
-            return Err(format!(
+    /// Restores every virtio device from the source's snapshots (same ids).
+    pub fn restore(
+        &self,
+        mut snapshots: BTreeMap<String, VirtioDeviceSnapshot>,
+    ) -> Result<(), StateError> {
+        if snapshots.len() != self.virtio.len() {
+            return Err(StateError::Mismatch(format!(
                 "the snapshot has {} virtio devices, this VM {}",
-                states.len(),
+                snapshots.len(),
                 self.virtio.len()
-            ));
+            )));
         }
         for device in &self.virtio {
             let mut device = device.lock().unwrap_or_else(|e| e.into_inner());
             let id = device.id().to_string();
-            let state = states
-                .get(&id)
-                .ok_or_else(|| format!("the snapshot has no state for {id}"))?;
-            let transport: devices::virtio::pci::VirtioPciState =
-                serde_json::from_value(state["transport"].clone())
-                    .map_err(|e| format!("{id}: transport state: {e}"))?;
-            device.restore(&transport)?;
-            device.restore_device(&state["queues"], &state["device"])?;
+            let snapshot = snapshots.remove(&id).ok_or_else(|| {
+                StateError::Mismatch(format!("the snapshot has no state for {id}"))
+            })?;
+            device.restore(snapshot)?;
         }
         Ok(())
     }
@@ -196,27 +179,19 @@ impl DeviceManager {
 
 impl DeviceManager {
     /// Flushes and releases host resources of every device (switch-over).
-    pub fn migration_release(&self) -> Result<(), String> {
+    pub fn migration_release(&self) -> Result<(), DeviceError> {
         for device in &self.virtio {
             let mut device = device.lock().unwrap_or_else(|e| e.into_inner());
-            let id = device.id().to_string();
-            device
-                .device_mut()
-                .migration_release()
-                .map_err(|e| format!("{id}: {e}"))?;
+            device.device_mut().migration_release()?;
         }
         Ok(())
     }
 
     /// Takes host resources back (target start, or source after a failure).
-    pub fn migration_acquire(&self) -> Result<(), String> {
+    pub fn migration_acquire(&self) -> Result<(), DeviceError> {
         for device in &self.virtio {
             let mut device = device.lock().unwrap_or_else(|e| e.into_inner());
-            let id = device.id().to_string();
-            device
-                .device_mut()
-                .migration_acquire()
-                .map_err(|e| format!("{id}: {e}"))?;
+            device.device_mut().migration_acquire()?;
         }
         Ok(())
     }

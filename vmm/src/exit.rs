@@ -23,6 +23,15 @@ pub enum ExitStatus {
 }
 
 impl ExitStatus {
+    /// How a VMM that could not start ends, by whose fault: the caller's
+    /// (bad flags or config) is a usage error, anything else a VMM error.
+    pub fn of_class(class: config::ErrorClass) -> ExitStatus {
+        match class {
+            config::ErrorClass::Caller => ExitStatus::Usage,
+            config::ErrorClass::Conflict | config::ErrorClass::Host => ExitStatus::Error,
+        }
+    }
+
     pub fn code(self) -> i32 {
         match self {
             ExitStatus::PoweredOff => 0,

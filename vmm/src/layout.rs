@@ -73,6 +73,26 @@ pub const RAM_64BIT_START: u64 = 0x1_0000_0000;
 pub const KVM_TSS_ADDRESS: u64 = 0xfffb_d000;
 pub const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
 
+// I/O ports (the ACPI DSDT and FADT describe them to the guest).
+/// COM1 (8250 UART).
+pub const SERIAL_PORT: u16 = 0x3f8;
+pub const SERIAL_PORT_LEN: u16 = 8;
+/// i8042 data (0x60) to command/status (0x64).
+pub const I8042_PORT: u16 = 0x60;
+pub const I8042_PORT_LEN: u16 = 5;
+/// ACPI sleep control and status register (hardware-reduced ACPI).
+pub const SLEEP_CONTROL_PORT: u16 = 0x3c0;
+/// ACPI GED event register (one byte). Not a legacy PC port, not in
+/// ACPICA's list of protected ports, outside the PCI config ports.
+pub const GED_EVENT_PORT: u16 = 0x700;
+pub const GED_EVENT_PORT_LEN: u16 = 1;
+/// PCI configuration address and data (0xCF8-0xCFF).
+pub const PCI_CONFIG_IO_PORT: u16 = 0xcf8;
+pub const PCI_CONFIG_IO_LEN: u16 = 8;
+/// The reset control register, inside the PCI config ports (the PCI
+/// config device forwards it).
+pub const RESET_CONTROL_PORT: u16 = 0xcf9;
+
 /// IOAPIC pins of the legacy devices.
 pub const SERIAL_IRQ: u32 = 4;
 pub const I8042_KBD_IRQ: u32 = 1;

@@ -13,5 +13,6 @@ pub mod layout;
 pub mod memory;
 pub mod migrate;
 pub mod pci;
+pub mod snapshot;
 pub mod vcpu;
 pub mod vm;

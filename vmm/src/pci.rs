@@ -4,7 +4,7 @@
 use std::sync::{Arc, Mutex};
 
 use devices::bus::Bus;
-use devices::pci::{BarAccess, BarMapper, SharedPciDevice};
+use devices::pci::{BarAccess, BarMapper, PciError, SharedPciDevice};
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 
 use crate::layout::{PCI_MMIO_SIZE, PCI_MMIO_START};
@@ -21,14 +21,19 @@ impl BarMapper for VmBarMapper {
         bar: usize,
         address: u64,
         size: u64,
-    ) -> Result<(), String> {
+    ) -> Result<(), PciError> {
         let access = Arc::new(Mutex::new(BarAccess {
             device: device.clone(),
             bar,
         }));
+        let failed = |source: Box<dyn std::error::Error + Send + Sync>| PciError::Map {
+            bar,
+            address,
+            source,
+        };
         self.mmio
             .insert(address, size, access)
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| failed(Box::new(e)))?;
         let events = device
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -36,7 +41,9 @@ impl BarMapper for VmBarMapper {
         for (offset, event) in events {
             self.vm_fd
                 .register_ioevent(&event, &IoEventAddress::Mmio(address + offset), NoDatamatch)
-                .map_err(|e| format!("KVM_IOEVENTFD at {:#x}: {e}", address + offset))?;
+                .map_err(|e| {
+                    failed(format!("KVM_IOEVENTFD at {:#x}: {e}", address + offset).into())
+                })?;
         }
         Ok(())
     }

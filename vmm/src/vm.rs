@@ -6,16 +6,14 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use api::request::Counters;
-use config::VmConfig;
+use config::{ErrorClass, VmConfig};
 use devices::bus::{Bus, BusError};
 use devices::legacy::{
     GedDevice, I8042Device, PowerDevice, PowerEvent, PowerEventSink, ResetControl, SerialCounters,
-    SerialDevice, GED_EVENT_PORT, GED_EVENT_PORT_LEN, SLEEP_CONTROL_PORT,
+    SerialDevice,
 };
-use devices::pci::{
-    PciConfigIo, PciEcam, PciRoot, CONFIG_IO_LEN as PCI_CONFIG_IO_LEN,
-    CONFIG_IO_PORT as PCI_CONFIG_IO_PORT,
-};
+use devices::pci::{PciConfigIo, PciEcam, PciRoot};
+use devices::DeviceError;
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
@@ -29,12 +27,6 @@ use crate::layout;
 use crate::memory::{self, GuestMemoryMmap, MemoryError};
 use crate::pci::VmBarMapper;
 use crate::vcpu::{Vcpu, VcpuError, VcpuSet, VcpuStop, VcpuStopSink};
-
-/// I/O ports of the legacy devices (the ACPI DSDT describes them too).
-pub(crate) const SERIAL_PORT: u64 = 0x3f8;
-pub(crate) const SERIAL_PORT_LEN: u64 = 8;
-pub(crate) const I8042_PORT: u64 = 0x60;
-const I8042_PORT_LEN: u64 = 5;
 
 /// What happened to the VM, for the control loop.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -68,10 +60,27 @@ pub enum VmError {
     Bus(#[from] BusError),
     #[error("cannot create an eventfd: {0}")]
     EventFd(std::io::Error),
-    #[error("{0}")]
-    Device(String),
+    #[error(transparent)]
+    Device(#[from] DeviceError),
     #[error("cannot start vCPU threads: {0}")]
     Thread(std::io::Error),
+}
+
+impl VmError {
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            VmError::Boot(e) => e.class(),
+            VmError::Device(e) => e.class(),
+            VmError::Kvm(_)
+            | VmError::MissingCapability(_)
+            | VmError::KvmCall { .. }
+            | VmError::Memory(_)
+            | VmError::Vcpu(_)
+            | VmError::Bus(_)
+            | VmError::EventFd(_)
+            | VmError::Thread(_) => ErrorClass::Host,
+        }
+    }
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -82,15 +91,15 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
 pub struct Vm {
     #[allow(dead_code)] // Kept open for the life of the VM.
     kvm: Kvm,
-    vm_fd: Arc<VmFd>,
+    pub(crate) vm_fd: Arc<VmFd>,
     memory: Arc<GuestMemoryMmap>,
-    serial: Arc<Mutex<SerialDevice>>,
+    pub(crate) serial: Arc<Mutex<SerialDevice>>,
     serial_counters: Arc<SerialCounters>,
-    i8042: Arc<Mutex<I8042Device>>,
+    pub(crate) i8042: Arc<Mutex<I8042Device>>,
     /// ACPI Generic Event Device: the power button.
-    ged: Arc<Mutex<GedDevice>>,
-    vcpus: Option<VcpuSet>,
-    device_manager: DeviceManager,
+    pub(crate) ged: Arc<Mutex<GedDevice>>,
+    pub(crate) vcpus: Option<VcpuSet>,
+    pub(crate) device_manager: DeviceManager,
     /// Where the kernel was entered; None for a VM restored from a migration.
     pub entry: Option<BootEntry>,
 }
@@ -159,12 +168,20 @@ impl Vm {
         let serial_irq = irq_line(&vm_fd, layout::SERIAL_IRQ)?;
         let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, console.output())));
         let serial_counters = serial.lock().unwrap_or_else(|e| e.into_inner()).counters();
-        pio.insert(SERIAL_PORT, SERIAL_PORT_LEN, serial.clone())?;
+        pio.insert(
+            u64::from(layout::SERIAL_PORT),
+            u64::from(layout::SERIAL_PORT_LEN),
+            serial.clone(),
+        )?;
         let kbd_irq = irq_line(&vm_fd, layout::I8042_KBD_IRQ)?;
         let i8042 = Arc::new(Mutex::new(I8042Device::new(kbd_irq, power_sink.clone())));
-        pio.insert(I8042_PORT, I8042_PORT_LEN, i8042.clone())?;
         pio.insert(
-            u64::from(SLEEP_CONTROL_PORT),
+            u64::from(layout::I8042_PORT),
+            u64::from(layout::I8042_PORT_LEN),
+            i8042.clone(),
+        )?;
+        pio.insert(
+            u64::from(layout::SLEEP_CONTROL_PORT),
             1,
             Arc::new(Mutex::new(PowerDevice::new(power_sink.clone()))),
         )?;
@@ -172,8 +189,8 @@ impl Vm {
         let ged_irq = irq_line(&vm_fd, layout::GED_IRQ)?;
         let ged = Arc::new(Mutex::new(GedDevice::new(ged_irq)));
         pio.insert(
-            u64::from(GED_EVENT_PORT),
-            u64::from(GED_EVENT_PORT_LEN),
+            u64::from(layout::GED_EVENT_PORT),
+            u64::from(layout::GED_EVENT_PORT_LEN),
             ged.clone(),
         )?;
 
@@ -185,8 +202,8 @@ impl Vm {
             vm_fd: vm_fd.clone(),
         }))));
         pio.insert(
-            PCI_CONFIG_IO_PORT,
-            PCI_CONFIG_IO_LEN,
+            u64::from(layout::PCI_CONFIG_IO_PORT),
+            u64::from(layout::PCI_CONFIG_IO_LEN),
             Arc::new(Mutex::new(PciConfigIo::new(
                 pci_root.clone(),
                 Box::new(ResetControl::new(power_sink)),
@@ -199,9 +216,7 @@ impl Vm {
         )?;
 
         let mut device_manager = DeviceManager::new(pci_root, gsi_router, memory.clone());
-        device_manager
-            .add_configured(config, start == VmStart::Incoming)
-            .map_err(VmError::Device)?;
+        device_manager.add_configured(config, start == VmStart::Incoming)?;
 
         let cpus = config.cpus.boot_vcpus;
         let entry = match start {
@@ -376,138 +391,4 @@ pub fn register_memory(
             .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
     }
     Ok(())
-}
-
-/// The whole VM state except memory, for migration.
-#[derive(serde::Serialize, serde::Deserialize)]
-pub struct VmSnapshot {
-    pub vcpus: Vec<crate::vcpu::VcpuState>,
-    /// PIC master, PIC slave, IOAPIC.
-    pub irqchips: Vec<kvm_bindings::kvm_irqchip>,
-    pub pit: kvm_bindings::kvm_pit_state2,
-    pub clock: kvm_bindings::kvm_clock_data,
-    pub serial: devices::legacy::SerialState,
-    pub i8042: devices::legacy::I8042State,
-    /// The ACPI power button's pending events.
-    pub ged: devices::legacy::GedState,
-    /// Virtio devices by id: transport and device state.
-    pub devices: BTreeMap<String, serde_json::Value>,
-}
-
-/// KVM's irqchip ids: PIC master, PIC slave, IOAPIC.
-const IRQCHIP_IDS: [u32; 3] = [
-    kvm_bindings::KVM_IRQCHIP_PIC_MASTER,
-    kvm_bindings::KVM_IRQCHIP_PIC_SLAVE,
-    kvm_bindings::KVM_IRQCHIP_IOAPIC,
-];
-
-impl Vm {
-    /// Takes the state of a paused VM: vCPUs, in-kernel irqchip, PIT and
-    /// clock, legacy devices and virtio devices (paused by this call).
-    pub fn snapshot(&mut self) -> Result<VmSnapshot, String> {
-        let vcpus = self.vcpus.as_ref().ok_or("the vCPUs are gone")?;
-        let mut vcpu_states = Vec::new();
-        for vcpu in vcpus.vcpus() {
-            let vcpu = vcpu.lock().unwrap_or_else(|e| e.into_inner());
-            vcpu_states.push(vcpu.save_state().map_err(|e| e.to_string())?);
-        }
-        let mut irqchips = Vec::new();
-        for chip_id in IRQCHIP_IDS {
-            let mut chip = kvm_bindings::kvm_irqchip {
-                chip_id,
-                ..Default::default()
-            };
-            self.vm_fd
-                .get_irqchip(&mut chip)
-                .map_err(|e| format!("KVM_GET_IRQCHIP {chip_id}: {e}"))?;
-            irqchips.push(chip);
-        }
-        let pit = self
-            .vm_fd
-            .get_pit2()
-            .map_err(|e| format!("KVM_GET_PIT2: {e}"))?;
-        let clock = self
-            .vm_fd
-            .get_clock()
-            .map_err(|e| format!("KVM_GET_CLOCK: {e}"))?;
-        let serial = self
-            .serial
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .state();
-        let i8042 = self.i8042.lock().unwrap_or_else(|e| e.into_inner()).state();
-        let ged = self.ged.lock().unwrap_or_else(|e| e.into_inner()).state();
-        let devices = self.device_manager.snapshot()?;
-        Ok(VmSnapshot {
-            vcpus: vcpu_states,
-            irqchips,
-            pit,
-            clock,
-            serial,
-            i8042,
-            ged,
-            devices,
-        })
-    }
-
-    /// Puts a snapshot into a VM built with [`VmStart::Incoming`] from the
-    /// same config; the vCPUs stay parked until [`Vm::resume`].
-    pub fn restore(&mut self, snapshot: &VmSnapshot) -> Result<(), String> {
-        let vcpus = self.vcpus.as_ref().ok_or("the vCPUs are gone")?;
-        if snapshot.vcpus.len() != vcpus.vcpus().len() {
-            return Err(format!(
-                "the snapshot has {} vCPUs, this VM {}",
-                snapshot.vcpus.len(),
-                vcpus.vcpus().len()
-            ));
-        }
-        if snapshot.irqchips.len() != IRQCHIP_IDS.len()
-            || snapshot
-                .irqchips
-                .iter()
-                .zip(IRQCHIP_IDS)
-                .any(|(c, id)| c.chip_id != id)
-        {
-            return Err("the snapshot's irqchip state is malformed".into());
-        }
-        // Order that works on KVM: irqchip and PIT, vCPUs, then the clock.
-        for chip in &snapshot.irqchips {
-            self.vm_fd
-                .set_irqchip(chip)
-                .map_err(|e| format!("KVM_SET_IRQCHIP {}: {e}", chip.chip_id))?;
-        }
-        self.vm_fd
-            .set_pit2(&snapshot.pit)
-            .map_err(|e| format!("KVM_SET_PIT2: {e}"))?;
-        for (vcpu, state) in vcpus.vcpus().iter().zip(&snapshot.vcpus) {
-            let vcpu = vcpu.lock().unwrap_or_else(|e| e.into_inner());
-            if state.id != vcpu.id {
-                return Err(format!(
-                    "vCPU state {} arrived for vcpu{}",
-                    state.id, vcpu.id
-                ));
-            }
-            vcpu.restore_state(state).map_err(|e| e.to_string())?;
-        }
-        let mut clock = snapshot.clock;
-        // Only the clock value is ours to set; KVM computes the flags.
-        clock.flags = 0;
-        self.vm_fd
-            .set_clock(&clock)
-            .map_err(|e| format!("KVM_SET_CLOCK: {e}"))?;
-        self.serial
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .restore(&snapshot.serial)?;
-        self.i8042
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .restore(&snapshot.i8042)?;
-        self.ged
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .restore(&snapshot.ged);
-        self.device_manager.restore(&snapshot.devices)?;
-        Ok(())
-    }
 }

@@ -1145,8 +1145,8 @@ fn progress_line(status: &MigrationStatus, bar: bool) -> String {
 fn show_migration(status: &MigrationStatus) -> String {
     let mut lines = vec![format!("phase: {}", phase_name(status.phase))];
     if status.phase != MigrationPhase::None {
-        if !status.role.is_empty() {
-            lines.push(format!("role: {}", status.role));
+        if let Some(role) = status.role {
+            lines.push(format!("role: {role}"));
         }
         lines.extend([
             format!("total time: {} ms", status.total_time_ms),

@@ -653,7 +653,7 @@ mod tests {
         );
         let status = MigrationStatus {
             phase: MigrationPhase::SwitchOver,
-            role: "send".into(),
+            role: Some(crate::request::MigrationRole::Send),
             transferred_bytes: 1 << 20,
             ..MigrationStatus::default()
         };

@@ -12,7 +12,7 @@ use std::time::Duration;
 use api::http::{start_server, ApiCall, ApiServer};
 use api::request::{
     ApiError, ApiRequest, ApiResponse, BalloonStatistics, Counters, MemoryInfo, MigrationPhase,
-    MigrationStatus, PingInfo, VmInfo, VmState,
+    MigrationRole, MigrationStatus, PingInfo, VmInfo, VmState,
 };
 use config::{DiskConfig, NetConfig, VmConfig};
 
@@ -123,11 +123,7 @@ pub fn sample_migration_status(phase: MigrationPhase) -> MigrationStatus {
     };
     MigrationStatus {
         phase,
-        role: if phase == MigrationPhase::None {
-            String::new()
-        } else {
-            "send".into()
-        },
+        role: (phase != MigrationPhase::None).then_some(MigrationRole::Send),
         total_time_ms: 4200,
         setup_time_ms: 15,
         expected_downtime_ms: 40,

@@ -20,12 +20,6 @@ use serde::{Deserialize, Serialize};
 use super::Interrupt;
 use crate::bus::BusDevice;
 
-/// I/O port of the GED event register (one byte). Not a legacy PC port,
-/// not in ACPICA's list of protected ports, outside the PCI config ports.
-pub const GED_EVENT_PORT: u16 = 0x700;
-/// Length of the GED's port range.
-pub const GED_EVENT_PORT_LEN: u16 = 1;
-
 /// Event register bit: the power button was pressed.
 pub const GED_EVENT_POWER_BUTTON: u8 = 1 << 0;
 

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{Interrupt, PowerEvent, PowerEventSink};
 use crate::bus::BusDevice;
+use crate::error::StateError;
 
 /// Offset of the data port (0x60) in the device's range.
 pub const DATA_OFFSET: u64 = 0;
@@ -112,12 +113,12 @@ impl I8042Device {
         }
     }
 
-    pub fn restore(&mut self, state: &I8042State) -> Result<(), String> {
+    pub fn restore(&mut self, state: &I8042State) -> Result<(), StateError> {
         if state.buffer.len() > BUFFER_LIMIT {
-            return Err(format!(
+            return Err(StateError::Mismatch(format!(
                 "i8042 buffer holds {} bytes, more than {BUFFER_LIMIT}",
                 state.buffer.len()
-            ));
+            )));
         }
         self.config = state.config;
         self.output_port = state.output_port;

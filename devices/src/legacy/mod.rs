@@ -6,12 +6,9 @@ mod i8042;
 mod power;
 mod serial;
 
-pub use ged::{GedDevice, GedState, GED_EVENT_PORT, GED_EVENT_PORT_LEN, GED_EVENT_POWER_BUTTON};
+pub use ged::{GedDevice, GedState, GED_EVENT_POWER_BUTTON};
 pub use i8042::{I8042Device, I8042State};
-pub use power::{
-    PowerDevice, PowerEvent, PowerEventSink, ResetControl, RESET_CONTROL_PORT, S5_SLEEP_TYPE,
-    SLEEP_CONTROL_PORT,
-};
+pub use power::{PowerDevice, PowerEvent, PowerEventSink, ResetControl, S5_SLEEP_TYPE};
 pub use serial::{SerialCounters, SerialDevice, SerialState};
 
 use std::io;

@@ -10,11 +10,6 @@ use std::sync::Arc;
 
 use crate::bus::BusDevice;
 
-/// I/O port of the sleep control register.
-pub const SLEEP_CONTROL_PORT: u16 = 0x3c0;
-/// I/O port of the reset control register.
-pub const RESET_CONTROL_PORT: u16 = 0xcf9;
-
 /// SLP_EN: the write requests the sleep state in SLP_TYP.
 const SLP_EN: u8 = 1 << 5;
 /// SLP_TYP field (bits 2-4).

@@ -11,6 +11,7 @@ use vm_superio::{Serial, Trigger};
 
 use super::Interrupt;
 use crate::bus::BusDevice;
+use crate::error::StateError;
 
 /// Counters of the serial port, shared with the VMM's `vm.counters`.
 #[derive(Debug, Default)]
@@ -133,7 +134,7 @@ impl SerialDevice {
     }
 
     /// Replaces the registers; output keeps going where it went.
-    pub fn restore(&mut self, state: &SerialState) -> Result<(), String> {
+    pub fn restore(&mut self, state: &SerialState) -> Result<(), StateError> {
         let out = std::mem::replace(self.uart.writer_mut(), Box::new(std::io::sink()));
         let uart = Serial::from_state(
             &state.into(),
@@ -141,7 +142,7 @@ impl SerialDevice {
             self.counters.clone(),
             out,
         )
-        .map_err(|e| format!("serial state: {e:?}"))?;
+        .map_err(|e| StateError::Mismatch(format!("serial state: {e:?}")))?;
         self.uart = uart;
         Ok(())
     }

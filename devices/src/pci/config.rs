@@ -2,6 +2,8 @@
 //! header, BARs with sizing, and the capability list, with per-bit write
 //! masks so the guest can only change what real hardware lets it change.
 
+use crate::error::StateError;
+
 /// Standard header registers (byte offsets).
 pub const VENDOR_ID: usize = 0x00;
 pub const COMMAND: usize = 0x04;
@@ -267,12 +269,12 @@ impl PciConfig {
 
     /// Puts back a snapshot's bytes, keeping read-only bytes as they are
     /// (a snapshot cannot change the device's identity).
-    pub fn restore(&mut self, bytes: &[u8]) -> Result<(), String> {
+    pub fn restore(&mut self, bytes: &[u8]) -> Result<(), StateError> {
         if bytes.len() != CONFIG_SIZE {
-            return Err(format!(
+            return Err(StateError::Mismatch(format!(
                 "PCI config snapshot is {} bytes, not {CONFIG_SIZE}",
                 bytes.len()
-            ));
+            )));
         }
         for (at, &value) in bytes.iter().enumerate() {
             let mask = self.writable[at];

@@ -16,6 +16,31 @@ use config::{BarInfo, PciConfig, PciHeader, COMMAND_MEMORY, NUM_BARS};
 /// Slots on bus 0.
 pub const SLOTS: usize = 32;
 
+/// Why a PCI device could not be built or placed.
+#[derive(Debug, thiserror::Error)]
+pub enum PciError {
+    #[error("the PCI bus is full ({} devices)", SLOTS - 1)]
+    BusFull,
+    #[error("no room left in the PCI MMIO window")]
+    NoMmioSpace,
+    #[error("BAR {bar} at {address:#x}: {source}")]
+    Map {
+        bar: usize,
+        address: u64,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The device's config space does not fit (a programming error).
+    #[error("config space: {0}")]
+    Layout(#[from] config::PciConfigError),
+    #[error("{what}: {source}")]
+    Io {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
 /// A PCI function as the root bus sees it.
 pub trait PciDevice: Send {
     fn config(&self) -> &PciConfig;
@@ -44,7 +69,7 @@ pub trait BarMapper: Send + Sync {
         bar: usize,
         address: u64,
         size: u64,
-    ) -> Result<(), String>;
+    ) -> Result<(), PciError>;
     fn unmap(&self, device: &SharedPciDevice, bar: usize, address: u64, size: u64);
 }
 
@@ -96,12 +121,12 @@ impl PciRoot {
 
     /// Plugs `device` into the first free slot and maps its BARs where its
     /// config says; returns the slot.
-    pub fn add(&mut self, device: SharedPciDevice) -> Result<u8, String> {
+    pub fn add(&mut self, device: SharedPciDevice) -> Result<u8, PciError> {
         let index = self
             .slots
             .iter()
             .position(Option::is_none)
-            .ok_or("the PCI bus is full (31 devices)")?;
+            .ok_or(PciError::BusFull)?;
         self.slots[index] = Some(Slot {
             device,
             mapped: [None; NUM_BARS],
@@ -119,7 +144,9 @@ impl PciRoot {
 
     /// Makes the BAR mappings of `slot` match its config: mapped at the
     /// programmed address while memory decoding is on, unmapped otherwise.
-    fn update_mappings(&mut self, index: usize) -> Result<(), String> {
+    /// A BAR that cannot be mapped (the guest placed it over another one)
+    /// stays unmapped; the first such failure is returned.
+    fn update_mappings(&mut self, index: usize) -> Result<(), PciError> {
         let Some(slot) = self.slots[index].as_mut() else {
             return Ok(());
         };
@@ -135,6 +162,7 @@ impl PciRoot {
                 })
                 .collect()
         };
+        let mut failed = None;
         for (bar, (address, info)) in wanted.into_iter().enumerate() {
             let Some(info) = info else { continue };
             if slot.mapped[bar] == address {
@@ -144,13 +172,13 @@ impl PciRoot {
                 self.mapper.unmap(&slot.device, bar, old, info.size);
             }
             if let Some(new) = address {
-                // A guest placing a BAR over another one gets it unmapped.
-                if self.mapper.map(&slot.device, bar, new, info.size).is_ok() {
-                    slot.mapped[bar] = Some(new);
+                match self.mapper.map(&slot.device, bar, new, info.size) {
+                    Ok(()) => slot.mapped[bar] = Some(new),
+                    Err(e) => failed = failed.or(Some(e)),
                 }
             }
         }
-        Ok(())
+        failed.map_or(Ok(()), Err)
     }
 
     pub fn config_read(&mut self, bus: u8, slot: u8, function: u8, offset: usize, data: &mut [u8]) {
@@ -169,6 +197,7 @@ impl PciRoot {
         let touches =
             |start: usize, len: usize| offset < start + len && start < offset + data.len();
         if touches(config::COMMAND, 2) || touches(config::BAR0, 4 * NUM_BARS) {
+            // A guest placing a BAR over another one gets it unmapped.
             let _ = self.update_mappings(usize::from(slot));
         }
     }
@@ -223,9 +252,6 @@ pub struct PciConfigIo {
     reset_control: Box<dyn BusDevice>,
 }
 
-/// Port base of [`PciConfigIo`].
-pub const CONFIG_IO_PORT: u64 = 0xcf8;
-pub const CONFIG_IO_LEN: u64 = 8;
 /// Address register: enable bit.
 const CONFIG_ADDRESS_ENABLE: u32 = 1 << 31;
 
@@ -353,7 +379,7 @@ mod tests {
             bar: usize,
             address: u64,
             size: u64,
-        ) -> Result<(), String> {
+        ) -> Result<(), PciError> {
             self.log
                 .lock()
                 .unwrap()

@@ -10,6 +10,8 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::error::StateError;
+
 /// Capability ID of MSI-X.
 pub const CAPABILITY_ID: u8 = 0x11;
 /// Message control: MSI-X enabled.
@@ -217,13 +219,13 @@ impl Msix {
         }
     }
 
-    pub fn restore(&mut self, state: &MsixState) -> Result<(), String> {
+    pub fn restore(&mut self, state: &MsixState) -> Result<(), StateError> {
         if state.entries.len() != self.entries.len() || state.pending.len() != self.entries.len() {
-            return Err(format!(
+            return Err(StateError::Mismatch(format!(
                 "MSI-X state has {} vectors, the device {}",
                 state.entries.len(),
                 self.entries.len()
-            ));
+            )));
         }
         self.entries = state.entries.clone();
         self.pending = state.pending.clone();
@@ -232,7 +234,7 @@ impl Msix {
         for (i, entry) in self.entries.iter().enumerate() {
             self.controller
                 .route(&self.vectors[i], entry.message)
-                .map_err(|e| format!("MSI-X vector {i}: {e}"))?;
+                .map_err(|e| StateError::Mismatch(format!("MSI-X vector {i}: {e}")))?;
         }
         Ok(())
     }

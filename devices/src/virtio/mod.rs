@@ -15,17 +15,20 @@ pub mod balloon;
 pub mod block;
 pub mod net;
 pub mod pci;
+pub mod persist;
 pub mod worker;
+
+pub use persist::{DeviceState, QueueSnapshot, VirtioDeviceSnapshot};
 
 use std::collections::BTreeMap;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueState, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::error::{DeviceError, StateError};
 use crate::GuestMemoryMmap;
 
 /// Device types (virtio 1.2, 5).
@@ -75,6 +78,8 @@ pub struct ActivateContext {
 pub enum ActivateError {
     #[error("the driver enabled no usable queue {0}")]
     MissingQueue(usize),
+    #[error("queue {index}: {reason}")]
+    Queue { index: usize, reason: String },
     #[error("cannot start the device worker: {0}")]
     Worker(io::Error),
     #[error("{0}")]
@@ -107,88 +112,36 @@ pub trait VirtioDevice: Send {
     fn counters(&self) -> BTreeMap<String, u64> {
         BTreeMap::new()
     }
-    /// The device-specific state, for migration; the device is paused.
-    fn snapshot(&mut self) -> serde_json::Value {
-        serde_json::Value::Null
-    }
-    /// The queues' state, for migration; the device is paused.
-    fn queue_states(&self) -> Vec<QueueState> {
-        Vec::new()
-    }
+    /// The device's own state, for a snapshot (its queues and whether the
+    /// driver started it are the transport's to save); the device is paused.
+    fn state(&mut self) -> DeviceState;
+    /// The queues' state, for a snapshot; the device is paused. Empty when
+    /// the device is not active.
+    fn queue_states(&self) -> Vec<QueueState>;
+    /// Takes over `state`, saved by [`VirtioDevice::state`] on a migration
+    /// source, into this new, inactive device. `context` is given when the
+    /// driver had started the device there: its queues carry the source's
+    /// ring positions and its features the driver's (already checked
+    /// against [`VirtioDevice::features`]); the device then resumes
+    /// processing as [`VirtioDevice::activate`] would.
+    fn restore(
+        &mut self,
+        state: DeviceState,
+        context: Option<ActivateContext>,
+    ) -> Result<(), StateError>;
     /// Source side of a migration switch-over, guest paused: make the host
     /// resources safe to hand over (flush disks, release disk locks).
-    fn migration_release(&mut self) -> Result<(), String> {
+    fn migration_release(&mut self) -> Result<(), DeviceError> {
         Ok(())
     }
     /// Takes host resources back: on the target before the guest runs, on
     /// the source when a migration failed after [`VirtioDevice::migration_release`].
-    fn migration_acquire(&mut self) -> Result<(), String> {
+    fn migration_acquire(&mut self) -> Result<(), DeviceError> {
         Ok(())
     }
     /// Called on the target once the guest runs (virtio-net announces the
     /// guest's new location).
     fn migration_completed(&mut self) {}
-    /// Restores a device from [`VirtioDevice::snapshot`] on a migration
-    /// target. `context` is given when the driver had started the device on
-    /// the source: its queues carry the source's ring positions, and the
-    /// device resumes processing as [`VirtioDevice::activate`] would.
-    fn restore(
-        &mut self,
-        state: serde_json::Value,
-        context: Option<ActivateContext>,
-    ) -> Result<(), ActivateError> {
-        let _ = state;
-        match context {
-            Some(context) => self.activate(context),
-            None => Ok(()),
-        }
-    }
-}
-
-/// `QueueState` with serde, for device snapshots.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct QueueSnapshot {
-    pub max_size: u16,
-    pub next_avail: u16,
-    pub next_used: u16,
-    pub event_idx_enabled: bool,
-    pub size: u16,
-    pub ready: bool,
-    pub desc_table: u64,
-    pub avail_ring: u64,
-    pub used_ring: u64,
-}
-
-impl From<QueueState> for QueueSnapshot {
-    fn from(s: QueueState) -> Self {
-        QueueSnapshot {
-            max_size: s.max_size,
-            next_avail: s.next_avail,
-            next_used: s.next_used,
-            event_idx_enabled: s.event_idx_enabled,
-            size: s.size,
-            ready: s.ready,
-            desc_table: s.desc_table,
-            avail_ring: s.avail_ring,
-            used_ring: s.used_ring,
-        }
-    }
-}
-
-impl From<QueueSnapshot> for QueueState {
-    fn from(s: QueueSnapshot) -> Self {
-        QueueState {
-            max_size: s.max_size,
-            next_avail: s.next_avail,
-            next_used: s.next_used,
-            event_idx_enabled: s.event_idx_enabled,
-            size: s.size,
-            ready: s.ready,
-            desc_table: s.desc_table,
-            avail_ring: s.avail_ring,
-            used_ring: s.used_ring,
-        }
-    }
 }
 
 /// Named counters as `vm.counters` reports them.

@@ -12,13 +12,14 @@ use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{
-    ActivateContext, VirtioDevice, VirtioInterrupt, STATUS_ACKNOWLEDGE, STATUS_DRIVER,
-    STATUS_DRIVER_OK, STATUS_FAILED, STATUS_FEATURES_OK, STATUS_NEEDS_RESET, TYPE_BALLOON,
-    TYPE_BLOCK, TYPE_NET,
+    ActivateContext, ActivateError, QueueSnapshot, VirtioDevice, VirtioDeviceSnapshot,
+    VirtioInterrupt, STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FAILED,
+    STATUS_FEATURES_OK, STATUS_NEEDS_RESET, TYPE_BALLOON, TYPE_BLOCK, TYPE_NET,
 };
+use crate::error::StateError;
 use crate::pci::config::{BarInfo, PciConfig, PciHeader, COMMAND_BUS_MASTER, COMMAND_MEMORY};
 use crate::pci::msix::{MsiController, Msix, MsixState};
-use crate::pci::PciDevice;
+use crate::pci::{PciDevice, PciError};
 use crate::GuestMemoryMmap;
 
 /// PCI IDs of modern virtio devices.
@@ -199,7 +200,7 @@ impl VirtioPciDevice {
         memory: Arc<GuestMemoryMmap>,
         msi: Arc<dyn MsiController>,
         bar_address: u64,
-    ) -> Result<VirtioPciDevice, String> {
+    ) -> Result<VirtioPciDevice, PciError> {
         let device_type = device.device_type();
         let max_sizes = device.queue_max_sizes();
         let queue_count = max_sizes.len();
@@ -211,71 +212,64 @@ impl VirtioPciDevice {
             subsystem_vendor_id: VIRTIO_VENDOR,
             subsystem_id: 0x40,
         });
-        config
-            .add_bar(
-                BAR_INDEX,
-                BarInfo {
-                    size: BAR_SIZE,
-                    is_64bit: true,
-                    prefetchable: false,
-                },
-                bar_address,
-            )
-            .map_err(|e| format!("{id}: {e}"))?;
+        config.add_bar(
+            BAR_INDEX,
+            BarInfo {
+                size: BAR_SIZE,
+                is_64bit: true,
+                prefetchable: false,
+            },
+            bar_address,
+        )?;
         // Firmware duty: BARs assigned, decoding and bus mastering on.
         config.set_command(COMMAND_MEMORY | COMMAND_BUS_MASTER);
-        let cap_err = |e| format!("{id}: {e}");
-        config
-            .add_capability(
-                &vendor_capability(CAP_COMMON, COMMON_OFFSET, COMMON_SIZE, &[]),
-                &[],
-            )
-            .map_err(cap_err)?;
-        config
-            .add_capability(
-                &vendor_capability(
-                    CAP_NOTIFY,
-                    NOTIFY_OFFSET,
-                    NOTIFY_SIZE,
-                    &NOTIFY_MULTIPLIER.to_le_bytes(),
-                ),
-                &[],
-            )
-            .map_err(cap_err)?;
-        config
-            .add_capability(&vendor_capability(CAP_ISR, ISR_OFFSET, ISR_SIZE, &[]), &[])
-            .map_err(cap_err)?;
-        config
-            .add_capability(
-                &vendor_capability(CAP_DEVICE, DEVICE_OFFSET, DEVICE_SIZE, &[]),
-                &[],
-            )
-            .map_err(cap_err)?;
+        config.add_capability(
+            &vendor_capability(CAP_COMMON, COMMON_OFFSET, COMMON_SIZE, &[]),
+            &[],
+        )?;
+        config.add_capability(
+            &vendor_capability(
+                CAP_NOTIFY,
+                NOTIFY_OFFSET,
+                NOTIFY_SIZE,
+                &NOTIFY_MULTIPLIER.to_le_bytes(),
+            ),
+            &[],
+        )?;
+        config.add_capability(&vendor_capability(CAP_ISR, ISR_OFFSET, ISR_SIZE, &[]), &[])?;
+        config.add_capability(
+            &vendor_capability(CAP_DEVICE, DEVICE_OFFSET, DEVICE_SIZE, &[]),
+            &[],
+        )?;
         // The PCI configuration access window: bar, offset, length and data are the driver's.
         let mut pci_cfg_writable = vec![0u8; 20];
         pci_cfg_writable[4] = 0xff;
         pci_cfg_writable[8..20].fill(0xff);
-        let pci_cfg_cap = config
-            .add_capability(
-                &vendor_capability(CAP_PCI_CFG, 0, 0, &[0; 4]),
-                &pci_cfg_writable,
-            )
-            .map_err(cap_err)?;
+        let pci_cfg_cap = config.add_capability(
+            &vendor_capability(CAP_PCI_CFG, 0, 0, &[0; 4]),
+            &pci_cfg_writable,
+        )?;
 
         // One vector per queue plus one for configuration changes.
         let vectors = queue_count as u16 + 1;
-        let msix = Msix::new(vectors, msi).map_err(|e| format!("{id}: MSI-X vectors: {e}"))?;
+        let msix = Msix::new(vectors, msi).map_err(|source| PciError::Io {
+            what: "MSI-X vectors",
+            source,
+        })?;
         let (cap, writable) = msix.capability(
             BAR_INDEX as u8,
             MSIX_TABLE_OFFSET as u32,
             MSIX_PBA_OFFSET as u32,
         );
-        let msix_cap = config.add_capability(&cap, &writable).map_err(cap_err)?;
+        let msix_cap = config.add_capability(&cap, &writable)?;
 
         let queue_events = (0..queue_count)
             .map(|_| EventFd::new(libc::EFD_NONBLOCK))
             .collect::<std::io::Result<Vec<_>>>()
-            .map_err(|e| format!("{id}: queue eventfds: {e}"))?;
+            .map_err(|source| PciError::Io {
+                what: "queue eventfds",
+                source,
+            })?;
         let queues = max_sizes
             .iter()
             .map(|&max| QueueSetup {
@@ -532,11 +526,13 @@ impl VirtioPciDevice {
         }
     }
 
-    fn activate(&mut self) -> Result<(), String> {
+    fn activate(&mut self) -> Result<(), ActivateError> {
         let mut queues = Vec::with_capacity(self.queues.len());
         for (index, setup) in self.queues.iter().enumerate() {
-            let mut queue =
-                Queue::new(setup.max_size).map_err(|e| format!("queue {index}: {e:?}"))?;
+            let mut queue = Queue::new(setup.max_size).map_err(|e| ActivateError::Queue {
+                index,
+                reason: format!("{e:?}"),
+            })?;
             if setup.enabled {
                 queue.set_size(setup.size);
                 queue.set_desc_table_address(
@@ -555,26 +551,27 @@ impl VirtioPciDevice {
                 // is_valid() also requires the queue to be ready.
                 queue.set_ready(true);
                 if !queue.is_valid(self.memory.as_ref()) {
-                    return Err(format!(
-                        "queue {index}: rings outside guest memory or misaligned \
-                         (size {}, desc {:#x}, avail {:#x}, used {:#x})",
-                        setup.size, setup.desc, setup.driver, setup.device
-                    ));
+                    return Err(ActivateError::Queue {
+                        index,
+                        reason: format!(
+                            "rings outside guest memory or misaligned \
+                             (size {}, desc {:#x}, avail {:#x}, used {:#x})",
+                            setup.size, setup.desc, setup.driver, setup.device
+                        ),
+                    });
                 }
             }
             let event = self.queue_events[index]
                 .try_clone()
-                .map_err(|e| format!("queue {index} eventfd: {e}"))?;
+                .map_err(ActivateError::Worker)?;
             queues.push((queue, event));
         }
-        self.device
-            .activate(ActivateContext {
-                memory: self.memory.clone(),
-                queues,
-                interrupt: self.interrupt.clone(),
-                acked_features: self.driver_features,
-            })
-            .map_err(|e| e.to_string())?;
+        self.device.activate(ActivateContext {
+            memory: self.memory.clone(),
+            queues,
+            interrupt: self.interrupt.clone(),
+            acked_features: self.driver_features,
+        })?;
         self.activated = true;
         Ok(())
     }
@@ -629,7 +626,23 @@ impl VirtioPciDevice {
         }
     }
 
-    pub fn state(&self) -> VirtioPciState {
+    /// Pauses the device and saves it with its transport (see
+    /// [`super::persist`]).
+    pub fn snapshot(&mut self) -> VirtioDeviceSnapshot {
+        self.device.pause();
+        VirtioDeviceSnapshot {
+            transport: self.transport_state(),
+            queues: self
+                .device
+                .queue_states()
+                .into_iter()
+                .map(QueueSnapshot::from)
+                .collect(),
+            device: self.device.state(),
+        }
+    }
+
+    fn transport_state(&self) -> VirtioPciState {
         VirtioPciState {
             status: self.status,
             device_feature_select: self.device_feature_select,
@@ -655,22 +668,48 @@ impl VirtioPciDevice {
         }
     }
 
-    /// Puts the transport back as it was on the source, without activating
-    /// the device (the device restores its own queues and activation).
-    pub fn restore(&mut self, state: &VirtioPciState) -> Result<(), String> {
+    /// Restores a snapshot taken on the source into this new device: the
+    /// transport's registers, then the device with its queues at the
+    /// source's ring positions if the driver had started it. Errors name
+    /// the device.
+    pub fn restore(&mut self, snapshot: VirtioDeviceSnapshot) -> Result<(), StateError> {
+        let id = self.id.clone();
+        self.restore_transport(&snapshot.transport)
+            .map_err(|e| e.of(&id))?;
+        let context = if self.activated {
+            Some(
+                self.restored_context(&snapshot.queues)
+                    .map_err(|e| e.of(&id))?,
+            )
+        } else {
+            None
+        };
+        self.device
+            .restore(snapshot.device, context)
+            .map_err(|e| e.of(&id))
+    }
+
+    /// Puts the transport's registers back as they were on the source.
+    fn restore_transport(&mut self, state: &VirtioPciState) -> Result<(), StateError> {
+        let bad = StateError::Mismatch;
         if state.queues.len() != self.queues.len() || state.queue_vectors.len() != self.queues.len()
         {
-            return Err(format!(
-                "{}: snapshot has {} queues, the device {}",
-                self.id,
+            return Err(bad(format!(
+                "the snapshot has {} queues, the device {}",
                 state.queues.len(),
                 self.queues.len()
-            ));
+            )));
         }
         for (q, s) in self.queues.iter().zip(&state.queues) {
             if s.max_size != q.max_size || s.size > q.max_size {
-                return Err(format!("{}: queue sizes differ from the snapshot", self.id));
+                return Err(bad("queue sizes differ from the snapshot".into()));
             }
+        }
+        let unoffered = state.driver_features & !self.device.features();
+        if unoffered != 0 {
+            return Err(bad(format!(
+                "the driver acked features {unoffered:#x} this device does not offer"
+            )));
         }
         self.config.restore(&state.pci_config)?;
         self.interrupt
@@ -700,51 +739,35 @@ impl VirtioPciDevice {
         Ok(())
     }
 
-    /// Restores the device behind the transport (after [`Self::restore`]):
-    /// its queues at the source's ring positions and its own state.
-    pub fn restore_device(
-        &mut self,
-        queues: &serde_json::Value,
-        state: &serde_json::Value,
-    ) -> Result<(), String> {
-        let context = if self.activated {
-            let snapshots: Vec<super::QueueSnapshot> = serde_json::from_value(queues.clone())
-                .map_err(|e| format!("{}: queue state: {e}", self.id))?;
-            if snapshots.len() != self.queues.len() {
-                return Err(format!(
-                    "{}: {} queue states for {} queues",
-                    self.id,
-                    snapshots.len(),
-                    self.queues.len()
-                ));
+    /// What the device restarts with: the queues at the source's ring
+    /// positions, each with its notification eventfd.
+    fn restored_context(&self, queues: &[QueueSnapshot]) -> Result<ActivateContext, StateError> {
+        let bad = StateError::Mismatch;
+        if queues.len() != self.queues.len() {
+            return Err(bad(format!(
+                "{} queue states for {} queues",
+                queues.len(),
+                self.queues.len()
+            )));
+        }
+        let mut restored = Vec::with_capacity(queues.len());
+        for (index, &snapshot) in queues.iter().enumerate() {
+            let queue = Queue::try_from(virtio_queue::QueueState::from(snapshot))
+                .map_err(|e| bad(format!("queue {index}: {e:?}")))?;
+            if queue.ready() && !queue.is_valid(self.memory.as_ref()) {
+                return Err(bad(format!("queue {index}: rings outside guest memory")));
             }
-            let mut restored = Vec::with_capacity(snapshots.len());
-            for (index, snapshot) in snapshots.into_iter().enumerate() {
-                let queue = Queue::try_from(virtio_queue::QueueState::from(snapshot))
-                    .map_err(|e| format!("{}: queue {index}: {e:?}", self.id))?;
-                if queue.ready() && !queue.is_valid(self.memory.as_ref()) {
-                    return Err(format!(
-                        "{}: queue {index}: rings outside guest memory",
-                        self.id
-                    ));
-                }
-                let event = self.queue_events[index]
-                    .try_clone()
-                    .map_err(|e| format!("{}: queue {index} eventfd: {e}", self.id))?;
-                restored.push((queue, event));
-            }
-            Some(ActivateContext {
-                memory: self.memory.clone(),
-                queues: restored,
-                interrupt: self.interrupt.clone(),
-                acked_features: self.driver_features,
-            })
-        } else {
-            None
-        };
-        self.device
-            .restore(state.clone(), context)
-            .map_err(|e| format!("{}: {e}", self.id))
+            let event = self.queue_events[index]
+                .try_clone()
+                .map_err(ActivateError::Worker)?;
+            restored.push((queue, event));
+        }
+        Ok(ActivateContext {
+            memory: self.memory.clone(),
+            queues: restored,
+            interrupt: self.interrupt.clone(),
+            acked_features: self.driver_features,
+        })
     }
 }
 
@@ -852,5 +875,142 @@ impl PciDevice for VirtioPciDevice {
                 e.try_clone().ok().map(|e| (offset, e))
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io;
+
+    use config::BalloonConfig;
+    use vm_memory::GuestAddress;
+
+    use super::*;
+    use crate::pci::msix::{MsiMessage, MsiVector};
+    use crate::virtio::balloon::{Balloon, BalloonBackend};
+    use crate::virtio::block::BlockState;
+    use crate::virtio::DeviceState;
+
+    struct NoMsi;
+
+    impl MsiController for NoMsi {
+        fn allocate(&self) -> io::Result<MsiVector> {
+            Ok(MsiVector {
+                gsi: 0,
+                event: EventFd::new(libc::EFD_NONBLOCK)?,
+            })
+        }
+        fn route(&self, _vector: &MsiVector, _message: MsiMessage) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    struct NoBackend;
+
+    impl BalloonBackend for NoBackend {
+        fn discard(&self, _gpa: u64, _len: u64) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    const RAM: u64 = 16 << 20;
+
+    /// A balloon behind the transport, as the VMM plugs it.
+    fn balloon_transport(memory: &Arc<GuestMemoryMmap>) -> VirtioPciDevice {
+        let config = BalloonConfig {
+            target_mib: 2,
+            ..BalloonConfig::default()
+        };
+        let balloon = Balloon::new(&config, &[(0, RAM)], Arc::new(NoBackend)).unwrap();
+        VirtioPciDevice::new(
+            "balloon",
+            Box::new(balloon),
+            memory.clone(),
+            Arc::new(NoMsi),
+            0xc000_0000,
+        )
+        .unwrap()
+    }
+
+    fn memory() -> Arc<GuestMemoryMmap> {
+        Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), RAM as usize)]).unwrap())
+    }
+
+    /// The encoding a snapshot crosses the wire in, both ways.
+    fn through_the_wire(snapshot: &VirtioDeviceSnapshot) -> VirtioDeviceSnapshot {
+        serde_json::from_slice(&serde_json::to_vec(snapshot).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn a_snapshot_restores_through_the_wire_encoding() {
+        let memory = memory();
+        let mut source = balloon_transport(&memory);
+        // The driver picks an MSI-X vector and acknowledges the device.
+        source.write_bar(
+            BAR_INDEX,
+            COMMON_OFFSET + common::CONFIG_MSIX_VECTOR,
+            &3u16.to_le_bytes(),
+        );
+        source.write_bar(BAR_INDEX, COMMON_OFFSET + common::DEVICE_STATUS, &[1]);
+        let snapshot = source.snapshot();
+        assert!(matches!(snapshot.device, DeviceState::Balloon(_)));
+        assert!(snapshot.queues.is_empty(), "the driver never started it");
+        let decoded = through_the_wire(&snapshot);
+        assert_eq!(decoded, snapshot);
+
+        let mut target = balloon_transport(&memory);
+        target.restore(decoded).unwrap();
+        let mut vector = [0u8; 2];
+        target.read_bar(
+            BAR_INDEX,
+            COMMON_OFFSET + common::CONFIG_MSIX_VECTOR,
+            &mut vector,
+        );
+        assert_eq!(u16::from_le_bytes(vector), 3);
+        let mut status = [0u8];
+        target.read_bar(
+            BAR_INDEX,
+            COMMON_OFFSET + common::DEVICE_STATUS,
+            &mut status,
+        );
+        assert_eq!(status, [1]);
+        let mut num_pages = [0u8; 4];
+        target.read_bar(BAR_INDEX, DEVICE_OFFSET, &mut num_pages);
+        assert_eq!(u32::from_le_bytes(num_pages), 2 << 8);
+    }
+
+    #[test]
+    fn a_state_for_another_kind_of_device_is_refused() {
+        let memory = memory();
+        let mut snapshot = balloon_transport(&memory).snapshot();
+        snapshot.device = DeviceState::Block(BlockState {
+            capacity: 8,
+            logical_block_size: 512,
+            physical_block_size: 512,
+            readonly: false,
+        });
+        let error = balloon_transport(&memory)
+            .restore(through_the_wire(&snapshot))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            error,
+            "balloon: the state is for a block device, not a balloon one"
+        );
+    }
+
+    #[test]
+    fn features_this_device_does_not_offer_are_refused() {
+        let memory = memory();
+        let mut snapshot = balloon_transport(&memory).snapshot();
+        snapshot.transport.driver_features |= 1 << 40;
+        let error = balloon_transport(&memory)
+            .restore(snapshot)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("features 0x10000000000 this device does not offer"),
+            "{error}"
+        );
     }
 }

@@ -47,6 +47,21 @@ pub enum BootError {
     TooManyCpus(u8),
 }
 
+impl BootError {
+    pub fn class(&self) -> config::ErrorClass {
+        match self {
+            BootError::Open { source, .. } | BootError::Initrd { source, .. } => {
+                config::ErrorClass::of_io(source)
+            }
+            BootError::Format { .. }
+            | BootError::Load { .. }
+            | BootError::InitrdTooLarge { .. }
+            | BootError::TooManyCpus(_) => config::ErrorClass::Caller,
+            BootError::Memory(_) => config::ErrorClass::Host,
+        }
+    }
+}
+
 /// Where the guest starts and how.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BootEntry {

@@ -14,20 +14,75 @@ use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::AtomicBool;
-use std::sync::mpsc::{sync_channel, Sender};
+use std::sync::mpsc::{sync_channel, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use api::request::{MigrationParameters, MigrationStatus};
-use config::VmConfig;
+use api::request::{MigrationParameters, MigrationStatus, VmState};
+use config::{ConfigError, VmConfig};
+use devices::DeviceError;
+use migration::protocol::ProtocolError;
 
-use crate::control::ControlEvent;
+use crate::console::ConsoleError;
+use crate::dirty_log::DirtyLogError;
 use crate::memory::GuestMemoryMmap;
+use crate::snapshot::SnapshotError;
+use crate::vm::VmError;
 
 /// A connection read or write that stalls this long fails the migration.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(30);
 /// Connecting to the target gives up after this long.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a migration failed, on either side.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+    #[error("cannot connect to {destination}: {source}")]
+    Connect {
+        destination: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("accepting the migration connection: {0}")]
+    Accept(#[source] io::Error),
+    #[error("dirty log: {0}")]
+    DirtyLog(#[from] DirtyLogError),
+    #[error("guest memory: {what}: {source}")]
+    Memory {
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    #[error("cannot build the VM: {0}")]
+    Build(#[from] VmError),
+    #[error(transparent)]
+    Console(#[from] ConsoleError),
+    #[error("the source's config is invalid: {0}")]
+    InvalidConfig(#[source] ConfigError),
+    #[error("the local VM config does not fit the source's: {0}")]
+    Incompatible(#[source] ConfigError),
+    #[error("a VM already runs here (state {0})")]
+    Busy(VmState),
+    #[error("timed out after {0} s without converging")]
+    TimedOut(u64),
+    #[error("cancelled")]
+    Cancelled,
+    /// The control loop is gone or answered out of turn.
+    #[error("the VMM is shutting down")]
+    ShuttingDown,
+}
+
+impl From<io::Error> for MigrationError {
+    fn from(e: io::Error) -> Self {
+        MigrationError::Protocol(ProtocolError::Io(e))
+    }
+}
 
 /// State shared between a migration thread, the control loop and the API.
 #[derive(Default)]
@@ -86,15 +141,24 @@ pub enum MigrationReply {
     Memory(Arc<GuestMemoryMmap>),
 }
 
+/// Where the control loop's answer to a [`MigrationCall`] goes.
+pub type MigrationReplySender = SyncSender<Result<MigrationReply, MigrationError>>;
+
+/// How a migration thread reaches the control loop (as `VmEventSink` does
+/// for the VM): the loop passes each call with its reply channel on. False
+/// when the loop is gone.
+pub type ControlHandle = Arc<dyn Fn(MigrationCall, MigrationReplySender) -> bool + Send + Sync>;
+
 /// Asks the control loop and waits for its answer.
-pub fn call(control: &Sender<ControlEvent>, call: MigrationCall) -> Result<MigrationReply, String> {
+pub fn call(
+    control: &ControlHandle,
+    call: MigrationCall,
+) -> Result<MigrationReply, MigrationError> {
     let (reply, answer) = sync_channel(1);
-    control
-        .send(ControlEvent::Migration(call, reply))
-        .map_err(|_| "the VMM is shutting down".to_string())?;
-    answer
-        .recv()
-        .map_err(|_| "the VMM is shutting down".to_string())?
+    if !control(call, reply) {
+        return Err(MigrationError::ShuttingDown);
+    }
+    answer.recv().map_err(|_| MigrationError::ShuttingDown)?
 }
 
 /// A connected migration stream (TCP or Unix).

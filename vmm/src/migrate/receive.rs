@@ -5,20 +5,19 @@
 //! receiving VMM without ever running a half-received guest.
 
 use std::os::fd::AsRawFd;
-use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::time::Instant;
 
-use api::request::MigrationPhase;
+use api::request::{MigrationPhase, MigrationRole};
 use config::VmConfig;
 use migration::protocol::{
     self, Empty, ErrorMessage, Hello, Kind, PageRange, ProtocolError, RANGE_HEADER_SIZE,
 };
 
 use super::{
-    call, read_exact_raw, Listener, MigrationCall, MigrationReply, MigrationShared, Stream,
+    call, read_exact_raw, ControlHandle, Listener, MigrationCall, MigrationError, MigrationReply,
+    MigrationShared, Stream,
 };
-use crate::control::ControlEvent;
 use crate::memory::{self, GuestMemoryMmap};
 
 /// madvise advice that faults pages in writable (Linux 5.14); older kernels
@@ -29,15 +28,7 @@ pub struct ReceiveContext {
     pub listener: Listener,
     pub token: String,
     pub shared: Arc<MigrationShared>,
-    pub control: Sender<ControlEvent>,
-}
-
-#[derive(Debug, thiserror::Error)]
-enum ReceiveError {
-    #[error(transparent)]
-    Protocol(#[from] ProtocolError),
-    #[error("{0}")]
-    Other(String),
+    pub control: ControlHandle,
 }
 
 /// Waits for the source and receives the VM. Ends the process on failure
@@ -47,7 +38,7 @@ pub fn run(context: ReceiveContext) {
     let control = context.control.clone();
     shared.update(|s| {
         s.phase = MigrationPhase::Setup;
-        s.role = "receive".into();
+        s.role = Some(MigrationRole::Receive);
     });
     let stream = match context.listener.accept() {
         Ok(s) => s,
@@ -72,7 +63,7 @@ pub fn run(context: ReceiveContext) {
         Err(e) => {
             let message = e.to_string();
             // Tell the source why, if it still listens.
-            if !matches!(e, ReceiveError::Protocol(ProtocolError::Peer(_))) {
+            if !matches!(e, MigrationError::Protocol(ProtocolError::Peer(_))) {
                 let _ = protocol::send_json(
                     &mut stream,
                     Kind::Error,
@@ -86,7 +77,7 @@ pub fn run(context: ReceiveContext) {
     }
 }
 
-fn fail(shared: &MigrationShared, control: &Sender<ControlEvent>, message: String) {
+fn fail(shared: &MigrationShared, control: &ControlHandle, message: String) {
     eprintln!("vmm: incoming migration failed: {message}");
     shared.update(|s| {
         s.phase = MigrationPhase::Failed;
@@ -99,9 +90,9 @@ fn receive(
     stream: &mut Stream,
     token: &str,
     shared: &MigrationShared,
-    control: &Sender<ControlEvent>,
+    control: &ControlHandle,
     start: Instant,
-) -> Result<(), ReceiveError> {
+) -> Result<(), MigrationError> {
     let hello: Hello = protocol::expect_json(stream, Kind::Hello)?;
     if !protocol::token_matches(token, &hello.token) {
         return Err(ProtocolError::BadToken.into());
@@ -109,14 +100,11 @@ fn receive(
     protocol::send_json(stream, Kind::Ack, &Empty {})?;
 
     let config: VmConfig = protocol::expect_json(stream, Kind::Config)?;
-    config
-        .validate()
-        .map_err(|e| ReceiveError::Other(format!("the source's config is invalid: {e}")))?;
-    let memory =
-        match call(control, MigrationCall::Build(Box::new(config))).map_err(ReceiveError::Other)? {
-            MigrationReply::Memory(memory) => memory,
-            _ => return Err(ReceiveError::Other("the control loop built no VM".into())),
-        };
+    config.validate().map_err(MigrationError::InvalidConfig)?;
+    let MigrationReply::Memory(memory) = call(control, MigrationCall::Build(Box::new(config)))?
+    else {
+        return Err(MigrationError::ShuttingDown);
+    };
     protocol::send_json(stream, Kind::Ack, &Empty {})?;
     shared.update(|s| {
         s.phase = MigrationPhase::Active;
@@ -132,7 +120,7 @@ fn receive(
                 let started = Instant::now();
                 let state = protocol::read_payload(stream, &header)?;
                 shared.update(|s| s.phase = MigrationPhase::SwitchOver);
-                call(control, MigrationCall::Restore(state)).map_err(ReceiveError::Other)?;
+                call(control, MigrationCall::Restore(state))?;
                 super::trace("state restored", started);
                 protocol::send_json(stream, Kind::Ack, &Empty {})?;
             }
@@ -143,7 +131,7 @@ fn receive(
             Kind::Complete => {
                 let _ = protocol::read_payload(stream, &header)?;
                 let completed = Instant::now();
-                call(control, MigrationCall::Start).map_err(ReceiveError::Other)?;
+                call(control, MigrationCall::Start)?;
                 protocol::send_json(stream, Kind::Running, &Empty {})?;
                 super::trace("the guest runs", completed);
                 return Ok(());
@@ -177,7 +165,7 @@ fn receive_memory(
     length: u64,
     memory: &GuestMemoryMmap,
     shared: &MigrationShared,
-) -> Result<(), ReceiveError> {
+) -> Result<(), MigrationError> {
     let mut left = length;
     let (mut data_pages, mut zero_pages) = (0u64, 0u64);
     while left > 0 {
@@ -198,8 +186,11 @@ fn receive_memory(
             ))
         })?;
         if range.zero {
-            memory::discard_range(memory, range.gpa, len).map_err(|e| {
-                ReceiveError::Other(format!("zeroing {:#x}+{len:#x}: {e}", range.gpa))
+            memory::discard_range(memory, range.gpa, len).map_err(|source| {
+                MigrationError::Memory {
+                    what: format!("zeroing {:#x}+{len:#x}", range.gpa),
+                    source,
+                }
             })?;
             zero_pages += len / protocol::PAGE_SIZE;
         } else {
@@ -235,7 +226,7 @@ fn receive_memory(
     Ok(())
 }
 
-fn malformed(message: String) -> ReceiveError {
+fn malformed(message: String) -> MigrationError {
     ProtocolError::Malformed {
         what: "memory message",
         message,

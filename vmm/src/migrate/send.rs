@@ -18,11 +18,10 @@
 
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use api::request::{MigrationPhase, TimeoutAction};
+use api::request::{MigrationPhase, MigrationRole, TimeoutAction};
 use config::VmConfig;
 use kvm_ioctls::VmFd;
 use migration::bitmap::DirtyBitmap;
@@ -32,10 +31,9 @@ use migration::protocol::{
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use super::{
-    call, connect, trace, write_all_vectored, MigrationCall, MigrationReply, MigrationShared,
-    Stream,
+    call, connect, trace, write_all_vectored, ControlHandle, MigrationCall, MigrationError,
+    MigrationReply, MigrationShared, Stream,
 };
-use crate::control::ControlEvent;
 use crate::device_manager::migration_skippable_pages;
 use crate::dirty_log::DirtyLog;
 use crate::memory::{self, GuestMemoryMmap};
@@ -64,25 +62,9 @@ pub struct SendContext {
     pub vm_fd: Arc<VmFd>,
     pub throttle: Arc<Throttle>,
     pub shared: Arc<MigrationShared>,
-    pub control: Sender<ControlEvent>,
+    pub control: ControlHandle,
     /// The VM's balloon: its pages need not be sent.
     pub balloon: Option<devices::virtio::balloon::BalloonHandle>,
-}
-
-#[derive(Debug, thiserror::Error)]
-enum SendError {
-    #[error(transparent)]
-    Protocol(#[from] ProtocolError),
-    #[error("{0}")]
-    Other(String),
-    #[error("cancelled")]
-    Cancelled,
-}
-
-impl From<std::io::Error> for SendError {
-    fn from(e: std::io::Error) -> Self {
-        SendError::Protocol(ProtocolError::Io(e))
-    }
 }
 
 /// Where the switch-over stands, to know what undoing a failure takes.
@@ -121,7 +103,7 @@ pub fn run(context: SendContext) {
     shared.update(|s| {
         *s = api::request::MigrationStatus {
             phase: MigrationPhase::Setup,
-            role: "send".into(),
+            role: Some(MigrationRole::Send),
             total_bytes: memory::total_size(&context.memory),
             ..Default::default()
         }
@@ -141,7 +123,7 @@ pub fn run(context: SendContext) {
             let _ = call(&control, MigrationCall::Finished);
         }
         Err(e) => {
-            let cancelled = matches!(e, SendError::Cancelled);
+            let cancelled = matches!(e, MigrationError::Cancelled);
             let message = if stage == Stage::Committed {
                 format!(
                     "{e}; the target may already run the guest, so this one stays paused \
@@ -175,12 +157,16 @@ pub fn run(context: SendContext) {
     }
 }
 
-fn migrate(context: SendContext, stage: &mut Stage, start: Instant) -> Result<(), SendError> {
-    let mut stream = connect(&context.destination)
-        .map_err(|e| SendError::Other(format!("cannot connect to {}: {e}", context.destination)))?;
+fn migrate(context: SendContext, stage: &mut Stage, start: Instant) -> Result<(), MigrationError> {
+    let mut stream = connect(&context.destination).map_err(|source| MigrationError::Connect {
+        destination: context.destination.clone(),
+        source,
+    })?;
     let result = migrate_on(&mut stream, context, stage, start);
     if let Err(e) = &result {
-        if *stage < Stage::Committed && !matches!(e, SendError::Protocol(ProtocolError::Peer(_))) {
+        if *stage < Stage::Committed
+            && !matches!(e, MigrationError::Protocol(ProtocolError::Peer(_)))
+        {
             // Tell a live target to drop everything; it may be gone already.
             let _ = protocol::send_json(
                 &mut stream,
@@ -195,9 +181,9 @@ fn migrate(context: SendContext, stage: &mut Stage, start: Instant) -> Result<()
     result
 }
 
-fn check_cancel(shared: &MigrationShared) -> Result<(), SendError> {
+fn check_cancel(shared: &MigrationShared) -> Result<(), MigrationError> {
     if shared.cancel.load(Ordering::SeqCst) {
-        Err(SendError::Cancelled)
+        Err(MigrationError::Cancelled)
     } else {
         Ok(())
     }
@@ -208,7 +194,7 @@ fn migrate_on(
     context: SendContext,
     stage: &mut Stage,
     start: Instant,
-) -> Result<(), SendError> {
+) -> Result<(), MigrationError> {
     let shared = context.shared.clone();
     protocol::send_json(
         stream,
@@ -223,8 +209,7 @@ fn migrate_on(
     protocol::expect_json::<Empty>(stream, Kind::Ack)?;
     check_cancel(&shared)?;
 
-    let mut dirty_log = DirtyLog::start(context.vm_fd.clone(), context.memory.clone())
-        .map_err(|e| SendError::Other(e.to_string()))?;
+    let mut dirty_log = DirtyLog::start(context.vm_fd.clone(), context.memory.clone())?;
     let result = precopy_and_switch(stream, &context, &mut dirty_log, stage, start);
     dirty_log.stop();
     result
@@ -236,7 +221,7 @@ fn precopy_and_switch(
     dirty_log: &mut DirtyLog,
     stage: &mut Stage,
     start: Instant,
-) -> Result<(), SendError> {
+) -> Result<(), MigrationError> {
     let shared = context.shared.clone();
     let mut sender = Sender_ {
         stream: stream.try_clone()?,
@@ -276,9 +261,7 @@ fn precopy_and_switch(
     loop {
         check_cancel(&shared)?;
         let parameters = shared.parameters();
-        let mut dirty = dirty_log
-            .harvest()
-            .map_err(|e| SendError::Other(e.to_string()))?;
+        let mut dirty = dirty_log.harvest()?;
         // After the harvest: see `Sender_::apply_balloon`.
         let dirty_pages = sender.apply_balloon(&mut dirty);
         let dirty_bytes = dirty_pages * PAGE_SIZE;
@@ -307,10 +290,9 @@ fn precopy_and_switch(
             for (slot, b) in dirty.iter().enumerate() {
                 dirty_log.carry(slot, b);
             }
-            return Err(SendError::Other(format!(
-                "timed out after {} s without converging",
-                parameters.timeout_s.unwrap_or_default()
-            )));
+            return Err(MigrationError::TimedOut(
+                parameters.timeout_s.unwrap_or_default(),
+            ));
         }
         let fits = expected_downtime_ms <= parameters.downtime_ms;
         let shrinking = shrinks(dirty_bytes, previous_dirty);
@@ -385,22 +367,19 @@ fn switch_over(
     mut dirty: Vec<DirtyBitmap>,
     stage: &mut Stage,
     start: Instant,
-) -> Result<(), SendError> {
+) -> Result<(), MigrationError> {
     let shared = context.shared.clone();
     shared.update(|s| s.phase = MigrationPhase::SwitchOver);
     let paused_at = Instant::now();
-    let snapshot =
-        match call(&context.control, MigrationCall::SwitchOver).map_err(SendError::Other)? {
-            MigrationReply::Snapshot(bytes) => bytes,
-            _ => return Err(SendError::Other("the control loop sent no snapshot".into())),
-        };
+    let MigrationReply::Snapshot(snapshot) = call(&context.control, MigrationCall::SwitchOver)?
+    else {
+        return Err(MigrationError::ShuttingDown);
+    };
     *stage = Stage::Released;
     trace("paused, state taken, disks released", paused_at);
     context.throttle.set(0);
     // The last round: everything dirtied up to the pause.
-    let last = dirty_log
-        .harvest()
-        .map_err(|e| SendError::Other(e.to_string()))?;
+    let last = dirty_log.harvest()?;
     for (d, l) in dirty.iter_mut().zip(&last) {
         d.merge(l);
     }
@@ -499,7 +478,7 @@ impl Sender_ {
         &mut self,
         pages: &[DirtyBitmap],
         dirty_log: Option<&DirtyLog>,
-    ) -> Result<u64, SendError> {
+    ) -> Result<u64, MigrationError> {
         self.send_pages(pages, dirty_log, true)
     }
 
@@ -507,7 +486,7 @@ impl Sender_ {
         &mut self,
         pages: &[DirtyBitmap],
         dirty_log: Option<&DirtyLog>,
-    ) -> Result<u64, SendError> {
+    ) -> Result<u64, MigrationError> {
         self.send_pages(pages, dirty_log, false)
     }
 
@@ -517,7 +496,7 @@ impl Sender_ {
         pages: &[DirtyBitmap],
         dirty_log: Option<&DirtyLog>,
         limited: bool,
-    ) -> Result<u64, SendError> {
+    ) -> Result<u64, MigrationError> {
         let mut total = 0u64;
         let mut batch = Batch::default();
         let regions: Vec<(u64, *mut u8)> = self
@@ -530,8 +509,7 @@ impl Sender_ {
             for (first, count) in bitmap.runs(RUN_PAGES) {
                 if let Some(log) = dirty_log {
                     // Re-protect before copying so later writes show up next round.
-                    log.clear(slot, bitmap, first, count)
-                        .map_err(|e| SendError::Other(e.to_string()))?;
+                    log.clear(slot, bitmap, first, count)?;
                 }
                 // After the clear: a page deflated and written before it
                 // must not be skipped as ballooned.
@@ -645,7 +623,7 @@ impl Sender_ {
     }
 
     /// Writes the batch as one Memory message.
-    fn flush(&mut self, batch: &mut Batch, limited: bool) -> Result<u64, SendError> {
+    fn flush(&mut self, batch: &mut Batch, limited: bool) -> Result<u64, MigrationError> {
         if batch.ranges.is_empty() {
             return Ok(0);
         }

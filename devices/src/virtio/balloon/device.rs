@@ -21,10 +21,11 @@ use super::{
     BalloonError, CONFIG_SPACE_SIZE, F_DEFLATE_ON_OOM, F_FREE_PAGE_HINT, F_MUST_TELL_HOST,
     F_PAGE_REPORTING, F_STATS_VQ, PAGE_SHIFT, PAGE_SIZE, QUEUE_SIZE, STATS_ENTRY_SIZE,
 };
+use crate::error::StateError;
 use crate::virtio::worker::{DeviceWorker, EventLoop, WorkerHandler};
 use crate::virtio::{
     avail_index_is_bogus, complete, counter_map, read_config_space, ActivateContext, ActivateError,
-    VirtioDevice, VirtioInterrupt, COMMON_FEATURES, F_EVENT_IDX, TYPE_BALLOON,
+    DeviceState, VirtioDevice, VirtioInterrupt, COMMON_FEATURES, F_EVENT_IDX, TYPE_BALLOON,
 };
 use crate::GuestMemoryMmap;
 
@@ -798,7 +799,7 @@ pub struct Balloon {
     pub(crate) avail_features: u64,
     pub(crate) shared: Arc<Shared>,
     backend: Arc<dyn BalloonBackend>,
-    worker: DeviceWorker<BalloonHandler>,
+    pub(crate) worker: DeviceWorker<BalloonHandler>,
 }
 
 impl Balloon {
@@ -959,14 +960,6 @@ impl Balloon {
         self.worker.start(handler).map_err(ActivateError::Worker)
     }
 
-    /// Every queue's state and the held stats buffer, if the device is
-    /// active (pauses the worker around the read if it runs).
-    pub(crate) fn current_queue_states(&mut self) -> (Vec<QueueState>, Option<u16>) {
-        self.worker
-            .with_handler(|h| (h.queues.iter().map(|q| q.state()).collect(), h.stats_head))
-            .unwrap_or_default()
-    }
-
     /// `struct virtio_balloon_config`, little-endian.
     fn config_space(&self) -> [u8; CONFIG_SPACE_SIZE] {
         let inner = self.shared.lock();
@@ -1055,10 +1048,8 @@ impl VirtioDevice for Balloon {
         self.shared.counters.to_map()
     }
 
-    fn snapshot(&mut self) -> serde_json::Value {
-        let (queues, stats_head) = self.current_queue_states();
-        serde_json::to_value(self.state_for_snapshot(queues, stats_head))
-            .expect("the balloon state serializes")
+    fn state(&mut self) -> DeviceState {
+        DeviceState::Balloon(self.balloon_state())
     }
 
     fn queue_states(&self) -> Vec<QueueState> {
@@ -1070,27 +1061,15 @@ impl VirtioDevice for Balloon {
 
     fn restore(
         &mut self,
-        state: serde_json::Value,
+        state: DeviceState,
         context: Option<ActivateContext>,
-    ) -> Result<(), ActivateError> {
-        let restored = self
-            .restore_state(&state)
-            .map_err(|e| ActivateError::Other(e.to_string()))?;
-        match (restored, context) {
-            (Some(restored), Some(context)) => self.start(
-                context.memory,
-                context.interrupt,
-                context.queues,
-                restored.acked_features,
-                restored.stats_head,
-            ),
-            (None, None) => Ok(()),
-            (Some(_), None) => Err(ActivateError::Other(
-                "balloon: the device was active on the source but its driver is not".into(),
-            )),
-            (None, Some(_)) => Err(ActivateError::Other(
-                "balloon: the driver is active but the device state says inactive".into(),
-            )),
+    ) -> Result<(), StateError> {
+        match state {
+            DeviceState::Balloon(state) => self.restore_balloon(&state, context),
+            other => Err(StateError::WrongKind {
+                expected: "balloon",
+                found: other.kind(),
+            }),
         }
     }
 }

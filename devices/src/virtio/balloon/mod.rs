@@ -52,7 +52,7 @@ pub use device::{
     queue_indices, Balloon, BalloonBackend, BalloonCounters, BalloonHandle, BalloonReport,
     GuestStats, PageMap, QueueIndices, RegionBitmap,
 };
-pub use persist::{BalloonState, BALLOON_STATE_VERSION};
+pub use persist::BalloonState;
 
 /// Every queue's size.
 pub const QUEUE_SIZE: u16 = 256;
@@ -97,6 +97,12 @@ pub const STATS_ENTRY_SIZE: usize = 10;
 pub enum BalloonError {
     #[error("balloon target {target} bytes is more than the guest's {ram} bytes of memory")]
     TargetTooLarge { target: u64, ram: u64 },
-    #[error("balloon: cannot restore: {0}")]
-    Restore(String),
+}
+
+impl BalloonError {
+    pub fn class(&self) -> config::ErrorClass {
+        match self {
+            BalloonError::TargetTooLarge { .. } => config::ErrorClass::Caller,
+        }
+    }
 }

@@ -23,11 +23,12 @@ use super::request::{
 };
 use super::uring::{Finished, Prepared, UringEngine};
 use super::{BlockError, QUEUE_SIZE};
+use crate::error::{DeviceError, StateError};
 use crate::rate_limiter::RateLimiter;
 use crate::virtio::worker::{DeviceWorker, EventLoop, WorkerHandler};
 use crate::virtio::{
     avail_index_is_bogus, complete, counter_map, read_config_space, ActivateContext, ActivateError,
-    VirtioDevice, VirtioInterrupt, COMMON_FEATURES, F_EVENT_IDX, TYPE_BLOCK,
+    DeviceState, VirtioDevice, VirtioInterrupt, COMMON_FEATURES, F_EVENT_IDX, TYPE_BLOCK,
 };
 use crate::GuestMemoryMmap;
 
@@ -652,17 +653,6 @@ impl Block {
         self.worker.start(handler).map_err(ActivateError::Worker)
     }
 
-    /// The queue's state, if the device is active (pauses the worker
-    /// around the read if it runs, completing the requests in flight).
-    pub(crate) fn current_queue_states(&mut self) -> Vec<QueueState> {
-        self.worker
-            .with_handler(|h| {
-                h.drain();
-                vec![h.queue.state()]
-            })
-            .unwrap_or_default()
-    }
-
     /// Requests the worker had in flight when it was stopped, completed
     /// since by the device (for tests).
     #[cfg(test)]
@@ -767,9 +757,8 @@ impl VirtioDevice for Block {
         self.counters.to_map()
     }
 
-    fn snapshot(&mut self) -> serde_json::Value {
-        let queues = self.current_queue_states();
-        serde_json::to_value(self.state_for_snapshot(queues)).expect("the block state serializes")
+    fn state(&mut self) -> DeviceState {
+        DeviceState::Block(self.block_state())
     }
 
     fn queue_states(&self) -> Vec<QueueState> {
@@ -781,33 +770,27 @@ impl VirtioDevice for Block {
 
     fn restore(
         &mut self,
-        state: serde_json::Value,
+        state: DeviceState,
         context: Option<ActivateContext>,
-    ) -> Result<(), ActivateError> {
-        let active = self
-            .restore_state(&state)
-            .map_err(|e| ActivateError::Other(e.to_string()))?;
-        match (active, context) {
-            (Some(_), Some(context)) => self.activate(context),
-            (None, None) => Ok(()),
-            (Some(_), None) => Err(ActivateError::Other(
-                "the device was active on the source but its driver is not".into(),
-            )),
-            (None, Some(_)) => Err(ActivateError::Other(
-                "the driver is active but the device state says inactive".into(),
-            )),
+    ) -> Result<(), StateError> {
+        match state {
+            DeviceState::Block(state) => self.restore_block(&state, context),
+            other => Err(StateError::WrongKind {
+                expected: "block",
+                found: other.kind(),
+            }),
         }
     }
 
-    fn migration_release(&mut self) -> Result<(), String> {
-        self.flush().map_err(|e| e.to_string())?;
-        self.release_lock().map_err(|e| e.to_string())
+    fn migration_release(&mut self) -> Result<(), DeviceError> {
+        self.flush()?;
+        Ok(self.release_lock()?)
     }
 
-    fn migration_acquire(&mut self) -> Result<(), String> {
+    fn migration_acquire(&mut self) -> Result<(), DeviceError> {
         if self.is_locked() {
             return Ok(());
         }
-        self.acquire_lock().map_err(|e| e.to_string())
+        Ok(self.acquire_lock()?)
     }
 }

@@ -74,7 +74,7 @@ use std::io;
 use std::path::PathBuf;
 
 pub use device::{Block, BlockCounters, IoEngine, CONFIG_SPACE_SIZE, SEG_MAX};
-pub use persist::{BlockState, BLOCK_STATE_VERSION};
+pub use persist::BlockState;
 
 /// The request queue's size.
 pub const QUEUE_SIZE: u16 = 256;
@@ -92,6 +92,14 @@ pub enum BlockError {
     Invalid { path: PathBuf, reason: String },
     #[error("disk {}: {reason}", path.display())]
     Locked { path: PathBuf, reason: String },
-    #[error("disk {}: cannot restore: {reason}", path.display())]
-    Restore { path: PathBuf, reason: String },
+}
+
+impl BlockError {
+    pub fn class(&self) -> config::ErrorClass {
+        match self {
+            BlockError::Io { source, .. } => config::ErrorClass::of_io(source),
+            BlockError::Invalid { .. } => config::ErrorClass::Caller,
+            BlockError::Locked { .. } => config::ErrorClass::Conflict,
+        }
+    }
 }

@@ -23,7 +23,9 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::*;
-use crate::virtio::{ActivateContext, VirtioDevice, VirtioInterrupt, COMMON_FEATURES, F_VERSION_1};
+use crate::virtio::{
+    ActivateContext, DeviceState, VirtioDevice, VirtioInterrupt, COMMON_FEATURES, F_VERSION_1,
+};
 use crate::GuestMemoryMmap;
 
 const MEM_SIZE: usize = 64 << 20;
@@ -1322,14 +1324,13 @@ fn pause_resume_snapshot_restore() {
     assert_eq!(states.len(), 1);
     assert_eq!(states[0].next_avail, 1);
 
-    let snapshot = block.snapshot();
-    let state: BlockState = serde_json::from_value(snapshot.clone()).unwrap();
-    assert!(state.activated);
+    let DeviceState::Block(state) = block.state() else {
+        panic!("not a block state")
+    };
     assert_eq!(state.capacity, DISK_SIZE / 512);
-    assert_eq!(state.acked_features, block.features());
-    assert_eq!(state.queues.len(), 1);
-    assert_eq!(state.queues[0].next_avail, 1);
-    assert_eq!(state.queues[0].next_used, 1);
+    let states = block.queue_states();
+    assert_eq!(states.len(), 1);
+    assert_eq!((states[0].next_avail, states[0].next_used), (1, 1));
 
     // Resume serves the pending request.
     block.resume();
@@ -1340,9 +1341,8 @@ fn pause_resume_snapshot_restore() {
 
     // Migrate: pause, snapshot, flush, release; restore elsewhere.
     block.pause();
-    let snapshot = block.snapshot();
-    block.flush().unwrap();
-    block.release_lock().unwrap();
+    let (state, queues) = (block.state(), block.queue_states());
+    block.migration_release().unwrap();
     // The driver submits a request the source never sees.
     d.header(HDR, VIRTIO_BLK_T_IN, 0);
     mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
@@ -1351,16 +1351,9 @@ fn pause_resume_snapshot_restore() {
     d.notify();
 
     let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-    let mut target = Block::restore(
-        &disk.config(),
-        &snapshot,
-        mem.clone(),
-        irq.clone(),
-        vec![kick.try_clone().unwrap()],
-    )
-    .unwrap();
+    let mut target = restored_block(&disk, state, &queues, &mem, &irq, &kick);
     assert!(target.is_running());
-    target.acquire_lock().unwrap();
+    target.migration_acquire().unwrap();
     drop(block);
     // The target serves the request made available before it started.
     d.wait();
@@ -1384,31 +1377,44 @@ fn pause_resume_snapshot_restore() {
 #[test]
 fn restore_checks_the_disk() {
     let disk = TempDisk::new(DISK_SIZE);
-    let block = Block::new_unlocked(&disk.config()).unwrap();
-    let mut state = block.state_for_snapshot(Vec::new());
+    let mut block = Block::new_unlocked(&disk.config()).unwrap();
+    let state = block.state();
     let other = TempDisk::new(DISK_SIZE * 2);
     let mut target = Block::new_unlocked(&other.config()).unwrap();
-    let err = target
-        .restore_state(&serde_json::to_value(&state).unwrap())
-        .unwrap_err()
-        .to_string();
+    let err = target.restore(state.clone(), None).unwrap_err().to_string();
     assert!(err.contains("capacity"), "{err}");
 
+    let mut readonly = disk.config();
+    readonly.readonly = true;
+    let mut target = Block::new_unlocked(&readonly).unwrap();
+    let err = target.restore(state.clone(), None).unwrap_err().to_string();
+    assert!(err.contains("read-only"), "{err}");
+
     let mut target = Block::new_unlocked(&disk.config()).unwrap();
-    state.acked_features = 1 << 63;
-    assert!(target
-        .restore_state(&serde_json::to_value(&state).unwrap())
-        .is_err());
-    state.acked_features = block.features();
-    assert_eq!(
-        target
-            .restore_state(&serde_json::to_value(&state).unwrap())
-            .unwrap(),
-        None
-    );
-    assert!(target
-        .restore_state(&serde_json::json!({"version": 1}))
-        .is_err());
+    target.restore(state, None).unwrap();
+    assert!(!target.is_activated());
+}
+
+/// A device on `disk` restored from a source's `state` and `queues` (its
+/// request queue kicked through `kick`), as the transport restores it.
+fn restored_block(
+    disk: &TempDisk,
+    state: DeviceState,
+    queues: &[virtio_queue::QueueState],
+    memory: &Arc<GuestMemoryMmap>,
+    irq: &Arc<TestInterrupt>,
+    kick: &EventFd,
+) -> Block {
+    let mut target = Block::new_unlocked(&disk.config()).unwrap();
+    let queue = Queue::try_from(queues[0]).unwrap();
+    let context = ActivateContext {
+        memory: memory.clone(),
+        queues: vec![(queue, kick.try_clone().unwrap())],
+        interrupt: irq.clone(),
+        acked_features: target.features(),
+    };
+    target.restore(state, Some(context)).unwrap();
+    target
 }
 
 fn direct_reads_mark_guest_pages_dirty() {
@@ -1558,21 +1564,12 @@ fn pause_with_requests_in_flight() {
         std::thread::yield_now();
     }
     block.pause();
-    let snapshot = block.snapshot();
-    let state: BlockState = serde_json::from_value(snapshot.clone()).unwrap();
-    assert_eq!(state.queues[0].next_used, d.vq.used().idx().load());
-    assert_eq!(state.queues[0].next_avail, state.queues[0].next_used);
-    block.flush().unwrap();
-    block.release_lock().unwrap();
+    let (state, queues) = (block.state(), block.queue_states());
+    assert_eq!(queues[0].next_used, d.vq.used().idx().load());
+    assert_eq!(queues[0].next_avail, queues[0].next_used);
+    block.migration_release().unwrap();
     let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-    let target = Block::restore(
-        &disk.config(),
-        &snapshot,
-        mem.clone(),
-        irq.clone(),
-        vec![kick.try_clone().unwrap()],
-    )
-    .unwrap();
+    let target = restored_block(&disk, state, &queues, &mem, &irq, &kick);
     drop(block);
     d.wait();
     check_reads(&d, from, &heads, SMALL, &content);

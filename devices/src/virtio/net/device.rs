@@ -12,14 +12,14 @@ use virtio_queue::{QueueState, QueueT};
 use super::handler::{
     apply_event_idx, bit, rarp_frame, tun_offload_flags, NetHandler, Shared, GUEST_OFFLOAD_MASK,
 };
-use super::persist::NetState;
 use super::tap::{Tap, TapError};
 use super::{CTRL_QUEUE, NUM_QUEUES, QUEUE_SIZE, RX_QUEUE, TX_QUEUE};
+use crate::error::StateError;
 use crate::rate_limiter::RateLimiter;
 use crate::virtio::worker::DeviceWorker;
 use crate::virtio::{
-    read_config_space, ActivateContext, ActivateError, QueueSnapshot, VirtioDevice,
-    VirtioInterrupt, COMMON_FEATURES, TYPE_NET,
+    read_config_space, ActivateContext, ActivateError, DeviceState, VirtioDevice, VirtioInterrupt,
+    COMMON_FEATURES, TYPE_NET,
 };
 
 /// Bytes of config space we expose: mac, status, max_virtqueue_pairs.
@@ -31,10 +31,18 @@ pub enum NetError {
     Tap(#[from] TapError),
     #[error("net {id}: {message}")]
     Config { id: String, message: String },
-    #[error("net {id}: restore: {message}")]
-    Restore { id: String, message: String },
     #[error("net {id}: {message}")]
     Io { id: String, message: String },
+}
+
+impl NetError {
+    pub fn class(&self) -> config::ErrorClass {
+        match self {
+            NetError::Tap(e) => config::ErrorClass::of_io(&e.error),
+            NetError::Config { .. } => config::ErrorClass::Caller,
+            NetError::Io { .. } => config::ErrorClass::Host,
+        }
+    }
 }
 
 /// How [`Net::announce`] announced the guest.
@@ -62,32 +70,28 @@ pub fn default_mac(id: &str) -> [u8; 6] {
     [(h[0] & 0xfc) | 0x02, h[1], h[2], h[3], h[4], h[5]]
 }
 
-/// What `activate` takes over from a restored snapshot.
-#[derive(Clone, Copy, Debug)]
-struct Restored {
-    guest_offloads: u64,
-}
-
 /// What the driver set up, from `activate` to `reset`. The device stays
 /// active when its worker does not (a thread that panicked or could not
 /// restart after a pause).
-struct Active {
+pub(super) struct Active {
     interrupt: Arc<dyn VirtioInterrupt>,
     acked_features: u64,
 }
 
 /// A virtio-net device on a tap.
 pub struct Net {
-    id: String,
+    pub(super) id: String,
     tap: Arc<Tap>,
     /// The MAC from the configuration (or derived from the id).
     config_mac: [u8; 6],
     avail_features: u64,
-    shared: Arc<Shared>,
+    pub(super) shared: Arc<Shared>,
     rate_limit: Option<RateLimitConfig>,
-    active: Option<Active>,
+    pub(super) active: Option<Active>,
     worker: DeviceWorker<NetHandler>,
-    restored: Option<Restored>,
+    /// The guest offloads of a restored state, for the `activate` that
+    /// follows the restore.
+    pub(super) restored_offloads: Option<u64>,
 }
 
 impl Net {
@@ -107,17 +111,6 @@ impl Net {
             }
         };
         Net::with_tap(config, tap)
-    }
-
-    /// Builds the device on the target of a migration (or from a snapshot):
-    /// opens the tap of `config` and takes over the MAC, link/announce
-    /// status, negotiated features and guest offloads of `state`. If
-    /// `state.activated`, the transport then calls [`VirtioDevice::activate`]
-    /// with the queues of the snapshot (see [`NetState`] for the order).
-    pub fn restore(config: &NetConfig, state: &NetState) -> Result<Net, NetError> {
-        let mut net = Net::new(config)?;
-        net.apply_state(state)?;
-        Ok(net)
     }
 
     pub(super) fn with_tap(config: &NetConfig, tap: Tap) -> Result<Net, NetError> {
@@ -169,7 +162,7 @@ impl Net {
             rate_limit: config.rate_limit.clone(),
             active: None,
             worker,
-            restored: None,
+            restored_offloads: None,
         })
     }
 
@@ -229,46 +222,6 @@ impl Net {
         Ok(AnnounceMode::Host)
     }
 
-    /// Takes over the guest-visible state of a snapshot (see [`Net::restore`]).
-    pub(super) fn apply_state(&mut self, state: &NetState) -> Result<(), NetError> {
-        let err = |message: String| NetError::Restore {
-            id: self.id.clone(),
-            message,
-        };
-        if self.active.is_some() {
-            return Err(err("the device is active".into()));
-        }
-        let missing = state.acked_features & !self.avail_features;
-        if missing != 0 {
-            return Err(err(format!(
-                "the source negotiated features {missing:#x} that tap {} does not offer",
-                self.tap.name()
-            )));
-        }
-        if state.guest_offloads & !(state.acked_features & GUEST_OFFLOAD_MASK) != 0 {
-            return Err(err(format!(
-                "guest offloads {:#x} were not negotiated",
-                state.guest_offloads
-            )));
-        }
-        if state.mac[0] & 1 != 0 {
-            return Err(err("multicast MAC".into()));
-        }
-        if state.activated && state.queues.len() < 2 {
-            return Err(err(format!(
-                "an active device needs its rx and tx queues ({} given)",
-                state.queues.len()
-            )));
-        }
-        self.shared.set_mac(state.mac);
-        let status = state.status & (VIRTIO_NET_S_LINK_UP | VIRTIO_NET_S_ANNOUNCE) as u16;
-        self.shared.status.store(status, Ordering::SeqCst);
-        self.restored = Some(Restored {
-            guest_offloads: state.guest_offloads,
-        });
-        Ok(())
-    }
-
     /// The handler when paused (tests look inside).
     #[cfg(test)]
     pub(super) fn paused_handler(&self) -> Option<&NetHandler> {
@@ -291,23 +244,6 @@ impl Net {
     fn limiter(&self) -> std::io::Result<RateLimiter> {
         let rate = self.rate_limit.clone().unwrap_or_default();
         RateLimiter::new(rate.bytes_per_sec, rate.ops_per_sec)
-    }
-
-    /// The state for a snapshot; the device is paused.
-    pub fn state(&self) -> NetState {
-        let active = self.active.as_ref();
-        NetState {
-            mac: self.shared.mac(),
-            status: self.shared.status.load(Ordering::SeqCst),
-            acked_features: active.map_or(0, |a| a.acked_features),
-            guest_offloads: self.shared.guest_offloads.load(Ordering::SeqCst),
-            activated: active.is_some(),
-            queues: self
-                .queue_states()
-                .into_iter()
-                .map(QueueSnapshot::from)
-                .collect(),
-        }
     }
 }
 
@@ -364,9 +300,9 @@ impl VirtioDevice for Net {
         for (queue, _) in queues.iter_mut() {
             apply_event_idx(queue, acked);
         }
-        let restored = self.restored.take();
+        let restored = self.restored_offloads.take();
         let guest_offloads = match restored {
-            Some(r) => r.guest_offloads & acked,
+            Some(offloads) => offloads & acked,
             None => acked & GUEST_OFFLOAD_MASK,
         };
         self.tap
@@ -397,7 +333,7 @@ impl VirtioDevice for Net {
     }
 
     fn reset(&mut self) -> Option<Vec<QueueState>> {
-        self.restored = None;
+        self.restored_offloads = None;
         let handler = self.stop_worker();
         let was_active = self.active.take().is_some();
         self.shared.set_mac(self.config_mac);
@@ -443,19 +379,8 @@ impl VirtioDevice for Net {
         .collect()
     }
 
-    fn snapshot(&mut self) -> serde_json::Value {
-        // Normally called paused; if not, pause around it so the queue
-        // states are consistent.
-        let running = self.worker.is_running();
-        if running {
-            self.pause();
-        }
-        let state = self.state();
-        if running {
-            self.resume();
-        }
-        // A plain struct of numbers: serialization cannot fail.
-        serde_json::to_value(state).unwrap_or(serde_json::Value::Null)
+    fn state(&mut self) -> DeviceState {
+        DeviceState::Net(self.net_state())
     }
 
     fn queue_states(&self) -> Vec<QueueState> {
@@ -467,16 +392,15 @@ impl VirtioDevice for Net {
 
     fn restore(
         &mut self,
-        state: serde_json::Value,
+        state: DeviceState,
         context: Option<ActivateContext>,
-    ) -> Result<(), ActivateError> {
-        let state = NetState::from_value(&state)
-            .map_err(|e| ActivateError::Other(format!("invalid net state: {e}")))?;
-        self.apply_state(&state)
-            .map_err(|e| ActivateError::Other(e.to_string()))?;
-        match context {
-            Some(context) => self.activate(context),
-            None => Ok(()),
+    ) -> Result<(), StateError> {
+        match state {
+            DeviceState::Net(state) => self.restore_net(&state, context),
+            other => Err(StateError::WrongKind {
+                expected: "net",
+                found: other.kind(),
+            }),
         }
     }
 

@@ -21,8 +21,8 @@ use super::handler::{bit, publish_used, tun_offload_flags};
 use super::tap::{self, Tap};
 use super::*;
 use crate::virtio::{
-    ActivateContext, ActivateError, VirtioDevice, VirtioInterrupt, COMMON_FEATURES, F_EVENT_IDX,
-    F_VERSION_1,
+    ActivateContext, ActivateError, DeviceState, VirtioDevice, VirtioInterrupt, COMMON_FEATURES,
+    F_EVENT_IDX, F_VERSION_1,
 };
 use crate::GuestMemoryMmap;
 
@@ -1222,43 +1222,44 @@ fn snapshot_and_restore_continue_the_queues() {
     wait_for("tx", || rig.tx.used_idx(&rig.mem) == 1);
 
     net.pause();
-    let value = net.snapshot();
-    let state = NetState::from_value(&value).unwrap();
-    assert!(state.activated);
-    assert_eq!(state.acked_features, acked);
+    let value = net.state();
+    let DeviceState::Net(state) = value.clone() else {
+        panic!("not a net state")
+    };
     assert_eq!(state.guest_offloads, bit(VIRTIO_NET_F_GUEST_CSUM));
     assert_eq!(state.mac, [0x52, 0x54, 0, 1, 2, 3]);
     assert_eq!(
         state.status,
         (VIRTIO_NET_S_LINK_UP | VIRTIO_NET_S_ANNOUNCE) as u16
     );
-    assert_eq!(state.queues.len(), 3);
-    assert_eq!(state.queues[1].next_avail, 1);
-    assert_eq!(state.queues[2].next_used, 2);
-    assert!(state.queues[0].event_idx_enabled);
-    assert_eq!(NetState::from_value(&state.to_value()).unwrap(), state);
+    let queues = net.queue_states();
+    assert_eq!(queues.len(), 3);
+    assert_eq!(queues[1].next_avail, 1);
+    assert_eq!(queues[2].next_used, 2);
+    assert!(queues[0].event_idx_enabled);
     drop(net);
 
     // The target: a new device and tap, the same guest memory.
     let (tap, host2) = socket_tap();
     let mut target = Net::with_tap(&config(None), tap).unwrap();
-    target.apply_state(&state).unwrap();
+    let irq2 = Arc::new(TestInterrupt::default());
+    let fds = [&rig.rx, &rig.tx, &rig.ctrl].map(|q| q.kick.try_clone().unwrap());
+    let context = ActivateContext {
+        memory: rig.mem.clone(),
+        queues: queues
+            .iter()
+            .map(|&q| Queue::try_from(q).unwrap())
+            .zip(fds)
+            .collect(),
+        interrupt: irq2.clone(),
+        acked_features: acked,
+    };
+    target.restore(value, Some(context)).unwrap();
     assert_eq!(target.mac(), [0x52, 0x54, 0, 1, 2, 3]);
     assert_eq!(
         target.status(),
         (VIRTIO_NET_S_LINK_UP | VIRTIO_NET_S_ANNOUNCE) as u16
     );
-    let irq2 = Arc::new(TestInterrupt::default());
-    let queues = state.queues().unwrap();
-    let fds = [&rig.rx, &rig.tx, &rig.ctrl].map(|q| q.kick.try_clone().unwrap());
-    target
-        .activate(ActivateContext {
-            memory: rig.mem.clone(),
-            queues: queues.into_iter().zip(fds).collect(),
-            interrupt: irq2.clone(),
-            acked_features: state.acked_features,
-        })
-        .unwrap();
     // Every ready queue is interrupted once after the restore.
     wait_for("restore interrupts", || (0..3).all(|i| irq2.queue(i) >= 1));
     // The queues continue where they stopped.
@@ -1274,25 +1275,23 @@ fn snapshot_and_restore_continue_the_queues() {
     assert_eq!(rig.ctrl_command(BUF + 0x4000, &[3, 0]), VIRTIO_NET_OK as u8);
     assert_eq!(target.status(), VIRTIO_NET_S_LINK_UP as u16);
 
-    // A tap that lacks a negotiated feature refuses the state.
+    // Guest offloads that were not negotiated are refused.
     let mut bad = state.clone();
-    bad.acked_features |= bit(VIRTIO_NET_F_MQ);
+    bad.guest_offloads = bit(VIRTIO_NET_F_GUEST_TSO4);
     let (tap, _host3) = socket_tap();
     let mut other = Net::with_tap(&config(None), tap).unwrap();
-    let e = other.apply_state(&bad).unwrap_err();
-    assert!(e.to_string().contains("does not offer"), "{e}");
+    let e = other.restore(DeviceState::Net(bad), None).unwrap_err();
+    assert!(e.to_string().contains("not negotiated"), "{e}");
 }
 
 #[test]
 fn snapshot_of_an_inactive_device() {
     let (mut net, _host) = fake_net(&config(None));
-    let state = NetState::from_value(&net.snapshot()).unwrap();
-    assert!(!state.activated);
-    assert!(state.queues.is_empty());
-    assert_eq!(state.acked_features, 0);
+    let state = net.state();
+    assert!(net.queue_states().is_empty());
     let (tap, _host) = socket_tap();
     let mut target = Net::with_tap(&config(None), tap).unwrap();
-    target.apply_state(&state).unwrap();
+    target.restore(state, None).unwrap();
     assert!(!target.is_active());
 }
 

@@ -1,0 +1,244 @@
+#!/usr/bin/env bash
+# build-test-kernel.sh: builds the project's test Linux kernel and initramfs from Debian's
+# linux-source-6.12 and busybox-static, cached by the hash of all their inputs.
+#
+# Usage:  resources/linux/build-test-kernel.sh [OUT_DIR]
+#         Default OUT_DIR: $VMM_TEST_LINUX_CACHE/<key>, or /var/cache/vmm-test-linux/<key>.
+#         The last line on stdout is OUT_DIR; progress goes to stderr.
+#
+# Produces in OUT_DIR:
+#   vmlinux             the kernel as a stripped ELF with its PVH entry note (boot this one:
+#                       no emulated decompression)
+#   bzImage             the same kernel as a bzImage (LZ4 payload)
+#   initramfs.cpio.gz   busybox initramfs (newc cpio, gzip): /bin/busybox + applet links,
+#                       /init = test-init.sh (console command protocol, see that file),
+#                       /etc/acpi/PWRF/00000080 (busybox acpid's power-button handler)
+#   config, System.map  the kernel's .config and symbols (to read oopses)
+#   kernel-version      `uname -r` in the guest
+#   .stamp              the inputs of this build (versions and file hashes); written last
+#
+# Key: sha256 over this script, test-kernel.config, patches/*.patch, test-init.sh and the
+# versions of linux-source-6.12 and busybox-static (installed, else apt's candidate).
+#
+# The kernel: `make tinyconfig`, then test-kernel.config, then `make olddefconfig` (every
+# `=y` of the fragment is checked to have survived), with patches/*.patch applied: three
+# workarounds for hosts whose KVM emulates guest ring 0 (see ../shared/notes/linux-here.md),
+# harmless elsewhere. Its built-in command line adds
+# "nopv noxsave clearcpuid=..." to whatever the VMM passes (see test-kernel.config).
+#
+# Boot it (PVH), e.g.:
+#   vmm --kernel OUT/vmlinux --initrd OUT/initramfs.cpio.gz --memory size=256M --cpus 2 \
+#       --cmdline "console=ttyS0 reboot=k panic=-1" [--serial socket=PATH]
+#   and add `ip=GUEST::GW:MASK::eth0:off` for a configured eth0 (kernel IP autoconfig).
+#
+# Requirements: a Debian 12 host, as root when packages are missing: it installs with
+# apt-get whatever is missing of linux-source-6.12, gcc, make, libc6-dev, flex, bison, bc,
+# libelf-dev, libssl-dev, cpio, gzip, xz-utils, lz4, binutils. busybox-static is used as
+# installed, or else downloaded (`apt-get download`) and unpacked, never installed (it
+# conflicts with `busybox`).
+# Runs are serialized with flock (tests may start several at once); a cached build is
+# found in about a second. About 6-11 min on 2 cores otherwise.
+# VMM_TEST_LINUX_FORCE=1 rebuilds anyway.
+set -euo pipefail
+
+script=$(readlink -f "${BASH_SOURCE[0]}")
+script_dir=$(dirname "$script")
+fragment=$script_dir/test-kernel.config
+init_script=$script_dir/test-init.sh
+patch_dir=$script_dir/patches
+cache_root=${VMM_TEST_LINUX_CACHE:-/var/cache/vmm-test-linux}
+src_pkg=linux-source-6.12
+src_tar=/usr/src/linux-source-6.12.tar.xz
+
+log() { echo "build-test-kernel: $*" >&2; }
+die() { echo "build-test-kernel: error: $*" >&2; exit 1; }
+
+command -v apt-get >/dev/null && command -v dpkg-query >/dev/null ||
+    die "needs apt-get and dpkg-query (a Debian 12 host)"
+export PATH=$PATH:/usr/sbin:/sbin
+
+apt_updated=0
+apt_update() {
+    [ "$apt_updated" = 1 ] && return 0
+    [ "$(id -u)" = 0 ] || die "apt-get update needs root"
+    log "apt-get update"
+    apt-get update -qq >&2
+    apt_updated=1
+}
+apt_install() {
+    [ "$(id -u)" = 0 ] || die "missing $*: install them (as root), or run this as root"
+    log "installing $*"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >&2 ||
+        { apt_update; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >&2; }
+}
+installed_version() { dpkg-query -W -f '${db:Status-Abbrev} ${Version}\n' "$1" 2>/dev/null |
+    awk '$1 == "ii" { print $2 }'; }
+candidate_version() { apt-cache policy "$1" 2>/dev/null | awk '/Candidate:/ && $2 != "(none)" { print $2 }'; }
+package_version() {  # installed, else the candidate (after an apt-get update if need be)
+    local v
+    v=$(installed_version "$1")
+    [ -n "$v" ] || v=$(candidate_version "$1")
+    if [ -z "$v" ]; then apt_update; v=$(candidate_version "$1"); fi
+    [ -n "$v" ] || die "no package $1 in apt's lists"
+    echo "$v"
+}
+
+# --- the key --------------------------------------------------------------------------------
+src_ver=$(package_version "$src_pkg")
+bb_ver=$(package_version busybox-static)
+shopt -s nullglob
+patches=("$patch_dir"/*.patch)
+shopt -u nullglob
+[ ${#patches[@]} -gt 0 ] || die "no patches in $patch_dir"
+inputs=$(
+    echo "$src_pkg=$src_ver"
+    echo "busybox-static=$bb_ver"
+    cd "$script_dir" &&
+        sha256sum "${script#"$script_dir"/}" test-kernel.config test-init.sh \
+            "${patches[@]#"$script_dir"/}"
+)
+key=$(echo "$inputs" | sha256sum | cut -c1-16)
+out=${1:-$cache_root/$key}
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+
+have_all() {
+    [ -f "$out/.stamp" ] && [ "$(cat "$out/.stamp")" = "$inputs" ] && [ -s "$out/vmlinux" ] &&
+        [ -s "$out/bzImage" ] && [ -s "$out/initramfs.cpio.gz" ]
+}
+if [ "${VMM_TEST_LINUX_FORCE:-0}" != 1 ] && have_all; then
+    log "up to date (key $key)"
+    echo "$out"
+    exit 0
+fi
+
+# One build at a time (per output directory; the cache root's directories share one lock).
+lock=$(dirname "$out")/.vmm-test-linux.lock
+exec 9>"$lock"
+if ! flock -n 9; then
+    log "waiting for another build ($lock)"
+    flock 9
+fi
+if [ "${VMM_TEST_LINUX_FORCE:-0}" != 1 ] && have_all; then
+    log "built meanwhile by another run (key $key)"
+    echo "$out"
+    exit 0
+fi
+started=$(date +%s)
+log "building key $key into $out"
+echo "$inputs" | sed 's/^/build-test-kernel:   /' >&2
+
+# --- tools and sources ------------------------------------------------------------------------
+missing=()
+[ -n "$(installed_version "$src_pkg")" ] && [ -f "$src_tar" ] || missing+=("$src_pkg")
+for tool in gcc:gcc make:make flex:flex bison:bison bc:bc cpio:cpio gzip:gzip xz:xz-utils \
+            lz4:lz4 strip:binutils patch:patch perl:perl-base; do
+    command -v "${tool%%:*}" >/dev/null || missing+=("${tool#*:}")
+done
+for pkg in libc6-dev libelf-dev libssl-dev; do
+    [ -n "$(installed_version "$pkg")" ] || missing+=("$pkg")
+done
+[ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}"
+if [ "$(installed_version "$src_pkg")" != "$src_ver" ]; then
+    die "$src_pkg $(installed_version "$src_pkg") installed, but the key was made for $src_ver; run again"
+fi
+
+build=$out/.build
+rm -rf "$build"
+mkdir -p "$build"
+trap 'rm -rf "$build"' EXIT
+
+# busybox: the installed busybox-static, else its .deb unpacked.
+if [ "$(installed_version busybox-static)" = "$bb_ver" ]; then
+    busybox=$(dpkg-query -L busybox-static | grep -m1 '/bin/busybox$')
+else
+    mkdir -p "$build/debs" "$build/bb"
+    log "downloading busybox-static=$bb_ver"
+    (cd "$build/debs" && apt-get download -qq -o APT::Sandbox::User=root "busybox-static=$bb_ver" >&2) ||
+        { apt_update; (cd "$build/debs" && apt-get download -qq -o APT::Sandbox::User=root "busybox-static=$bb_ver" >&2); }
+    dpkg-deb -x "$build/debs/"busybox-static_*.deb "$build/bb"
+    busybox=$build/bb/bin/busybox
+fi
+[ -x "$busybox" ] || die "no busybox binary ($busybox)"
+
+log "unpacking $src_tar"
+tar -xJf "$src_tar" -C "$build"
+src=$(echo "$build"/linux-source-*)
+[ -f "$src/Makefile" ] || die "unexpected layout of $src_tar"
+
+for p in "${patches[@]}"; do
+    log "applying ${p#"$script_dir"/}"
+    patch -d "$src" -p1 --quiet --forward --no-backup-if-mismatch < "$p" ||
+        die "${p#"$script_dir"/} does not apply to $src_pkg $src_ver"
+done
+
+# --- configure --------------------------------------------------------------------------------
+make_() { make -C "$src" -s "$@"; }
+make_ tinyconfig >/dev/null 2>&1 || die "make tinyconfig failed"
+cat "$fragment" >> "$src/.config"
+make_ olddefconfig >/dev/null 2>"$build/olddefconfig.log" ||
+    { cat "$build/olddefconfig.log" >&2; die "make olddefconfig failed"; }
+lost=()
+while IFS= read -r line; do
+    grep -qxF "$line" "$src/.config" || lost+=("$line")
+done < <(grep -E '^CONFIG_[A-Z0-9_]+=' "$fragment")
+while read -r _ sym _; do
+    grep -q "^$sym=" "$src/.config" && lost+=("# $sym is not set")
+done < <(grep -E '^# CONFIG_[A-Z0-9_]+ is not set' "$fragment")
+[ ${#lost[@]} -eq 0 ] || die "olddefconfig did not keep: ${lost[*]} (missing dependencies?)"
+
+# --- build ------------------------------------------------------------------------------------
+jobs=$(nproc)
+log "make -j$jobs bzImage (log: $build/make.log)"
+t0=$(date +%s)
+if ! make -C "$src" -j"$jobs" KBUILD_BUILD_USER=vmm KBUILD_BUILD_HOST=test \
+        bzImage > "$build/make.log" 2>&1; then
+    tail -n 40 "$build/make.log" >&2
+    die "the kernel build failed"
+fi
+log "kernel built in $(( $(date +%s) - t0 )) s"
+strip -o "$build/vmlinux" "$src/vmlinux"
+kver=$(make_ kernelrelease)
+
+# --- initramfs ----------------------------------------------------------------------------------
+# gen_init_cpio (built with the kernel) makes the device nodes without root, reproducibly.
+list=$build/initramfs.list
+{
+    for d in bin sbin usr usr/bin usr/sbin dev proc sys tmp root etc etc/acpi etc/acpi/PWRF \
+             var var/log mnt run; do
+        echo "dir /$d 0755 0 0"
+    done
+    echo "nod /dev/console 0600 0 0 c 5 1"
+    echo "nod /dev/null 0666 0 0 c 1 3"
+    echo "file /bin/busybox $busybox 0755 0 0"
+    "$busybox" --list-full | LC_ALL=C sort | while IFS= read -r applet; do
+        [ "$applet" = bin/busybox ] || echo "slink /$applet /bin/busybox 0777 0 0"
+    done
+    echo "file /init $init_script 0755 0 0"
+    echo "file /etc/acpi/PWRF/00000080 $build/power-button 0755 0 0"
+    echo "file /etc/passwd $build/passwd 0644 0 0"
+    echo "file /etc/group $build/group 0644 0 0"
+} > "$list"
+cat > "$build/power-button" <<'EOF'
+#!/bin/sh
+# busybox acpid's handler for the ACPI power button (KEY_POWER): power off cleanly, as a
+# distribution would (busybox `poweroff` signals /init, which stops everything first).
+echo "linux-test: power-button" > /dev/console
+exec poweroff
+EOF
+echo "root:x:0:0:root:/root:/bin/sh" > "$build/passwd"
+echo "root:x:0:" > "$build/group"
+"$src/usr/gen_init_cpio" -t 0 "$list" | gzip -9n > "$build/initramfs.cpio.gz"
+
+# --- install ------------------------------------------------------------------------------------
+rm -f "$out/.stamp"
+mv "$build/vmlinux" "$out/vmlinux"
+cp "$src/arch/x86/boot/bzImage" "$out/bzImage"
+mv "$build/initramfs.cpio.gz" "$out/initramfs.cpio.gz"
+cp "$src/.config" "$out/config"
+cp "$src/System.map" "$out/System.map"
+echo "$kver" > "$out/kernel-version"
+echo "$inputs" > "$out/.stamp"
+log "done in $(( $(date +%s) - started )) s: kernel $kver, vmlinux $(stat -c %s "$out/vmlinux") B," \
+    "bzImage $(stat -c %s "$out/bzImage") B, initramfs $(stat -c %s "$out/initramfs.cpio.gz") B"
+echo "$out"
