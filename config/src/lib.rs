@@ -587,7 +587,7 @@ impl NetConfig {
             }
         }
         if let Some(mac) = &self.mac {
-            let bytes = parse_mac(mac).map_err(|m| ConfigError::new("mac", m))?;
+            let bytes = parse_mac("mac", mac)?;
             if bytes[0] & 1 != 0 {
                 return Err(ConfigError::new("mac", "must be a unicast address"));
             }
@@ -620,22 +620,24 @@ impl NetConfig {
 }
 
 /// Parses `52:54:00:12:34:56`.
-pub fn parse_mac(text: &str) -> Result<[u8; 6], String> {
+/// Parses `52:54:00:12:34:56`; `field` names it in the error.
+pub fn parse_mac(field: &str, text: &str) -> ConfigResult<[u8; 6]> {
+    let bad = || {
+        ConfigError::new(
+            field,
+            format!("{text:?} is not a MAC address like 52:54:00:12:34:56"),
+        )
+    };
     let mut mac = [0u8; 6];
     let parts: Vec<&str> = text.split(':').collect();
     if parts.len() != 6 {
-        return Err(format!(
-            "{text:?} is not a MAC address like 52:54:00:12:34:56"
-        ));
+        return Err(bad());
     }
     for (byte, part) in mac.iter_mut().zip(parts) {
         if part.len() != 2 {
-            return Err(format!(
-                "{text:?} is not a MAC address like 52:54:00:12:34:56"
-            ));
+            return Err(bad());
         }
-        *byte = u8::from_str_radix(part, 16)
-            .map_err(|_| format!("{text:?} is not a MAC address like 52:54:00:12:34:56"))?;
+        *byte = u8::from_str_radix(part, 16).map_err(|_| bad())?;
     }
     Ok(mac)
 }

@@ -222,5 +222,5 @@ impl PacketSocket {
 
 /// Parses `52:54:00:12:34:56`.
 pub fn parse_mac(text: &str) -> [u8; 6] {
-    config::parse_mac(text).expect("a MAC address")
+    config::parse_mac("mac", text).expect("a MAC address")
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use api::http::ClientError;
 use api::request::{ApiErrorKind, VmState};
-use config::{PayloadConfig, VmConfig};
+use config::{DiskConfig, MemoryBacking, PayloadConfig, VmConfig};
 use vmm_tests::harness::{testguest, TempDir, Vmm};
 use vmm_tests::require_kvm;
 
@@ -336,4 +336,66 @@ fn vmmctl_drives_a_real_vmm_and_its_exit_codes_say_what_happened() {
     assert!(err.contains(socket.to_str().unwrap()), "{err}");
     // Usage error: exit 2.
     assert_eq!(vmmctl(&["frobnicate"]).0, 2);
+}
+
+/// Errors say whose fault they are: the caller's (400), a conflict with
+/// something else on the host (409), or the host's (500); the status comes
+/// from the error's class, and so does the exit code of a VMM that cannot
+/// start.
+#[test]
+fn errors_say_whose_fault_they_are() {
+    require_kvm!();
+    let dir = TempDir::new("error-classes");
+    let disk = dir.join("disk.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+
+    // The caller's: a kernel that does not exist.
+    let vmm = api_only(&dir);
+    let api = vmm.api();
+    let mut config = guest_config("-- halt");
+    config.payload.kernel = dir.join("no-such-kernel");
+    api.create(&config).unwrap();
+    let (status, kind, message) = api_error(api.boot());
+    assert_eq!((status, kind), (400, ApiErrorKind::BadRequest), "{message}");
+    assert!(message.contains("no-such-kernel"), "{message}");
+    drop(vmm);
+
+    // A conflict: the disk is in use by another VMM.
+    let mut owner = Vmm::boot_testguest(
+        "-- halt",
+        &["--disk", &format!("path={}", disk.display())],
+    );
+    owner.wait_for("testguest: hello", BOOT);
+    let other_dir = TempDir::new("error-classes-2");
+    let vmm = api_only(&other_dir);
+    let api = vmm.api();
+    let mut config = guest_config("-- halt");
+    config.disks = vec![DiskConfig::parse(&format!("path={}", disk.display())).unwrap()];
+    api.create(&config).unwrap();
+    let (status, kind, message) = api_error(api.boot());
+    assert_eq!((status, kind), (409, ApiErrorKind::WrongState), "{message}");
+    assert!(message.contains("locked"), "{message}");
+    drop(vmm);
+    // The same from the command line: a VMM error (1), not a usage error (2).
+    let mut second =
+        Vmm::boot_testguest("-- halt", &["--disk", &format!("path={}", disk.display())]);
+    assert_eq!(second.exit_code(SHORT), 1, "{}", second.report());
+    drop(owner);
+
+    // The host's: more hugetlbfs memory than the host has huge pages for.
+    let free_huge_mib = 2 * std::fs::read_to_string("/proc/meminfo")
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("HugePages_Free:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .unwrap_or(0);
+    let vmm = api_only(&dir);
+    let api = vmm.api();
+    let mut config = guest_config("-- halt");
+    config.memory.size_mib = free_huge_mib + 64;
+    config.memory.backing = MemoryBacking::Hugetlbfs;
+    api.create(&config).unwrap();
+    let (status, kind, message) = api_error(api.boot());
+    assert_eq!((status, kind), (500, ApiErrorKind::Internal), "{message}");
+    assert!(message.contains("huge pages"), "{message}");
 }

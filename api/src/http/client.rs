@@ -161,9 +161,9 @@ impl ApiClient {
         route
             .reply
             .decode(&reply)
-            .map_err(|message| ClientError::BadReply {
+            .map_err(|e| ClientError::BadReply {
                 path: self.path.clone(),
-                message,
+                message: format!("cannot decode the reply: {e}"),
             })
     }
 

@@ -114,9 +114,9 @@ impl ReplyKind {
     }
 
     /// Decodes the body of a 2xx reply.
-    pub fn decode(self, body: &[u8]) -> Result<ApiResponse, String> {
-        fn json<T: DeserializeOwned>(body: &[u8]) -> Result<T, String> {
-            serde_json::from_slice(body).map_err(|e| format!("cannot decode the reply: {e}"))
+    pub fn decode(self, body: &[u8]) -> Result<ApiResponse, serde_json::Error> {
+        fn json<T: DeserializeOwned>(body: &[u8]) -> Result<T, serde_json::Error> {
+            serde_json::from_slice(body)
         }
         Ok(match self {
             ReplyKind::Empty => ApiResponse::Empty,

@@ -286,12 +286,12 @@ impl PageMap {
     }
 
     /// Sets the pages of `runs`; fails on a page that is not RAM.
-    pub fn set_runs(&mut self, runs: &[(u64, u64)]) -> Result<(), String> {
+    pub fn set_runs(&mut self, runs: &[(u64, u64)]) -> Result<(), StateError> {
         for &(first, count) in runs {
             for pfn in first..first.saturating_add(count) {
-                let (r, p) = self
-                    .locate(pfn)
-                    .ok_or_else(|| format!("page frame {pfn:#x} is not guest RAM"))?;
+                let (r, p) = self.locate(pfn).ok_or_else(|| {
+                    StateError::Mismatch(format!("page frame {pfn:#x} is not guest RAM"))
+                })?;
                 self.set(r, p);
             }
         }

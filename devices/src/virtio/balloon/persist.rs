@@ -95,7 +95,9 @@ impl Balloon {
         }
         let mut pages = inner.pages.clone();
         pages.clear_all();
-        pages.set_runs(&state.ballooned).map_err(bad)?;
+        pages
+            .set_runs(&state.ballooned)
+            .map_err(|e| bad(e.to_string()))?;
         inner.pages = pages;
         inner.num_pages = state.num_pages;
         inner.actual = state.actual;

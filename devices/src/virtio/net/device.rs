@@ -117,9 +117,9 @@ impl Net {
         let id = config.id.clone().unwrap_or_else(|| tap.name().to_string());
         let config_mac = match &config.mac {
             Some(text) => {
-                let mac = parse_mac(text).map_err(|message| NetError::Config {
+                let mac = parse_mac("mac", text).map_err(|e| NetError::Config {
                     id: id.clone(),
-                    message,
+                    message: e.to_string(),
                 })?;
                 if mac[0] & 1 != 0 {
                     return Err(NetError::Config {

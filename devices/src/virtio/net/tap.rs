@@ -321,13 +321,13 @@ impl AsRawFd for Tap {
 }
 
 /// Whether `/dev/net/tun` can be opened (tests skip otherwise).
-pub fn tun_available() -> Result<(), String> {
+pub fn tun_available() -> Result<(), TapError> {
     OpenOptions::new()
         .read(true)
         .write(true)
         .open("/dev/net/tun")
         .map(|_| ())
-        .map_err(|e| format!("/dev/net/tun: {e}"))
+        .map_err(|e| TapError::new("/dev/net/tun", "open", e))
 }
 
 /// The interface index of `name` in the calling thread's network namespace.
