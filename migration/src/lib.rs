@@ -1,6 +1,4 @@
-//! Live migration: the versioned wire protocol, dirty-page bitmaps and the
-//! state-capture trait components implement.
+//! Live migration: the versioned wire protocol and dirty-page bitmaps.
 
 pub mod bitmap;
 pub mod protocol;
-pub mod snapshot;

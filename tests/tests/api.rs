@@ -361,10 +361,8 @@ fn errors_say_whose_fault_they_are() {
     drop(vmm);
 
     // A conflict: the disk is in use by another VMM.
-    let mut owner = Vmm::boot_testguest(
-        "-- halt",
-        &["--disk", &format!("path={}", disk.display())],
-    );
+    let mut owner =
+        Vmm::boot_testguest("-- halt", &["--disk", &format!("path={}", disk.display())]);
     owner.wait_for("testguest: hello", BOOT);
     let other_dir = TempDir::new("error-classes-2");
     let vmm = api_only(&other_dir);

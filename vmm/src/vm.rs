@@ -122,101 +122,20 @@ impl Vm {
         events: VmEventSink,
         start: VmStart,
     ) -> Result<Vm, VmError> {
-        let kvm = Kvm::new().map_err(VmError::Kvm)?;
-        for (cap, name) in [
-            (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
-            (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
-            (Cap::Irqfd, "KVM_CAP_IRQFD"),
-            (Cap::Ioeventfd, "KVM_CAP_IOEVENTFD"),
-            (Cap::Pit2, "KVM_CAP_PIT2"),
-            (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
-        ] {
-            if !kvm.check_extension(cap) {
-                return Err(VmError::MissingCapability(name));
-            }
-        }
-        let vm_fd = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
-        // Memory slots first: on shadow-paging hosts, creating the irqchip
-        // and PIT before any slot exists makes all three several times slower.
-        let memory = Arc::new(memory::create_guest_memory(
-            &config.memory,
-            config.transparent_huge_pages(),
-        )?);
-        register_memory(&vm_fd, &memory, false)?;
-        vm_fd
-            .set_tss_address(layout::KVM_TSS_ADDRESS as usize)
-            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
-        vm_fd
-            .set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDRESS)
-            .map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
-        vm_fd
-            .create_irq_chip()
-            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
-        vm_fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
-
+        let kvm = open_kvm()?;
+        let (vm_fd, memory) = create_vm_with_memory(&kvm, config)?;
         let pio = Arc::new(Bus::new());
         let mmio = Arc::new(Bus::new());
         let power_sink: PowerEventSink = {
             let events = events.clone();
             Arc::new(move |e| events(VmEvent::Power(e)))
         };
-
-        let serial_irq = irq_line(&vm_fd, layout::SERIAL_IRQ)?;
-        let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, console.output())));
-        let serial_counters = serial.lock().unwrap_or_else(|e| e.into_inner()).counters();
-        pio.insert(
-            u64::from(layout::SERIAL_PORT),
-            u64::from(layout::SERIAL_PORT_LEN),
-            serial.clone(),
-        )?;
-        let kbd_irq = irq_line(&vm_fd, layout::I8042_KBD_IRQ)?;
-        let i8042 = Arc::new(Mutex::new(I8042Device::new(kbd_irq, power_sink.clone())));
-        pio.insert(
-            u64::from(layout::I8042_PORT),
-            u64::from(layout::I8042_PORT_LEN),
-            i8042.clone(),
-        )?;
-        pio.insert(
-            u64::from(layout::SLEEP_CONTROL_PORT),
-            1,
-            Arc::new(Mutex::new(PowerDevice::new(power_sink.clone()))),
-        )?;
-        // ACPI GED (power button): event register and its IOAPIC pin.
-        let ged_irq = irq_line(&vm_fd, layout::GED_IRQ)?;
-        let ged = Arc::new(Mutex::new(GedDevice::new(ged_irq)));
-        pio.insert(
-            u64::from(layout::GED_EVENT_PORT),
-            u64::from(layout::GED_EVENT_PORT_LEN),
-            ged.clone(),
-        )?;
-
-        // PCI bus 0: config ports 0xCF8-0xCFF (which also carry the reset
-        // control register at 0xCF9) and ECAM.
-        let gsi_router = Arc::new(GsiRouter::new(vm_fd.clone()));
-        let pci_root = Arc::new(Mutex::new(PciRoot::new(Arc::new(VmBarMapper {
-            mmio: mmio.clone(),
-            vm_fd: vm_fd.clone(),
-        }))));
-        pio.insert(
-            u64::from(layout::PCI_CONFIG_IO_PORT),
-            u64::from(layout::PCI_CONFIG_IO_LEN),
-            Arc::new(Mutex::new(PciConfigIo::new(
-                pci_root.clone(),
-                Box::new(ResetControl::new(power_sink)),
-            ))),
-        )?;
-        mmio.insert(
-            layout::PCI_ECAM_START,
-            layout::PCI_ECAM_SIZE,
-            Arc::new(Mutex::new(PciEcam::new(pci_root.clone()))),
-        )?;
-
-        let mut device_manager = DeviceManager::new(pci_root, gsi_router, memory.clone());
-        device_manager.add_configured(config, start == VmStart::Incoming)?;
+        let legacy = LegacyDevices::add(&vm_fd, &pio, console, power_sink.clone())?;
+        let device_manager =
+            add_pci_bus(&vm_fd, &pio, &mmio, power_sink, &memory).and_then(|mut devices| {
+                devices.add_configured(config, start == VmStart::Incoming)?;
+                Ok(devices)
+            })?;
 
         let cpus = config.cpus.boot_vcpus;
         let entry = match start {
@@ -228,25 +147,7 @@ impl Vm {
             }
             VmStart::Incoming => None,
         };
-
-        let msr_list = Arc::new(
-            kvm.get_msr_index_list()
-                .map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?
-                .as_slice()
-                .to_vec(),
-        );
-        let base_cpuid =
-            crate::cpuid::supported(&kvm).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
-        let mut vcpus = Vec::with_capacity(usize::from(cpus));
-        for id in 0..cpus {
-            let fd = vm_fd
-                .create_vcpu(u64::from(id))
-                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
-            let vcpu = Vcpu::new(id, fd, pio.clone(), mmio.clone(), msr_list.clone());
-            let cpuid = crate::cpuid::for_vcpu(&base_cpuid, id, cpus, vcpu.tsc_khz());
-            vcpu.configure(&cpuid)?;
-            vcpus.push(vcpu);
-        }
+        let vcpus = create_vcpus(&kvm, &vm_fd, &pio, &mmio, cpus)?;
         // Only the BSP starts at the kernel entry; APs wait for INIT-SIPI.
         if let Some(entry) = entry {
             let bsp = &vcpus[0];
@@ -255,10 +156,15 @@ impl Vm {
             let (regs, sregs) = boot::boot_registers(&memory, entry.mode, entry.entry, sregs)?;
             bsp.set_boot_registers(&regs, &sregs)?;
         }
-
         let on_stop: VcpuStopSink = Arc::new(move |id, stop| events(VmEvent::Vcpu(id, stop)));
         let vcpus = VcpuSet::start(vcpus, on_stop).map_err(VmError::Thread)?;
 
+        let LegacyDevices {
+            serial,
+            serial_counters,
+            i8042,
+            ged,
+        } = legacy;
         Ok(Vm {
             kvm,
             vm_fd,
@@ -355,6 +261,164 @@ impl Drop for Vm {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Opens /dev/kvm and checks it has what the VMM needs.
+fn open_kvm() -> Result<Kvm, VmError> {
+    let kvm = Kvm::new().map_err(VmError::Kvm)?;
+    for (cap, name) in [
+        (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
+        (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
+        (Cap::Irqfd, "KVM_CAP_IRQFD"),
+        (Cap::Ioeventfd, "KVM_CAP_IOEVENTFD"),
+        (Cap::Pit2, "KVM_CAP_PIT2"),
+        (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
+    ] {
+        if !kvm.check_extension(cap) {
+            return Err(VmError::MissingCapability(name));
+        }
+    }
+    Ok(kvm)
+}
+
+/// The KVM VM with guest memory in its slots, the in-kernel irqchip and PIT.
+fn create_vm_with_memory(
+    kvm: &Kvm,
+    config: &VmConfig,
+) -> Result<(Arc<VmFd>, Arc<GuestMemoryMmap>), VmError> {
+    let vm_fd = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
+    // Memory slots first: on shadow-paging hosts, creating the irqchip
+    // and PIT before any slot exists makes all three several times slower.
+    let memory = Arc::new(memory::create_guest_memory(
+        &config.memory,
+        config.transparent_huge_pages(),
+    )?);
+    register_memory(&vm_fd, &memory, false)?;
+    vm_fd
+        .set_tss_address(layout::KVM_TSS_ADDRESS as usize)
+        .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+    vm_fd
+        .set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDRESS)
+        .map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
+    vm_fd
+        .create_irq_chip()
+        .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm_fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+    Ok((vm_fd, memory))
+}
+
+/// The legacy port devices: COM1, the i8042, the ACPI sleep register and GED.
+struct LegacyDevices {
+    serial: Arc<Mutex<SerialDevice>>,
+    serial_counters: Arc<SerialCounters>,
+    i8042: Arc<Mutex<I8042Device>>,
+    ged: Arc<Mutex<GedDevice>>,
+}
+
+impl LegacyDevices {
+    fn add(
+        vm_fd: &VmFd,
+        pio: &Bus,
+        console: &Console,
+        power_sink: PowerEventSink,
+    ) -> Result<LegacyDevices, VmError> {
+        let serial_irq = irq_line(vm_fd, layout::SERIAL_IRQ)?;
+        let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, console.output())));
+        let serial_counters = serial.lock().unwrap_or_else(|e| e.into_inner()).counters();
+        pio.insert(
+            u64::from(layout::SERIAL_PORT),
+            u64::from(layout::SERIAL_PORT_LEN),
+            serial.clone(),
+        )?;
+        let kbd_irq = irq_line(vm_fd, layout::I8042_KBD_IRQ)?;
+        let i8042 = Arc::new(Mutex::new(I8042Device::new(kbd_irq, power_sink.clone())));
+        pio.insert(
+            u64::from(layout::I8042_PORT),
+            u64::from(layout::I8042_PORT_LEN),
+            i8042.clone(),
+        )?;
+        pio.insert(
+            u64::from(layout::SLEEP_CONTROL_PORT),
+            1,
+            Arc::new(Mutex::new(PowerDevice::new(power_sink))),
+        )?;
+        // ACPI GED (power button): event register and its IOAPIC pin.
+        let ged_irq = irq_line(vm_fd, layout::GED_IRQ)?;
+        let ged = Arc::new(Mutex::new(GedDevice::new(ged_irq)));
+        pio.insert(
+            u64::from(layout::GED_EVENT_PORT),
+            u64::from(layout::GED_EVENT_PORT_LEN),
+            ged.clone(),
+        )?;
+        Ok(LegacyDevices {
+            serial,
+            serial_counters,
+            i8042,
+            ged,
+        })
+    }
+}
+
+/// PCI bus 0: config ports 0xCF8-0xCFF (which also carry the reset
+/// control register at 0xCF9) and ECAM; the device manager plugs devices in.
+fn add_pci_bus(
+    vm_fd: &Arc<VmFd>,
+    pio: &Bus,
+    mmio: &Arc<Bus>,
+    power_sink: PowerEventSink,
+    memory: &Arc<GuestMemoryMmap>,
+) -> Result<DeviceManager, VmError> {
+    let gsi_router = Arc::new(GsiRouter::new(vm_fd.clone()));
+    let pci_root = Arc::new(Mutex::new(PciRoot::new(Arc::new(VmBarMapper {
+        mmio: mmio.clone(),
+        vm_fd: vm_fd.clone(),
+    }))));
+    pio.insert(
+        u64::from(layout::PCI_CONFIG_IO_PORT),
+        u64::from(layout::PCI_CONFIG_IO_LEN),
+        Arc::new(Mutex::new(PciConfigIo::new(
+            pci_root.clone(),
+            Box::new(ResetControl::new(power_sink)),
+        ))),
+    )?;
+    mmio.insert(
+        layout::PCI_ECAM_START,
+        layout::PCI_ECAM_SIZE,
+        Arc::new(Mutex::new(PciEcam::new(pci_root.clone()))),
+    )?;
+    Ok(DeviceManager::new(pci_root, gsi_router, memory.clone()))
+}
+
+/// The vCPUs, configured (CPUID, MSRs) but not started.
+fn create_vcpus(
+    kvm: &Kvm,
+    vm_fd: &VmFd,
+    pio: &Arc<Bus>,
+    mmio: &Arc<Bus>,
+    cpus: u8,
+) -> Result<Vec<Vcpu>, VmError> {
+    let msr_list = Arc::new(
+        kvm.get_msr_index_list()
+            .map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?
+            .as_slice()
+            .to_vec(),
+    );
+    let base_cpuid = crate::cpuid::supported(kvm).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+    let mut vcpus = Vec::with_capacity(usize::from(cpus));
+    for id in 0..cpus {
+        let fd = vm_fd
+            .create_vcpu(u64::from(id))
+            .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+        let vcpu = Vcpu::new(id, fd, pio.clone(), mmio.clone(), msr_list.clone());
+        let cpuid = crate::cpuid::for_vcpu(&base_cpuid, id, cpus, vcpu.tsc_khz());
+        vcpu.configure(&cpuid)?;
+        vcpus.push(vcpu);
+    }
+    Ok(vcpus)
 }
 
 /// An eventfd wired to IOAPIC pin `gsi` with KVM_IRQFD.

@@ -223,21 +223,7 @@ fn precopy_and_switch(
     start: Instant,
 ) -> Result<(), MigrationError> {
     let shared = context.shared.clone();
-    let mut sender = Sender_ {
-        stream: stream.try_clone()?,
-        memory: context.memory.clone(),
-        shared: shared.clone(),
-        sent_data: context
-            .memory
-            .iter()
-            .map(|r| DirtyBitmap::new((r.len() / PAGE_SIZE) as usize))
-            .collect(),
-        window_bytes: 0,
-        window_start: Instant::now(),
-        balloon: context.balloon.clone(),
-        ballooned: None,
-        ballooned_generation: 0,
-    };
+    let mut sender = Sender_::new(stream, context)?;
     shared.update(|s| {
         s.phase = MigrationPhase::Active;
         s.setup_time_ms = start.elapsed().as_millis() as u64;
@@ -252,34 +238,27 @@ fn precopy_and_switch(
     sender.apply_balloon(&mut round0);
     let mut round_start = Instant::now();
     let mut round_bytes = sender.send_round(&round0, None)?;
-    let mut bandwidth = estimate_bandwidth(round_bytes, round_start.elapsed(), &shared, None);
-    let mut previous_dirty = u64::MAX;
-    let mut high_dirty_rounds = 0;
-    let mut throttle = 0u32;
-    let mut rounds_fitting = 0u32;
+    let mut convergence = Convergence {
+        bandwidth: estimate_bandwidth(round_bytes, round_start.elapsed(), &shared, None),
+        previous_dirty: u64::MAX,
+        high_dirty_rounds: 0,
+        throttle: 0,
+        rounds_fitting: 0,
+    };
 
     loop {
         check_cancel(&shared)?;
         let parameters = shared.parameters();
         let mut dirty = dirty_log.harvest()?;
         // After the harvest: see `Sender_::apply_balloon`.
-        let dirty_pages = sender.apply_balloon(&mut dirty);
-        let dirty_bytes = dirty_pages * PAGE_SIZE;
-        let round_time = round_start.elapsed();
-        let expected_downtime_ms = dirty_bytes.saturating_mul(1000) / bandwidth;
-        shared.update(|s| {
-            s.remaining_bytes = dirty_bytes;
-            s.expected_downtime_ms = expected_downtime_ms.min(u64::from(u32::MAX));
-            s.dirty_pages_rate = (dirty_pages as f64 / round_time.as_secs_f64().max(1e-6)) as u64;
-            s.throughput_bytes_per_s = bandwidth;
-            s.total_time_ms = start.elapsed().as_millis() as u64;
-        });
-        trace(
-            &format!(
-                "harvested {} KiB dirty, expected downtime {expected_downtime_ms} ms at {} MB/s",
-                dirty_bytes >> 10,
-                bandwidth / 1_000_000
-            ),
+        let dirty_bytes = sender.apply_balloon(&mut dirty) * PAGE_SIZE;
+        let expected_downtime_ms = dirty_bytes.saturating_mul(1000) / convergence.bandwidth;
+        report_round(
+            &shared,
+            dirty_bytes,
+            round_start.elapsed(),
+            expected_downtime_ms,
+            convergence.bandwidth,
             start,
         );
         let timed_out = parameters
@@ -295,15 +274,15 @@ fn precopy_and_switch(
             ));
         }
         let fits = expected_downtime_ms <= parameters.downtime_ms;
-        let shrinking = shrinks(dirty_bytes, previous_dirty);
-        let can_throttle = parameters.auto_converge && throttle < THROTTLE_MAX;
+        let shrinking = shrinks(dirty_bytes, convergence.previous_dirty);
+        let can_throttle = parameters.auto_converge && convergence.throttle < THROTTLE_MAX;
         if timed_out
             || fits
                 && settled(
                     expected_downtime_ms,
                     shrinking,
                     can_throttle,
-                    rounds_fitting,
+                    convergence.rounds_fitting,
                 )
         {
             // Let the target catch up with what is still in flight, while
@@ -314,34 +293,20 @@ fn precopy_and_switch(
             super::trace("the target caught up", synced);
             return switch_over(&mut sender, stream, context, dirty_log, dirty, stage, start);
         }
-
         if fits {
-            rounds_fitting += 1;
+            convergence.rounds_fitting += 1;
         }
-        // Auto-converge: slow the vCPUs down when the guest dirties more
-        // than half of what a round drains twice in a row, or when the
-        // dirty set fits the limit but no longer shrinks on its own.
-        if parameters.auto_converge {
-            if dirty_bytes * 2 > round_bytes && dirty_bytes >= previous_dirty / 2 {
-                high_dirty_rounds += 1;
-            } else {
-                high_dirty_rounds = 0;
-            }
-            if high_dirty_rounds >= 2 || (fits && !shrinking) {
-                throttle = if throttle == 0 {
-                    THROTTLE_INITIAL
-                } else {
-                    (throttle + THROTTLE_STEP).min(THROTTLE_MAX)
-                };
-                high_dirty_rounds = 0;
-                context.throttle.set(throttle);
-            }
-        } else if throttle != 0 {
-            throttle = 0;
-            context.throttle.set(0);
+        let throttle = if parameters.auto_converge {
+            convergence.auto_converge(dirty_bytes, round_bytes, fits && !shrinking)
+        } else {
+            0
+        };
+        if throttle != convergence.throttle {
+            context.throttle.set(throttle);
         }
+        convergence.throttle = throttle;
         shared.update(|s| s.throttle_percent = u64::from(throttle));
-        previous_dirty = dirty_bytes;
+        convergence.previous_dirty = dirty_bytes;
 
         round_start = Instant::now();
         round_bytes = match sender.send_round(&dirty, Some(dirty_log)) {
@@ -353,10 +318,79 @@ fn precopy_and_switch(
                 return Err(e);
             }
         };
-        bandwidth =
-            estimate_bandwidth(round_bytes, round_start.elapsed(), &shared, Some(bandwidth));
+        convergence.bandwidth = estimate_bandwidth(
+            round_bytes,
+            round_start.elapsed(),
+            &shared,
+            Some(convergence.bandwidth),
+        );
         shared.update(|s| s.iterations += 1);
     }
+}
+
+/// Pre-copy's state from round to round.
+struct Convergence {
+    /// The link bandwidth the downtime estimate uses (bytes/s).
+    bandwidth: u64,
+    /// Bytes dirty after the round before.
+    previous_dirty: u64,
+    /// Consecutive rounds where the guest dirtied more than half of what a
+    /// round drained.
+    high_dirty_rounds: u32,
+    /// The vCPU throttle in percent.
+    throttle: u32,
+    /// Rounds whose dirty set fitted the downtime limit.
+    rounds_fitting: u32,
+}
+
+impl Convergence {
+    /// Auto-converge: the throttle for the next round. The vCPUs slow down
+    /// when the guest dirties more than half of what a round drains twice in
+    /// a row, or when the dirty set fits the limit but no longer shrinks on
+    /// its own (`stalled`).
+    fn auto_converge(&mut self, dirty_bytes: u64, round_bytes: u64, stalled: bool) -> u32 {
+        if dirty_bytes * 2 > round_bytes && dirty_bytes >= self.previous_dirty / 2 {
+            self.high_dirty_rounds += 1;
+        } else {
+            self.high_dirty_rounds = 0;
+        }
+        if self.high_dirty_rounds >= 2 || stalled {
+            self.high_dirty_rounds = 0;
+            return if self.throttle == 0 {
+                THROTTLE_INITIAL
+            } else {
+                (self.throttle + THROTTLE_STEP).min(THROTTLE_MAX)
+            };
+        }
+        self.throttle
+    }
+}
+
+/// Publishes a round's figures in the migration status (and the trace).
+fn report_round(
+    shared: &MigrationShared,
+    dirty_bytes: u64,
+    round_time: Duration,
+    expected_downtime_ms: u64,
+    bandwidth: u64,
+    start: Instant,
+) {
+    let dirty_pages = dirty_bytes / PAGE_SIZE;
+    shared.update(|s| {
+        s.remaining_bytes = dirty_bytes;
+        s.expected_downtime_ms = expected_downtime_ms.min(u64::from(u32::MAX));
+        s.dirty_pages_rate = (dirty_pages as f64 / round_time.as_secs_f64().max(1e-6)) as u64;
+        s.throughput_bytes_per_s = bandwidth;
+        s.total_time_ms = start.elapsed().as_millis() as u64;
+    });
+    trace(
+        &format!(
+            "harvested {} KiB dirty, expected downtime {expected_downtime_ms} ms at {} MB/s",
+            dirty_bytes >> 10,
+            bandwidth / 1_000_000
+        ),
+        start,
+    );
 }
 
 fn switch_over(
@@ -474,6 +508,24 @@ enum PageClass {
 }
 
 impl Sender_ {
+    fn new(stream: &Stream, context: &SendContext) -> Result<Sender_, MigrationError> {
+        Ok(Sender_ {
+            stream: stream.try_clone()?,
+            memory: context.memory.clone(),
+            shared: context.shared.clone(),
+            sent_data: context
+                .memory
+                .iter()
+                .map(|r| DirtyBitmap::new((r.len() / PAGE_SIZE) as usize))
+                .collect(),
+            window_bytes: 0,
+            window_start: Instant::now(),
+            balloon: context.balloon.clone(),
+            ballooned: None,
+            ballooned_generation: 0,
+        })
+    }
+
     fn send_round(
         &mut self,
         pages: &[DirtyBitmap],

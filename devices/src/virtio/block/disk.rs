@@ -149,43 +149,30 @@ fn valid_block_size(size: u32) -> bool {
     (512..=65536).contains(&size) && size.is_power_of_two()
 }
 
-impl AsRawFd for DiskFile {
-    fn as_raw_fd(&self) -> std::os::fd::RawFd {
-        self.file.as_raw_fd()
-    }
+/// What the disk itself says about its size and blocks.
+struct Geometry {
+    kind: DiskKind,
+    /// Bytes.
+    size: u64,
+    /// The device's logical block size (512 for files and odd answers).
+    logical: u32,
+    physical: u32,
+    discard: bool,
 }
 
-impl DiskFile {
-    /// Opens (and, if `take_lock`, locks) the disk `config` describes.
-    pub fn open(config: &DiskConfig, take_lock: bool) -> Result<DiskFile, BlockError> {
-        let path = config.path.clone();
-        let err = |what: &str, e: io::Error| BlockError::Io {
-            path: path.clone(),
+impl Geometry {
+    fn probe(file: &File, path: &Path) -> Result<Geometry, BlockError> {
+        let err = |what: &str, source: io::Error| BlockError::Io {
+            path: path.to_path_buf(),
             what: what.to_string(),
-            source: e,
+            source,
         };
-        let mut flags = libc::O_CLOEXEC;
-        if config.direct {
-            flags |= libc::O_DIRECT;
-        }
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!config.readonly)
-            .custom_flags(flags)
-            .open(&path)
-            .map_err(|e| {
-                if config.direct && e.raw_os_error() == Some(libc::EINVAL) {
-                    err("cannot open with O_DIRECT (direct=on): the file system does not support it", e)
-                } else {
-                    err("cannot open", e)
-                }
-            })?;
         let meta = file.metadata().map_err(|e| err("cannot stat", e))?;
         let file_type = meta.file_type();
-        let (kind, size, detected_logical, detected_physical) = if file_type.is_block_device() {
-            let size = ioctl_u64(&file, BLKGETSIZE64).map_err(|e| err("BLKGETSIZE64 failed", e))?;
-            let logical = ioctl_u32(&file, BLKSSZGET).map_err(|e| err("BLKSSZGET failed", e))?;
-            let physical = ioctl_u32(&file, BLKPBSZGET).map_err(|e| err("BLKPBSZGET failed", e))?;
+        let (kind, size, logical, physical) = if file_type.is_block_device() {
+            let size = ioctl_u64(file, BLKGETSIZE64).map_err(|e| err("BLKGETSIZE64 failed", e))?;
+            let logical = ioctl_u32(file, BLKSSZGET).map_err(|e| err("BLKSSZGET failed", e))?;
+            let physical = ioctl_u32(file, BLKPBSZGET).map_err(|e| err("BLKPBSZGET failed", e))?;
             (DiskKind::BlockDevice, size, logical, physical)
         } else if file_type.is_file() {
             let blksize = u32::try_from(meta.blksize()).unwrap_or(4096);
@@ -197,79 +184,139 @@ impl DiskFile {
             (DiskKind::File, meta.len(), 512, physical)
         } else {
             return Err(BlockError::Invalid {
-                path,
+                path: path.to_path_buf(),
                 reason: "is neither a regular file nor a block device".to_string(),
             });
         };
-        let detected_logical = if valid_block_size(detected_logical) {
-            detected_logical
-        } else {
-            512
-        };
-        let logical_block_size = config.logical_block_size.unwrap_or(detected_logical);
-        let physical_block_size = config
-            .physical_block_size
-            .unwrap_or(detected_physical)
-            .max(logical_block_size);
-        if !valid_block_size(logical_block_size) || !valid_block_size(physical_block_size) {
-            return Err(BlockError::Invalid {
-                path,
-                reason: format!(
-                    "block sizes {logical_block_size}/{physical_block_size} are not powers of two from 512 to 65536"
-                ),
-            });
-        }
-        if config.logical_block_size.is_some() && logical_block_size < detected_logical {
-            return Err(BlockError::Invalid {
-                path,
-                reason: format!(
-                    "logical_block_size {logical_block_size} is smaller than the device's {detected_logical}"
-                ),
-            });
-        }
-        let size = size & !(SECTOR_SIZE - 1);
+        Ok(Geometry {
+            kind,
+            size,
+            logical: if valid_block_size(logical) {
+                logical
+            } else {
+                512
+            },
+            physical,
+            discard: match kind {
+                DiskKind::BlockDevice => bdev_can_discard(meta.rdev()),
+                DiskKind::File => true,
+            },
+        })
+    }
+}
 
-        let (mut dio_mem_align, mut dio_offset_align) = (1usize, 1u64);
-        if config.direct {
-            let fallback_offset = match kind {
-                DiskKind::BlockDevice => u64::from(detected_logical),
-                DiskKind::File => 4096,
+/// Opens the disk read-write (or read-only), with O_DIRECT if asked.
+fn open_file(config: &DiskConfig) -> Result<File, BlockError> {
+    let mut flags = libc::O_CLOEXEC;
+    if config.direct {
+        flags |= libc::O_DIRECT;
+    }
+    OpenOptions::new()
+        .read(true)
+        .write(!config.readonly)
+        .custom_flags(flags)
+        .open(&config.path)
+        .map_err(|source| {
+            let what = if config.direct && source.raw_os_error() == Some(libc::EINVAL) {
+                "cannot open with O_DIRECT (direct=on): the file system does not support it"
+            } else {
+                "cannot open"
             };
-            (dio_mem_align, dio_offset_align) = match statx_dio_align(&file) {
-                Some((0, _)) | Some((_, 0)) => {
-                    return Err(BlockError::Invalid {
-                        path,
-                        reason: "does not support O_DIRECT (direct=on)".to_string(),
-                    })
-                }
-                Some((mem, offset)) => (mem as usize, u64::from(offset)),
-                None => (512, fallback_offset),
-            };
-            // Keep the bounce logic simple: sector granularity at least.
-            dio_offset_align = dio_offset_align.max(SECTOR_SIZE);
-            if !dio_offset_align.is_power_of_two() || !dio_mem_align.is_power_of_two() {
-                return Err(BlockError::Invalid {
-                    path,
-                    reason: format!("odd O_DIRECT alignment {dio_mem_align}/{dio_offset_align}"),
-                });
+            BlockError::Io {
+                path: config.path.clone(),
+                what: what.to_string(),
+                source,
             }
-            if !size.is_multiple_of(dio_offset_align) {
-                return Err(BlockError::Invalid {
-                    path,
-                    reason: format!(
-                        "size {size} is not a multiple of the O_DIRECT alignment {dio_offset_align}: resize it or use direct=off"
-                    ),
-                });
-            }
+        })
+}
+
+/// The logical and physical block sizes the guest sees: configured, or the
+/// device's own.
+fn block_sizes(config: &DiskConfig, found: &Geometry) -> Result<(u32, u32), BlockError> {
+    let invalid = |reason: String| BlockError::Invalid {
+        path: config.path.clone(),
+        reason,
+    };
+    let logical = config.logical_block_size.unwrap_or(found.logical);
+    let physical = config
+        .physical_block_size
+        .unwrap_or(found.physical)
+        .max(logical);
+    if !valid_block_size(logical) || !valid_block_size(physical) {
+        return Err(invalid(format!(
+            "block sizes {logical}/{physical} are not powers of two from 512 to 65536"
+        )));
+    }
+    if config.logical_block_size.is_some() && logical < found.logical {
+        return Err(invalid(format!(
+            "logical_block_size {logical} is smaller than the device's {}",
+            found.logical
+        )));
+    }
+    Ok((logical, physical))
+}
+
+/// The memory and offset alignment O_DIRECT needs on this disk (statx, or
+/// the device's block size).
+fn direct_io_alignment(
+    file: &File,
+    path: &Path,
+    found: &Geometry,
+    size: u64,
+) -> Result<(usize, u64), BlockError> {
+    let invalid = |reason: String| BlockError::Invalid {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let fallback_offset = match found.kind {
+        DiskKind::BlockDevice => u64::from(found.logical),
+        DiskKind::File => 4096,
+    };
+    let (mem_align, offset_align) = match statx_dio_align(file) {
+        Some((0, _)) | Some((_, 0)) => {
+            return Err(invalid("does not support O_DIRECT (direct=on)".to_string()))
         }
-        let discard = match kind {
-            DiskKind::BlockDevice => bdev_can_discard(meta.rdev()),
-            DiskKind::File => true,
+        Some((mem, offset)) => (mem as usize, u64::from(offset)),
+        None => (512, fallback_offset),
+    };
+    // Keep the bounce logic simple: sector granularity at least.
+    let offset_align = offset_align.max(SECTOR_SIZE);
+    if !offset_align.is_power_of_two() || !mem_align.is_power_of_two() {
+        return Err(invalid(format!(
+            "odd O_DIRECT alignment {mem_align}/{offset_align}"
+        )));
+    }
+    if !size.is_multiple_of(offset_align) {
+        return Err(invalid(format!(
+            "size {size} is not a multiple of the O_DIRECT alignment {offset_align}: resize it or use direct=off"
+        )));
+    }
+    Ok((mem_align, offset_align))
+}
+
+impl AsRawFd for DiskFile {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.file.as_raw_fd()
+    }
+}
+
+impl DiskFile {
+    /// Opens (and, if `take_lock`, locks) the disk `config` describes.
+    pub fn open(config: &DiskConfig, take_lock: bool) -> Result<DiskFile, BlockError> {
+        let path = config.path.clone();
+        let file = open_file(config)?;
+        let found = Geometry::probe(&file, &path)?;
+        let (logical_block_size, physical_block_size) = block_sizes(config, &found)?;
+        let size = found.size & !(SECTOR_SIZE - 1);
+        let (dio_mem_align, dio_offset_align) = if config.direct {
+            direct_io_alignment(&file, &path, &found, size)?
+        } else {
+            (1, 1)
         };
         let disk = DiskFile {
             file,
             path,
-            kind,
+            kind: found.kind,
             readonly: config.readonly,
             direct: config.direct,
             size,
@@ -277,8 +324,8 @@ impl DiskFile {
             physical_block_size,
             dio_mem_align,
             dio_offset_align,
-            discard,
-            device_block_size: u64::from(detected_logical),
+            discard: found.discard,
+            device_block_size: u64::from(found.logical),
         };
         if take_lock {
             disk.lock()?;

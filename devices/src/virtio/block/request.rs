@@ -184,6 +184,27 @@ fn gather(mem: &GuestMemoryMmap, descs: &[Descriptor], skip: u64, buf: &mut [u8]
     done == buf.len()
 }
 
+/// Why a request is answered without I/O: the status code and a reason.
+type Refusal = (u8, &'static str);
+
+/// What a request asks for, once checked.
+struct Body {
+    kind: RequestType,
+    offset: u64,
+    len: u64,
+    unmap: bool,
+}
+
+/// A chain split in its device-readable and device-writable parts.
+struct Buffers<'a> {
+    readable: &'a [Descriptor],
+    writable: &'a [Descriptor],
+    /// Data bytes after the header (device-readable).
+    data_out: u64,
+    /// Data bytes before the status byte (device-writable).
+    data_in: u64,
+}
+
 /// Parses the chain `chain` (popped from the queue). Never panics or
 /// loops on guest input: the chain iterator yields at most a queue's (or
 /// an indirect table's) worth of descriptors, and at most
@@ -196,21 +217,7 @@ pub fn parse(
 ) -> Parsed {
     scratch.descs.clear();
     scratch.data.clear();
-    let mut too_long = false;
-    let mut last = None;
-    for desc in chain {
-        if scratch.descs.len() == limits.max_descriptors {
-            // Keep walking (bounded by the iterator: at most a queue or an
-            // indirect table) only to find the status byte.
-            too_long = true;
-        } else {
-            scratch.descs.push(desc);
-        }
-        last = Some(desc);
-    }
-    let descs = &scratch.descs;
-    let last_has_next = last.is_some_and(|d| d.has_next());
-
+    let (last, too_long) = collect_chain(chain, limits, &mut scratch.descs);
     // The status byte: the last byte of the last descriptor, which must be
     // device-writable. Without one there is nowhere to report an error.
     let status = last
@@ -221,186 +228,243 @@ pub fn parse(
     let Some(status_addr) = status else {
         return invalid(None, STATUS_IOERR, "no device-writable status byte");
     };
-    if too_long {
-        return invalid(status, STATUS_IOERR, "descriptor chain too long");
-    }
-    if last_has_next {
+    let body = if too_long {
+        Err((STATUS_IOERR, "descriptor chain too long"))
+    } else if last.is_some_and(|d| d.has_next()) {
         // The iterator stopped early: a loop, a `next` out of the table, an
         // unreadable descriptor, or more than 4 GiB in the chain.
-        return invalid(status, STATUS_IOERR, "descriptor chain loops or is broken");
+        Err((STATUS_IOERR, "descriptor chain loops or is broken"))
+    } else {
+        parse_body(&scratch.descs, mem, limits, &mut scratch.data)
+    };
+    match body {
+        Ok(body) => Parsed::Valid(Request {
+            kind: body.kind,
+            offset: body.offset,
+            len: body.len,
+            unmap: body.unmap,
+            status: status_addr,
+        }),
+        Err((code, why)) => invalid(status, code, why),
     }
+}
 
-    // Device-readable buffers first, then device-writable ones.
+/// Walks the chain into `descs` (at most `limits.max_descriptors` of
+/// them); returns the last descriptor and whether there were more.
+fn collect_chain(
+    chain: DescriptorChain<&GuestMemoryMmap>,
+    limits: &Limits,
+    descs: &mut Vec<Descriptor>,
+) -> (Option<Descriptor>, bool) {
+    let mut too_long = false;
+    let mut last = None;
+    for desc in chain {
+        if descs.len() == limits.max_descriptors {
+            // Keep walking (bounded by the iterator: at most a queue or an
+            // indirect table) only to find the status byte.
+            too_long = true;
+        } else {
+            descs.push(desc);
+        }
+        last = Some(desc);
+    }
+    (last, too_long)
+}
+
+/// Checks a well-shaped chain's header, lengths, sectors and buffers;
+/// the data buffers go to `data`.
+fn parse_body(
+    descs: &[Descriptor],
+    mem: &GuestMemoryMmap,
+    limits: &Limits,
+    data: &mut Vec<Segment>,
+) -> Result<Body, Refusal> {
+    let buffers = split_buffers(descs)?;
+    let mut header = [0u8; HEADER_SIZE as usize];
+    if !gather(mem, buffers.readable, 0, &mut header) {
+        return Err((STATUS_IOERR, "request header too short or unreadable"));
+    }
+    let request_type = u32::from_le_bytes(header[0..4].try_into().expect("4 bytes"));
+    let sector = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
+    let body = match request_type {
+        VIRTIO_BLK_T_IN | VIRTIO_BLK_T_GET_ID => {
+            parse_read(request_type, sector, &buffers, limits, data)?
+        }
+        VIRTIO_BLK_T_OUT => parse_write(sector, &buffers, limits, data)?,
+        VIRTIO_BLK_T_FLUSH => Body {
+            kind: RequestType::Flush,
+            offset: 0,
+            len: 0,
+            unmap: false,
+        },
+        VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
+            parse_discard_or_write_zeroes(request_type, &buffers, mem, limits)?
+        }
+        _ => return Err((STATUS_UNSUPP, "unsupported request type")),
+    };
+    if data
+        .iter()
+        .any(|s| !mem.check_range(s.addr, s.len as usize))
+    {
+        return Err((STATUS_IOERR, "data buffer outside guest memory"));
+    }
+    Ok(body)
+}
+
+/// Device-readable buffers first, then device-writable ones, with room
+/// for the header and the status byte.
+fn split_buffers(descs: &[Descriptor]) -> Result<Buffers<'_>, Refusal> {
     let split = descs
         .iter()
         .position(|d| d.is_write_only())
         .unwrap_or(descs.len());
     if descs[split..].iter().any(|d| !d.is_write_only()) {
-        return invalid(
-            status,
-            STATUS_IOERR,
-            "device-readable buffer after a writable one",
-        );
+        return Err((STATUS_IOERR, "device-readable buffer after a writable one"));
     }
     let (readable, writable) = descs.split_at(split);
     let readable_len: u64 = readable.iter().map(|d| u64::from(d.len())).sum();
     let writable_len: u64 = writable.iter().map(|d| u64::from(d.len())).sum();
-
-    let mut header = [0u8; HEADER_SIZE as usize];
-    if readable_len < HEADER_SIZE || !gather(mem, readable, 0, &mut header) {
-        return invalid(
-            status,
-            STATUS_IOERR,
-            "request header too short or unreadable",
-        );
+    if readable_len < HEADER_SIZE {
+        return Err((STATUS_IOERR, "request header too short or unreadable"));
     }
-    let request_type = u32::from_le_bytes(header[0..4].try_into().expect("4 bytes"));
-    let sector = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
-    // Data bytes before the status byte, in each direction.
-    let data_out = readable_len - HEADER_SIZE;
-    let data_in = writable_len - 1;
+    Ok(Buffers {
+        readable,
+        writable,
+        data_out: readable_len - HEADER_SIZE,
+        // The status byte is writable: at least one byte (checked by `parse`).
+        data_in: writable_len - 1,
+    })
+}
 
-    let (kind, offset, len, unmap) = match request_type {
-        VIRTIO_BLK_T_IN | VIRTIO_BLK_T_GET_ID => {
-            if data_out != 0 {
-                return invalid(
-                    status,
-                    STATUS_IOERR,
-                    "device-readable data in a read request",
-                );
-            }
-            collect_segments(writable, 0, data_in, &mut scratch.data);
-            if request_type == VIRTIO_BLK_T_GET_ID {
-                (RequestType::GetId, 0, data_in, false)
-            } else {
-                if !data_in.is_multiple_of(SECTOR_SIZE) {
-                    return invalid(status, STATUS_IOERR, "read length not a multiple of 512");
-                }
-                let offset = sector.checked_mul(SECTOR_SIZE);
-                if !in_range(offset, data_in, limits.size) {
-                    return invalid(status, STATUS_IOERR, "read past the end of the disk");
-                }
-                (RequestType::In, sector * SECTOR_SIZE, data_in, false)
-            }
-        }
-        VIRTIO_BLK_T_OUT => {
-            if limits.readonly {
-                return invalid(status, STATUS_IOERR, "write to a read-only disk");
-            }
-            if data_in != 0 {
-                return invalid(
-                    status,
-                    STATUS_IOERR,
-                    "device-writable data in a write request",
-                );
-            }
-            if !data_out.is_multiple_of(SECTOR_SIZE) {
-                return invalid(status, STATUS_IOERR, "write length not a multiple of 512");
-            }
-            let offset = sector.checked_mul(SECTOR_SIZE);
-            if !in_range(offset, data_out, limits.size) {
-                return invalid(status, STATUS_IOERR, "write past the end of the disk");
-            }
-            collect_segments(readable, HEADER_SIZE, data_out, &mut scratch.data);
-            (RequestType::Out, sector * SECTOR_SIZE, data_out, false)
-        }
-        VIRTIO_BLK_T_FLUSH => (RequestType::Flush, 0, 0, false),
-        VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
-            let discard = request_type == VIRTIO_BLK_T_DISCARD;
-            if limits.readonly {
-                return invalid(
-                    status,
-                    STATUS_IOERR,
-                    "discard or write-zeroes on a read-only disk",
-                );
-            }
-            if data_in != 0 {
-                return invalid(
-                    status,
-                    STATUS_IOERR,
-                    "device-writable data in a discard/write-zeroes request",
-                );
-            }
-            if data_out == 0 || !data_out.is_multiple_of(DWZ_SEGMENT_SIZE) {
-                return invalid(
-                    status,
-                    STATUS_IOERR,
-                    "bad discard/write-zeroes segment length",
-                );
-            }
-            if data_out / DWZ_SEGMENT_SIZE > 1 {
-                // max_discard_seg = max_write_zeroes_seg = 1.
-                return invalid(
-                    status,
-                    STATUS_UNSUPP,
-                    "more than one discard/write-zeroes segment",
-                );
-            }
-            let mut seg = [0u8; DWZ_SEGMENT_SIZE as usize];
-            if !gather(mem, readable, HEADER_SIZE, &mut seg) {
-                return invalid(
-                    status,
-                    STATUS_IOERR,
-                    "unreadable discard/write-zeroes segment",
-                );
-            }
-            let seg_sector = u64::from_le_bytes(seg[0..8].try_into().expect("8 bytes"));
-            let num_sectors = u32::from_le_bytes(seg[8..12].try_into().expect("4 bytes"));
-            let flags = u32::from_le_bytes(seg[12..16].try_into().expect("4 bytes"));
-            // Discard has no flags; write-zeroes only UNMAP (5.2.6.2).
-            let known = if discard {
-                0
-            } else {
-                VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP
-            };
-            if flags & !known != 0 {
-                return invalid(status, STATUS_UNSUPP, "unknown discard/write-zeroes flags");
-            }
-            let max = if discard {
-                limits.max_discard_sectors
-            } else {
-                limits.max_write_zeroes_sectors
-            };
-            if num_sectors > max {
-                return invalid(
-                    status,
-                    STATUS_IOERR,
-                    "discard/write-zeroes larger than the maximum",
-                );
-            }
-            let len = u64::from(num_sectors) * SECTOR_SIZE;
-            let offset = seg_sector.checked_mul(SECTOR_SIZE);
-            if !in_range(offset, len, limits.size) {
-                return invalid(
-                    status,
-                    STATUS_IOERR,
-                    "discard/write-zeroes past the end of the disk",
-                );
-            }
-            let kind = if discard {
-                RequestType::Discard
-            } else {
-                RequestType::WriteZeroes
-            };
-            let unmap = flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0;
-            (kind, seg_sector * SECTOR_SIZE, len, unmap)
-        }
-        _ => return invalid(status, STATUS_UNSUPP, "unsupported request type"),
-    };
-
-    if scratch
-        .data
-        .iter()
-        .any(|s| !mem.check_range(s.addr, s.len as usize))
-    {
-        return invalid(status, STATUS_IOERR, "data buffer outside guest memory");
+/// IN (read sectors) and GET_ID (read the serial).
+fn parse_read(
+    request_type: u32,
+    sector: u64,
+    buffers: &Buffers,
+    limits: &Limits,
+    data: &mut Vec<Segment>,
+) -> Result<Body, Refusal> {
+    if buffers.data_out != 0 {
+        return Err((STATUS_IOERR, "device-readable data in a read request"));
     }
-    Parsed::Valid(Request {
-        kind,
-        offset,
+    let len = buffers.data_in;
+    collect_segments(buffers.writable, 0, len, data);
+    if request_type == VIRTIO_BLK_T_GET_ID {
+        return Ok(Body {
+            kind: RequestType::GetId,
+            offset: 0,
+            len,
+            unmap: false,
+        });
+    }
+    if !len.is_multiple_of(SECTOR_SIZE) {
+        return Err((STATUS_IOERR, "read length not a multiple of 512"));
+    }
+    if !in_range(sector.checked_mul(SECTOR_SIZE), len, limits.size) {
+        return Err((STATUS_IOERR, "read past the end of the disk"));
+    }
+    Ok(Body {
+        kind: RequestType::In,
+        offset: sector * SECTOR_SIZE,
         len,
-        unmap,
-        status: status_addr,
+        unmap: false,
+    })
+}
+
+/// OUT (write sectors).
+fn parse_write(
+    sector: u64,
+    buffers: &Buffers,
+    limits: &Limits,
+    data: &mut Vec<Segment>,
+) -> Result<Body, Refusal> {
+    if limits.readonly {
+        return Err((STATUS_IOERR, "write to a read-only disk"));
+    }
+    if buffers.data_in != 0 {
+        return Err((STATUS_IOERR, "device-writable data in a write request"));
+    }
+    let len = buffers.data_out;
+    if !len.is_multiple_of(SECTOR_SIZE) {
+        return Err((STATUS_IOERR, "write length not a multiple of 512"));
+    }
+    if !in_range(sector.checked_mul(SECTOR_SIZE), len, limits.size) {
+        return Err((STATUS_IOERR, "write past the end of the disk"));
+    }
+    collect_segments(buffers.readable, HEADER_SIZE, len, data);
+    Ok(Body {
+        kind: RequestType::Out,
+        offset: sector * SECTOR_SIZE,
+        len,
+        unmap: false,
+    })
+}
+
+/// DISCARD and WRITE_ZEROES: one segment (sector, count, flags) after the header.
+fn parse_discard_or_write_zeroes(
+    request_type: u32,
+    buffers: &Buffers,
+    mem: &GuestMemoryMmap,
+    limits: &Limits,
+) -> Result<Body, Refusal> {
+    let discard = request_type == VIRTIO_BLK_T_DISCARD;
+    if limits.readonly {
+        return Err((STATUS_IOERR, "discard or write-zeroes on a read-only disk"));
+    }
+    if buffers.data_in != 0 {
+        return Err((
+            STATUS_IOERR,
+            "device-writable data in a discard/write-zeroes request",
+        ));
+    }
+    let data_out = buffers.data_out;
+    if data_out == 0 || !data_out.is_multiple_of(DWZ_SEGMENT_SIZE) {
+        return Err((STATUS_IOERR, "bad discard/write-zeroes segment length"));
+    }
+    if data_out / DWZ_SEGMENT_SIZE > 1 {
+        // max_discard_seg = max_write_zeroes_seg = 1.
+        return Err((STATUS_UNSUPP, "more than one discard/write-zeroes segment"));
+    }
+    let mut seg = [0u8; DWZ_SEGMENT_SIZE as usize];
+    if !gather(mem, buffers.readable, HEADER_SIZE, &mut seg) {
+        return Err((STATUS_IOERR, "unreadable discard/write-zeroes segment"));
+    }
+    let seg_sector = u64::from_le_bytes(seg[0..8].try_into().expect("8 bytes"));
+    let num_sectors = u32::from_le_bytes(seg[8..12].try_into().expect("4 bytes"));
+    let flags = u32::from_le_bytes(seg[12..16].try_into().expect("4 bytes"));
+    // Discard has no flags; write-zeroes only UNMAP (5.2.6.2).
+    let known = if discard {
+        0
+    } else {
+        VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP
+    };
+    if flags & !known != 0 {
+        return Err((STATUS_UNSUPP, "unknown discard/write-zeroes flags"));
+    }
+    let max = if discard {
+        limits.max_discard_sectors
+    } else {
+        limits.max_write_zeroes_sectors
+    };
+    if num_sectors > max {
+        return Err((STATUS_IOERR, "discard/write-zeroes larger than the maximum"));
+    }
+    let len = u64::from(num_sectors) * SECTOR_SIZE;
+    if !in_range(seg_sector.checked_mul(SECTOR_SIZE), len, limits.size) {
+        return Err((
+            STATUS_IOERR,
+            "discard/write-zeroes past the end of the disk",
+        ));
+    }
+    Ok(Body {
+        kind: if discard {
+            RequestType::Discard
+        } else {
+            RequestType::WriteZeroes
+        },
+        offset: seg_sector * SECTOR_SIZE,
+        len,
+        unmap: flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0,
     })
 }
 
