@@ -338,6 +338,8 @@ fn all_serials() -> Vec<SerialConfig> {
         SerialConfig::Pty,
         SerialConfig::Socket {
             path: "/tmp/serial.sock".into(),
+            buffer_bytes: Some(1 << 20),
+            group: Some("vmm-ops".into()),
         },
         SerialConfig::Off,
     ];

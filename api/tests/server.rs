@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use api::http::{
     start_server, start_server_with, ApiCall, ApiClient, ClientError, Method, ServerOptions,
-    MAX_BODY_SIZE, MAX_HEAD_SIZE, ROUTES,
+    MAX_BODY_SIZE, MAX_HEAD_SIZE, REQUEST_TIMEOUT, ROUTES,
 };
 use api::request::{
     ApiErrorKind, ApiRequest, MigrationParameters, MigrationPhase, ReceiveMigrationRequest,
@@ -669,7 +669,10 @@ fn live_sockets_and_other_files_are_not_taken() {
     let canned = Canned::start();
     let e = start_server(&canned.socket(), |_| {}).unwrap_err();
     assert_eq!(e.kind(), std::io::ErrorKind::AddrInUse);
-    assert!(e.to_string().contains("is in use by another VMM"), "{e}");
+    assert!(
+        e.to_string().contains("is in use by another process"),
+        "{e}"
+    );
     // The first server is untouched.
     ping_ok(&client(&canned));
 
@@ -702,7 +705,7 @@ fn a_replaced_socket_is_not_removed_by_the_old_server() {
 }
 
 #[test]
-fn too_many_connections_get_503() {
+fn idle_connections_make_room_for_new_ones() {
     let dir = TempDir::new();
     let options = ServerOptions {
         max_connections: 2,
@@ -712,27 +715,73 @@ fn too_many_connections_get_503() {
         let _ = call.reply.send(common::canned_answer(&call.request));
     })
     .unwrap();
+    // A half-sent request, then two kept-alive connections idle after a
+    // request: the second of those already closes the half-sent one.
+    let mut half = connect(&dir.socket());
+    half.write_all(b"GET /api/v1/vmm.ping HTTP/1.1\r\nX-A:")
+        .unwrap();
     let mut held: Vec<_> = (0..2).map(|_| connect(&dir.socket())).collect();
-    // Make sure both were accepted before the third arrives.
     for stream in &mut held {
         stream
             .write_all(b"GET /api/v1/vmm.ping HTTP/1.1\r\n\r\n")
             .unwrap();
         assert_eq!(read_reply(stream, &mut Vec::new()).unwrap().status, 200);
     }
+    // Each newcomer closes the one waiting longest, long before the request
+    // timeout would have.
+    let mut newcomers = Vec::new();
+    for _ in 0..2 {
+        let mut stream = connect(&dir.socket());
+        stream
+            .write_all(b"GET /api/v1/vmm.ping HTTP/1.1\r\n\r\n")
+            .unwrap();
+        assert_eq!(
+            read_reply(&mut stream, &mut Vec::new()).unwrap().status,
+            200
+        );
+        newcomers.push(stream);
+    }
+    for stream in held.iter_mut().chain([&mut half]) {
+        stream.set_read_timeout(Some(REQUEST_TIMEOUT / 2)).unwrap();
+        assert!(closed(stream));
+    }
+}
+
+#[test]
+fn connections_busy_with_the_vmm_refuse_new_ones_with_503() {
+    let dir = TempDir::new();
+    let options = ServerOptions {
+        max_connections: 2,
+        ..ServerOptions::default()
+    };
+    // The "VMM" answers nothing until told to.
+    let (tx, rx) = mpsc::channel::<ApiCall>();
+    let tx = std::sync::Mutex::new(tx);
+    let _server = start_server_with(&dir.socket(), options, move |call: ApiCall| {
+        let _ = tx.lock().unwrap().send(call);
+    })
+    .unwrap();
+    let mut busy: Vec<_> = (0..2).map(|_| connect(&dir.socket())).collect();
+    let mut calls = Vec::new();
+    for stream in &mut busy {
+        stream
+            .write_all(b"GET /api/v1/vmm.ping HTTP/1.1\r\n\r\n")
+            .unwrap();
+        calls.push(rx.recv_timeout(Duration::from_secs(10)).unwrap());
+    }
     let reply = raw(&dir.socket(), b"GET /api/v1/vmm.ping HTTP/1.1\r\n\r\n");
     assert_eq!(reply.status, 503);
-    drop(held);
-    // Slots free up once the held connections close.
-    let client = ApiClient::new(dir.socket());
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        match client.ping() {
-            Ok(_) => break,
-            Err(_) if Instant::now() < deadline => thread::sleep(Duration::from_millis(20)),
-            Err(e) => panic!("{e}"),
-        }
+    // Answered, they make room again.
+    for (call, stream) in calls.into_iter().zip(&mut busy) {
+        let _ = call.reply.send(common::canned_answer(&call.request));
+        assert_eq!(read_reply(stream, &mut Vec::new()).unwrap().status, 200);
     }
+    let answer = thread::spawn(move || {
+        let call = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        let _ = call.reply.send(common::canned_answer(&call.request));
+    });
+    assert_eq!(ApiClient::new(dir.socket()).ping().unwrap().pid, 4242);
+    answer.join().unwrap();
 }
 
 #[test]

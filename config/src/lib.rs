@@ -368,30 +368,77 @@ pub enum SerialConfig {
     File { path: PathBuf },
     /// A new pseudo-terminal; its path is in `vm.info`.
     Pty,
-    /// A Unix socket the VMM listens on; one client at a time, both ways.
-    Socket { path: PathBuf },
+    /// A Unix socket the VMM listens on (mode 0600, or 0660 for `group`).
+    /// Output goes into a ring buffer of `buffer_bytes` that every client
+    /// reads at its own pace, starting with the recent output; the first
+    /// client (or, when it leaves, the next one that types) writes.
+    Socket {
+        path: PathBuf,
+        /// The ring buffer's size (default [`CONSOLE_BUFFER_DEFAULT`]); a
+        /// client that falls this far behind is dropped.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        buffer_bytes: Option<u64>,
+        /// A host group whose members may attach (name or number).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        group: Option<String>,
+    },
     /// No serial port output.
     Off,
 }
 
+/// The console ring buffer's default size.
+pub const CONSOLE_BUFFER_DEFAULT: u64 = 1 << 20;
+/// The console ring buffer's smallest and largest sizes.
+pub const CONSOLE_BUFFER_MIN: u64 = 4 << 10;
+pub const CONSOLE_BUFFER_MAX: u64 = 64 << 20;
+
 impl SerialConfig {
     pub fn validate(&self) -> ConfigResult<()> {
         match self {
-            SerialConfig::File { path } | SerialConfig::Socket { path }
+            SerialConfig::File { path } | SerialConfig::Socket { path, .. }
                 if path.as_os_str().is_empty() =>
             {
                 Err(ConfigError::new("path", "must not be empty"))
             }
+            SerialConfig::Socket {
+                buffer_bytes: Some(size),
+                ..
+            } if !(CONSOLE_BUFFER_MIN..=CONSOLE_BUFFER_MAX).contains(size) => {
+                Err(ConfigError::new(
+                    "buffer_bytes",
+                    format!(
+                        "must be between {CONSOLE_BUFFER_MIN} and {CONSOLE_BUFFER_MAX} (got {size})"
+                    ),
+                ))
+            }
+            SerialConfig::Socket {
+                group: Some(group), ..
+            } if group.is_empty() => Err(ConfigError::new("group", "must not be empty")),
             _ => Ok(()),
         }
     }
 
-    /// Parses the command-line form: `stdout`, `off`, `pty`, `file=PATH`, `socket=PATH`.
+    /// The console ring buffer's size.
+    pub fn buffer_bytes(&self) -> u64 {
+        match self {
+            SerialConfig::Socket {
+                buffer_bytes: Some(size),
+                ..
+            } => *size,
+            _ => CONSOLE_BUFFER_DEFAULT,
+        }
+    }
+
+    /// Parses the command-line form: `stdout`, `off`, `pty`, `file=PATH`,
+    /// `socket=PATH[,buffer=SIZE][,group=GROUP]`.
     pub fn parse(text: &str) -> ConfigResult<SerialConfig> {
         let bad = || {
             ConfigError::new(
                 "--serial",
-                format!("{text:?} is not one of stdout, off, pty, file=PATH, socket=PATH"),
+                format!(
+                    "{text:?} is not one of stdout, off, pty, file=PATH, \
+                     socket=PATH[,buffer=SIZE][,group=GROUP]"
+                ),
             )
         };
         let config = match text.split_once('=') {
@@ -402,7 +449,23 @@ impl SerialConfig {
                 _ => return Err(bad()),
             },
             Some(("file", path)) => SerialConfig::File { path: path.into() },
-            Some(("socket", path)) => SerialConfig::Socket { path: path.into() },
+            Some(("socket", spec)) => {
+                let (path, options) = spec.split_once(',').unwrap_or((spec, ""));
+                let mut buffer_bytes = None;
+                let mut group = None;
+                for (key, value) in key_values("--serial", options)? {
+                    match key {
+                        "buffer" => buffer_bytes = Some(parse_size("--serial buffer", value)?),
+                        "group" => group = Some(value.to_string()),
+                        _ => return Err(unknown_key("--serial", key)),
+                    }
+                }
+                SerialConfig::Socket {
+                    path: path.into(),
+                    buffer_bytes,
+                    group,
+                }
+            }
             Some(_) => return Err(bad()),
         };
         config.validate().map_err(|e| e.within("--serial"))?;
@@ -1009,9 +1072,22 @@ mod tests {
         assert_eq!(
             SerialConfig::parse("socket=/tmp/s").unwrap(),
             SerialConfig::Socket {
-                path: "/tmp/s".into()
+                path: "/tmp/s".into(),
+                buffer_bytes: None,
+                group: None,
             }
         );
+        assert_eq!(
+            SerialConfig::parse("socket=/tmp/s,buffer=64K,group=vmm-ops").unwrap(),
+            SerialConfig::Socket {
+                path: "/tmp/s".into(),
+                buffer_bytes: Some(64 << 10),
+                group: Some("vmm-ops".into()),
+            }
+        );
+        let e = SerialConfig::parse("socket=/tmp/s,buffer=1").unwrap_err();
+        assert_eq!(e.field, "--serial.buffer_bytes");
+        assert!(SerialConfig::parse("socket=/tmp/s,mode=x").is_err());
         assert!(SerialConfig::parse("file=").is_err());
         assert!(SerialConfig::parse("tty").is_err());
     }

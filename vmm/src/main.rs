@@ -37,12 +37,17 @@ VM flags (the same fields as the JSON config file and the vm.create body):
                          (repeatable)
   --balloon SPEC         [target_mib=N][,deflate_on_oom=on][,free_page_reporting=on]
                          [,stats_interval_s=N]
-  --serial MODE          stdout (default) | off | pty | file=PATH | socket=PATH
+  --serial MODE          stdout (default) | off | pty | file=PATH
+                         | socket=PATH[,buffer=SIZE][,group=GROUP]
+                         (socket: mode 0600, or 0660 for GROUP; output kept in
+                         a ring buffer, 1M by default, for every client)
   --on-reset ACTION      exit (default) | reboot
 
 Other:
   --config FILE          the VM as a JSON file (not combined with VM flags)
-  --api-socket PATH      serve the REST API on this Unix socket
+  --api-socket PATH      serve the REST API on this Unix socket (mode 0600)
+  --api-socket-group GROUP
+                         let GROUP use the API: the socket is 0660 and owned by it
   --incoming URL         wait for a live migration on tcp:HOST:PORT or unix:PATH;
                          the VM's config comes from the source, or from VM flags
                          or --config here (checked against the source's; this
@@ -66,6 +71,7 @@ Exit codes:
 /// What the command line asks for.
 struct Args {
     api_socket: Option<PathBuf>,
+    api_socket_group: Option<String>,
     vm: Option<VmConfig>,
     incoming: Option<ReceiveMigrationRequest>,
 }
@@ -78,6 +84,7 @@ fn usage_error(e: impl std::fmt::Display) -> ExitCode {
 
 fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Option<Args>, ConfigError> {
     let mut api_socket = None;
+    let mut api_socket_group = None;
     let mut incoming: Option<String> = None;
     let mut token_file: Option<PathBuf> = None;
     let mut config_file: Option<PathBuf> = None;
@@ -105,6 +112,7 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Option<Args>, Co
         };
         match name.as_str() {
             "--api-socket" => api_socket = Some(PathBuf::from(value()?)),
+            "--api-socket-group" => api_socket_group = Some(value()?),
             "--incoming" => incoming = Some(value()?),
             "--migration-token-file" => token_file = Some(PathBuf::from(value()?)),
             "--config" => config_file = Some(PathBuf::from(value()?)),
@@ -139,7 +147,11 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Option<Args>, Co
         }
         if !matches!(
             name.as_str(),
-            "--api-socket" | "--config" | "--incoming" | "--migration-token-file"
+            "--api-socket"
+                | "--api-socket-group"
+                | "--config"
+                | "--incoming"
+                | "--migration-token-file"
         ) {
             vm_flags = true;
         }
@@ -201,8 +213,12 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Option<Args>, Co
             "give --api-socket, --config, --kernel or --incoming",
         ));
     }
+    if api_socket_group.is_some() && api_socket.is_none() {
+        return Err(ConfigError::new("--api-socket-group", "needs --api-socket"));
+    }
     Ok(Some(Args {
         api_socket,
+        api_socket_group,
         vm,
         incoming,
     }))
@@ -250,6 +266,24 @@ fn forward_signals(sender: std::sync::mpsc::Sender<ControlEvent>) -> std::io::Re
     Ok(())
 }
 
+/// Raises the soft limit of open files to the hard one: every API client
+/// holds a descriptor, and hundreds of idle ones must not starve the VMM.
+fn raise_fd_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: limit is a valid out-pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0
+        && limit.rlim_cur < limit.rlim_max
+    {
+        limit.rlim_cur = limit.rlim_max;
+        // SAFETY: limit is a valid rlimit; raising the soft limit up to the
+        // hard one needs no privilege.
+        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) };
+    }
+}
+
 fn main() -> ExitCode {
     let args = match parse_args(std::env::args().skip(1)) {
         Ok(Some(args)) => args,
@@ -263,6 +297,7 @@ fn main() -> ExitCode {
         eprintln!("vmm: cannot set up signal handling: {e}");
         return exit(ExitStatus::Error);
     }
+    raise_fd_limit();
     if let Err(e) = vmm::vcpu::register_kick_handler() {
         eprintln!("vmm: cannot install the vCPU kick handler: {e}");
         return exit(ExitStatus::Error);
@@ -276,7 +311,11 @@ fn main() -> ExitCode {
                 // before the process exits.
                 let _ = sender.send(ControlEvent::Api(call));
             };
-            match api::http::start_server(path, dispatch) {
+            let options = api::http::ServerOptions {
+                socket_group: args.api_socket_group.clone(),
+                ..Default::default()
+            };
+            match api::http::start_server_with(path, options, dispatch) {
                 Ok(server) => Some(server),
                 Err(e) => {
                     eprintln!("vmm: API socket {}: {e}", path.display());

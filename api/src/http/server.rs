@@ -6,14 +6,19 @@
 //! and the server writes that answer back. The server never panics on input:
 //! a malformed request gets a 4xx and its connection is closed; other
 //! connections carry on.
+//!
+//! No client can starve the others: a request must arrive whole within
+//! [`REQUEST_TIMEOUT`] (a new connection's first request too), keep-alive
+//! connections are closed after [`IDLE_TIMEOUT`], and when
+//! [`MAX_CONNECTIONS`] are open, the one that has waited longest for a
+//! request (idle or half-sent) is closed to make room; only when every
+//! connection has a request with the VMM is a new one refused (503).
 
-use std::fs;
+use std::collections::BTreeMap;
 use std::io;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
-use std::os::unix::net::{UnixListener as StdUnixListener, UnixStream as StdUnixStream};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
@@ -26,6 +31,7 @@ use tokio::time::{timeout, timeout_at, Instant};
 use super::routes::{find_route, BodyKind, RouteError};
 use super::wire::{clip, find_head, has_token, parse_content_length, reason, split_head};
 use crate::request::{ApiError, ApiErrorKind, ApiRequest, ApiResponse, ApiResult};
+use crate::socket::{self, SocketFile};
 
 /// The largest request body accepted; a larger one is refused with 413
 /// before it is read.
@@ -33,15 +39,20 @@ pub const MAX_BODY_SIZE: usize = 64 * 1024;
 /// The largest request head (request line and headers) accepted; a larger
 /// one is refused with 431.
 pub const MAX_HEAD_SIZE: usize = 8 * 1024;
-/// How long a client has to send a whole request, from its first byte
-/// (against slowloris clients): then 408 and the connection is closed.
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client has to send a whole request, from its first byte, or
+/// from connecting for a connection's first request (against slowloris
+/// clients): then 408 (or, if it sent nothing, a quiet close).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a keep-alive connection may sit idle between requests.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-/// How many connections are served at once; more are answered 503 and closed.
-pub const MAX_CONNECTIONS: usize = 64;
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How many connections are served at once. At the limit, the connection
+/// that has waited longest for a request is closed to make room; if all have
+/// a request with the VMM, the new one is answered 503 and closed.
+pub const MAX_CONNECTIONS: usize = 256;
 /// How long writing a response may take.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long writing the error that ends a connection (408, 4xx) may take.
+const FATAL_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 /// On shutdown, how long requests already handed to the VMM get to be answered.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
@@ -58,6 +69,9 @@ pub struct ServerOptions {
     pub request_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_connections: usize,
+    /// A group whose members may use the API: the socket is 0660 and owned
+    /// by it instead of 0600.
+    pub socket_group: Option<String>,
 }
 
 impl Default for ServerOptions {
@@ -66,6 +80,7 @@ impl Default for ServerOptions {
             request_timeout: REQUEST_TIMEOUT,
             idle_timeout: IDLE_TIMEOUT,
             max_connections: MAX_CONNECTIONS,
+            socket_group: None,
         }
     }
 }
@@ -78,9 +93,8 @@ type Dispatch = Arc<dyn Fn(ApiCall) + Send + Sync>;
 #[derive(Debug)]
 pub struct ApiServer {
     path: PathBuf,
-    /// Device and inode of the socket we bound, so we never remove a socket
-    /// that another process has put at the same path since.
-    identity: Option<(u64, u64)>,
+    /// The socket file, removed when the server stops (if still ours).
+    socket: Option<SocketFile>,
     stop: Option<watch::Sender<bool>>,
     thread: Option<JoinHandle<()>>,
 }
@@ -102,14 +116,7 @@ impl ApiServer {
     }
 
     fn stop_now(&mut self) {
-        if let Some((dev, ino)) = self.identity.take() {
-            let ours = fs::symlink_metadata(&self.path)
-                .map(|m| m.dev() == dev && m.ino() == ino)
-                .unwrap_or(false);
-            if ours {
-                let _ = fs::remove_file(&self.path);
-            }
-        }
+        drop(self.socket.take());
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(true);
         }
@@ -132,9 +139,10 @@ impl Drop for ApiServer {
 /// Binds the socket synchronously (so it exists and accepts when this
 /// returns), then serves on a new thread.
 ///
-/// A stale socket file at `socket_path` (nobody answers on it) is replaced; a
-/// live one is an error ("... is in use by another VMM"), and so is a file
-/// that is not a socket.
+/// The socket is bound by [`socket::bind`]: 0600 (0660 for
+/// [`ServerOptions::socket_group`]); a stale socket file at `socket_path`
+/// (nobody answers on it) is replaced; a live one is an error ("... is in use
+/// by another process"), and so is a file that is not a socket.
 ///
 /// `dispatch` is called on the server thread for each valid request: it must
 /// not block (hand the call to the VMM's control loop, which answers through
@@ -153,13 +161,10 @@ pub fn start_server_with(
     options: ServerOptions,
     dispatch: impl Fn(ApiCall) + Send + Sync + 'static,
 ) -> io::Result<ApiServer> {
-    let listener = bind(socket_path)?;
-    let identity = fs::symlink_metadata(socket_path)
-        .ok()
-        .map(|m| (m.dev(), m.ino()));
+    let (listener, file) = socket::bind(socket_path, options.socket_group.as_deref())?;
     let mut server = ApiServer {
         path: socket_path.to_path_buf(),
-        identity,
+        socket: Some(file),
         stop: None,
         thread: None,
     };
@@ -183,40 +188,6 @@ pub fn start_server_with(
     Ok(server)
 }
 
-/// Binds `path`, replacing a stale socket file.
-fn bind(path: &Path) -> io::Result<StdUnixListener> {
-    let context = |e: io::Error, what: &str| {
-        io::Error::new(e.kind(), format!("{what} {}: {e}", path.display()))
-    };
-    match StdUnixListener::bind(path) {
-        Ok(listener) => return Ok(listener),
-        Err(e) if e.kind() == io::ErrorKind::AddrInUse => {}
-        Err(e) => return Err(context(e, "cannot bind the API socket")),
-    }
-    let meta = fs::symlink_metadata(path).map_err(|e| context(e, "cannot inspect"))?;
-    if !meta.file_type().is_socket() {
-        return Err(io::Error::new(
-            io::ErrorKind::AlreadyExists,
-            format!(
-                "the API socket path {} exists and is not a socket; not replacing it",
-                path.display()
-            ),
-        ));
-    }
-    match StdUnixStream::connect(path) {
-        Ok(_) => Err(io::Error::new(
-            io::ErrorKind::AddrInUse,
-            format!("the API socket {} is in use by another VMM", path.display()),
-        )),
-        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
-            // Stale: left by a VMM that died without cleaning up.
-            fs::remove_file(path).map_err(|e| context(e, "cannot remove the stale socket"))?;
-            StdUnixListener::bind(path).map_err(|e| context(e, "cannot bind the API socket"))
-        }
-        Err(e) => Err(context(e, "cannot check whether another VMM uses")),
-    }
-}
-
 async fn serve(
     listener: UnixListener,
     dispatch: Dispatch,
@@ -224,6 +195,7 @@ async fn serve(
     options: ServerOptions,
 ) {
     let options = Arc::new(options);
+    let waiting = Waiting::new();
     let mut connections = JoinSet::new();
     loop {
         tokio::select! {
@@ -232,11 +204,20 @@ async fn serve(
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    if connections.len() >= options.max_connections {
+                    if connections.len() >= options.max_connections && !waiting.evict_oldest() {
+                        // Every connection has a request with the VMM.
                         // Answered apart, so the limit holds against a flood.
                         tokio::spawn(refuse(stream));
                     } else {
-                        connections.spawn(connection(stream, dispatch.clone(), stop.clone(), options.clone()));
+                        let context = Context {
+                            dispatch: dispatch.clone(),
+                            options: options.clone(),
+                            waiting: waiting.clone(),
+                        };
+                        // Waiting from now on, so a burst of newcomers can
+                        // close it before its task first runs.
+                        let first = waiting.enter();
+                        connections.spawn(connection(stream, context, stop.clone(), first));
                     }
                 }
                 // Out of fds or similar: back off instead of spinning.
@@ -251,6 +232,56 @@ async fn serve(
         while connections.join_next().await.is_some() {}
     })
     .await;
+}
+
+/// The connections waiting for (the rest of) a request, in the order they
+/// started waiting: the ones closed to make room at the connection limit.
+#[derive(Clone, Default)]
+struct Waiting(Arc<Mutex<WaitingInner>>);
+
+#[derive(Default)]
+struct WaitingInner {
+    next: u64,
+    closers: BTreeMap<u64, oneshot::Sender<()>>,
+}
+
+impl Waiting {
+    fn new() -> Waiting {
+        Waiting::default()
+    }
+
+    /// Enters a connection; it closes when the receiver fires.
+    fn enter(&self) -> (u64, oneshot::Receiver<()>) {
+        let mut inner = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let (closer, closed) = oneshot::channel();
+        let ticket = inner.next;
+        inner.next += 1;
+        inner.closers.insert(ticket, closer);
+        (ticket, closed)
+    }
+
+    fn leave(&self, ticket: u64) {
+        let mut inner = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        inner.closers.remove(&ticket);
+    }
+
+    /// Closes the connection that has waited longest; false if none waits.
+    fn evict_oldest(&self) -> bool {
+        let mut inner = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        while let Some((_, closer)) = inner.closers.pop_first() {
+            if closer.send(()).is_ok() {
+                return true;
+            }
+        }
+        false
+    }
+}
+
+/// What every connection task shares.
+struct Context {
+    dispatch: Dispatch,
+    options: Arc<ServerOptions>,
+    waiting: Waiting,
 }
 
 async fn refuse(mut stream: UnixStream) {
@@ -326,22 +357,33 @@ enum ReadOutcome {
 
 async fn connection(
     mut stream: UnixStream,
-    dispatch: Dispatch,
+    context: Context,
     mut stop: watch::Receiver<bool>,
-    options: Arc<ServerOptions>,
+    first: (u64, oneshot::Receiver<()>),
 ) {
     let mut buf = Vec::new();
+    // A new connection gets no more time for its first request than for the
+    // rest of one; kept-alive ones may idle longer between requests.
+    let mut idle_timeout = context.options.request_timeout;
+    let mut wait = Some(first);
     loop {
-        let request = match read_request(&mut stream, &mut buf, &mut stop, &options).await {
+        let (ticket, mut evicted) = wait.take().unwrap_or_else(|| context.waiting.enter());
+        let outcome = tokio::select! {
+            outcome = read_request(&mut stream, &mut buf, &mut stop, &context.options, idle_timeout) => outcome,
+            _ = &mut evicted => ReadOutcome::Closed,
+        };
+        context.waiting.leave(ticket);
+        idle_timeout = context.options.idle_timeout;
+        let request = match outcome {
             ReadOutcome::Request(request) => request,
             ReadOutcome::Closed => return,
             ReadOutcome::Fatal(response) => {
-                let _ = write_response(&mut stream, &response).await;
+                let _ = timeout(FATAL_WRITE_TIMEOUT, write_response(&mut stream, &response)).await;
                 return;
             }
         };
         let close = request.close;
-        let mut response = answer(request, &dispatch).await;
+        let mut response = answer(request, &context.dispatch).await;
         response.close |= close || *stop.borrow();
         if write_response(&mut stream, &response).await.is_err() || response.close {
             return;
@@ -362,6 +404,7 @@ async fn read_request(
     buf: &mut Vec<u8>,
     stop: &mut watch::Receiver<bool>,
     options: &ServerOptions,
+    idle_timeout: Duration,
 ) -> ReadOutcome {
     // Idle: wait for the first byte of the next request.
     if buf.is_empty() {
@@ -369,7 +412,7 @@ async fn read_request(
             return ReadOutcome::Closed;
         }
         tokio::select! {
-            read = timeout(options.idle_timeout, read_more(stream, buf)) => match read {
+            read = timeout(idle_timeout, read_more(stream, buf)) => match read {
                 Ok(Ok(n)) if n > 0 => {}
                 _ => return ReadOutcome::Closed,
             },

@@ -267,8 +267,10 @@ impl Listener {
         match url.split_once(':') {
             Some(("tcp", address)) => Ok(Listener::Tcp(TcpListener::bind(address)?)),
             Some(("unix", path)) => {
-                let _ = std::fs::remove_file(path);
-                Ok(Listener::Unix(UnixListener::bind(path)?, path.into()))
+                // Never deletes anything but a stale socket; dropping the
+                // Listener removes the socket.
+                let (listener, file) = api::socket::bind(std::path::Path::new(path), None)?;
+                Ok(Listener::Unix(listener, file.into_path()))
             }
             _ => Err(io::Error::other(format!(
                 "{url:?} is not tcp:HOST:PORT or unix:PATH"

@@ -130,7 +130,7 @@ pub(crate) fn show_info(info: &VmInfo) -> String {
             None => "serial: pty".to_string(),
         },
         SerialConfig::File { path } => format!("serial: file {}", path.display()),
-        SerialConfig::Socket { path } => format!("serial: socket {}", path.display()),
+        SerialConfig::Socket { path, .. } => format!("serial: socket {}", path.display()),
     });
     if config.disks.is_empty() {
         lines.push("disks: none".to_string());
