@@ -160,6 +160,34 @@ pub fn bind(path: &Path, group: Option<&str>) -> Result<(UnixListener, SocketFil
     Ok((UnixListener::from(socket), file))
 }
 
+/// Checks, without changing anything, that [`bind`] could take `path`:
+/// nothing is there, or a socket no process serves. (So that a bad path is
+/// reported when a VM is defined, not only when it boots.)
+pub fn check_free(path: &Path) -> Result<(), SocketError> {
+    let meta = match fs::symlink_metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => {
+            return Err(SocketError::Io {
+                path: path.to_path_buf(),
+                what: "cannot inspect",
+                source,
+            })
+        }
+    };
+    if !meta.file_type().is_socket() {
+        return Err(SocketError::NotASocket {
+            path: path.to_path_buf(),
+        });
+    }
+    match UnixStream::connect(path) {
+        Ok(_) => Err(SocketError::InUse {
+            path: path.to_path_buf(),
+        }),
+        Err(_) => Ok(()),
+    }
+}
+
 /// Removes the socket at `path` if no process serves it; anything else
 /// there is an error.
 fn remove_stale(path: &Path) -> Result<(), SocketError> {

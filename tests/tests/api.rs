@@ -4,12 +4,12 @@
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use api::http::ClientError;
 use api::request::{ApiErrorKind, VmState};
 use config::{DiskConfig, MemoryBacking, PayloadConfig, VmConfig};
-use vmm_tests::harness::{testguest, TempDir, Vmm};
+use vmm_tests::harness::{testguest, vmmctl_binary, TempDir, Vmm};
 use vmm_tests::require_kvm;
 
 const BOOT: Duration = Duration::from_secs(20);
@@ -396,4 +396,223 @@ fn errors_say_whose_fault_they_are() {
     let (status, kind, message) = api_error(api.boot());
     assert_eq!((status, kind), (500, ApiErrorKind::Internal), "{message}");
     assert!(message.contains("huge pages"), "{message}");
+}
+
+/// Raises this process's open-file limit to at least `want` (up to the hard limit).
+fn raise_fd_limit(want: u64) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: limit is a valid out-pointer.
+    let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+    assert_eq!(rc, 0);
+    if limit.rlim_cur < want {
+        limit.rlim_cur = want.min(limit.rlim_max);
+        // SAFETY: limit is a valid rlimit within the hard limit.
+        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) }, 0);
+    }
+}
+
+#[test]
+fn the_api_cannot_be_starved_by_idle_or_half_sent_connections() {
+    require_kvm!();
+    raise_fd_limit(4096);
+    let dir = TempDir::new("starve");
+    let socket = dir.join("api.sock");
+    let vmm = Vmm::boot_testguest("--", &["--api-socket", socket.to_str().unwrap()]);
+    vmm.wait_api(BOOT);
+    // 500 connections: half idle, half stopped in the middle of a request.
+    let held: Vec<UnixStream> = (0..500)
+        .map(|i| {
+            let mut stream = UnixStream::connect(&socket).unwrap();
+            if i % 2 == 1 {
+                stream
+                    .write_all(b"GET /api/v1/vmm.ping HTTP/1.1\r\nHost: loc")
+                    .unwrap();
+            }
+            stream
+        })
+        .collect();
+    let started = Instant::now();
+    // The health check still answers within 100 ms.
+    let api = vmm.api().with_timeout(SHORT);
+    let mut times: Vec<Duration> = (0..5)
+        .map(|_| {
+            let asked = Instant::now();
+            assert_eq!(api.ping().unwrap().state, VmState::Running);
+            asked.elapsed()
+        })
+        .collect();
+    times.sort();
+    eprintln!("pings with 500 idle or half-sent connections open: {times:?}");
+    assert!(
+        times[2] < Duration::from_millis(100),
+        "pings took {times:?}"
+    );
+    assert!(times[4] < Duration::from_secs(2), "pings took {times:?}");
+    // So does the cluster agent's check, through vmmctl.
+    let out = std::process::Command::new(vmmctl_binary())
+        .args([
+            "--api-socket",
+            socket.to_str().unwrap(),
+            "--timeout",
+            "2",
+            "ping",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    // No connection is held for long: the server closes those that never
+    // complete a request within its request timeout (or earlier, to make room).
+    for mut stream in held {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let mut reply = Vec::new();
+        match stream.read_to_end(&mut reply) {
+            // Closed (reset if the server had unread bytes of it).
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            Err(e) => panic!("a connection that never completes its request stays open: {e}"),
+        }
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "held connections were closed only after {:?}",
+        started.elapsed()
+    );
+}
+
+/// Runs `vmmctl ARGS` as user nobody, in `groups` (none: no supplementary group).
+fn vmmctl_as_nobody(groups: Option<u32>, args: &[&str]) -> std::process::Output {
+    let mut command = std::process::Command::new("setpriv");
+    command.args(["--reuid=65534", "--regid=65534"]);
+    match groups {
+        Some(gid) => command.arg(format!("--groups={gid}")),
+        None => command.arg("--clear-groups"),
+    };
+    command
+        .arg(vmmctl_binary())
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("setpriv (util-linux) runs")
+}
+
+fn mode_and_group(path: &Path) -> (u32, u32) {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::symlink_metadata(path).unwrap();
+    (meta.mode() & 0o777, meta.gid())
+}
+
+/// A group id no one on the test host is in.
+const OPS_GID: u32 = 64123;
+
+#[test]
+fn api_and_console_sockets_are_private_unless_a_group_is_let_in() {
+    require_kvm!();
+    let dir = TempDir::new("private");
+    let api_socket = dir.join("api.sock");
+    let console = dir.join("console.sock");
+    let boot = |extra: &[&str], serial: &str| {
+        let mut args = vec![
+            "--kernel".to_string(),
+            testguest().display().to_string(),
+            "--cmdline".to_string(),
+            "--".to_string(),
+            "--serial".to_string(),
+            serial.to_string(),
+            "--api-socket".to_string(),
+            api_socket.display().to_string(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        // With the widest umask: the sockets must be private all the same.
+        let vmm = Vmm::spawn_with_prefix(&["sh", "-c", "umask 0; exec \"$0\" \"$@\""], &args);
+        vmm.wait_api(BOOT);
+        vmm
+    };
+    let api = |args: &[&str]| {
+        let mut all = vec![
+            "--api-socket",
+            api_socket.to_str().unwrap(),
+            "--timeout",
+            "5",
+        ];
+        all.extend(args);
+        all.into_iter().map(String::from).collect::<Vec<_>>()
+    };
+    let as_nobody = |groups: Option<u32>, args: Vec<String>| {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        vmmctl_as_nobody(groups, &args)
+    };
+    let console_args = vec![
+        "console".to_string(),
+        "--socket".to_string(),
+        console.display().to_string(),
+    ];
+
+    // Private by default: another user can neither use the API nor attach.
+    let mut vmm = boot(&[], &format!("socket={}", console.display()));
+    assert_eq!(mode_and_group(&api_socket).0, 0o600);
+    assert_eq!(mode_and_group(&console).0, 0o600);
+    for command in [
+        api(&["ping"]),
+        api(&["pause"]),
+        api(&["info"]),
+        console_args.clone(),
+    ] {
+        let out = as_nobody(None, command.clone());
+        assert!(!out.status.success(), "nobody ran {command:?}: {out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("Permission denied"),
+            "{command:?}: {stderr}"
+        );
+    }
+    assert_eq!(vmm.api().ping().unwrap().state, VmState::Running);
+    vmm.signal(libc::SIGTERM);
+    vmm.exit_code(SHORT);
+
+    // --api-socket-group (and the console's group): its members may manage
+    // the guest and attach; others still may not.
+    let gid = OPS_GID.to_string();
+    let vmm = boot(
+        &["--api-socket-group", &gid],
+        &format!("socket={},group={gid}", console.display()),
+    );
+    assert_eq!(mode_and_group(&api_socket), (0o660, OPS_GID));
+    assert_eq!(mode_and_group(&console), (0o660, OPS_GID));
+    let out = as_nobody(Some(OPS_GID), api(&["pause"]));
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(vmm.api().ping().unwrap().state, VmState::Paused);
+    let out = as_nobody(Some(OPS_GID), api(&["resume"]));
+    assert!(out.status.success(), "{out:?}");
+    // A member attaches (input piped: it shows the output until killed).
+    let mut attach = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", &format!("--groups={gid}")])
+        .arg(vmmctl_binary())
+        .args(&console_args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = attach.stdout.take().unwrap();
+    let mut seen = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains("testguest: ready") {
+        let n = stdout.read(&mut chunk).unwrap();
+        assert!(
+            n > 0,
+            "the console closed: {}",
+            String::from_utf8_lossy(&seen)
+        );
+        seen.extend_from_slice(&chunk[..n]);
+    }
+    let _ = attach.kill();
+    let _ = attach.wait();
+    let out = as_nobody(None, api(&["pause"]));
+    assert!(!out.status.success(), "{out:?}");
+    assert_eq!(vmm.api().ping().unwrap().state, VmState::Running);
 }

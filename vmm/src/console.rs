@@ -7,7 +7,8 @@
 //! serves the sinks from it. A slow file or terminal only makes that thread
 //! fall behind (it skips what the ring lost); socket clients are written
 //! without blocking, each from its own position in the ring, starting with
-//! the recent output, and one that falls a whole buffer behind is dropped.
+//! the recent output (the newer half of the ring), and one that falls a
+//! whole buffer behind is dropped.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
@@ -261,6 +262,15 @@ impl Console {
         console.worker = Some(spawn_worker(sink, buffer.clone(), input)?);
         console.buffer = Some(buffer);
         Ok(console)
+    }
+
+    /// Checks that the console of `config` can be opened without taking
+    /// anything that is not ours (a file, a live socket at its path).
+    pub fn check(config: &SerialConfig) -> Result<(), ConsoleError> {
+        match config {
+            SerialConfig::Socket { path, .. } => Ok(api::socket::check_free(path)?),
+            _ => Ok(()),
+        }
     }
 
     pub fn output(&self) -> Box<dyn Write + Send> {
@@ -632,8 +642,10 @@ impl ConsoleThread {
             if self.writer.is_none() {
                 self.writer = Some(id);
             }
-            // The recent output first.
-            let pos = self.buffer.range().0;
+            // The recent output first: the newer half of the ring, so that
+            // the client has half a ring of slack before it counts as stuck.
+            let (start, end) = self.buffer.range();
+            let pos = start.max(end.saturating_sub(self.buffer.capacity() / 2));
             self.clients.push(Client {
                 id,
                 stream,

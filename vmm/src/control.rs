@@ -340,6 +340,8 @@ impl Controller {
     fn create(&mut self, mut config: VmConfig) -> Result<(), ApiError> {
         self.expect_state("create a VM", &[VmState::NotCreated])?;
         config.validate()?;
+        Console::check(&config.serial)
+            .map_err(|e| ApiError::of_class(e.class(), format!("serial: {e}")))?;
         config.assign_device_ids();
         self.config = Some(config);
         self.state = VmState::Created;

@@ -204,6 +204,8 @@ async fn serve(
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
+                    // Finished connections must not count against the limit.
+                    while connections.try_join_next().is_some() {}
                     if connections.len() >= options.max_connections && !waiting.evict_oldest() {
                         // Every connection has a request with the VMM.
                         // Answered apart, so the limit holds against a flood.

@@ -276,6 +276,9 @@ pub fn raw(path: &Path, bytes: &[u8]) -> Raw {
 /// Whether the server closes `stream` (EOF or reset) within the read timeout.
 pub fn closed(stream: &mut UnixStream) -> bool {
     let mut byte = [0u8; 1];
-    matches!(stream.read(&mut byte), Ok(0))
-        || matches!(stream.read(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset)
+    match stream.read(&mut byte) {
+        Ok(n) => n == 0,
+        // Closed with bytes of ours unread.
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+    }
 }

@@ -392,7 +392,7 @@ impl core::fmt::Display for Keys<'_> {
 }
 
 const HELP: &str = "echo info counters pages check-pages stop memfill memcheck sleep irqs lspci \
-                    gatebench poweroff reset triple-fault halt crash ud fault help \
+                    gatebench spew poweroff reset triple-fault halt crash ud fault help \
                     blk-info blk-id blk-write blk-read blk-flush blk-discard blk-zeroes \
                     blk-inflight blk-bench blk-hostile blk-reader blk-check \
                     net-info net-send net-recv net-echo net-bench net-announce \
@@ -604,6 +604,26 @@ impl Shell {
                 if Args::parse(cmd, rest, &[]).is_some() {
                     pci::lspci();
                 }
+            }
+            "spew" => {
+                // Console output as fast as the serial port takes it.
+                let Some(a) = Args::parse(cmd, rest, &["kib"]) else {
+                    return;
+                };
+                let Ok(kib) = a.num("kib", 1..=1 << 20) else {
+                    return;
+                };
+                let kib = kib.unwrap_or(64);
+                let t0 = time::rdtsc();
+                // 128-byte lines: a counter and padding.
+                for i in 0..kib * 8 {
+                    println!(
+                        "spew: {:08} ................................................................................................................",
+                        i
+                    );
+                }
+                let ms = (time::rdtsc() - t0) / time::tsc_khz().max(1);
+                println!("spew: done kib={} ms={}", kib, ms);
             }
             "gatebench" => {
                 let Some(a) = Args::parse(cmd, rest, &["n"]) else {

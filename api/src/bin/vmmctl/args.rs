@@ -51,6 +51,14 @@ Commands:
                                print the balloon statistics
   balloon-stats                the balloon's target and actual size and the guest's
                                last memory statistics
+  console [NAME | --socket PATH]
+                               attach this terminal to the guest's serial console:
+                               the VM's console socket (or pty) from vm.info, of the
+                               VMM on --api-socket or on $VMM_SOCKET_DIR/NAME.sock
+                               (default dir /run/vmm), or the console socket PATH.
+                               The terminal is raw: every key, Ctrl-C included,
+                               goes to the guest; Ctrl-] detaches. With piped
+                               input, output is shown until the console closes
   list [--socket-dir DIR]      every VMM whose API socket is a *.sock in DIR (default:
                                $VMM_SOCKET_DIR, else /run/vmm): name, pid, state,
                                guest memory, RSS, balloon target and actual, pages
@@ -105,6 +113,7 @@ pub(crate) const COMMAND_VALUE_OPTIONS: &[&str] = &[
     "--timeout-action",
     "--target-mib",
     "--socket-dir",
+    "--socket",
 ];
 #[derive(Debug)]
 pub(crate) enum Command {
@@ -130,6 +139,12 @@ pub(crate) enum Command {
     BalloonStats,
     /// `list`: the directory given, else the environment's or the default.
     List(Option<PathBuf>),
+    /// `console`: the VMM's console (NAME gives its API socket), or a
+    /// console socket named directly.
+    Console {
+        name: Option<String>,
+        socket: Option<PathBuf>,
+    },
 }
 
 /// `migrate DESTINATION ...`.
@@ -189,6 +204,7 @@ impl Command {
             Command::Balloon(_) => "balloon",
             Command::BalloonStats => "balloon-stats",
             Command::List(_) => "list",
+            Command::Console { .. } => "console",
         }
     }
 }
@@ -290,11 +306,15 @@ pub(crate) fn parse_args(args: Vec<String>, env_socket: Option<String>) -> Resul
         "balloon" => parse_balloon(&rest)?,
         "balloon-stats" => no_args(Command::BalloonStats)?,
         "list" => parse_list(&rest)?,
+        "console" => parse_console(&rest)?,
         _ => return Err(format!("unknown command {name:?}")),
     };
-    // `list` finds its VMMs itself.
+    // `list` finds its VMMs itself, `console` may be given where to go.
     let socket = match (&command, socket) {
         (Command::List(_), socket) => socket.unwrap_or_default(),
+        (Command::Console { name, socket: path }, socket) if name.is_some() || path.is_some() => {
+            socket.unwrap_or_default()
+        }
         (_, Some(socket)) => socket,
         (_, None) => return Err(no_socket()),
     };
@@ -304,6 +324,35 @@ pub(crate) fn parse_args(args: Vec<String>, env_socket: Option<String>) -> Resul
         timeout,
         command,
     }))
+}
+
+pub(crate) fn parse_console(args: &[String]) -> Result<Command, String> {
+    let mut name = None;
+    let mut socket = None;
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        if let Some(path) = arg.strip_prefix("--socket=") {
+            socket = Some(PathBuf::from(path));
+        } else if arg == "--socket" {
+            let path = args.next().ok_or("console: --socket needs a value")?;
+            socket = Some(PathBuf::from(path));
+        } else if arg.starts_with('-') {
+            return Err(format!("console: unknown option {arg:?}"));
+        } else if name.is_none() {
+            if arg.is_empty() || arg.contains('/') {
+                return Err(format!(
+                    "console: {arg:?} is not a VMM name (give --api-socket PATH for a socket path)"
+                ));
+            }
+            name = Some(arg.clone());
+        } else {
+            return Err(format!("console: unexpected argument {arg:?}"));
+        }
+    }
+    if name.is_some() && socket.is_some() {
+        return Err("console: give a NAME or --socket PATH, not both".into());
+    }
+    Ok(Command::Console { name, socket })
 }
 
 pub(crate) fn parse_shutdown(args: &[String]) -> Result<ShutdownRequest, String> {

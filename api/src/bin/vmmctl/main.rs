@@ -1,6 +1,7 @@
 //! `vmmctl`: drives a `vmm` over its REST API socket.
 
 mod args;
+mod console;
 mod list;
 mod migrate;
 mod show;
@@ -151,12 +152,20 @@ fn run(args: &Args) -> Result<String, (u8, String)> {
                 show_balloon(&stats)
             })
         }
+        Command::Console { name, socket } => {
+            let target = match (name, socket) {
+                (_, Some(path)) => console::ConsoleTarget::Socket(path.clone()),
+                (Some(name), None) => {
+                    client = ApiClient::new(socket_dir().join(format!("{name}.sock")))
+                        .with_timeout(args.timeout);
+                    console::ConsoleTarget::Api
+                }
+                (None, None) => console::ConsoleTarget::Api,
+            };
+            console::attach(&client, &target)
+        }
         Command::List(dir) => {
-            let dir = dir.clone().unwrap_or_else(|| {
-                std::env::var_os(SOCKET_DIR_ENV)
-                    .filter(|d| !d.is_empty())
-                    .map_or_else(|| PathBuf::from(DEFAULT_SOCKET_DIR), PathBuf::from)
-            });
+            let dir = dir.clone().unwrap_or_else(socket_dir);
             let entries = list_vmms(&dir, args.timeout.min(LIST_TIMEOUT))?;
             Ok(if args.json {
                 json(&entries)
@@ -165,6 +174,13 @@ fn run(args: &Args) -> Result<String, (u8, String)> {
             })
         }
     }
+}
+
+/// The directory of VMM sockets: $VMM_SOCKET_DIR, else the convention's.
+fn socket_dir() -> PathBuf {
+    std::env::var_os(SOCKET_DIR_ENV)
+        .filter(|d| !d.is_empty())
+        .map_or_else(|| PathBuf::from(DEFAULT_SOCKET_DIR), PathBuf::from)
 }
 
 fn read_config(file: &PathBuf) -> Result<Vec<u8>, String> {
