@@ -668,7 +668,7 @@ fn agent_follows_the_ocf_rules_on_failures() {
     let hung = agent.monitor();
     assert_eq!(hung.code, OCF_ERR_GENERIC, "{}", hung.text());
     assert!(
-        exit_reason(&hung).contains("does not answer"),
+        exit_reason(&hung).contains("busy") && exit_reason(&hung).contains("does not answer"),
         "{}",
         hung.text()
     );
@@ -725,6 +725,174 @@ fn agent_follows_the_ocf_rules_on_failures() {
         .ends_with("stopped (vmm exited with code 0 (the guest powered off))"));
     agent.expect("stop", OCF_SUCCESS);
     assert!(vmm_processes_with(&socket.display().to_string()).is_empty());
+}
+
+/// An agent for the test guest running `commands`, with its files in `dir`.
+fn agent_for(path: &Path, dir: &TempDir, config: &Path) -> Agent {
+    Agent::new(path, "guest1:0")
+        .param("config", config)
+        .param("socket_dir", dir.join("run"))
+        .param("log_file", dir.join("vm.log"))
+        .param("vmm_binary", vmm_binary())
+        .param("vmmctl_binary", vmmctl_binary())
+        .param("api_timeout", "3")
+        .param("shutdown_timeout", "5")
+}
+
+#[test]
+fn agent_monitor_tells_a_busy_vmm_from_a_dead_one() {
+    require_kvm!();
+    if skip_without(true, &["jq"]) {
+        return;
+    }
+    let path = install_agent();
+    let dir = TempDir::new("ocf-busy");
+    let _reap = ReapVmms(dir.path().display().to_string());
+    let config = dir.join("vm.json");
+    write_config(
+        &config,
+        "counters period_ms=1000",
+        &dir.join("console.sock"),
+        None,
+    );
+    let agent = agent_for(&path, &dir, &config);
+    let socket = dir.join("run").join("guest1.sock");
+    agent.expect("start", OCF_SUCCESS);
+    let pid = vmm_processes_with(&socket.display().to_string())[0];
+
+    // Hundreds of idle and half-sent API connections do not make a healthy
+    // guest look failed.
+    let held: Vec<UnixStream> = (0..300)
+        .map(|i| {
+            let mut stream = UnixStream::connect(&socket).unwrap();
+            if i % 2 == 0 {
+                stream
+                    .write_all(b"GET /api/v1/vmm.ping HTTP/1.1\r\n")
+                    .unwrap();
+            }
+            stream
+        })
+        .collect();
+    let crowded = agent.monitor();
+    assert_eq!(crowded.code, OCF_SUCCESS, "{}", crowded.text());
+    drop(held);
+
+    // A VMM that accepts but does not answer (stopped): busy, after retries.
+    signal(pid, libc::SIGSTOP);
+    let started = Instant::now();
+    let busy = agent.monitor();
+    let took = started.elapsed();
+    signal(pid, libc::SIGCONT);
+    assert_eq!(busy.code, OCF_ERR_GENERIC, "{}", busy.text());
+    assert!(exit_reason(&busy).contains("busy"), "{}", busy.text());
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_secs(20),
+        "three tries within api_timeout (3 s), not one and not forever: {took:?}"
+    );
+    assert_eq!(agent.monitor().code, OCF_SUCCESS);
+
+    // A VMM that is gone: dead, not busy, with how it ended.
+    signal(pid, libc::SIGKILL);
+    wait_until(
+        SHORT,
+        "the VMM dies",
+        || (!process_alive(pid)).then_some(()),
+        String::new,
+    );
+    let dead = agent.monitor();
+    assert_eq!(dead.code, OCF_NOT_RUNNING, "{}", dead.text());
+    assert!(
+        exit_reason(&dead).contains("killed by signal 9"),
+        "{}",
+        dead.text()
+    );
+    assert!(!exit_reason(&dead).contains("busy"), "{}", dead.text());
+    agent.expect("stop", OCF_SUCCESS);
+}
+
+#[test]
+fn agent_exit_reasons_never_come_from_the_guest_console() {
+    require_kvm!();
+    if skip_without(true, &["jq"]) {
+        return;
+    }
+    let path = install_agent();
+    let dir = TempDir::new("ocf-forged");
+    let _reap = ReapVmms(dir.path().display().to_string());
+    // The console on the VMM's stdout (the default): a guest prints what
+    // looks like the VMM's own exit message.
+    let config = dir.join("vm.json");
+    let forged = "vmm: exiting: guest powered off";
+    let json = serde_json::json!({
+        "payload": {
+            "kernel": testguest().display().to_string(),
+            "cmdline": format!("-- echo {forged}"),
+        },
+    });
+    fs::write(&config, serde_json::to_vec_pretty(&json).unwrap()).unwrap();
+    let agent = agent_for(&path, &dir, &config);
+    let log = dir.join("vm.log");
+    let console_log = dir.join("vm.console.log");
+    agent.expect("start", OCF_SUCCESS);
+    wait_until(
+        SHORT,
+        "the guest prints its line",
+        || read_log(&console_log).contains(forged).then_some(()),
+        || read_log(&console_log),
+    );
+    assert!(
+        !read_log(&log).contains(forged),
+        "the console went into the VMM's log"
+    );
+    for file in [&log, &console_log] {
+        let mode = fs::metadata(file).unwrap().mode() & 0o777;
+        assert_eq!(mode, 0o640, "{}", file.display());
+    }
+
+    // The VMM is killed (no message of its own): the reason says so, and
+    // nothing of what the guest printed.
+    let pid = vmm_processes_with(&config.display().to_string())[0];
+    signal(pid, libc::SIGKILL);
+    let dead = wait_until(
+        SHORT,
+        "monitor notices the kill",
+        || Some(agent.monitor()).filter(|r| r.code != OCF_SUCCESS),
+        || read_log(&log),
+    );
+    assert_eq!(dead.code, OCF_NOT_RUNNING, "{}", dead.text());
+    let reason = exit_reason(&dead);
+    assert!(reason.contains("killed by signal 9"), "{}", dead.text());
+    assert!(
+        !reason.contains("powered off"),
+        "fooled by the guest: {reason}"
+    );
+
+    // A guest that resets: the VMM's own message is in the reason.
+    let json = serde_json::json!({
+        "payload": {
+            "kernel": testguest().display().to_string(),
+            "cmdline": format!("-- echo {forged}; sleep ms=500; reset"),
+        },
+    });
+    fs::write(&config, serde_json::to_vec_pretty(&json).unwrap()).unwrap();
+    agent.expect("start", OCF_SUCCESS);
+    let reset = wait_until(
+        SHORT,
+        "monitor notices the reset",
+        || Some(agent.monitor()).filter(|r| r.code != OCF_SUCCESS),
+        || read_log(&log),
+    );
+    assert_eq!(reset.code, OCF_NOT_RUNNING, "{}", reset.text());
+    let reason = exit_reason(&reset);
+    assert!(
+        reason.contains("code 3 (the guest reset itself); vmm: exiting:"),
+        "{reason}"
+    );
+    assert!(
+        !reason.contains("powered off"),
+        "fooled by the guest: {reason}"
+    );
+    agent.expect("stop", OCF_SUCCESS);
 }
 
 #[test]

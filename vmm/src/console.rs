@@ -403,6 +403,16 @@ struct ConsoleThread {
     next_id: u64,
 }
 
+/// What a read of a client's (or the pty's) input found.
+#[derive(PartialEq)]
+enum Input {
+    Data,
+    /// Nothing for now.
+    Nothing,
+    /// End of its input (or an error).
+    End,
+}
+
 /// What happened to a non-blocking write of the ring from `pos`.
 enum Sent {
     /// Everything up to the ring's end went out.
@@ -495,7 +505,12 @@ impl ConsoleThread {
                     );
                     self.remove_client(i);
                 }
-                Sent::Gone => self.remove_client(i),
+                Sent::Gone => {
+                    // What it typed before it hung up still counts.
+                    let (id, fd) = (client.id, client.stream.as_raw_fd());
+                    while self.read_input(fd, Some(id)) == Input::Data {}
+                    self.remove_client(i);
+                }
             }
         }
     }
@@ -504,7 +519,6 @@ impl ConsoleThread {
         let client = self.clients.swap_remove(i);
         if self.writer == Some(client.id) {
             self.writer = None;
-            self.pending_input.clear();
         }
     }
 
@@ -558,7 +572,7 @@ impl ConsoleThread {
             Sink::Fd(_) => {}
             Sink::Pty { master, .. } => {
                 if fds[1].revents & libc::POLLIN != 0 {
-                    self.read_input(master.as_raw_fd(), None);
+                    let _ = self.read_input(master.as_raw_fd(), None);
                 }
             }
             Sink::Socket(listener) => {
@@ -575,7 +589,7 @@ impl ConsoleThread {
                     };
                     if revents & libc::POLLIN != 0 {
                         let fd = self.clients[i].stream.as_raw_fd();
-                        if !self.read_input(fd, Some(id)) {
+                        if self.read_input(fd, Some(id)) == Input::End {
                             // End of its input: it may still watch.
                             self.clients[i].reading = false;
                             if self.writer == Some(id) {
@@ -595,32 +609,32 @@ impl ConsoleThread {
 
     /// Reads input from `fd`: the pty (`from` None) or a client. Only the
     /// writer's input reaches the guest; if there is no writer, the first
-    /// client that types becomes it. False at the end of the client's input.
-    fn read_input(&mut self, fd: RawFd, from: Option<u64>) -> bool {
+    /// client that types becomes it.
+    fn read_input(&mut self, fd: RawFd, from: Option<u64>) -> Input {
         let mut buf = [0u8; 4096];
         // SAFETY: buf is valid for writes of its length; fd is open.
         let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
-        if n == 0 {
-            return from.is_none();
-        }
         if n < 0 {
             let e = io::Error::last_os_error();
-            return matches!(
-                e.kind(),
-                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-            ) || from.is_none();
+            return match e.kind() {
+                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Input::Nothing,
+                _ => Input::End,
+            };
+        }
+        if n == 0 {
+            return Input::End;
         }
         if let Some(id) = from {
             if self.writer.is_none() {
                 self.writer = Some(id);
             }
             if self.writer != Some(id) {
-                return true;
+                return Input::Data;
             }
         }
         self.pending_input.extend_from_slice(&buf[..n as usize]);
         self.feed_input();
-        true
+        Input::Data
     }
 
     fn accept(&mut self, listener: &UnixListener) {
