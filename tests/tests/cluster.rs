@@ -2,7 +2,10 @@
 //!
 //! * `ocf-tester` passes against the installed agent; the agent's answers
 //!   to failures follow the OCF rules (a killed VMM, a hung one, a guest that
-//!   powered off, validation errors, probes and stops without configuration).
+//!   powered off, validation errors, probes and stops without configuration);
+//!   monitor tells a busy VMM from a dead one and is not fooled by a flood of
+//!   API clients; exit reasons never come from what a guest prints; the VMM
+//!   behaviours the migration sender used to work around are fixed.
 //! * Live migration through the agent's `migrate_to` and `migrate_from` in
 //!   Pacemaker's order, on one host with two socket directories, proven by
 //!   the test guest's page records; and a failed migration that leaves the
@@ -893,6 +896,44 @@ fn agent_exit_reasons_never_come_from_the_guest_console() {
         "fooled by the guest: {reason}"
     );
     agent.expect("stop", OCF_SUCCESS);
+}
+
+/// What the migration sender relies on (it used to work around both):
+/// `vmmctl migrate` reports this attempt's outcome, never the last one's, and
+/// a source whose migration completed refuses another.
+#[test]
+fn the_vmm_behaviours_the_agent_used_to_work_around_are_fixed() {
+    require_kvm!();
+    let dir = TempDir::new("ocf-vmm-fixed");
+    let (_target, listen) = vmm_tests::harness::Vmm::incoming(&dir, "fixed-token");
+    let source_socket = dir.join("source.sock");
+    let source = vmm_tests::harness::Vmm::boot_testguest(
+        "-- counters period_ms=1000",
+        &["--api-socket", source_socket.to_str().unwrap()],
+    );
+    source.wait_api(SHORT);
+    let migrate = |destination: &str| {
+        run(Command::new(vmmctl_binary())
+            .args(["--json", "--api-socket", source_socket.to_str().unwrap()])
+            .args(["migrate", destination, "--token", "fixed-token"]))
+    };
+    let failed = migrate(&format!("unix:{}", dir.join("nobody.sock").display()));
+    assert_eq!(failed.code, 1, "{}", failed.text());
+    assert!(
+        failed.stdout.contains("cannot connect"),
+        "{}",
+        failed.text()
+    );
+    // The next attempt reports its own outcome.
+    let done = migrate(&listen);
+    assert_eq!(done.code, 0, "{}", done.text());
+    let status: serde_json::Value = serde_json::from_str(&done.stdout).unwrap();
+    assert_eq!(status["phase"], "completed", "{}", done.text());
+    // The migrated source (it answers for a moment before exiting) refuses
+    // another migration: it cannot resume a guest that runs elsewhere.
+    let again = migrate(&listen);
+    assert_eq!(again.code, 1, "{}", again.text());
+    assert!(again.stderr.contains("migrated"), "{}", again.text());
 }
 
 #[test]
