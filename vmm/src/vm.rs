@@ -143,7 +143,7 @@ impl Vm {
                 // ACPI tables, for the devices above (an incoming VM gets
                 // them with its memory).
                 let rsdp = crate::acpi::write_tables(&memory, cpus)?;
-                Some(boot::load(&memory, &config.payload, cpus, Some(rsdp))?)
+                Some(boot::load(&memory, config, cpus, Some(rsdp))?)
             }
             VmStart::Incoming => None,
         };
