@@ -492,3 +492,77 @@ fn grub_default_entry_on_a_separate_boot_partition_is_booted() {
         "{stderr}"
     );
 }
+
+/// A kernel update inside the guest (here written with debugfs, as apt
+/// would through the guest's own filesystem) takes effect at its next
+/// boot: a reboot reads the disk again. The disk is a filesystem without a
+/// partition table, as an LV formatted whole.
+#[test]
+fn a_kernel_update_on_the_disk_takes_effect_at_the_next_reboot() {
+    require_kvm!();
+    let dir = TempDir::new("diskboot-update");
+    let root = Tree::new(&dir, "root");
+    root.debian_root()
+        .kernel("/boot/vmlinuz-6.1.0-17-amd64")
+        .file("/boot/initrd.img-6.1.0-17-amd64", b"INITRD17")
+        .link("/vmlinuz", "boot/vmlinuz-6.1.0-17-amd64")
+        .link("/initrd.img", "boot/initrd.img-6.1.0-17-amd64");
+    let disk = root.mkfs(ROOT_UUID, 16);
+    let mut vmm = Vmm::spawn(&[
+        "--boot",
+        "disk",
+        "--disk",
+        &format!("path={}", disk.display()),
+        "--on-reset",
+        "reboot",
+        "--cmdline",
+        "-- info",
+    ]);
+    let line = info(&mut vmm);
+    assert!(
+        line.contains(&format!("initrd_head={}", hex(b"INITRD17"))),
+        "{line}"
+    );
+
+    // "apt upgrade": the new kernel and initrd, and the links moved.
+    let initrd = dir.join("initrd-18");
+    std::fs::write(&initrd, b"INITRD18").unwrap();
+    let commands = dir.join("debugfs.cmds");
+    std::fs::write(
+        &commands,
+        format!(
+            "cd /boot\nwrite {} vmlinuz-6.1.0-18-amd64\nwrite {} initrd.img-6.1.0-18-amd64\n\
+             cd /\nrm /vmlinuz\nrm /initrd.img\n\
+             symlink /vmlinuz boot/vmlinuz-6.1.0-18-amd64\n\
+             symlink /initrd.img boot/initrd.img-6.1.0-18-amd64\n",
+            testguest().display(),
+            initrd.display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new("debugfs")
+        .arg("-w")
+        .arg("-f")
+        .arg(&commands)
+        .arg(&disk)
+        .output()
+        .expect("debugfs runs (e2fsprogs)");
+    assert!(
+        out.status.success(),
+        "debugfs: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    vmm.send_line("reset");
+    let line = info(&mut vmm);
+    assert!(
+        line.contains(&format!("initrd_head={}", hex(b"INITRD18"))),
+        "{line}\n{}",
+        vmm.report()
+    );
+    let stderr = vmm.stderr().join("\n");
+    assert!(
+        stderr.contains("/boot/vmlinuz-6.1.0-18-amd64 (the /vmlinuz link)"),
+        "{stderr}"
+    );
+}

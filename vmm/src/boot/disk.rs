@@ -894,3 +894,197 @@ fn guest_cmdline(tree: &Tree, root_uuid: &str) -> Result<String, DiskBootError> 
     }
     Ok(parts.join(" "))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::boot::partition::tests::gpt_disk;
+    use std::path::{Path, PathBuf};
+    use std::process::Command;
+
+    const MIB: u64 = 1 << 20;
+    const UUID: &str = "0c8b9a54-3c5e-4d57-9a0e-5f2d1b7e4a10";
+
+    /// A scratch directory, removed on drop.
+    struct Scratch(PathBuf);
+
+    impl Scratch {
+        fn new(tag: &str) -> Scratch {
+            let dir = std::env::temp_dir().join(format!("vmm-disk-{tag}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(dir.join("tree")).unwrap();
+            Scratch(dir)
+        }
+
+        fn tree(&self, path: &str) -> PathBuf {
+            self.0.join("tree").join(path.trim_start_matches('/'))
+        }
+
+        /// `mkfs.TYPE -d` of the tree: the filesystem image's bytes.
+        fn mkfs(&self, kind: &str, mib: u64) -> Vec<u8> {
+            let image = self.0.join(format!("{kind}.img"));
+            let out = Command::new(format!("mkfs.{kind}"))
+                .args(["-q", "-F", "-U", UUID, "-d"])
+                .arg(self.0.join("tree"))
+                .arg(&image)
+                .arg(format!("{mib}M"))
+                .output()
+                .expect("mkfs runs (e2fsprogs)");
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            std::fs::read(image).unwrap()
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn write(path: &Path, bytes: &[u8]) {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, bytes).unwrap();
+    }
+
+    /// A GPT disk with `filesystems` in partitions of `mib` MiB each.
+    fn gpt_with(filesystems: &[&[u8]], mib: u64) -> Vec<u8> {
+        let sectors = mib * MIB / 512;
+        let parts: Vec<(u64, u64)> = (0..filesystems.len() as u64)
+            .map(|i| (2048 + i * sectors, 2048 + (i + 1) * sectors - 1))
+            .collect();
+        let size = (filesystems.len() as u64 * mib + 2) * MIB;
+        let mut disk = gpt_disk(size, 512, &parts);
+        for (fs, (first, _)) in filesystems.iter().zip(&parts) {
+            let at = (*first * 512) as usize;
+            disk[at..at + fs.len()].copy_from_slice(fs);
+        }
+        disk
+    }
+
+    fn debian_tree(s: &Scratch) {
+        write(
+            &s.tree("/etc/default/grub"),
+            b"GRUB_CMDLINE_LINUX=\"console=ttyS0\"\n",
+        );
+        write(
+            &s.tree("/etc/default/grub.d/50-cloud.cfg"),
+            b"GRUB_CMDLINE_LINUX_DEFAULT=\"$GRUB_CMDLINE_LINUX_DEFAULT cloud\"\n",
+        );
+        write(&s.tree("/boot/vmlinuz-6.1.0-18-amd64"), b"KERNEL 18");
+        write(&s.tree("/boot/initrd.img-6.1.0-18-amd64"), b"INITRD 18");
+        std::os::unix::fs::symlink("boot/vmlinuz-6.1.0-18-amd64", s.tree("/vmlinuz")).unwrap();
+        std::os::unix::fs::symlink("boot/initrd.img-6.1.0-18-amd64", s.tree("/initrd.img"))
+            .unwrap();
+    }
+
+    #[test]
+    fn ext2_ext3_and_ext4_roots_are_read() {
+        for kind in ["ext2", "ext3", "ext4"] {
+            let s = Scratch::new(kind);
+            debian_tree(&s);
+            let disk = gpt_with(&[&s.mkfs(kind, 8)], 8);
+            let files = find_boot_files_in_image(&disk).unwrap_or_else(|e| panic!("{kind}: {e}"));
+            assert_eq!(files.kernel, b"KERNEL 18", "{kind}");
+            assert_eq!(
+                files.initrd.as_deref(),
+                Some(&b"INITRD 18\0\0\0"[..]),
+                "{kind}"
+            );
+            assert_eq!(files.source, BootSource::Links);
+            assert_eq!(
+                files.cmdline,
+                format!("root=UUID={UUID} ro console=ttyS0 cloud")
+            );
+        }
+    }
+
+    #[test]
+    fn a_whole_disk_filesystem_without_a_table_is_read() {
+        let s = Scratch::new("whole");
+        debian_tree(&s);
+        let files = find_boot_files_in_image(&s.mkfs("ext4", 8)).unwrap();
+        assert_eq!(files.kernel, b"KERNEL 18");
+    }
+
+    /// An XFS root (here only its superblock) with an ext4 /boot: the
+    /// kernel from /boot, root=UUID= the XFS filesystem's.
+    #[test]
+    fn an_xfs_root_with_an_ext4_boot_gets_the_xfs_uuid() {
+        let s = Scratch::new("xfs");
+        write(&s.tree("/vmlinuz-6.1.0-18-amd64"), b"KERNEL 18");
+        let boot = s.mkfs("ext4", 8);
+        let mut xfs = vec![0u8; (8 * MIB) as usize];
+        xfs[..4].copy_from_slice(b"XFSB");
+        xfs[32..48].copy_from_slice(&[0xab; 16]);
+        let disk = gpt_with(&[&boot, &xfs], 8);
+        let files = find_boot_files_in_image(&disk).unwrap();
+        assert_eq!(files.kernel, b"KERNEL 18");
+        assert_eq!(files.kernel_path, "/boot/vmlinuz-6.1.0-18-amd64");
+        assert_eq!(
+            files.cmdline,
+            "root=UUID=abababab-abab-abab-abab-abababababab ro"
+        );
+        // Without it, there is no root to name.
+        let e = find_boot_files_in_image(&gpt_with(&[&boot], 8)).unwrap_err();
+        assert!(e.to_string().starts_with("no root filesystem found"), "{e}");
+    }
+
+    #[test]
+    fn oversized_files_are_refused_before_they_are_read() {
+        let s = Scratch::new("big");
+        debian_tree(&s);
+        let disk = gpt_with(&[&s.mkfs("ext4", 8)], 8);
+        let limits = Limits {
+            kernel: 8,
+            initrd: 1 << 20,
+        };
+        let e = find_boot_files(Rc::new(disk), limits)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "/boot/vmlinuz-6.1.0-18-amd64: the kernel is 9 bytes, more than the 8 allowed"
+        );
+    }
+
+    /// Random corruption of a real image's metadata never panics, hangs or
+    /// allocates without bound: each attempt ends with files or an error.
+    #[test]
+    fn corrupted_images_end_in_an_error_not_a_panic() {
+        let s = Scratch::new("mutate");
+        debian_tree(&s);
+        let clean = gpt_with(&[&s.mkfs("ext4", 4)], 4);
+        // The metadata lives in the tables and the filesystem's first blocks.
+        let hot = (MIB + 64 * 1024) as usize;
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        // More rounds on request, when hunting.
+        let rounds: u32 = std::env::var("VMM_DISK_MUTATIONS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(300);
+        let (mut ok, mut refused) = (0, 0);
+        for _ in 0..rounds {
+            let mut disk = clean.clone();
+            for _ in 0..1 + next() % 8 {
+                let at = (next() % hot as u64) as usize;
+                disk[at] = next() as u8;
+            }
+            match find_boot_files_in_image(&disk) {
+                Ok(_) => ok += 1,
+                Err(_) => refused += 1,
+            }
+        }
+        assert_eq!(ok + refused, rounds);
+        assert!(refused > 0, "no corruption was noticed: {ok} booted");
+    }
+}
