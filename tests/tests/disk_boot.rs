@@ -566,3 +566,84 @@ fn a_kernel_update_on_the_disk_takes_effect_at_the_next_reboot() {
         "{stderr}"
     );
 }
+
+/// The same through the API: `vm.create` with `payload.boot_disk`, then
+/// `vm.boot`; a disk that boots nothing is a 400 naming what is missing.
+#[test]
+fn the_api_boots_a_disk_named_by_boot_disk_and_refuses_one_without_a_kernel() {
+    require_kvm!();
+    let dir = TempDir::new("diskboot-api");
+    let root = Tree::new(&dir, "root");
+    root.debian_root()
+        .kernel("/boot/vmlinuz-6.1.0-18-amd64")
+        .link("/vmlinuz", "boot/vmlinuz-6.1.0-18-amd64");
+    let good = root.mkfs(ROOT_UUID, 16);
+    let empty = Tree::new(&dir, "empty");
+    empty.debian_root();
+    let bad = empty.mkfs(BOOT_UUID, 16);
+    let config = |boot_disk: &str| {
+        format!(
+            r#"{{"payload": {{"boot_disk": "{boot_disk}", "cmdline": "-- info"}},
+                 "disks": [{{"path": "{}", "id": "data"}}, {{"path": "{}", "id": "root"}}]}}"#,
+            bad.display(),
+            good.display()
+        )
+    };
+    let socket = dir.join("api.sock");
+    let vmm = Vmm::spawn(&["--api-socket", socket.to_str().unwrap()]);
+    vmm.wait_api(BOOT);
+    let api = vmm.api();
+    api.create_json(config("data").as_bytes()).unwrap();
+    match api.boot() {
+        Err(api::http::client::ClientError::Api { status, error }) => {
+            assert_eq!(status, 400);
+            assert!(
+                error.message.contains(&format!(
+                    "disk boot from disks[0] ({}): no kernel found",
+                    bad.display()
+                )),
+                "{}",
+                error.message
+            );
+        }
+        other => panic!("expected a 400, got {other:?}"),
+    }
+    drop(vmm);
+
+    let mut vmm = Vmm::spawn(&["--api-socket", socket.to_str().unwrap()]);
+    vmm.wait_api(BOOT);
+    let api = vmm.api();
+    api.create_json(config("root").as_bytes()).unwrap();
+    api.boot().unwrap();
+    let line = info(&mut vmm);
+    assert!(line.contains(&format!("root=UUID={ROOT_UUID}")), "{line}");
+    assert_eq!(
+        api.info().unwrap().config.payload.boot_disk.as_deref(),
+        Some("root")
+    );
+}
+
+#[test]
+fn boot_flag_errors_name_the_flag() {
+    // No KVM needed: these fail before any VM exists.
+    for (args, needle) in [
+        (
+            vec!["--boot", "cdrom"],
+            "--boot: \"cdrom\" is not disk or disk=ID",
+        ),
+        (vec!["--boot", "disk"], "--boot: disk boot needs a --disk"),
+        (
+            vec!["--boot", "disk=root", "--disk", "path=/d"],
+            "payload.boot_disk: no disk has id \"root\" (disks: disk0)",
+        ),
+        (
+            vec!["--boot", "disk", "--disk", "path=/d", "--kernel", "/k"],
+            "payload.boot_disk: cannot be combined with kernel",
+        ),
+    ] {
+        let mut vmm = Vmm::spawn(&args);
+        assert_eq!(vmm.exit_code(BOOT), 2, "{args:?}\n{}", vmm.report());
+        let stderr = vmm.stderr().join("\n");
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+    }
+}

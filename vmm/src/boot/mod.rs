@@ -57,6 +57,8 @@ pub enum BootError {
         disk: String,
         source: disk::DiskBootError,
     },
+    #[error("payload.boot_disk: no disk has id {0:?}")]
+    NoBootDisk(String),
     #[error(
         "the kernel command line would be {len} bytes with the guest's own settings \
          ({guest:?}); at most {max}", max = MAX_CMDLINE_LEN - 1
@@ -74,7 +76,8 @@ impl BootError {
             | BootError::Load { .. }
             | BootError::InitrdTooLarge { .. }
             | BootError::TooManyCpus(_)
-            | BootError::CmdlineTooLong { .. } => config::ErrorClass::Caller,
+            | BootError::CmdlineTooLong { .. }
+            | BootError::NoBootDisk(_) => config::ErrorClass::Caller,
             BootError::Disk { source, .. } => source.class(),
             BootError::Memory(_) => config::ErrorClass::Host,
         }
@@ -199,10 +202,8 @@ fn disk_boot_files(config: &VmConfig) -> Result<disk::BootFiles, BootError> {
         .and_then(|i| config.disks.get(i))
         .map(|d| d.path.clone());
     let (Some(i), Some(path)) = (index, path) else {
-        return Err(BootError::Disk {
-            disk: format!("{:?}", config.payload.boot_disk),
-            source: disk::DiskBootError::NoFilesystem("no such disk".into()),
-        });
+        let id = config.payload.boot_disk.clone().unwrap_or_default();
+        return Err(BootError::NoBootDisk(id));
     };
     let name = format!("disks[{i}] ({})", path.display());
     let error = |source| BootError::Disk {
