@@ -420,21 +420,19 @@ fn fstab_boot_spec(root: &Fs) -> Option<String> {
 }
 
 /// Whether directory `dir` of `fs` holds grub/grub.cfg or a vmlinuz-*.
+/// (Through [`Tree`]: ext4-view would follow links in the middle of a path
+/// itself, sizing a link's target from the disk.)
 fn looks_like_boot(fs: &Fs, dir: &str) -> bool {
-    let base = dir.trim_end_matches('/');
-    if lstat(fs, format!("{base}/grub/grub.cfg").as_bytes()).is_ok() {
-        return true;
-    }
-    if !is_dir(fs, dir.as_bytes()) {
-        return false;
-    }
-    let Ok(entries) = fs.ext4.read_dir(dir) else {
-        return false;
+    let tree = Tree {
+        root: Some(fs),
+        boot: None,
+        prefix: "",
     };
-    entries
-        .take(MAX_DIR_ENTRIES)
-        .flatten()
-        .any(|e| e.file_name().as_ref().starts_with(b"vmlinuz-"))
+    let base = dir.trim_end_matches('/');
+    tree.resolve(&format!("{base}/grub/grub.cfg")).is_ok()
+        || tree
+            .list(dir)
+            .is_ok_and(|names| names.iter().any(|n| n.starts_with("vmlinuz-")))
 }
 
 /// The UUID of an XFS or btrfs root (the kernel may still be on an ext
@@ -1049,6 +1047,48 @@ mod tests {
             e,
             "/boot/vmlinuz-6.1.0-18-amd64: the kernel is 9 bytes, more than the 8 allowed"
         );
+    }
+
+    /// A link whose size on disk is 4 GiB (a hostile inode) is refused
+    /// before anything is sized from it, wherever it sits in a path: /boot
+    /// here is such a link, in the middle of every path tried.
+    #[test]
+    fn a_link_claiming_a_huge_target_is_not_read() {
+        let s = Scratch::new("hugelink");
+        debian_tree(&s);
+        std::fs::remove_dir_all(s.tree("/boot")).unwrap();
+        std::os::unix::fs::symlink(format!("/{}", "x".repeat(80)), s.tree("/boot")).unwrap();
+        let image = s.0.join("ext4.img");
+        let fs = s.mkfs("ext4", 8);
+        std::fs::write(&image, &fs).unwrap();
+        let out = Command::new("debugfs")
+            .args(["-w", "-R", "sif /boot size 0xfffffff0"])
+            .arg(&image)
+            .output()
+            .expect("debugfs runs (e2fsprogs)");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let disk = gpt_with(&[&std::fs::read(&image).unwrap()], 8);
+        let peak_before = peak_rss_bytes();
+        let e = find_boot_files_in_image(&disk).unwrap_err().to_string();
+        assert!(
+            e.contains("/boot/grub/grub.cfg: /boot: link target too long"),
+            "{e}"
+        );
+        // Reading that target would have filled 4 GiB.
+        let grown = peak_rss_bytes() - peak_before;
+        assert!(grown < 512 << 20, "peak RSS grew by {grown} bytes");
+    }
+
+    fn peak_rss_bytes() -> i64 {
+        // SAFETY: rusage is plain data, filled in by getrusage.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: usage is a valid rusage to write to.
+        unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+        usage.ru_maxrss * 1024
     }
 
     /// Random corruption of a real image's metadata never panics, hangs or
