@@ -479,6 +479,7 @@ fn full_config(serial: SerialConfig, backing: MemoryBacking, on_reset: ResetActi
             kernel: "/boot/vmlinux".into(),
             cmdline: "console=ttyS0".into(),
             initrd: Some("/boot/initrd".into()),
+            boot_disk: Some("root".into()),
         },
         serial,
         disks: vec![DiskConfig {
@@ -797,7 +798,7 @@ fn the_checker_catches_drift() {
     .unwrap();
     config["cpus"]["max_vcpus"] = json!(8);
     config["memory"]["size_mib"] = json!("big");
-    config["payload"].as_object_mut().unwrap().remove("kernel");
+    config["disks"][0].as_object_mut().unwrap().remove("path");
     checker.check(&schema_ref("VmConfig"), &config, "VmConfig", "$");
     let errors = checker.errors.join("\n");
     assert!(
@@ -806,7 +807,7 @@ fn the_checker_catches_drift() {
     );
     assert!(errors.contains("$.memory.size_mib"), "{errors}");
     assert!(
-        errors.contains("$.payload: required kernel is missing"),
+        errors.contains("$.disks[0]: required path is missing"),
         "{errors}"
     );
 }

@@ -125,6 +125,15 @@ impl VmConfig {
                 }
             }
         }
+        if let Some(id) = &self.payload.boot_disk {
+            if self.boot_disk_index().is_none() {
+                let known: Vec<String> = (0..self.disks.len()).map(|i| self.disk_id(i)).collect();
+                return Err(ConfigError::new(
+                    "payload.boot_disk",
+                    format!("no disk has id {id:?} (disks: {})", known.join(", ")),
+                ));
+            }
+        }
         if let Some(balloon) = &self.balloon {
             balloon.validate().map_err(|e| e.within("balloon"))?;
             if self.memory.backing == MemoryBacking::Hugetlbfs {
@@ -163,6 +172,20 @@ impl VmConfig {
             }
         }
         Ok(())
+    }
+
+    /// The id disk `i` has or gets (`disk{i}` when none is given).
+    pub fn disk_id(&self, i: usize) -> String {
+        match self.disks.get(i).and_then(|d| d.id.clone()) {
+            Some(id) => id,
+            None => format!("disk{i}"),
+        }
+    }
+
+    /// Which disk `payload.boot_disk` names, if any.
+    pub fn boot_disk_index(&self) -> Option<usize> {
+        let id = self.payload.boot_disk.as_ref()?;
+        (0..self.disks.len()).find(|&i| &self.disk_id(i) == id)
     }
 
     /// Fills in the ids of disks and nets that have none (`disk0`, `net0`, ...),
@@ -318,16 +341,29 @@ impl MemoryConfig {
     }
 }
 
-/// What to boot.
+/// What to boot: a kernel file on the host (`kernel`, `initrd`), or what the
+/// guest's own disk would boot (`boot_disk`).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PayloadConfig {
     /// A Linux bzImage, or an ELF (vmlinux or the test guest; PVH entry if it has one).
+    /// Empty when `boot_disk` is set.
+    #[serde(default, skip_serializing_if = "path_is_empty")]
     pub kernel: PathBuf,
+    /// Added to the kernel command line (after the guest's own settings
+    /// with `boot_disk`).
     #[serde(default)]
     pub cmdline: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub initrd: Option<PathBuf>,
+    /// Boot the kernel and initrd found on this disk (an id in `disks`),
+    /// with the guest's own command line settings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_disk: Option<String>,
+}
+
+fn path_is_empty(path: &std::path::Path) -> bool {
+    path.as_os_str().is_empty()
 }
 
 /// The longest kernel command line accepted, including the terminating NUL.
@@ -335,11 +371,30 @@ pub const MAX_CMDLINE_LEN: usize = 4096;
 
 impl PayloadConfig {
     pub fn validate(&self) -> ConfigResult<()> {
-        if self.kernel.as_os_str().is_empty() {
-            return Err(ConfigError::new(
-                "kernel",
-                "a kernel image path is required",
-            ));
+        match &self.boot_disk {
+            None if self.kernel.as_os_str().is_empty() => {
+                return Err(ConfigError::new(
+                    "kernel",
+                    "a kernel image path (or boot_disk) is required",
+                ));
+            }
+            None => {}
+            Some(_) if !self.kernel.as_os_str().is_empty() => {
+                return Err(ConfigError::new(
+                    "boot_disk",
+                    "cannot be combined with kernel: the kernel comes from the disk",
+                ));
+            }
+            Some(_) if self.initrd.is_some() => {
+                return Err(ConfigError::new(
+                    "initrd",
+                    "cannot be combined with boot_disk: the initrd comes from the disk",
+                ));
+            }
+            Some(id) if id.is_empty() => {
+                return Err(ConfigError::new("boot_disk", "must be a disk id"));
+            }
+            Some(_) => {}
         }
         if self.cmdline.len() >= MAX_CMDLINE_LEN {
             return Err(ConfigError::new(
@@ -981,6 +1036,43 @@ mod tests {
             br#"{"payload": {"kernel": "/k"}, "nets": [{"tap": "t1", "id": "balloon"}]}"#,
         )
         .unwrap();
+    }
+
+    #[test]
+    fn boot_disk_names_a_disk_and_replaces_the_kernel() {
+        let c = VmConfig::from_json(
+            br#"{"payload": {"boot_disk": "root", "cmdline": "console=ttyS0"},
+                 "disks": [{"path": "/d0"}, {"path": "/d1", "id": "root"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(c.boot_disk_index(), Some(1));
+        // Default ids count too.
+        let c = VmConfig::from_json(
+            br#"{"payload": {"boot_disk": "disk0"}, "disks": [{"path": "/d0"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(c.boot_disk_index(), Some(0));
+        let text = serde_json::to_string(&c.payload).unwrap();
+        assert!(!text.contains("kernel"), "{text}");
+
+        let e = VmConfig::from_json(
+            br#"{"payload": {"boot_disk": "root"}, "disks": [{"path": "/d0"}]}"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.field, "payload.boot_disk");
+        assert!(e.message.contains("disk0"), "{e}");
+        let e = VmConfig::from_json(
+            br#"{"payload": {"boot_disk": "disk0", "kernel": "/k"}, "disks": [{"path": "/d0"}]}"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.field, "payload.boot_disk");
+        let e = VmConfig::from_json(
+            br#"{"payload": {"boot_disk": "disk0", "initrd": "/i"}, "disks": [{"path": "/d0"}]}"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.field, "payload.initrd");
+        let e = VmConfig::from_json(br#"{"payload": {"cmdline": "x"}}"#).unwrap_err();
+        assert_eq!(e.field, "payload.kernel");
     }
 
     #[test]

@@ -143,6 +143,7 @@ fn ours_boot_request(dir: &TempDir, guest: &Path) -> Duration {
             kernel: guest.to_path_buf(),
             cmdline: "--".into(),
             initrd: None,
+            boot_disk: None,
         },
         memory: config::MemoryConfig {
             size_mib: MEMORY_MIB,

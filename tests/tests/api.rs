@@ -21,6 +21,7 @@ fn guest_config(cmdline: &str) -> VmConfig {
             kernel: testguest(),
             cmdline: cmdline.into(),
             initrd: None,
+            boot_disk: None,
         },
         ..Default::default()
     }

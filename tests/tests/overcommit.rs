@@ -280,6 +280,7 @@ fn a_created_vm_boots_with_the_target_set_before() {
             kernel: testguest(),
             cmdline: "-- info".into(),
             initrd: None,
+            boot_disk: None,
         },
         memory: MemoryConfig {
             size_mib: 64,

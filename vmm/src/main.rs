@@ -19,13 +19,18 @@ const USAGE: &str = "\
 usage: vmm [--api-socket PATH] [--config FILE | VM FLAGS]
 
 Runs one VM on /dev/kvm. With --api-socket only, waits for vm.create/vm.boot
-on the REST API. With --config or --kernel, creates and boots the VM at once
+on the REST API. With --config, --kernel or --boot, creates and boots the VM at once
 (and also serves the API if --api-socket is given).
 
 VM flags (the same fields as the JSON config file and the vm.create body):
   --kernel PATH          Linux bzImage or ELF (vmlinux, PVH entry if present)
   --cmdline STRING       kernel command line
   --initrd PATH          initial ramdisk
+  --boot disk[=ID]       boot what the guest's disk boots (default the first
+                         --disk): GRUB's default entry, /vmlinuz and
+                         /initrd.img, or the newest /boot/vmlinuz-*, with
+                         root=UUID=... and the guest's GRUB_CMDLINE_LINUX*;
+                         --cmdline is appended
   --cpus N               number of vCPUs (default 1)
   --memory SPEC          size=128M[,backing=anonymous|memfd|hugetlbfs][,mergeable=on]
                          [,thp=on|off]  (default: on for anonymous memory
@@ -91,6 +96,8 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Option<Args>, Co
     let mut payload = PayloadConfig::default();
     let mut vm = VmConfig::default();
     let mut vm_flags = false;
+    // --boot disk[=ID]: Some(None) for the first disk.
+    let mut boot_disk: Option<Option<String>> = None;
     while let Some(flag) = argv.next() {
         if flag == "-h" || flag == "--help" {
             print!("{USAGE}");
@@ -119,6 +126,19 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Option<Args>, Co
             "--kernel" => payload.kernel = PathBuf::from(value()?),
             "--cmdline" => payload.cmdline = value()?,
             "--initrd" => payload.initrd = Some(PathBuf::from(value()?)),
+            "--boot" => {
+                let v = value()?;
+                boot_disk = match v.split_once('=') {
+                    None if v == "disk" => Some(None),
+                    Some(("disk", id)) if !id.is_empty() => Some(Some(id.to_string())),
+                    _ => {
+                        return Err(ConfigError::new(
+                            "--boot",
+                            format!("{v:?} is not disk or disk=ID"),
+                        ))
+                    }
+                };
+            }
             "--cpus" => {
                 vm.cpus = CpusConfig {
                     boot_vcpus: parse_number("--cpus", &value()?)?,
@@ -174,8 +194,16 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Option<Args>, Co
         }
         (None, true) => {
             vm.payload = payload;
-            if vm.payload.kernel.as_os_str().is_empty() {
-                return Err(ConfigError::new("--kernel", "VM flags need a kernel"));
+            if let Some(id) = boot_disk {
+                if vm.disks.is_empty() {
+                    return Err(ConfigError::new("--boot", "disk boot needs a --disk"));
+                }
+                vm.payload.boot_disk = Some(id.unwrap_or_else(|| vm.disk_id(0)));
+            } else if vm.payload.kernel.as_os_str().is_empty() {
+                return Err(ConfigError::new(
+                    "--kernel",
+                    "VM flags need a kernel (or --boot disk)",
+                ));
             }
             vm.validate()?;
             Some(vm)
@@ -210,7 +238,7 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Option<Args>, Co
     if vm.is_none() && api_socket.is_none() && incoming.is_none() {
         return Err(ConfigError::new(
             "arguments",
-            "give --api-socket, --config, --kernel or --incoming",
+            "give --api-socket, --config, --kernel, --boot or --incoming",
         ));
     }
     if api_socket_group.is_some() && api_socket.is_none() {

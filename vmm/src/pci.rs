@@ -1,7 +1,7 @@
 //! The VMM side of PCI: placing BARs on the MMIO bus with their ioeventfds,
 //! and handing out BAR addresses in the 32-bit window.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use devices::bus::Bus;
 use devices::pci::{BarAccess, BarMapper, PciError, SharedPciDevice};
@@ -10,7 +10,11 @@ use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use crate::layout::{PCI_MMIO_SIZE, PCI_MMIO_START};
 
 pub struct VmBarMapper {
-    pub mmio: Arc<Bus>,
+    /// Weak: the bus holds the ECAM device, which holds the PCI root, which
+    /// holds this mapper; a strong reference would keep a stopped VM (its
+    /// memory, its disks' files and locks) alive, and a reboot could not
+    /// open its disks again.
+    pub mmio: Weak<Bus>,
     pub vm_fd: Arc<VmFd>,
 }
 
@@ -31,8 +35,10 @@ impl BarMapper for VmBarMapper {
             address,
             source,
         };
-        self.mmio
-            .insert(address, size, access)
+        let Some(mmio) = self.mmio.upgrade() else {
+            return Err(failed("the VM is gone".into()));
+        };
+        mmio.insert(address, size, access)
             .map_err(|e| failed(Box::new(e)))?;
         let events = device
             .lock()
@@ -61,7 +67,9 @@ impl BarMapper for VmBarMapper {
                 NoDatamatch,
             );
         }
-        self.mmio.remove(address);
+        if let Some(mmio) = self.mmio.upgrade() {
+            mmio.remove(address);
+        }
     }
 }
 

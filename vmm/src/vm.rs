@@ -143,7 +143,7 @@ impl Vm {
                 // ACPI tables, for the devices above (an incoming VM gets
                 // them with its memory).
                 let rsdp = crate::acpi::write_tables(&memory, cpus)?;
-                Some(boot::load(&memory, &config.payload, cpus, Some(rsdp))?)
+                Some(boot::load(&memory, config, cpus, Some(rsdp))?)
             }
             VmStart::Incoming => None,
         };
@@ -374,7 +374,7 @@ fn add_pci_bus(
 ) -> Result<DeviceManager, VmError> {
     let gsi_router = Arc::new(GsiRouter::new(vm_fd.clone()));
     let pci_root = Arc::new(Mutex::new(PciRoot::new(Arc::new(VmBarMapper {
-        mmio: mmio.clone(),
+        mmio: Arc::downgrade(mmio),
         vm_fd: vm_fd.clone(),
     }))));
     pio.insert(

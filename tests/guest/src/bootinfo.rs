@@ -28,6 +28,10 @@ pub struct BootInfo {
     memmap_len: usize,
     /// `rsdp_paddr` (0 if none).
     pub rsdp: u64,
+    /// The first module's (the initrd's) size, 0 if none.
+    pub initrd_size: u64,
+    /// Its first bytes (tests check which file the VMM loaded).
+    pub initrd_head: [u8; 8],
 }
 
 impl BootInfo {
@@ -75,6 +79,8 @@ pub fn init(paddr: u64) -> &'static BootInfo {
         memmap: [MemEntry::default(); MAX_MEMMAP],
         memmap_len: 0,
         rsdp: 0,
+        initrd_size: 0,
+        initrd_head: [0; 8],
     };
     if phys_ok(paddr, 56) && rd::<u32>(paddr) == START_INFO_MAGIC {
         b.valid = true;
@@ -90,6 +96,17 @@ pub fn init(paddr: u64) -> &'static BootInfo {
                 // Keep the command line printable ASCII.
                 b.cmdline[b.cmdline_len] = if (0x20..0x7f).contains(&c) { c } else { b' ' };
                 b.cmdline_len += 1;
+            }
+        }
+        let modules = rd::<u32>(paddr + 12);
+        let modlist = rd::<u64>(paddr + 16);
+        if modules >= 1 && phys_ok(modlist, 16) {
+            let (addr, size) = (rd::<u64>(modlist), rd::<u64>(modlist + 8));
+            if size >= 8 && phys_ok(addr, 8) {
+                b.initrd_size = size;
+                for (i, byte) in b.initrd_head.iter_mut().enumerate() {
+                    *byte = rd::<u8>(addr + i as u64);
+                }
             }
         }
         if b.version >= 1 {

@@ -554,11 +554,17 @@ impl Shell {
             "help" => println!("testguest: commands: {}", HELP),
             "info" => {
                 if Args::parse(cmd, rest, &[]).is_some() {
+                    let (initrd_size, h) = crate::bootinfo::get()
+                        .map(|b| (b.initrd_size, b.initrd_head))
+                        .unwrap_or_default();
                     println!(
-                        "testguest: info cpus={} mem_mib={} tsc_khz={} cmdline=\"{}\"",
+                        "testguest: info cpus={} mem_mib={} tsc_khz={} initrd_size={} \
+                         initrd_head={:02x}{:02x}{:02x}{:02x}{:02x}{:02x}{:02x}{:02x} cmdline=\"{}\"",
                         crate::percpu::online_count(),
                         mem::total_mib(),
                         time::tsc_khz(),
+                        initrd_size,
+                        h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7],
                         self.cmdline
                     );
                 }

@@ -1,19 +1,25 @@
 //! Loading a kernel and everything it reads at its entry point: command
 //! line, initrd, memory map, PVH start_info or Linux boot_params, MP table.
 
+pub mod disk;
+pub mod grub;
 pub mod mptable;
+pub mod partition;
 pub mod regs;
 
 use std::fs::File;
-use std::path::Path;
+use std::io::{Cursor, Read, Seek};
+use std::rc::Rc;
 
-use config::PayloadConfig;
+use config::{VmConfig, MAX_CMDLINE_LEN};
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
 use linux_loader::loader::elf::start_info::{
     hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
 };
 use linux_loader::loader::{BzImage, Elf, KernelLoader, PvhBootCapability};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, ReadVolatile,
+};
 
 pub use regs::{boot_registers, EntryMode};
 
@@ -45,6 +51,19 @@ pub enum BootError {
     Memory(&'static str),
     #[error("{0} vCPUs do not fit in the MP table")]
     TooManyCpus(u8),
+    #[error("disk boot from {disk}: {source}")]
+    Disk {
+        /// `disks[0] (/dev/vg/web1)`
+        disk: String,
+        source: disk::DiskBootError,
+    },
+    #[error("payload.boot_disk: no disk has id {0:?}")]
+    NoBootDisk(String),
+    #[error(
+        "the kernel command line would be {len} bytes with the guest's own settings \
+         ({guest:?}); at most {max}", max = MAX_CMDLINE_LEN - 1
+    )]
+    CmdlineTooLong { len: usize, guest: String },
 }
 
 impl BootError {
@@ -56,7 +75,10 @@ impl BootError {
             BootError::Format { .. }
             | BootError::Load { .. }
             | BootError::InitrdTooLarge { .. }
-            | BootError::TooManyCpus(_) => config::ErrorClass::Caller,
+            | BootError::TooManyCpus(_)
+            | BootError::CmdlineTooLong { .. }
+            | BootError::NoBootDisk(_) => config::ErrorClass::Caller,
+            BootError::Disk { source, .. } => source.class(),
             BootError::Memory(_) => config::ErrorClass::Host,
         }
     }
@@ -100,22 +122,119 @@ pub fn memory_map(mem: &GuestMemoryMmap) -> Vec<(u64, u64, u32)> {
     map
 }
 
-/// Loads the kernel, command line and initrd and writes the boot
+/// Loads the kernel, command line and initrd (from host files, or from
+/// the guest's disk with `payload.boot_disk`) and writes the boot
 /// structures for `cpus` vCPUs, telling the kernel where the ACPI RSDP is
 /// when `acpi_rsdp` is given. Returns the entry point.
 pub fn load(
     mem: &GuestMemoryMmap,
-    payload: &PayloadConfig,
+    config: &VmConfig,
     cpus: u8,
     acpi_rsdp: Option<u64>,
 ) -> Result<BootEntry, BootError> {
+    let payload = &config.payload;
+    if payload.boot_disk.is_some() {
+        let files = disk_boot_files(config)?;
+        let mut cmdline = files.cmdline.clone();
+        if !payload.cmdline.is_empty() {
+            cmdline.push(' ');
+            cmdline.push_str(&payload.cmdline);
+        }
+        if cmdline.len() >= MAX_CMDLINE_LEN {
+            return Err(BootError::CmdlineTooLong {
+                len: cmdline.len(),
+                guest: files.cmdline,
+            });
+        }
+        let name = files.kernel_path.clone();
+        let initrd_name = files.initrd_paths.join(" + ");
+        let initrd = files.initrd.map(|bytes| {
+            let size = bytes.len() as u64;
+            (Cursor::new(bytes), size, initrd_name)
+        });
+        return load_images(
+            mem,
+            (&mut Cursor::new(files.kernel), &name),
+            initrd,
+            &cmdline,
+            cpus,
+            acpi_rsdp,
+        );
+    }
     let path = payload.kernel.display().to_string();
     let mut kernel = File::open(&payload.kernel).map_err(|source| BootError::Open {
         path: path.clone(),
         source,
     })?;
+    let initrd = match &payload.initrd {
+        Some(initrd) => {
+            let name = initrd.display().to_string();
+            let file = File::open(initrd).map_err(|source| BootError::Open {
+                path: name.clone(),
+                source,
+            })?;
+            let size = file
+                .metadata()
+                .map_err(|source| BootError::Initrd {
+                    path: name.clone(),
+                    source,
+                })?
+                .len();
+            Some((file, size, name))
+        }
+        None => None,
+    };
+    load_images(
+        mem,
+        (&mut kernel, &path),
+        initrd,
+        &payload.cmdline,
+        cpus,
+        acpi_rsdp,
+    )
+}
+
+/// Reads the kernel, initrd and the guest's command line from the disk
+/// `payload.boot_disk` names, within the caps and the guest's memory.
+fn disk_boot_files(config: &VmConfig) -> Result<disk::BootFiles, BootError> {
+    let index = config.boot_disk_index();
+    let path = index
+        .and_then(|i| config.disks.get(i))
+        .map(|d| d.path.clone());
+    let (Some(i), Some(path)) = (index, path) else {
+        let id = config.payload.boot_disk.clone().unwrap_or_default();
+        return Err(BootError::NoBootDisk(id));
+    };
+    let name = format!("disks[{i}] ({})", path.display());
+    let error = |source| BootError::Disk {
+        disk: name.clone(),
+        source,
+    };
+    let file = File::open(&path).map_err(|e| error(disk::DiskBootError::Io(e)))?;
+    let image = partition::FileDisk::new(file).map_err(|e| error(disk::DiskBootError::Io(e)))?;
+    let limits = disk::Limits::for_memory(config.memory.size_bytes());
+    let files = disk::find_boot_files(Rc::new(image), limits).map_err(error)?;
+    eprintln!("vmm: booting from {name}: {}", files.describe());
+    Ok(files)
+}
+
+/// Loads a kernel image (ELF or bzImage) and an initrd `(reader, size,
+/// name)` and writes the boot structures.
+fn load_images<K, I>(
+    mem: &GuestMemoryMmap,
+    (kernel, path): (&mut K, &str),
+    initrd: Option<(I, u64, String)>,
+    cmdline: &str,
+    cpus: u8,
+    acpi_rsdp: Option<u64>,
+) -> Result<BootEntry, BootError>
+where
+    K: Read + ReadVolatile + Seek,
+    I: ReadVolatile,
+{
+    let path = path.to_string();
     let high = Some(GuestAddress(HIGH_RAM_START));
-    let (entry, setup_header, kernel_end) = match Elf::load(mem, None, &mut kernel, high) {
+    let (entry, setup_header, kernel_end) = match Elf::load(mem, None, kernel, high) {
         Ok(result) => {
             let entry = match result.pvh_boot_cap {
                 PvhBootCapability::PvhEntryPresent(addr) => BootEntry {
@@ -132,11 +251,10 @@ pub fn load(
         Err(linux_loader::loader::Error::Elf(
             linux_loader::loader::elf::Error::InvalidElfMagicNumber,
         )) => {
-            let result =
-                BzImage::load(mem, None, &mut kernel, high).map_err(|e| BootError::Format {
-                    path: path.clone(),
-                    message: e.to_string(),
-                })?;
+            let result = BzImage::load(mem, None, kernel, high).map_err(|e| BootError::Format {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
             let entry = BootEntry {
                 mode: EntryMode::Linux64,
                 entry: result.kernel_load.raw_value() + BZIMAGE_64BIT_ENTRY_OFFSET,
@@ -151,18 +269,25 @@ pub fn load(
         }
     };
 
-    let mut cmdline = payload.cmdline.as_bytes().to_vec();
+    let mut cmdline = cmdline.as_bytes().to_vec();
     cmdline.push(0);
     mem.write_slice(&cmdline, GuestAddress(CMDLINE_START))
         .map_err(|_| BootError::Memory("command line"))?;
 
-    let initrd = match &payload.initrd {
-        Some(path) => {
+    let initrd = match initrd {
+        Some((mut reader, size, name)) => {
             let limit = setup_header
                 .map(|h| u64::from(h.initrd_addr_max))
                 .filter(|&m| m != 0)
                 .unwrap_or(DEFAULT_INITRD_ADDR_MAX);
-            Some(load_initrd(mem, path, kernel_end, limit)?)
+            Some(load_initrd(
+                mem,
+                &mut reader,
+                size,
+                &name,
+                kernel_end,
+                limit,
+            )?)
         }
         None => None,
     };
@@ -181,22 +306,12 @@ pub fn load(
 /// Puts the initrd as high as allowed in low RAM, page aligned; returns (address, size).
 fn load_initrd(
     mem: &GuestMemoryMmap,
-    path: &Path,
+    reader: &mut impl ReadVolatile,
+    size: u64,
+    name: &str,
     kernel_end: u64,
     addr_max: u64,
 ) -> Result<(u64, u64), BootError> {
-    let name = path.display().to_string();
-    let mut file = File::open(path).map_err(|source| BootError::Open {
-        path: name.clone(),
-        source,
-    })?;
-    let size = file
-        .metadata()
-        .map_err(|source| BootError::Initrd {
-            path: name.clone(),
-            source,
-        })?
-        .len();
     let low_end = mem
         .iter()
         .map(|r| r.start_addr().raw_value() + r.len())
@@ -205,7 +320,7 @@ fn load_initrd(
         .unwrap_or(0);
     let top = low_end.min(addr_max + 1);
     let too_large = || BootError::InitrdTooLarge {
-        path: name.clone(),
+        path: name.to_string(),
         size,
         limit: top,
     };
@@ -213,9 +328,9 @@ fn load_initrd(
     if start < kernel_end.max(HIGH_RAM_START) {
         return Err(too_large());
     }
-    mem.read_exact_volatile_from(GuestAddress(start), &mut file, size as usize)
+    mem.read_exact_volatile_from(GuestAddress(start), reader, size as usize)
         .map_err(|e| BootError::Initrd {
-            path: name,
+            path: name.to_string(),
             source: std::io::Error::other(e.to_string()),
         })?;
     Ok((start, size))

@@ -117,7 +117,10 @@ pub(crate) fn show_info(info: &VmInfo) -> String {
         "memory: {} MiB ({backing}{mergeable}{thp})",
         config.memory.size_mib
     ));
-    lines.push(format!("kernel: {}", config.payload.kernel.display()));
+    lines.push(match &config.payload.boot_disk {
+        Some(disk) => format!("kernel: from disk {disk}"),
+        None => format!("kernel: {}", config.payload.kernel.display()),
+    });
     lines.push(format!("cmdline: {}", config.payload.cmdline));
     if let Some(initrd) = &config.payload.initrd {
         lines.push(format!("initrd: {}", initrd.display()));
