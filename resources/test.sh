@@ -20,6 +20,7 @@ packages=(
     pacemaker corosync pacemaker-cli-utils resource-agents   # tests/tests/cluster.rs: the OCF agent, a two-node cluster
     libxml2-utils jq       # ocf-tester's meta-data check (xmllint); the agent's config check
     drbd-utils             # the DRBD recipe's resource file (drbdadm dump, dry runs)
+    openssl                # tests/tests/migration_trust.rs: a CA and host certificates for migration TLS
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -81,6 +81,8 @@ pub struct SendContext {
 /// Where the switch-over stands, to know what undoing a failure takes.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Stage {
+    /// Connecting and proving: nothing goes to an unproven target.
+    Authenticating,
     Running,
     /// Paused, state taken, disks released.
     Released,
@@ -118,7 +120,7 @@ pub fn run(context: SendContext) {
             ..Default::default()
         }
     });
-    let mut stage = Stage::Running;
+    let mut stage = Stage::Authenticating;
     let result = migrate(context, &mut stage, start);
     throttle.set(0);
     let total_time_ms = start.elapsed().as_millis() as u64;
@@ -228,7 +230,8 @@ fn migrate(context: SendContext, stage: &mut Stage, start: Instant) -> Result<()
     // Neither the goodbye nor closing may block on a stalled target.
     stream.set_deadline(Some(Instant::now() + ABANDON_TIMEOUT));
     if let Err(e) = &result {
-        if *stage < Stage::Committed
+        if *stage > Stage::Authenticating
+            && *stage < Stage::Committed
             && !shared.cancelled()
             && !matches!(e, MigrationError::Protocol(ProtocolError::Peer(_)))
         {
@@ -265,6 +268,7 @@ fn migrate_on(
     // Nothing about the guest goes out before the target proved the token.
     let binding = stream.channel_binding()?;
     migration::auth::authenticate_source(stream, context.token.as_bytes(), &binding)?;
+    *stage = Stage::Running;
     check_cancel(&shared)?;
     protocol::send_json(stream, Kind::Config, &context.config)?;
     protocol::expect_json::<Empty>(stream, Kind::Ack)?;
@@ -812,6 +816,13 @@ impl Sender_ {
         self.window_bytes += written;
         let due =
             self.window_start + Duration::from_secs_f64(self.window_bytes as f64 / cap as f64);
+        // Behind schedule (a pause between rounds, a slow link): start
+        // afresh rather than catch up in a burst.
+        if Instant::now() > due + Duration::from_secs(1) / PACE_CHUNKS_PER_S as u32 {
+            self.window_bytes = 0;
+            self.window_start = Instant::now();
+            return;
+        }
         loop {
             let now = Instant::now();
             if now >= due || self.shared.cancelled() || deadline.is_some_and(|d| now >= d) {

@@ -491,7 +491,6 @@ impl Stream {
                 n
             }
         };
-        drop(window);
         iov.advance(written);
         Ok(written as u64)
     }
