@@ -30,6 +30,12 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const SLACK: Duration = Duration::from_millis(50);
 /// Most iovecs one writev takes (IOV_MAX).
 const IOV_MAX: usize = 1024;
+/// Under TLS, reads from the socket go through a buffer this big: rustls
+/// asks for 4 KiB at a time, a system call each.
+const TLS_READ_BUFFER: usize = 256 << 10;
+/// Encrypted bytes rustls may queue before writing them out (in writevs of
+/// up to 64 records).
+const TLS_WRITE_BUFFER: usize = 1 << 20;
 
 /// The raw socket, for the cancelling thread to shut down.
 pub enum SocketKind {
@@ -60,6 +66,10 @@ pub struct Socket {
     deadline: Option<Instant>,
     /// The receive and send timeouts last set on the socket.
     armed: [Option<Duration>; 2],
+    /// Read buffer (TLS only): bytes `read_start..read_end` are unread.
+    read_buffer: Vec<u8>,
+    read_start: usize,
+    read_end: usize,
 }
 
 const READ: usize = 0;
@@ -75,6 +85,9 @@ impl Socket {
             kind,
             deadline: None,
             armed: [None; 2],
+            read_buffer: Vec::new(),
+            read_start: 0,
+            read_end: 0,
         })
     }
 
@@ -225,14 +238,39 @@ impl AsRawFd for Socket {
     }
 }
 
-impl Read for Socket {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+impl Socket {
+    fn read_direct(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         self.arm(READ)?;
         let result = match &mut self.kind {
             SocketKind::Tcp(s) => s.read(buf),
             SocketKind::Unix(s) => s.read(buf),
         };
         result.map_err(|e| self.timed_out(e))
+    }
+}
+
+impl Read for Socket {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.read_buffer.is_empty() || buf.len() >= self.read_buffer.len() {
+            if self.read_start < self.read_end {
+                let n = buf.len().min(self.read_end - self.read_start);
+                buf[..n].copy_from_slice(&self.read_buffer[self.read_start..self.read_start + n]);
+                self.read_start += n;
+                return Ok(n);
+            }
+            return self.read_direct(buf);
+        }
+        if self.read_start == self.read_end {
+            let mut buffer = std::mem::take(&mut self.read_buffer);
+            let filled = self.read_direct(&mut buffer);
+            self.read_buffer = buffer;
+            self.read_start = 0;
+            self.read_end = filled?;
+        }
+        let n = buf.len().min(self.read_end - self.read_start);
+        buf[..n].copy_from_slice(&self.read_buffer[self.read_start..self.read_start + n]);
+        self.read_start += n;
+        Ok(n)
     }
 }
 
@@ -410,6 +448,8 @@ impl Stream {
         server_name: rustls::pki_types::ServerName<'static>,
     ) -> io::Result<Stream> {
         let mut conn = ClientConnection::new(config, server_name).map_err(io::Error::other)?;
+        conn.set_buffer_limit(Some(TLS_WRITE_BUFFER));
+        socket.read_buffer = vec![0; TLS_READ_BUFFER];
         handshake(&mut conn, &mut socket)?;
         Ok(Stream::TlsClient(Box::new(StreamOwned::new(conn, socket))))
     }
@@ -417,6 +457,8 @@ impl Stream {
     /// TLS as the target (server, client certificate required).
     pub fn tls_server(mut socket: Socket, config: Arc<rustls::ServerConfig>) -> io::Result<Stream> {
         let mut conn = ServerConnection::new(config).map_err(io::Error::other)?;
+        conn.set_buffer_limit(Some(TLS_WRITE_BUFFER));
+        socket.read_buffer = vec![0; TLS_READ_BUFFER];
         handshake(&mut conn, &mut socket)?;
         Ok(Stream::TlsServer(Box::new(StreamOwned::new(conn, socket))))
     }
