@@ -21,6 +21,7 @@ packages=(
     libxml2-utils jq       # ocf-tester's meta-data check (xmllint); the agent's config check
     drbd-utils             # the DRBD recipe's resource file (drbdadm dump, dry runs)
     e2fsprogs fdisk        # tests/tests/disk_boot.rs: mkfs.ext4 -d, sfdisk (GPT and MBR)
+    openssl                # tests/tests/migration_trust.rs: a CA and host certificates for migration TLS
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -26,8 +26,9 @@ pub enum ApiRequest {
     VmBoot,
     /// `PUT vm.pause`: stop the vCPUs.
     VmPause,
-    /// `PUT vm.resume`: restart paused vCPUs.
-    VmResume,
+    /// `PUT vm.resume`: restart paused vCPUs (with force: after an
+    /// undecided migration, taking the disks back first).
+    VmResume(ResumeRequest),
     /// `PUT vm.shutdown`: ask the guest to shut down, or force it off.
     VmShutdown(ShutdownRequest),
     /// `GET vm.info`: config and state.
@@ -48,6 +49,17 @@ pub enum ApiRequest {
     VmBalloon(BalloonUpdate),
     /// `GET vm.balloon-statistics`: the balloon's size and the guest's memory statistics.
     VmBalloonStatistics,
+}
+
+/// The body of `vm.resume` (optional; an empty body means no force).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResumeRequest {
+    /// Resume a guest whose migration outcome is undecided (it may run on
+    /// the target): only after checking the target does not run it. Every
+    /// disk lock is taken back first; if one cannot be, nothing resumes.
+    #[serde(default)]
+    pub force: bool,
 }
 
 /// The body of `vm.shutdown` (optional; an empty body means graceful, no timeout).
@@ -131,6 +143,10 @@ pub enum VmState {
     /// The guest was live-migrated away and runs elsewhere; the VMM is about
     /// to exit. Nothing can resume it here.
     Migrated,
+    /// A migration sent `Complete` but never heard whether the target runs
+    /// the guest: it may run there. Paused, disks released; only a forced
+    /// resume (after checking the target) runs it here again.
+    MigrationUndecided,
 }
 
 impl fmt::Display for VmState {
@@ -143,6 +159,7 @@ impl fmt::Display for VmState {
             VmState::ShuttingDown => "shutting-down",
             VmState::Shutdown => "shutdown",
             VmState::Migrated => "migrated",
+            VmState::MigrationUndecided => "migration-undecided",
         };
         f.write_str(text)
     }
@@ -403,6 +420,10 @@ pub struct SendMigrationRequest {
     pub destination: MigrationUrl,
     /// The pre-shared token the receiver expects.
     pub token: String,
+    /// Encrypt the stream with TLS, with the certificates in this directory
+    /// (`ca-cert.pem`, `client-cert.pem`, `client-key.pem`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_dir: Option<PathBuf>,
     #[serde(flatten)]
     pub parameters: MigrationParameters,
 }
@@ -464,14 +485,25 @@ impl MigrationParameters {
 }
 
 /// The body of `vm.receive-migration`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReceiveMigrationRequest {
     /// `tcp:HOST:PORT` or `unix:PATH` to listen on.
     pub listen: MigrationUrl,
     /// The pre-shared token the sender must present.
     pub token: String,
+    /// Require TLS, with the certificates in this directory (`ca-cert.pem`,
+    /// `server-cert.pem`, `server-key.pem`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_dir: Option<PathBuf>,
+    /// Give up (exit 1) when no source authenticated within this many
+    /// seconds (default [`DEFAULT_INCOMING_TIMEOUT_S`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_s: Option<u64>,
 }
+
+/// How long a target waits for an authenticated source by default (1 hour).
+pub const DEFAULT_INCOMING_TIMEOUT_S: u64 = 3600;
 
 /// Checks the form of a migration URL; returns an error naming it.
 pub fn validate_migration_url(field: &str, url: &str) -> Result<(), config::ConfigError> {

@@ -20,8 +20,8 @@ use api::http::{BodyKind, ROUTES};
 use api::request::{
     ApiError, ApiErrorKind, BalloonStatistics, BalloonUpdate, Counters, MemoryInfo,
     MigrationParameters, MigrationPhase, MigrationRole, MigrationStatus, PingInfo,
-    ReceiveMigrationRequest, SendMigrationRequest, ShutdownMode, ShutdownRequest, TimeoutAction,
-    VmInfo, VmState,
+    ReceiveMigrationRequest, ResumeRequest, SendMigrationRequest, ShutdownMode, ShutdownRequest,
+    TimeoutAction, VmInfo, VmState,
 };
 use config::{
     BalloonConfig, CpusConfig, DiskConfig, MemoryBacking, MemoryConfig, NetConfig, PayloadConfig,
@@ -302,10 +302,12 @@ fn all_states() -> Vec<VmState> {
         ShuttingDown,
         Shutdown,
         Migrated,
+        MigrationUndecided,
     ];
     for state in &all {
         match state {
-            NotCreated | Created | Running | Paused | ShuttingDown | Shutdown | Migrated => {}
+            NotCreated | Created | Running | Paused | ShuttingDown | Shutdown | Migrated
+            | MigrationUndecided => {}
         }
     }
     all
@@ -427,6 +429,7 @@ fn full_send_migration(timeout_action: TimeoutAction) -> SendMigrationRequest {
     SendMigrationRequest {
         destination: "tcp:192.168.1.20:6000".into(),
         token: "s3cret".into(),
+        tls_dir: Some("/etc/vmm/tls".into()),
         parameters: full_parameters(timeout_action),
     }
 }
@@ -435,6 +438,8 @@ fn full_receive_migration() -> ReceiveMigrationRequest {
     ReceiveMigrationRequest {
         listen: "unix:/run/vmm/migrate.sock".into(),
         token: "s3cret".into(),
+        tls_dir: Some("/etc/vmm/tls".into()),
+        timeout_s: Some(600),
     }
 }
 
@@ -618,6 +623,7 @@ fn schemas_describe_exactly_the_rust_types() {
         );
     }
     checker.value("ShutdownRequest", &ShutdownRequest::default());
+    checker.value("ResumeRequest", &ResumeRequest { force: true });
     for kind in all_error_kinds() {
         checker.value("ApiError", &ApiError::new(kind, "no"));
     }
@@ -633,6 +639,7 @@ fn schemas_describe_exactly_the_rust_types() {
         &SendMigrationRequest {
             destination: "unix:/m.sock".into(),
             token: "t".into(),
+            tls_dir: None,
             parameters: MigrationParameters::default(),
         },
     );

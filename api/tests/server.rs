@@ -14,7 +14,7 @@ use api::http::{
 };
 use api::request::{
     ApiErrorKind, ApiRequest, MigrationParameters, MigrationPhase, ReceiveMigrationRequest,
-    SendMigrationRequest, ShutdownMode, ShutdownRequest, TimeoutAction, VmState,
+    ResumeRequest, SendMigrationRequest, ShutdownMode, ShutdownRequest, TimeoutAction, VmState,
 };
 use common::*;
 
@@ -58,6 +58,7 @@ fn every_route_reaches_the_vmm() {
     let send = SendMigrationRequest {
         destination: "tcp:127.0.0.1:6000".into(),
         token: "secret".into(),
+        tls_dir: None,
         parameters: MigrationParameters {
             downtime_ms: 100,
             bandwidth_bytes_per_s: Some(1 << 30),
@@ -78,6 +79,8 @@ fn every_route_reaches_the_vmm() {
     let receive = ReceiveMigrationRequest {
         listen: "unix:/tmp/m.sock".into(),
         token: "secret".into(),
+        tls_dir: None,
+        timeout_s: None,
     };
     client.receive_migration(&receive).unwrap();
     client.shutdown_vmm().unwrap();
@@ -88,7 +91,7 @@ fn every_route_reaches_the_vmm() {
             ApiRequest::VmCreate(Box::new(sample_config())),
             ApiRequest::VmBoot,
             ApiRequest::VmPause,
-            ApiRequest::VmResume,
+            ApiRequest::VmResume(ResumeRequest::default()),
             ApiRequest::VmShutdown(ShutdownRequest::default()),
             ApiRequest::VmShutdown(forced),
             ApiRequest::VmInfo,

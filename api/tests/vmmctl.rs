@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use api::request::{
     ApiError, ApiErrorKind, ApiRequest, ApiResponse, MigrationParameters, MigrationPhase,
-    MigrationStatus, ReceiveMigrationRequest, SendMigrationRequest, ShutdownMode, ShutdownRequest,
-    TimeoutAction,
+    MigrationStatus, ReceiveMigrationRequest, ResumeRequest, SendMigrationRequest, ShutdownMode,
+    ShutdownRequest, TimeoutAction,
 };
 use common::*;
 
@@ -125,7 +125,7 @@ fn actions_reach_the_vmm() {
         seen[1..7],
         [
             ApiRequest::VmBoot,
-            ApiRequest::VmResume,
+            ApiRequest::VmResume(ResumeRequest::default()),
             ApiRequest::VmShutdown(ShutdownRequest::default()),
             ApiRequest::VmShutdown(ShutdownRequest {
                 mode: ShutdownMode::Graceful,
@@ -335,6 +335,7 @@ fn migrate_shows_progress_then_statistics() {
         ApiRequest::VmSendMigration(SendMigrationRequest {
             destination: "tcp:10.0.0.2:6000".into(),
             token: "s3cret".into(),
+            tls_dir: Option::None,
             parameters: MigrationParameters {
                 downtime_ms: 150,
                 bandwidth_bytes_per_s: Some(100_000_000),
@@ -365,6 +366,7 @@ fn migrate_json_prints_the_final_status() {
         ApiRequest::VmSendMigration(SendMigrationRequest {
             destination: "unix:/run/m.sock".into(),
             token: "t".into(),
+            tls_dir: Option::None,
             parameters: MigrationParameters::default(),
         })
     );
@@ -486,6 +488,7 @@ fn migrate_detach_cancel_set_status_and_receive() {
             ApiRequest::VmSendMigration(SendMigrationRequest {
                 destination: "unix:/m".into(),
                 token: "t".into(),
+                tls_dir: None,
                 parameters: MigrationParameters::default(),
             }),
             ApiRequest::VmMigrationCancel,
@@ -504,6 +507,8 @@ fn migrate_detach_cancel_set_status_and_receive() {
             ApiRequest::VmReceiveMigration(ReceiveMigrationRequest {
                 listen: "tcp:0.0.0.0:6000".into(),
                 token: "from-file".into(),
+                tls_dir: None,
+                timeout_s: None,
             }),
         ]
     );

@@ -1,4 +1,5 @@
 //! Live migration: the versioned wire protocol and dirty-page bitmaps.
 
+pub mod auth;
 pub mod bitmap;
 pub mod protocol;

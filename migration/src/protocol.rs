@@ -13,12 +13,13 @@
 //!
 //! Exchange, source (S) and target (T):
 //! ```text
-//! S: Hello{version, token}      T: Ack | Error      (token checked first)
+//! S: Hello{nonce_s}            T: Challenge{nonce_t}
+//! S: Proof{source proof}        T: Proof{target proof} | Error   (see [`crate::auth`])
 //! S: Config{VmConfig}           T: Ack | Error      (compatibility checked, VM built)
 //! S: Memory*  (rounds of dirty pages; no replies)
 //! S: Sync                       T: Ack              (all memory so far is in place)
 //! S: State{snapshot}            T: Ack | Error      (restored, not running)
-//! S: Complete                   T: Running | Error  (the guest runs on T)
+//! S: Complete                   T: Running | Error  (the guest runs on T; only after State)
 //! S: Abandon  (any time: T drops everything and exits without running)
 //! ```
 
@@ -28,7 +29,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 pub const MAGIC: [u8; 4] = *b"VMMM";
 /// Bumped on any incompatible change of messages or state.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 pub const HEADER_SIZE: usize = 16;
 pub const PAGE_SIZE: u64 = 4096;
 /// Page-range entry header size.
@@ -54,6 +55,8 @@ pub enum Kind {
     Error = 8,
     Abandon = 9,
     Sync = 10,
+    Challenge = 11,
+    Proof = 12,
 }
 
 impl Kind {
@@ -69,6 +72,8 @@ impl Kind {
             8 => Kind::Error,
             9 => Kind::Abandon,
             10 => Kind::Sync,
+            11 => Kind::Challenge,
+            12 => Kind::Proof,
             _ => return None,
         })
     }
@@ -102,8 +107,10 @@ pub enum ProtocolError {
     Malformed { what: &'static str, message: String },
     #[error("the peer reported: {0}")]
     Peer(String),
-    #[error("authentication failed: the migration token does not match")]
-    BadToken,
+    #[error("target failed authentication: {0}")]
+    TargetAuthentication(String),
+    #[error("source failed authentication: {0}")]
+    SourceAuthentication(String),
 }
 
 pub type Result<T> = std::result::Result<T, ProtocolError>;
@@ -236,14 +243,9 @@ fn kind_name(kind: Kind) -> &'static str {
         Kind::Error => "Error",
         Kind::Abandon => "Abandon",
         Kind::Sync => "Sync",
+        Kind::Challenge => "Challenge",
+        Kind::Proof => "Proof",
     }
-}
-
-/// First message of the source.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Hello {
-    pub vmm_version: String,
-    pub token: String,
 }
 
 /// Payload of `Ack` and `Running`.
@@ -254,16 +256,6 @@ pub struct Empty {}
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorMessage {
     pub message: String,
-}
-
-/// Compares tokens in time independent of where they differ.
-pub fn token_matches(expected: &str, given: &str) -> bool {
-    let (a, b) = (expected.as_bytes(), given.as_bytes());
-    let mut diff = (a.len() != b.len()) as u8;
-    for i in 0..a.len().max(b.len()) {
-        diff |= a.get(i).copied().unwrap_or(0) ^ b.get(i).copied().unwrap_or(0xff);
-    }
-    diff == 0 && !expected.is_empty()
 }
 
 /// One page range in a memory message.
@@ -360,27 +352,21 @@ mod tests {
         let mut buf = Vec::new();
         send_json(
             &mut buf,
-            Kind::Hello,
-            &Hello {
-                vmm_version: "1".into(),
-                token: "t".into(),
+            Kind::Error,
+            &ErrorMessage {
+                message: "t".into(),
             },
         )
         .unwrap();
         for cut in [0, 5, HEADER_SIZE, buf.len() - 1] {
             let mut r = &buf[..cut];
-            let e = expect_json::<Hello>(&mut r, Kind::Hello).unwrap_err();
+            let e = expect_json::<ErrorMessage>(&mut r, Kind::Ack).unwrap_err();
             assert!(matches!(e, ProtocolError::Eof), "cut at {cut}: {e}");
         }
         let mut r = &buf[..];
-        assert_eq!(
-            expect_json::<Hello>(&mut r, Kind::Hello).unwrap().token,
-            "t"
-        );
-        let mut r = &buf[..];
         assert!(matches!(
             expect_json::<Empty>(&mut r, Kind::Ack),
-            Err(ProtocolError::Unexpected { .. })
+            Err(ProtocolError::Peer(m)) if m == "t"
         ));
     }
 
@@ -438,14 +424,5 @@ mod tests {
         let mut b = r.encode();
         b[12] = 0x80;
         assert!(PageRange::decode(&b).is_err());
-    }
-
-    #[test]
-    fn tokens_compare_exactly() {
-        assert!(token_matches("secret", "secret"));
-        assert!(!token_matches("secret", "secreT"));
-        assert!(!token_matches("secret", "secret2"));
-        assert!(!token_matches("secret", ""));
-        assert!(!token_matches("", ""), "an empty token never authenticates");
     }
 }

@@ -11,5 +11,6 @@ pub const TESTGUEST_IMAGE: &str = match option_env!("TESTGUEST_IMAGE") {
 
 pub mod bench;
 pub mod harness;
+pub mod migration;
 pub mod netns;
 pub mod probe;

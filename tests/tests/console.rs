@@ -353,6 +353,7 @@ fn guest_config(serial: SerialConfig) -> VmConfig {
             kernel: testguest(),
             cmdline: "--".into(),
             initrd: None,
+            boot_disk: None,
         },
         serial,
         ..Default::default()
@@ -403,6 +404,7 @@ fn a_console_path_never_destroys_a_file_it_does_not_own() {
         .receive_migration(&api::request::ReceiveMigrationRequest {
             listen: format!("unix:{}", image.display()),
             token: "secret".into(),
+            ..Default::default()
         })
         .unwrap_err();
     assert!(matches!(e, ClientError::Api { status: 400, .. }), "{e:?}");

@@ -4,159 +4,13 @@
 //! exited "migrated"; and every failure leaves the source running intact.
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use api::http::ApiClient;
-use api::request::{
-    MigrationParameters, MigrationPhase, MigrationStatus, SendMigrationRequest, TimeoutAction,
-};
+use api::request::{MigrationParameters, MigrationPhase, TimeoutAction};
+use migration::protocol::Kind;
 use vmm_tests::harness::{device_interrupts, field, TempDir, Vmm};
+use vmm_tests::migration::*;
 use vmm_tests::require_kvm;
-
-const BOOT: Duration = Duration::from_secs(20);
-const SHORT: Duration = Duration::from_secs(10);
-const MIGRATE: Duration = Duration::from_secs(60);
-const EXIT_MIGRATED: i32 = 6;
-const EXIT_ERROR: i32 = 1;
-const TOKEN: &str = "s3cret-migration-token";
-
-struct Pair {
-    dir: TempDir,
-    source: Vmm,
-    target: Vmm,
-}
-
-impl Pair {
-    /// A source running `workload` (guest commands, or boot options, `--`
-    /// and commands) and a target waiting on `listen` (`unix:` in the temp
-    /// dir when None).
-    fn start(workload: &str, memory: &str, listen: Option<&str>) -> Pair {
-        Self::start_in(workload, memory, listen, &[], &[], &[])
-    }
-
-    /// As [`Pair::start`], each VMM run through a command prefix (`ip netns exec NS`).
-    fn start_in(
-        workload: &str,
-        memory: &str,
-        listen: Option<&str>,
-        source_prefix: &[&str],
-        target_prefix: &[&str],
-        source_extra: &[String],
-    ) -> Pair {
-        let dir = TempDir::new("migrate");
-        std::fs::write(dir.join("token"), format!("{TOKEN}\n")).unwrap();
-        let listen = listen
-            .map(str::to_string)
-            .unwrap_or_else(|| format!("unix:{}", dir.join("migration.sock").display()));
-        let target_args = vec![
-            "--incoming".to_string(),
-            listen,
-            "--migration-token-file".into(),
-            dir.join("token").display().to_string(),
-            "--api-socket".into(),
-            dir.join("target.sock").display().to_string(),
-        ];
-        let target = Vmm::spawn_with_prefix(target_prefix, &target_args);
-        target.wait_api(SHORT);
-        let source_args = vec![
-            "--kernel".to_string(),
-            vmm_tests::harness::testguest().display().to_string(),
-            "--cmdline".into(),
-            if workload.contains("-- ") {
-                workload.to_string()
-            } else {
-                format!("-- {workload}")
-            },
-            "--cpus".into(),
-            "2".into(),
-            "--memory".into(),
-            format!("size={memory}"),
-            "--api-socket".into(),
-            dir.join("source.sock").display().to_string(),
-        ];
-        let source_args: Vec<String> = source_args
-            .into_iter()
-            .chain(source_extra.iter().cloned())
-            .collect();
-        let source = Vmm::spawn_with_prefix(source_prefix, &source_args);
-        Pair {
-            dir,
-            source,
-            target,
-        }
-    }
-
-    fn destination(&self) -> String {
-        format!("unix:{}", self.dir.join("migration.sock").display())
-    }
-
-    fn source_api(&self) -> ApiClient {
-        self.source.api()
-    }
-}
-
-/// Parameters under which pre-copy cannot converge: a slow link and a 1 ms
-/// downtime budget; the walker keeps re-dirtying pages already sent.
-fn never_converging(bandwidth_bytes_per_s: u64) -> MigrationParameters {
-    MigrationParameters {
-        downtime_ms: 1,
-        bandwidth_bytes_per_s: Some(bandwidth_bytes_per_s),
-        ..Default::default()
-    }
-}
-
-/// A pair whose source runs the page-record walker over 64 MiB.
-fn walking_pair() -> Pair {
-    let mut pair = Pair::start("pages mib=64", "256M", None);
-    pair.source.wait_for("pages: start", BOOT);
-    pair
-}
-
-fn send(destination: &str, token: &str, parameters: MigrationParameters) -> SendMigrationRequest {
-    SendMigrationRequest {
-        destination: destination.into(),
-        token: token.into(),
-        parameters,
-    }
-}
-
-/// Polls the status until `done` says so; panics with the last status on timeout.
-fn wait_status(
-    api: &ApiClient,
-    timeout: Duration,
-    what: &str,
-    done: impl Fn(&MigrationStatus) -> bool,
-) -> MigrationStatus {
-    let deadline = Instant::now() + timeout;
-    let mut last = None;
-    while Instant::now() < deadline {
-        if let Ok(status) = api.migration_status() {
-            if done(&status) {
-                return status;
-            }
-            last = Some(status);
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    panic!("migration never reached {what}; last status: {last:#?}");
-}
-
-fn pages_pass(vmm: &mut Vmm) -> u64 {
-    let line = vmm.wait_for("pages: pass=", SHORT);
-    field(&line, "pass").unwrap()
-}
-
-/// Stops the walker and checks the page-record invariant.
-fn check_pages(vmm: &mut Vmm) -> String {
-    vmm.send_line("check-pages");
-    let line = vmm.wait_for("pages-", SHORT);
-    assert!(
-        line.starts_with("pages-ok"),
-        "invariant broken: {line}\n{}",
-        vmm.report()
-    );
-    line
-}
 
 #[test]
 fn page_records_survive_forced_dirty_rounds_and_the_guest_runs_on() {
@@ -265,7 +119,7 @@ fn counters_continue_on_the_target() {
 }
 
 #[test]
-fn a_wrong_token_is_refused_and_the_source_runs_on() {
+fn a_wrong_token_is_refused_and_both_sides_run_on() {
     require_kvm!();
     let mut pair = Pair::start("pages mib=16", "128M", None);
     pair.source.wait_for("pages: start", BOOT);
@@ -281,19 +135,28 @@ fn a_wrong_token_is_refused_and_the_source_runs_on() {
     });
     let error = status.error.unwrap_or_default();
     assert!(error.contains("token"), "{error}");
-    assert_eq!(
-        pair.target.exit_code(SHORT),
-        EXIT_ERROR,
-        "{}",
-        pair.target.report()
-    );
-    assert!(
-        pair.target.console().is_empty(),
-        "the target never ran a guest"
-    );
     // The source still runs, memory intact.
     pages_pass(&mut pair.source);
-    check_pages(&mut pair.source);
+    // The target refused that source and waits on, never having run a guest.
+    assert!(pair.target.wait_exit(Duration::from_millis(500)).is_none());
+    assert!(pair.target.console().is_empty());
+    assert_eq!(
+        pair.target.api().ping().unwrap().state,
+        api::request::VmState::NotCreated
+    );
+    // The right token then gets through to the same target.
+    api.send_migration(&send(
+        &pair.destination(),
+        TOKEN,
+        MigrationParameters::default(),
+    ))
+    .unwrap();
+    let status = wait_status(&api, MIGRATE, "completion", |s| {
+        matches!(s.phase, MigrationPhase::Completed | MigrationPhase::Failed)
+    });
+    assert_eq!(status.phase, MigrationPhase::Completed, "{status:#?}");
+    assert_eq!(pair.source.exit_code(SHORT), EXIT_MIGRATED);
+    check_pages(&mut pair.target);
 }
 
 #[test]
@@ -385,8 +248,8 @@ fn cancel_and_timeout_leave_the_source_running() {
     check_pages(&mut pair.source);
 }
 
-/// Connects to a listening target and sends `bytes`; the target must fail
-/// cleanly without running anything.
+/// Connects to a listening target, authenticates with the token and sends
+/// `bytes`: the target must fail cleanly (exit 1) without running anything.
 fn hostile_stream(bytes: &[u8]) -> (i32, Vec<String>) {
     use std::io::Write;
     let dir = TempDir::new("migrate-hostile");
@@ -398,69 +261,43 @@ fn hostile_stream(bytes: &[u8]) -> (i32, Vec<String>) {
         "--migration-token-file",
         dir.join("token").to_str().unwrap(),
     ]);
-    let deadline = Instant::now() + SHORT;
-    let mut stream = loop {
-        match std::os::unix::net::UnixStream::connect(&socket) {
-            Ok(s) => break s,
-            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
-            Err(e) => panic!("target never listened: {e}"),
-        }
-    };
+    let mut stream = connect_unix(&socket);
+    authenticate(&mut stream, TOKEN).expect("the target accepts the token");
     let _ = stream.write_all(bytes);
     drop(stream);
     let code = target.exit_code(SHORT);
     (code, target.console())
 }
 
-fn message(kind: u16, payload: &[u8]) -> Vec<u8> {
-    let mut m = Vec::new();
-    m.extend(b"VMMM");
-    m.extend(1u16.to_le_bytes());
-    m.extend(kind.to_le_bytes());
-    m.extend((payload.len() as u64).to_le_bytes());
-    m.extend(payload);
-    m
-}
-
 #[test]
 fn malformed_and_truncated_streams_never_run_a_guest() {
     require_kvm!();
-    let hello = message(
-        1,
-        format!(r#"{{"vmm_version":"x","token":"{TOKEN}"}}"#).as_bytes(),
-    );
     let config = message(
-        3,
+        Kind::Config,
         format!(
             r#"{{"payload":{{"kernel":"{}"}},"memory":{{"size_mib":64}}}}"#,
             vmm_tests::harness::testguest().display()
         )
         .as_bytes(),
     );
-    let mut huge = message(4, &[]);
+    let mut huge = message(Kind::Memory, &[]);
     huge[8..16].copy_from_slice(&(1u64 << 40).to_le_bytes());
-    let mut outside = hello.clone();
-    outside.extend(&config);
+    let mut outside = config.clone();
     let mut range = Vec::new();
     range.extend((1u64 << 40).to_le_bytes()); // far outside 64 MiB of RAM
     range.extend(4096u32.to_le_bytes());
     range.extend(0u32.to_le_bytes());
     range.extend([0xabu8; 4096]);
-    outside.extend(message(4, &range));
-    let mut truncated = hello.clone();
-    truncated.extend(&config);
-    truncated.extend(&message(4, &[0u8; 8])[..20]);
-    let mut early_complete = hello.clone();
-    early_complete.extend(&config);
-    early_complete.extend(message(6, b"{}"));
+    outside.extend(message(Kind::Memory, &range));
+    let mut truncated = config.clone();
+    truncated.extend(&message(Kind::Memory, &[0u8; 8])[..20]);
     let cases: Vec<(&str, Vec<u8>)> = vec![
         ("garbage", b"GET / HTTP/1.1\r\n\r\n".to_vec()),
         ("nothing", Vec::new()),
         ("oversized message", huge),
-        ("half a header", hello[..7].to_vec()),
+        ("half a header", config[..7].to_vec()),
         ("range outside RAM", outside),
         ("truncated memory message", truncated),
-        ("complete before state", early_complete),
     ];
     for (what, bytes) in cases {
         let (code, console) = hostile_stream(&bytes);

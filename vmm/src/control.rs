@@ -15,7 +15,6 @@ use api::request::{
 use config::{ResetAction, VmConfig};
 use devices::legacy::PowerEvent;
 use devices::virtio::balloon::BalloonReport;
-use std::sync::atomic::Ordering;
 
 use crate::console::Console;
 use crate::exit::ExitStatus;
@@ -47,8 +46,12 @@ enum MigrationState {
     Running(MigrationRole),
     /// The source paused the VM and its devices for the switch-over;
     /// `resume` says whether the guest ran before and runs again if the
-    /// migration fails.
+    /// migration fails. Nothing may change the VM until the outcome is known.
     SwitchingOver { resume: bool },
+    /// The source sent `Complete` and never heard back: the guest may run
+    /// on the target. Paused with its disks released until a forced resume
+    /// (or the VMM's end).
+    Undecided,
 }
 
 /// How long a migrated source keeps answering the API, so clients can read
@@ -168,12 +171,55 @@ impl Controller {
     fn exit_by_request(&self) -> ExitStatus {
         match (self.state, &self.vm) {
             (VmState::Migrated, _) => ExitStatus::Migrated,
+            (VmState::MigrationUndecided, _) => {
+                eprintln!(
+                    "vmm: stopping with the migration undecided: the guest may run on the target"
+                );
+                ExitStatus::Stopped
+            }
             (_, Some(_)) => ExitStatus::Stopped,
             (_, None) => ExitStatus::PoweredOff,
         }
     }
 
+    /// Refuses a request that would change the VM while a switch-over
+    /// decides where it runs (409 with the reason).
+    fn refuse_during_switch_over(&self, request: &ApiRequest) -> Result<(), ApiError> {
+        let changes_vm = match request {
+            ApiRequest::VmCreate(_)
+            | ApiRequest::VmBoot
+            | ApiRequest::VmPause
+            | ApiRequest::VmShutdown(_)
+            | ApiRequest::VmSendMigration(_)
+            | ApiRequest::VmReceiveMigration(_)
+            | ApiRequest::VmBalloon(_) => true,
+            // The one way out of an undecided outcome.
+            ApiRequest::VmResume(r) => {
+                !(r.force && self.migration_state == MigrationState::Undecided)
+            }
+            _ => false,
+        };
+        if !changes_vm {
+            return Ok(());
+        }
+        match self.migration_state {
+            MigrationState::SwitchingOver { .. } => Err(ApiError::new(
+                ApiErrorKind::WrongState,
+                "refused: a migration switch-over is under way; the VM stays paused until \
+                 the target answers",
+            )),
+            MigrationState::Undecided => Err(ApiError::new(
+                ApiErrorKind::WrongState,
+                "refused: the migration outcome is undecided (the target got Complete but \
+                 never confirmed it runs the guest); check the target, then resume with \
+                 force only if the guest does not run there",
+            )),
+            _ => Ok(()),
+        }
+    }
+
     fn handle(&mut self, request: ApiRequest) -> ApiResult {
+        self.refuse_during_switch_over(&request)?;
         match request {
             ApiRequest::VmmPing => Ok(ApiResponse::Ping(PingInfo {
                 version: env!("CARGO_PKG_VERSION").to_string(),
@@ -192,7 +238,10 @@ impl Controller {
                 self.state = VmState::Paused;
                 Ok(ApiResponse::Empty)
             }
-            ApiRequest::VmResume => {
+            ApiRequest::VmResume(_) if self.state == VmState::MigrationUndecided => {
+                self.resume_undecided()
+            }
+            ApiRequest::VmResume(_) => {
                 self.expect_state("resume", &[VmState::Paused])?;
                 self.vm()?.resume();
                 self.state = VmState::Running;
@@ -254,7 +303,8 @@ impl Controller {
                         "cannot cancel: no outgoing migration is running",
                     ));
                 }
-                self.migration.cancel.store(true, Ordering::SeqCst);
+                // Cuts the connection too, unless Complete already went out.
+                self.migration.cancel();
                 Ok(ApiResponse::Empty)
             }
             ApiRequest::VmMigrationParameters(parameters) => {
@@ -274,6 +324,27 @@ impl Controller {
             ApiRequest::VmBalloon(update) => self.set_balloon(update),
             ApiRequest::VmBalloonStatistics => self.balloon_statistics(),
         }
+    }
+
+    /// `vm.resume` with force after an undecided migration: takes every
+    /// disk lock back first (409 naming the disk and its holder if one is
+    /// taken, e.g. by the target running the guest), then runs the guest.
+    fn resume_undecided(&mut self) -> ApiResult {
+        let vm = self.vm()?;
+        if let Err(e) = vm.device_manager().migration_acquire() {
+            // Put back what was taken: the guest stays undecided.
+            let _ = vm.device_manager().migration_release();
+            return Err(ApiError::new(
+                ApiErrorKind::WrongState,
+                format!("cannot resume: a disk of the guest cannot be taken back: {e}"),
+            ));
+        }
+        vm.device_manager().resume();
+        vm.resume();
+        eprintln!("vmm: the guest was resumed by force after an undecided migration");
+        self.migration_state = MigrationState::Idle;
+        self.state = VmState::Running;
+        Ok(ApiResponse::Empty)
     }
 
     /// `vm.balloon`: a new target for the running balloon, or for the one
@@ -506,9 +577,17 @@ impl Controller {
             .config
             .clone()
             .ok_or_else(|| ApiError::internal("no VM config"))?;
+        let tls = match &request.tls_dir {
+            Some(dir) => Some(
+                crate::migrate::tls::client_config(dir)
+                    .map_err(|e| ApiError::of_class(e.class(), format!("tls_dir: {e}")))?,
+            ),
+            None => None,
+        };
         let context = crate::migrate::send::SendContext {
             destination: request.destination,
             token: request.token,
+            tls,
             config,
             memory: vm.memory().clone(),
             vm_fd: vm.vm_fd().clone(),
@@ -519,7 +598,7 @@ impl Controller {
             control: self.control_handle(),
             balloon: vm.device_manager().balloon().cloned(),
         };
-        self.migration.cancel.store(false, Ordering::SeqCst);
+        self.migration.reset_cancel();
         // A client polling right after this reply sees this migration, not
         // the end of an earlier one.
         self.migration.update(|s| {
@@ -559,12 +638,26 @@ impl Controller {
         if request.token.is_empty() {
             return Err(ApiError::bad_request("token: must not be empty"));
         }
+        let tls = match &request.tls_dir {
+            Some(dir) => Some(
+                crate::migrate::tls::server_config(dir)
+                    .map_err(|e| ApiError::of_class(e.class(), format!("tls_dir: {e}")))?,
+            ),
+            None => None,
+        };
+        let timeout = Duration::from_secs(
+            request
+                .timeout_s
+                .unwrap_or(api::request::DEFAULT_INCOMING_TIMEOUT_S),
+        );
         let listener = crate::migrate::Listener::bind(&request.listen).map_err(|e| {
             ApiError::bad_request(format!("listen: cannot listen on {}: {e}", request.listen))
         })?;
         let context = crate::migrate::receive::ReceiveContext {
             listener,
             token: request.token,
+            tls,
+            timeout,
             shared: self.migration.clone(),
             control: self.control_handle(),
         };
@@ -604,7 +697,13 @@ impl Controller {
                 Ok(MigrationReply::Done)
             }
             MigrationCall::Undecided => {
-                self.migration_state = MigrationState::Idle;
+                self.migration_state = MigrationState::Undecided;
+                self.state = VmState::MigrationUndecided;
+                eprintln!(
+                    "vmm: migration undecided: the target got Complete but never confirmed \
+                     that it runs the guest, which may run there; this VMM keeps it paused \
+                     with its disks released (check the target; resume here only with force)"
+                );
                 Ok(MigrationReply::Done)
             }
             MigrationCall::Finished => {

@@ -58,8 +58,16 @@ Other:
                          or --config here (checked against the source's; this
                          host's disk paths and taps are used)
   --migration-token-file FILE
-                         the pre-shared token a migration source must present
-                         (or the VMM_MIGRATION_TOKEN environment variable)
+                         the pre-shared token a migration source must prove it
+                         knows (or the VMM_MIGRATION_TOKEN environment variable)
+  --migration-tls-dir DIR
+                         require TLS 1.3 on the incoming migration; DIR holds
+                         ca-cert.pem, server-cert.pem and server-key.pem (the
+                         source needs a client certificate from the same CA)
+  --incoming-timeout SECONDS
+                         exit 1 if no source authenticated within this time
+                         (default 3600); connections that do not authenticate
+                         within 5 s are logged and dropped meanwhile
   -h, --help             this text
   -V, --version          the version
 
@@ -92,6 +100,8 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Option<Args>, Co
     let mut api_socket_group = None;
     let mut incoming: Option<String> = None;
     let mut token_file: Option<PathBuf> = None;
+    let mut tls_dir: Option<PathBuf> = None;
+    let mut incoming_timeout: Option<u64> = None;
     let mut config_file: Option<PathBuf> = None;
     let mut payload = PayloadConfig::default();
     let mut vm = VmConfig::default();
@@ -122,6 +132,17 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Option<Args>, Co
             "--api-socket-group" => api_socket_group = Some(value()?),
             "--incoming" => incoming = Some(value()?),
             "--migration-token-file" => token_file = Some(PathBuf::from(value()?)),
+            "--migration-tls-dir" => tls_dir = Some(PathBuf::from(value()?)),
+            "--incoming-timeout" => {
+                let seconds: u64 = parse_number("--incoming-timeout", &value()?)?;
+                if seconds == 0 {
+                    return Err(ConfigError::new(
+                        "--incoming-timeout",
+                        "must be at least 1 second",
+                    ));
+                }
+                incoming_timeout = Some(seconds);
+            }
             "--config" => config_file = Some(PathBuf::from(value()?)),
             "--kernel" => payload.kernel = PathBuf::from(value()?),
             "--cmdline" => payload.cmdline = value()?,
@@ -172,6 +193,8 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Option<Args>, Co
                 | "--config"
                 | "--incoming"
                 | "--migration-token-file"
+                | "--migration-tls-dir"
+                | "--incoming-timeout"
         ) {
             vm_flags = true;
         }
@@ -210,6 +233,16 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Option<Args>, Co
         }
         (None, false) => None,
     };
+    if incoming.is_none() && (tls_dir.is_some() || incoming_timeout.is_some()) {
+        return Err(ConfigError::new(
+            if tls_dir.is_some() {
+                "--migration-tls-dir"
+            } else {
+                "--incoming-timeout"
+            },
+            "only applies with --incoming",
+        ));
+    }
     let incoming = match incoming {
         None => None,
         Some(listen) => {
@@ -232,7 +265,12 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Option<Args>, Co
                     "--incoming needs a non-empty token (a file, or VMM_MIGRATION_TOKEN)",
                 ));
             }
-            Some(ReceiveMigrationRequest { listen, token })
+            Some(ReceiveMigrationRequest {
+                listen,
+                token,
+                tls_dir,
+                timeout_s: incoming_timeout,
+            })
         }
     };
     if vm.is_none() && api_socket.is_none() && incoming.is_none() {

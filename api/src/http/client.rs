@@ -9,8 +9,8 @@ use super::routes::{encode, route_named, Method, Route, API_PREFIX};
 use super::wire::{clip, find_head, parse_content_length, reason, split_head};
 use crate::request::{
     ApiError, ApiErrorKind, ApiRequest, ApiResponse, BalloonStatistics, BalloonUpdate, Counters,
-    MigrationParameters, MigrationStatus, PingInfo, ReceiveMigrationRequest, SendMigrationRequest,
-    ShutdownRequest, VmInfo,
+    MigrationParameters, MigrationStatus, PingInfo, ReceiveMigrationRequest, ResumeRequest,
+    SendMigrationRequest, ShutdownRequest, VmInfo,
 };
 use config::VmConfig;
 
@@ -205,7 +205,14 @@ impl ApiClient {
 
     /// `PUT vm.resume`.
     pub fn resume(&self) -> Result<(), ClientError> {
-        self.call(&ApiRequest::VmResume).map(drop)
+        self.call(&ApiRequest::VmResume(ResumeRequest::default()))
+            .map(drop)
+    }
+
+    /// `PUT vm.resume` with force: after an undecided migration.
+    pub fn resume_force(&self) -> Result<(), ClientError> {
+        self.call(&ApiRequest::VmResume(ResumeRequest { force: true }))
+            .map(drop)
     }
 
     /// `PUT vm.shutdown`.

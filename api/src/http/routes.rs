@@ -16,7 +16,7 @@ use serde::de::DeserializeOwned;
 use crate::request::{
     validate_migration_url, ApiError, ApiRequest, ApiResponse, BalloonStatistics, BalloonUpdate,
     Counters, MigrationParameters, MigrationStatus, PingInfo, ReceiveMigrationRequest,
-    SendMigrationRequest, ShutdownRequest, VmInfo,
+    ResumeRequest, SendMigrationRequest, ShutdownRequest, VmInfo,
 };
 use config::VmConfig;
 
@@ -203,9 +203,15 @@ pub static ROUTES: &[Route] = &[
     Route {
         method: Method::Put,
         path: "/api/v1/vm.resume",
-        body: BodyKind::None,
+        body: BodyKind::Optional("ResumeRequest"),
         reply: ReplyKind::Empty,
-        parse: |_| Ok(ApiRequest::VmResume),
+        parse: |body| {
+            let request = match body {
+                Some(body) => json_body::<ResumeRequest>(body)?,
+                None => ResumeRequest::default(),
+            };
+            Ok(ApiRequest::VmResume(request))
+        },
     },
     Route {
         method: Method::Put,
@@ -258,6 +264,11 @@ pub static ROUTES: &[Route] = &[
                 body.ok_or_else(|| ApiError::bad_request("vm.receive-migration needs a body"))?;
             let request = json_body::<ReceiveMigrationRequest>(body)?;
             validate_migration_url("listen", &request.listen)?;
+            if request.timeout_s == Some(0) {
+                return Err(ApiError::bad_request(
+                    "timeout_s: must be at least 1 second",
+                ));
+            }
             Ok(ApiRequest::VmReceiveMigration(request))
         },
     },
@@ -358,7 +369,8 @@ pub fn encode(request: &ApiRequest) -> Result<(&'static Route, Option<Vec<u8>>),
         ApiRequest::VmCreate(config) => (Method::Put, "vm.create", json(config)?),
         ApiRequest::VmBoot => (Method::Put, "vm.boot", None),
         ApiRequest::VmPause => (Method::Put, "vm.pause", None),
-        ApiRequest::VmResume => (Method::Put, "vm.resume", None),
+        ApiRequest::VmResume(r) if !r.force => (Method::Put, "vm.resume", None),
+        ApiRequest::VmResume(r) => (Method::Put, "vm.resume", json(r)?),
         ApiRequest::VmShutdown(shutdown) => (Method::Put, "vm.shutdown", json(shutdown)?),
         ApiRequest::VmInfo => (Method::Get, "vm.info", None),
         ApiRequest::VmCounters => (Method::Get, "vm.counters", None),
@@ -390,7 +402,7 @@ mod tests {
             )),
             ApiRequest::VmBoot,
             ApiRequest::VmPause,
-            ApiRequest::VmResume,
+            ApiRequest::VmResume(ResumeRequest { force: true }),
             ApiRequest::VmShutdown(ShutdownRequest {
                 mode: ShutdownMode::Graceful,
                 timeout_ms: Some(1500),
@@ -400,6 +412,7 @@ mod tests {
             ApiRequest::VmSendMigration(SendMigrationRequest {
                 destination: "tcp:10.0.0.2:6000".into(),
                 token: "secret".into(),
+                tls_dir: Some("/etc/vmm/tls".into()),
                 parameters: MigrationParameters {
                     downtime_ms: 150,
                     bandwidth_bytes_per_s: Some(100 << 20),
@@ -411,6 +424,8 @@ mod tests {
             ApiRequest::VmReceiveMigration(ReceiveMigrationRequest {
                 listen: "unix:/run/vmm/migrate.sock".into(),
                 token: "secret".into(),
+                tls_dir: Some("/etc/vmm/tls".into()),
+                timeout_s: Some(120),
             }),
             ApiRequest::VmMigrationStatus,
             ApiRequest::VmMigrationCancel,
@@ -538,6 +553,7 @@ mod tests {
             ApiRequest::VmSendMigration(SendMigrationRequest {
                 destination: "unix:/m.sock".into(),
                 token: "t".into(),
+                tls_dir: None,
                 parameters: MigrationParameters::default(),
             })
         );

@@ -8,15 +8,17 @@
 
 pub mod receive;
 pub mod send;
+pub mod stream;
+pub mod tls;
 
 use std::io;
-use std::net::{TcpListener, TcpStream, ToSocketAddrs};
-use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::sync::atomic::AtomicBool;
+use std::net::TcpListener;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixListener;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, SyncSender};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::Instant;
 
 use api::request::{MigrationParameters, MigrationStatus, VmState};
 use config::{ConfigError, VmConfig};
@@ -29,10 +31,8 @@ use crate::memory::GuestMemoryMmap;
 use crate::snapshot::SnapshotError;
 use crate::vm::VmError;
 
-/// A connection read or write that stalls this long fails the migration.
-pub const IO_TIMEOUT: Duration = Duration::from_secs(30);
-/// Connecting to the target gives up after this long.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+pub use stream::{connect, IoVecs, Socket, SocketKind, Stream};
+pub use tls::TlsError;
 
 /// Why a migration failed, on either side.
 #[derive(Debug, thiserror::Error)]
@@ -69,8 +69,12 @@ pub enum MigrationError {
     Incompatible(#[source] ConfigError),
     #[error("a VM already runs here (state {0})")]
     Busy(VmState),
-    #[error("timed out after {0} s without converging")]
+    #[error("timed out after {0} s")]
     TimedOut(u64),
+    #[error("TLS: {0}")]
+    Tls(#[from] TlsError),
+    #[error("no authenticated source connected within {0} s")]
+    NoSource(u64),
     #[error("cancelled")]
     Cancelled,
     /// The control loop is gone or answered out of turn.
@@ -89,10 +93,49 @@ impl From<io::Error> for MigrationError {
 pub struct MigrationShared {
     pub status: Mutex<MigrationStatus>,
     pub parameters: Mutex<MigrationParameters>,
-    pub cancel: AtomicBool,
+    cancel: AtomicBool,
+    /// The outgoing connection, while a cancel may still cut it (until
+    /// `Complete` goes out).
+    connection: Mutex<Option<SocketKind>>,
 }
 
 impl MigrationShared {
+    /// Stops the outgoing migration: sets the flag the sender checks and
+    /// shuts its connection down, so a send blocked on a stalled peer
+    /// returns at once. After `Complete` went out ([`Self::commit`]) only
+    /// the flag is set: the outcome must be read, not cut off.
+    pub fn cancel(&self) {
+        let connection = self.connection.lock().unwrap_or_else(|e| e.into_inner());
+        self.cancel.store(true, Ordering::SeqCst);
+        if let Some(socket) = connection.as_ref() {
+            socket.shutdown();
+        }
+    }
+
+    pub fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::SeqCst)
+    }
+
+    /// A new outgoing migration: not cancelled, connection `socket`.
+    pub fn start(&self, socket: Option<SocketKind>) {
+        *self.connection.lock().unwrap_or_else(|e| e.into_inner()) = socket;
+    }
+
+    pub fn reset_cancel(&self) {
+        self.cancel.store(false, Ordering::SeqCst);
+    }
+
+    /// Before `Complete`: fails if a cancel came first; after it, a cancel
+    /// no longer cuts the connection.
+    pub fn commit(&self) -> Result<(), MigrationError> {
+        let mut connection = self.connection.lock().unwrap_or_else(|e| e.into_inner());
+        if self.cancelled() {
+            return Err(MigrationError::Cancelled);
+        }
+        *connection = None;
+        Ok(())
+    }
+
     pub fn status(&self) -> MigrationStatus {
         self.status
             .lock()
@@ -161,101 +204,6 @@ pub fn call(
     answer.recv().map_err(|_| MigrationError::ShuttingDown)?
 }
 
-/// A connected migration stream (TCP or Unix).
-pub enum Stream {
-    Tcp(TcpStream),
-    Unix(UnixStream),
-}
-
-impl Stream {
-    fn configure(&self) -> io::Result<()> {
-        match self {
-            Stream::Tcp(s) => {
-                // Small control messages must not wait for Nagle.
-                s.set_nodelay(true)?;
-                s.set_read_timeout(Some(IO_TIMEOUT))?;
-                s.set_write_timeout(Some(IO_TIMEOUT))
-            }
-            Stream::Unix(s) => {
-                s.set_read_timeout(Some(IO_TIMEOUT))?;
-                s.set_write_timeout(Some(IO_TIMEOUT))
-            }
-        }
-    }
-
-    pub fn try_clone(&self) -> io::Result<Stream> {
-        Ok(match self {
-            Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
-            Stream::Unix(s) => Stream::Unix(s.try_clone()?),
-        })
-    }
-
-    pub fn shutdown(&self) {
-        let _ = match self {
-            Stream::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
-            Stream::Unix(s) => s.shutdown(std::net::Shutdown::Both),
-        };
-    }
-}
-
-impl AsRawFd for Stream {
-    fn as_raw_fd(&self) -> RawFd {
-        match self {
-            Stream::Tcp(s) => s.as_raw_fd(),
-            Stream::Unix(s) => s.as_raw_fd(),
-        }
-    }
-}
-
-impl io::Read for Stream {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Stream::Tcp(s) => s.read(buf),
-            Stream::Unix(s) => s.read(buf),
-        }
-    }
-}
-
-impl io::Write for Stream {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Stream::Tcp(s) => s.write(buf),
-            Stream::Unix(s) => s.write(buf),
-        }
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-/// Connects to `tcp:HOST:PORT` or `unix:PATH`.
-pub fn connect(url: &str) -> io::Result<Stream> {
-    let stream = match url.split_once(':') {
-        Some(("tcp", address)) => {
-            let mut last = io::Error::other(format!("{address} resolves to nothing"));
-            let mut connected = None;
-            for addr in address.to_socket_addrs()? {
-                match TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) {
-                    Ok(s) => {
-                        connected = Some(s);
-                        break;
-                    }
-                    Err(e) => last = e,
-                }
-            }
-            Stream::Tcp(connected.ok_or(last)?)
-        }
-        Some(("unix", path)) => Stream::Unix(UnixStream::connect(path)?),
-        _ => {
-            return Err(io::Error::other(format!(
-                "{url:?} is not tcp:HOST:PORT or unix:PATH"
-            )))
-        }
-    };
-    stream.configure()?;
-    Ok(stream)
-}
-
 /// A listening socket for an incoming migration.
 pub enum Listener {
     Tcp(TcpListener),
@@ -278,13 +226,47 @@ impl Listener {
         }
     }
 
-    pub fn accept(&self) -> io::Result<Stream> {
-        let stream = match self {
-            Listener::Tcp(l) => Stream::Tcp(l.accept()?.0),
-            Listener::Unix(l, _) => Stream::Unix(l.accept()?.0),
+    /// The next connection, or None once `deadline` passed without one.
+    pub fn accept_until(&self, deadline: Instant) -> io::Result<Option<Socket>> {
+        let fd = match self {
+            Listener::Tcp(l) => l.as_raw_fd(),
+            Listener::Unix(l, _) => l.as_raw_fd(),
         };
-        stream.configure()?;
-        Ok(stream)
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(None);
+            }
+            let mut pfd = libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            let ms = left.as_millis().clamp(1, 60_000) as libc::c_int;
+            // SAFETY: pfd is one valid pollfd for the call.
+            let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            if n == 0 {
+                continue;
+            }
+            let kind = match self {
+                Listener::Tcp(l) => l.accept().map(|(s, _)| SocketKind::Tcp(s)),
+                Listener::Unix(l, _) => l.accept().map(|(s, _)| SocketKind::Unix(s)),
+            };
+            match kind {
+                // Accepted sockets are blocking whatever the listener is.
+                Ok(kind) => return Socket::new(kind).map(Some),
+                // The peer gave up between poll and accept.
+                Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => continue,
+                Err(e) => return Err(e),
+            }
+        }
     }
 }
 
@@ -294,76 +276,6 @@ impl Drop for Listener {
             let _ = std::fs::remove_file(path);
         }
     }
-}
-
-/// Writes all of `iov` with writev, resuming after partial writes.
-pub fn write_all_vectored(fd: RawFd, iov: &mut [libc::iovec]) -> io::Result<u64> {
-    let mut total = 0u64;
-    let mut start = 0;
-    while start < iov.len() {
-        let count = (iov.len() - start).min(1024);
-        // SAFETY: every iovec points at memory that stays mapped for the
-        // call (guest RAM or buffers owned by the caller).
-        let n = unsafe { libc::writev(fd, iov[start..].as_ptr(), count as libc::c_int) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::WriteZero,
-                "the peer stopped reading",
-            ));
-        }
-        let mut n = n as usize;
-        total += n as u64;
-        while n > 0 && start < iov.len() {
-            let len = iov[start].iov_len;
-            if n >= len {
-                n -= len;
-                start += 1;
-            } else {
-                // SAFETY: advancing within the same buffer by n < len bytes.
-                iov[start].iov_base = unsafe { iov[start].iov_base.cast::<u8>().add(n) }.cast();
-                iov[start].iov_len = len - n;
-                n = 0;
-            }
-        }
-        while start < iov.len() && iov[start].iov_len == 0 {
-            start += 1;
-        }
-    }
-    Ok(total)
-}
-
-/// Reads exactly `len` bytes from `fd` into host memory at `ptr`.
-///
-/// # Safety
-/// `ptr..ptr+len` must be writable memory (guest RAM) that stays mapped.
-pub unsafe fn read_exact_raw(fd: RawFd, ptr: *mut u8, len: usize) -> io::Result<()> {
-    let mut done = 0;
-    while done < len {
-        // SAFETY: the caller guarantees the destination is writable for len bytes.
-        let n = unsafe { libc::read(fd, ptr.add(done).cast(), len - done) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "the peer closed the connection",
-            ));
-        }
-        done += n as usize;
-    }
-    Ok(())
 }
 
 /// With VMM_MIGRATION_TRACE set, prints switch-over timings to stderr.

@@ -1,22 +1,21 @@
-//! The receiving side: accept one connection, check the token before
-//! anything else, build the VM from the source's config, write memory
+//! The receiving side: accept connections until one authenticates (TLS
+//! when configured, then the token) before anything else, build the VM from the source's config, write memory
 //! ranges straight into guest RAM (each checked against it), restore the
 //! state, and run the guest only after `Complete`. Any error ends the
 //! receiving VMM without ever running a half-received guest.
 
-use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use api::request::{MigrationPhase, MigrationRole};
 use config::VmConfig;
 use migration::protocol::{
-    self, Empty, ErrorMessage, Hello, Kind, PageRange, ProtocolError, RANGE_HEADER_SIZE,
+    self, Empty, ErrorMessage, Kind, PageRange, ProtocolError, RANGE_HEADER_SIZE,
 };
 
 use super::{
-    call, read_exact_raw, ControlHandle, Listener, MigrationCall, MigrationError, MigrationReply,
-    MigrationShared, Stream,
+    call, ControlHandle, Listener, MigrationCall, MigrationError, MigrationReply, MigrationShared,
+    Socket, Stream,
 };
 use crate::memory::{self, GuestMemoryMmap};
 
@@ -24,14 +23,24 @@ use crate::memory::{self, GuestMemoryMmap};
 /// refuse it and the read faults them as before.
 const MADV_POPULATE_WRITE: libc::c_int = 23;
 
+/// A connection that has not authenticated (TLS and token) by then is dropped.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
 pub struct ReceiveContext {
     pub listener: Listener,
     pub token: String,
+    /// TLS (server side), when configured.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// How long to wait for an authenticated source.
+    pub timeout: Duration,
     pub shared: Arc<MigrationShared>,
     pub control: ControlHandle,
 }
 
-/// Waits for the source and receives the VM. Ends the process on failure
+/// Waits for an authenticated source and receives the VM. Connections that
+/// do not authenticate within [`HANDSHAKE_TIMEOUT`] (port scans, health
+/// checks, peers without the token or certificate) are logged and dropped,
+/// and the wait goes on until `timeout`. Ends the process on failure
 /// (through the control loop).
 pub fn run(context: ReceiveContext) {
     let shared = context.shared.clone();
@@ -40,22 +49,40 @@ pub fn run(context: ReceiveContext) {
         s.phase = MigrationPhase::Setup;
         s.role = Some(MigrationRole::Receive);
     });
-    let stream = match context.listener.accept() {
-        Ok(s) => s,
-        Err(e) => {
-            fail(
-                &shared,
-                &control,
-                format!("accepting the migration connection: {e}"),
-            );
-            return;
+    let until = Instant::now() + context.timeout;
+    let mut stream = loop {
+        match context.listener.accept_until(until) {
+            Ok(Some(socket)) => {
+                let peer = socket.peer();
+                match authenticate(socket, &context) {
+                    Ok(stream) => {
+                        eprintln!("vmm: migration: source {peer} authenticated");
+                        break stream;
+                    }
+                    Err(e) => {
+                        eprintln!("vmm: migration: dropped a connection from {peer}: {e}")
+                    }
+                }
+            }
+            Ok(None) => {
+                let e = MigrationError::NoSource(context.timeout.as_secs());
+                fail(&shared, &control, e.to_string());
+                return;
+            }
+            Err(e) => {
+                fail(
+                    &shared,
+                    &control,
+                    format!("accepting the migration connection: {e}"),
+                );
+                return;
+            }
         }
     };
     // One source only: stop listening.
     drop(context.listener);
     let start = Instant::now();
-    let mut stream = stream;
-    match receive(&mut stream, &context.token, &shared, &control, start) {
+    match receive(&mut stream, &shared, &control, start) {
         Ok(()) => shared.update(|s| {
             s.phase = MigrationPhase::Completed;
             s.total_time_ms = start.elapsed().as_millis() as u64;
@@ -77,6 +104,20 @@ pub fn run(context: ReceiveContext) {
     }
 }
 
+/// TLS (when configured), then the token, within [`HANDSHAKE_TIMEOUT`].
+fn authenticate(mut socket: Socket, context: &ReceiveContext) -> Result<Stream, MigrationError> {
+    socket.set_deadline(Some(Instant::now() + HANDSHAKE_TIMEOUT));
+    let mut stream = match &context.tls {
+        Some(config) => Stream::tls_server(socket, config.clone())?,
+        None => Stream::Plain(socket),
+    };
+    let binding = stream.channel_binding()?;
+    migration::auth::authenticate_target(&mut stream, context.token.as_bytes(), &binding)?;
+    // From here only a stall bounds each read and write.
+    stream.set_deadline(None);
+    Ok(stream)
+}
+
 fn fail(shared: &MigrationShared, control: &ControlHandle, message: String) {
     eprintln!("vmm: incoming migration failed: {message}");
     shared.update(|s| {
@@ -88,17 +129,10 @@ fn fail(shared: &MigrationShared, control: &ControlHandle, message: String) {
 
 fn receive(
     stream: &mut Stream,
-    token: &str,
     shared: &MigrationShared,
     control: &ControlHandle,
     start: Instant,
 ) -> Result<(), MigrationError> {
-    let hello: Hello = protocol::expect_json(stream, Kind::Hello)?;
-    if !protocol::token_matches(token, &hello.token) {
-        return Err(ProtocolError::BadToken.into());
-    }
-    protocol::send_json(stream, Kind::Ack, &Empty {})?;
-
     let config: VmConfig = protocol::expect_json(stream, Kind::Config)?;
     config.validate().map_err(MigrationError::InvalidConfig)?;
     let MigrationReply::Memory(memory) = call(control, MigrationCall::Build(Box::new(config)))?
@@ -112,15 +146,33 @@ fn receive(
         s.setup_time_ms = start.elapsed().as_millis() as u64;
     });
 
+    // The guest runs only from a complete state: memory, then the state,
+    // then Complete, nothing else in between.
+    let mut restored = false;
     loop {
         let header = protocol::read_header(stream)?;
         match header.kind {
+            Kind::Memory | Kind::Sync | Kind::State if restored => {
+                return Err(ProtocolError::Unexpected {
+                    expected: "Complete after State",
+                    got: header.kind,
+                }
+                .into())
+            }
+            Kind::Complete if !restored => {
+                return Err(ProtocolError::Unexpected {
+                    expected: "State before Complete",
+                    got: header.kind,
+                }
+                .into())
+            }
             Kind::Memory => receive_memory(stream, header.length, &memory, shared)?,
             Kind::State => {
                 let started = Instant::now();
                 let state = protocol::read_payload(stream, &header)?;
                 shared.update(|s| s.phase = MigrationPhase::SwitchOver);
                 call(control, MigrationCall::Restore(state))?;
+                restored = true;
                 super::trace("state restored", started);
                 protocol::send_json(stream, Kind::Ack, &Empty {})?;
             }
@@ -207,7 +259,7 @@ fn receive_memory(
             unsafe { libc::madvise(host.cast(), len as usize, MADV_POPULATE_WRITE) };
             // SAFETY: host..host+len is guest RAM (checked by host_range) that
             // stays mapped; no vCPU runs while a migration comes in.
-            unsafe { read_exact_raw(stream.as_raw_fd(), host, len as usize) }.map_err(|e| {
+            unsafe { stream.read_exact_raw(host, len as usize) }.map_err(|e| {
                 if e.kind() == std::io::ErrorKind::UnexpectedEof {
                     ProtocolError::Eof
                 } else {

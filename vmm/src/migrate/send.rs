@@ -16,22 +16,20 @@
 //! cleared if pages left the balloon meanwhile, so a page deflated and
 //! written is never skipped (see `device_manager::migration_skippable_pages`).
 
-use std::os::fd::AsRawFd;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use api::request::{MigrationPhase, MigrationRole, TimeoutAction};
+use api::request::{MigrationParameters, MigrationPhase, MigrationRole, TimeoutAction};
 use config::VmConfig;
 use kvm_ioctls::VmFd;
 use migration::bitmap::DirtyBitmap;
 use migration::protocol::{
-    self, Empty, Hello, Kind, PageRange, ProtocolError, HEADER_SIZE, MAX_MEMORY_PAYLOAD, PAGE_SIZE,
+    self, Empty, Kind, PageRange, ProtocolError, HEADER_SIZE, MAX_MEMORY_PAYLOAD, PAGE_SIZE,
 };
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use super::{
-    call, connect, trace, write_all_vectored, ControlHandle, MigrationCall, MigrationError,
+    call, connect, stream, trace, ControlHandle, IoVecs, MigrationCall, MigrationError,
     MigrationReply, MigrationShared, Stream,
 };
 use crate::device_manager::migration_skippable_pages;
@@ -52,11 +50,24 @@ const THROTTLE_MAX: u32 = 99;
 /// time buy a pause several times shorter.
 const DOWNTIME_GOAL_MS: u64 = 5;
 const GOAL_ROUNDS: u32 = 5;
+/// With timeout action force, the forced switch-over may take this long
+/// past the timeout before the migration fails.
+const FORCE_GRACE: Duration = Duration::from_secs(30);
+/// Telling a failing target to give up waits at most this long.
+const ABANDON_TIMEOUT: Duration = Duration::from_millis(500);
+/// Under a bandwidth cap, pages go out in chunks of this much of a second's
+/// allowance, each followed by the pause it asks for: the rate is smooth,
+/// not bursts at full speed followed by long sleeps.
+const PACE_CHUNKS_PER_S: u64 = 50;
+const PACE_CHUNK_MIN: u64 = 16 << 10;
+const PACE_CHUNK_MAX: u64 = 4 << 20;
 
 /// Everything the sending thread needs.
 pub struct SendContext {
     pub destination: String,
     pub token: String,
+    /// TLS (client side), when configured.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
     pub config: VmConfig,
     pub memory: Arc<GuestMemoryMmap>,
     pub vm_fd: Arc<VmFd>,
@@ -70,6 +81,8 @@ pub struct SendContext {
 /// Where the switch-over stands, to know what undoing a failure takes.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Stage {
+    /// Connecting and proving: nothing goes to an unproven target.
+    Authenticating,
     Running,
     /// Paused, state taken, disks released.
     Released,
@@ -78,7 +91,6 @@ enum Stage {
 }
 
 struct Sender_ {
-    stream: Stream,
     memory: Arc<GuestMemoryMmap>,
     shared: Arc<MigrationShared>,
     /// Pages the target holds data for (it needs zero markers only for these).
@@ -108,7 +120,7 @@ pub fn run(context: SendContext) {
             ..Default::default()
         }
     });
-    let mut stage = Stage::Running;
+    let mut stage = Stage::Authenticating;
     let result = migrate(context, &mut stage, start);
     throttle.set(0);
     let total_time_ms = start.elapsed().as_millis() as u64;
@@ -123,7 +135,15 @@ pub fn run(context: SendContext) {
             let _ = call(&control, MigrationCall::Finished);
         }
         Err(e) => {
-            let cancelled = matches!(e, MigrationError::Cancelled);
+            // A cancel cuts the connection: whatever error that caused, it
+            // was the cancel.
+            let cancelled = matches!(e, MigrationError::Cancelled)
+                || (shared.cancelled() && stage < Stage::Committed);
+            let e = if cancelled {
+                MigrationError::Cancelled
+            } else {
+                e
+            };
             let message = if stage == Stage::Committed {
                 format!(
                     "{e}; the target may already run the guest, so this one stays paused \
@@ -139,10 +159,10 @@ pub fn run(context: SendContext) {
             } else {
                 MigrationCall::Abort
             };
+            eprintln!("vmm: migration failed: {message}");
             if let Err(undo) = call(&control, undo) {
                 eprintln!("vmm: migration: cannot resume the guest: {undo}");
             }
-            eprintln!("vmm: migration failed: {message}");
             shared.update(|s| {
                 s.phase = if cancelled {
                     MigrationPhase::Cancelled
@@ -157,14 +177,62 @@ pub fn run(context: SendContext) {
     }
 }
 
-fn migrate(context: SendContext, stage: &mut Stage, start: Instant) -> Result<(), MigrationError> {
-    let mut stream = connect(&context.destination).map_err(|source| MigrationError::Connect {
+/// When the whole migration must have ended: the timeout with action
+/// cancel; with force, the timeout plus [`FORCE_GRACE`] for the forced
+/// switch-over. None without a timeout (then only a stall of
+/// [`stream::IO_TIMEOUT`] fails it).
+fn hard_deadline(parameters: &MigrationParameters, start: Instant) -> Option<Instant> {
+    let timeout = Duration::from_secs(parameters.timeout_s?);
+    Some(match parameters.timeout_action {
+        TimeoutAction::Cancel => start + timeout,
+        TimeoutAction::Force => start + timeout + FORCE_GRACE,
+    })
+}
+
+/// Connects, then TLS when configured. A TLS peer whose certificate does
+/// not verify failed authentication.
+fn open(context: &SendContext, deadline: Option<Instant>) -> Result<Stream, MigrationError> {
+    let connect_error = |source| MigrationError::Connect {
         destination: context.destination.clone(),
         source,
-    })?;
-    let result = migrate_on(&mut stream, context, stage, start);
+    };
+    let socket = connect(&context.destination, deadline).map_err(connect_error)?;
+    context.shared.start(socket.handle().ok());
+    let Some(config) = &context.tls else {
+        return Ok(Stream::Plain(socket));
+    };
+    let name = stream::tls_server_name(&context.destination).map_err(connect_error)?;
+    Stream::tls_client(socket, config.clone(), name).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::InvalidData {
+            ProtocolError::TargetAuthentication(e.to_string()).into()
+        } else {
+            MigrationError::from(e)
+        }
+    })
+}
+
+fn migrate(context: SendContext, stage: &mut Stage, start: Instant) -> Result<(), MigrationError> {
+    let parameters = context.shared.parameters();
+    let mut stream = open(&context, hard_deadline(&parameters, start))?;
+    let shared = context.shared.clone();
+    let mut result = migrate_on(&mut stream, context, stage, start);
     if let Err(e) = &result {
-        if *stage < Stage::Committed
+        // Whatever call hit the deadline, the migration timed out.
+        let deadline = stream.socket().deadline();
+        if deadline.is_some_and(|d| Instant::now() + Duration::from_millis(100) >= d)
+            && !matches!(e, MigrationError::Cancelled)
+            && !shared.cancelled()
+        {
+            let timeout = shared.parameters().timeout_s.unwrap_or_default();
+            result = Err(MigrationError::TimedOut(timeout));
+        }
+    }
+    // Neither the goodbye nor closing may block on a stalled target.
+    stream.set_deadline(Some(Instant::now() + ABANDON_TIMEOUT));
+    if let Err(e) = &result {
+        if *stage > Stage::Authenticating
+            && *stage < Stage::Committed
+            && !shared.cancelled()
             && !matches!(e, MigrationError::Protocol(ProtocolError::Peer(_)))
         {
             // Tell a live target to drop everything; it may be gone already.
@@ -177,12 +245,13 @@ fn migrate(context: SendContext, stage: &mut Stage, start: Instant) -> Result<()
             );
         }
     }
+    shared.start(None);
     stream.shutdown();
     result
 }
 
 fn check_cancel(shared: &MigrationShared) -> Result<(), MigrationError> {
-    if shared.cancel.load(Ordering::SeqCst) {
+    if shared.cancelled() {
         Err(MigrationError::Cancelled)
     } else {
         Ok(())
@@ -196,15 +265,11 @@ fn migrate_on(
     start: Instant,
 ) -> Result<(), MigrationError> {
     let shared = context.shared.clone();
-    protocol::send_json(
-        stream,
-        Kind::Hello,
-        &Hello {
-            vmm_version: env!("CARGO_PKG_VERSION").into(),
-            token: context.token.clone(),
-        },
-    )?;
-    protocol::expect_json::<Empty>(stream, Kind::Ack)?;
+    // Nothing about the guest goes out before the target proved the token.
+    let binding = stream.channel_binding()?;
+    migration::auth::authenticate_source(stream, context.token.as_bytes(), &binding)?;
+    *stage = Stage::Running;
+    check_cancel(&shared)?;
     protocol::send_json(stream, Kind::Config, &context.config)?;
     protocol::expect_json::<Empty>(stream, Kind::Ack)?;
     check_cancel(&shared)?;
@@ -223,7 +288,7 @@ fn precopy_and_switch(
     start: Instant,
 ) -> Result<(), MigrationError> {
     let shared = context.shared.clone();
-    let mut sender = Sender_::new(stream, context)?;
+    let mut sender = Sender_::new(context);
     shared.update(|s| {
         s.phase = MigrationPhase::Active;
         s.setup_time_ms = start.elapsed().as_millis() as u64;
@@ -237,7 +302,7 @@ fn precopy_and_switch(
         .collect::<Result<_, _>>()?;
     sender.apply_balloon(&mut round0);
     let mut round_start = Instant::now();
-    let mut round_bytes = sender.send_round(&round0, None)?;
+    let mut round_bytes = sender.send_round(stream, &round0, None)?;
     let mut convergence = Convergence {
         bandwidth: estimate_bandwidth(round_bytes, round_start.elapsed(), &shared, None),
         previous_dirty: u64::MAX,
@@ -249,6 +314,8 @@ fn precopy_and_switch(
     loop {
         check_cancel(&shared)?;
         let parameters = shared.parameters();
+        // The parameters may have changed: so may the deadline.
+        stream.set_deadline(hard_deadline(&parameters, start));
         let mut dirty = dirty_log.harvest()?;
         // After the harvest: see `Sender_::apply_balloon`.
         let dirty_bytes = sender.apply_balloon(&mut dirty) * PAGE_SIZE;
@@ -309,7 +376,7 @@ fn precopy_and_switch(
         convergence.previous_dirty = dirty_bytes;
 
         round_start = Instant::now();
-        round_bytes = match sender.send_round(&dirty, Some(dirty_log)) {
+        round_bytes = match sender.send_round(stream, &dirty, Some(dirty_log)) {
             Ok(bytes) => bytes,
             Err(e) => {
                 for (slot, b) in dirty.iter().enumerate() {
@@ -423,7 +490,7 @@ fn switch_over(
     sender.window_bytes = 0;
     sender.window_start = Instant::now();
     // Nothing writes guest memory now: no need to re-protect pages.
-    let last_bytes = sender.send_round_unlimited(&dirty, None)?;
+    let last_bytes = sender.send_round_unlimited(stream, &dirty, None)?;
     trace(&format!("last round sent ({last_bytes} bytes)"), paused_at);
     // Complete goes out only after the target acknowledged the state: until
     // then a broken connection means the guest cannot run there, so this
@@ -434,7 +501,9 @@ fn switch_over(
         &format!("state ({} bytes) restored on the target", snapshot.len()),
         paused_at,
     );
-    check_cancel(&shared)?;
+    // From here a cancel no longer cuts the connection: the answer to
+    // Complete says where the guest runs.
+    shared.commit()?;
     *stage = Stage::Committed;
     protocol::send_json(stream, Kind::Complete, &Empty {})?;
     protocol::expect_json::<Empty>(stream, Kind::Running)?;
@@ -508,9 +577,8 @@ enum PageClass {
 }
 
 impl Sender_ {
-    fn new(stream: &Stream, context: &SendContext) -> Result<Sender_, MigrationError> {
-        Ok(Sender_ {
-            stream: stream.try_clone()?,
+    fn new(context: &SendContext) -> Sender_ {
+        Sender_ {
             memory: context.memory.clone(),
             shared: context.shared.clone(),
             sent_data: context
@@ -523,28 +591,31 @@ impl Sender_ {
             balloon: context.balloon.clone(),
             ballooned: None,
             ballooned_generation: 0,
-        })
+        }
     }
 
     fn send_round(
         &mut self,
+        stream: &mut Stream,
         pages: &[DirtyBitmap],
         dirty_log: Option<&DirtyLog>,
     ) -> Result<u64, MigrationError> {
-        self.send_pages(pages, dirty_log, true)
+        self.send_pages(stream, pages, dirty_log, true)
     }
 
     fn send_round_unlimited(
         &mut self,
+        stream: &mut Stream,
         pages: &[DirtyBitmap],
         dirty_log: Option<&DirtyLog>,
     ) -> Result<u64, MigrationError> {
-        self.send_pages(pages, dirty_log, false)
+        self.send_pages(stream, pages, dirty_log, false)
     }
 
     /// Sends every page set in `pages` (per region); returns bytes written.
     fn send_pages(
         &mut self,
+        stream: &mut Stream,
         pages: &[DirtyBitmap],
         dirty_log: Option<&DirtyLog>,
         limited: bool,
@@ -582,7 +653,7 @@ impl Sender_ {
                         // SAFETY: page..end lies inside this region's mapping.
                         let data = unsafe { host.add(page * PAGE_SIZE as usize) };
                         if batch.wire_size() + range.wire_size() > MAX_MEMORY_PAYLOAD {
-                            total += self.flush(&mut batch, limited)?;
+                            total += self.flush(stream, &mut batch, limited)?;
                         }
                         batch.push(range, data);
                         let sent = &mut self.sent_data[slot];
@@ -612,10 +683,10 @@ impl Sender_ {
                 }
             }
             if batch.wire_size() > 8 << 20 {
-                total += self.flush(&mut batch, limited)?;
+                total += self.flush(stream, &mut batch, limited)?;
             }
         }
-        total += self.flush(&mut batch, limited)?;
+        total += self.flush(stream, &mut batch, limited)?;
         Ok(total)
     }
 
@@ -674,8 +745,13 @@ impl Sender_ {
         }
     }
 
-    /// Writes the batch as one Memory message.
-    fn flush(&mut self, batch: &mut Batch, limited: bool) -> Result<u64, MigrationError> {
+    /// Writes the batch as one Memory message (paced under a bandwidth cap).
+    fn flush(
+        &mut self,
+        stream: &mut Stream,
+        batch: &mut Batch,
+        limited: bool,
+    ) -> Result<u64, MigrationError> {
         if batch.ranges.is_empty() {
             return Ok(0);
         }
@@ -704,35 +780,58 @@ impl Sender_ {
                 });
             }
         }
-        let written = write_all_vectored(self.stream.as_raw_fd(), &mut iov)?;
+        let mut iov = IoVecs::new(iov);
+        let mut written = 0;
+        while !iov.is_empty() {
+            let cap = if limited {
+                self.shared
+                    .parameters()
+                    .bandwidth_bytes_per_s
+                    .filter(|&c| c > 0)
+            } else {
+                None
+            };
+            let chunk = cap.map_or(u64::MAX, |c| {
+                (c / PACE_CHUNKS_PER_S).clamp(PACE_CHUNK_MIN, PACE_CHUNK_MAX)
+            });
+            let n = stream.write_iov(&mut iov, chunk)?;
+            written += n;
+            self.shared.update(|s| s.transferred_bytes += n);
+            self.pace(n, cap, stream.socket().deadline());
+            check_cancel(&self.shared)?;
+        }
         batch.ranges.clear();
         batch.size = 0;
-        self.shared.update(|s| s.transferred_bytes += written);
-        if limited {
-            self.pace(written);
-        }
-        check_cancel(&self.shared)?;
         Ok(written)
     }
 
-    /// Sleeps as long as the bandwidth cap asks.
-    fn pace(&mut self, written: u64) {
-        let Some(cap) = self
-            .shared
-            .parameters()
-            .bandwidth_bytes_per_s
-            .filter(|&c| c > 0)
-        else {
+    /// Sleeps as long as the bandwidth cap asks after `written` more bytes,
+    /// in short naps so a cancel or the deadline is not kept waiting.
+    fn pace(&mut self, written: u64, cap: Option<u64>, deadline: Option<Instant>) {
+        let Some(cap) = cap else {
             self.window_bytes = 0;
             self.window_start = Instant::now();
             return;
         };
         self.window_bytes += written;
-        let due = Duration::from_secs_f64(self.window_bytes as f64 / cap as f64);
-        let elapsed = self.window_start.elapsed();
-        if due > elapsed {
-            std::thread::sleep(due - elapsed);
+        let due =
+            self.window_start + Duration::from_secs_f64(self.window_bytes as f64 / cap as f64);
+        // Behind schedule (a pause between rounds, a slow link): start
+        // afresh rather than catch up in a burst.
+        if Instant::now() > due + Duration::from_secs(1) / PACE_CHUNKS_PER_S as u32 {
+            self.window_bytes = 0;
+            self.window_start = Instant::now();
+            return;
         }
+        loop {
+            let now = Instant::now();
+            if now >= due || self.shared.cancelled() || deadline.is_some_and(|d| now >= d) {
+                break;
+            }
+            std::thread::sleep((due - now).min(Duration::from_millis(50)));
+        }
+        // A fresh window now and then: a slow patch of the link is not
+        // made up for later by a burst.
         if self.window_start.elapsed() > Duration::from_secs(1) {
             self.window_bytes = 0;
             self.window_start = Instant::now();

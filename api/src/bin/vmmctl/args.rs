@@ -19,7 +19,9 @@ Commands:
   create FILE                  define the VM from a JSON VmConfig file (- reads stdin)
   boot                         build and start the defined VM
   pause                        stop the vCPUs
-  resume                       restart paused vCPUs
+  resume [--force]             restart paused vCPUs; --force resumes a guest whose
+                               migration is undecided (it may run on the target:
+                               check first), after taking its disks back
   shutdown [--force | --ctrl-alt-del] [--timeout-ms N]
                                ask the guest to shut down (ACPI power button);
                                --ctrl-alt-del sends Ctrl-Alt-Del instead (guests
@@ -28,9 +30,9 @@ Commands:
                                after N milliseconds
   info                         the VM's state and configuration
   counters                     exit and device counters
-  migrate DESTINATION (--token-file FILE | --token TOKEN) [--downtime-ms N]
-          [--bandwidth SIZE] [--timeout-s N] [--timeout-action cancel|force]
-          [--no-auto-converge] [--detach]
+  migrate DESTINATION (--token-file FILE | --token TOKEN) [--tls-dir DIR]
+          [--downtime-ms N] [--bandwidth SIZE] [--timeout-s N]
+          [--timeout-action cancel|force] [--no-auto-converge] [--detach]
                                migrate the VM to the VMM listening on DESTINATION
                                (tcp:HOST:PORT or unix:PATH): shows the progress on
                                stderr, then the statistics (exit 0 if it completed,
@@ -43,9 +45,11 @@ Commands:
           [--timeout-action cancel|force] [--no-auto-converge]
                                change the parameters of the running migration; an
                                option left out takes its default, not its current value
-  receive-migration LISTEN (--token-file FILE | --token TOKEN)
+  receive-migration LISTEN (--token-file FILE | --token TOKEN) [--tls-dir DIR]
+          [--timeout-s N]
                                make a VMM without a VM listen on LISTEN
-                               (tcp:HOST:PORT or unix:PATH) for an incoming migration
+                               (tcp:HOST:PORT or unix:PATH) for an incoming
+                               migration, for at most N seconds (default 3600)
   balloon [--target-mib N]     set the balloon's target: the guest is asked to give
                                N MiB back (0 deflates it); without --target-mib,
                                print the balloon statistics
@@ -69,6 +73,9 @@ Migration options:
   --token-file FILE       the pre-shared token of sender and receiver, read from
                           FILE (trailing newlines are dropped; it must not be empty)
   --token TOKEN           the token on the command line (other users can see it)
+  --tls-dir DIR           encrypt the stream with TLS 1.3; DIR holds ca-cert.pem
+                          and this host's client-cert.pem and client-key.pem
+                          (source) or server-cert.pem and server-key.pem (target)
   --downtime-ms N         largest acceptable pause of the guest at switch-over
                           (default: 300)
   --bandwidth SIZE        bandwidth cap in bytes/s, with an optional suffix K, M, G,
@@ -107,6 +114,7 @@ pub(crate) const COMMAND_VALUE_OPTIONS: &[&str] = &[
     "--timeout-ms",
     "--token",
     "--token-file",
+    "--tls-dir",
     "--downtime-ms",
     "--bandwidth",
     "--timeout-s",
@@ -122,7 +130,8 @@ pub(crate) enum Command {
     Create(PathBuf),
     Boot,
     Pause,
-    Resume,
+    /// `resume [--force]`.
+    Resume(bool),
     Shutdown(ShutdownRequest),
     Info,
     Counters,
@@ -133,6 +142,8 @@ pub(crate) enum Command {
     ReceiveMigration {
         listen: String,
         token: Token,
+        tls_dir: Option<PathBuf>,
+        timeout_s: Option<u64>,
     },
     /// `balloon --target-mib N` sets the target, `balloon` alone shows it.
     Balloon(Option<u64>),
@@ -152,6 +163,7 @@ pub(crate) enum Command {
 pub(crate) struct MigrateArgs {
     pub(crate) destination: String,
     pub(crate) token: Token,
+    pub(crate) tls_dir: Option<PathBuf>,
     pub(crate) parameters: MigrationParameters,
     pub(crate) detach: bool,
 }
@@ -193,7 +205,7 @@ impl Command {
             Command::Create(_) => "create",
             Command::Boot => "boot",
             Command::Pause => "pause",
-            Command::Resume => "resume",
+            Command::Resume(_) => "resume",
             Command::Shutdown(_) => "shutdown",
             Command::Info => "info",
             Command::Counters => "counters",
@@ -289,7 +301,14 @@ pub(crate) fn parse_args(args: Vec<String>, env_socket: Option<String>) -> Resul
         "shutdown-vmm" => no_args(Command::ShutdownVmm)?,
         "boot" => no_args(Command::Boot)?,
         "pause" => no_args(Command::Pause)?,
-        "resume" => no_args(Command::Resume)?,
+        "resume" => match rest.as_slice() {
+            [] => Command::Resume(false),
+            [force] if force == "--force" => Command::Resume(true),
+            [other, ..] if other.starts_with('-') => {
+                return Err(format!("resume: unknown option {other:?}"))
+            }
+            [other, ..] => return Err(format!("resume: unexpected argument {other:?}")),
+        },
         "info" => no_args(Command::Info)?,
         "counters" => no_args(Command::Counters)?,
         "create" => match rest.as_slice() {
@@ -403,6 +422,7 @@ pub(crate) struct MigrationOptions {
     /// How many options were given.
     options: usize,
     token: Option<Token>,
+    tls_dir: Option<PathBuf>,
     parameters: MigrationParameters,
     detach: bool,
     cancel: bool,
@@ -465,6 +485,13 @@ pub(crate) fn parse_migration_options(
                 } else {
                     Token::File(text.into())
                 });
+            }
+            "--tls-dir" => {
+                let dir = value()?;
+                if dir.is_empty() {
+                    return Err(format!("{command}: --tls-dir needs a directory"));
+                }
+                options.tls_dir = Some(dir.into());
             }
             "--downtime-ms" => parameters.downtime_ms = number(value()?, "milliseconds")?,
             "--timeout-s" => parameters.timeout_s = Some(number(value()?, "seconds")?),
@@ -541,7 +568,13 @@ pub(crate) fn missing_token(command: &str) -> String {
 }
 
 pub(crate) fn parse_migrate(args: &[String]) -> Result<Command, String> {
-    let mut allowed = vec!["--token", "--token-file", "--detach", "--cancel"];
+    let mut allowed = vec![
+        "--token",
+        "--token-file",
+        "--tls-dir",
+        "--detach",
+        "--cancel",
+    ];
     allowed.extend_from_slice(TUNING_OPTIONS);
     let options = parse_migration_options("migrate", args, &allowed)?;
     if options.cancel {
@@ -555,6 +588,7 @@ pub(crate) fn parse_migrate(args: &[String]) -> Result<Command, String> {
     Ok(Command::Migrate(MigrateArgs {
         destination,
         token,
+        tls_dir: options.tls_dir,
         parameters: options.parameters,
         detach: options.detach,
     }))
@@ -569,12 +603,21 @@ pub(crate) fn parse_migrate_set(args: &[String]) -> Result<Command, String> {
 }
 
 pub(crate) fn parse_receive_migration(args: &[String]) -> Result<Command, String> {
-    let options = parse_migration_options("receive-migration", args, &["--token", "--token-file"])?;
+    let options = parse_migration_options(
+        "receive-migration",
+        args,
+        &["--token", "--token-file", "--tls-dir", "--timeout-s"],
+    )?;
     let listen = migration_url("receive-migration", "LISTEN", &options.words)?;
     let token = options
         .token
         .ok_or_else(|| missing_token("receive-migration"))?;
-    Ok(Command::ReceiveMigration { listen, token })
+    Ok(Command::ReceiveMigration {
+        listen,
+        token,
+        tls_dir: options.tls_dir,
+        timeout_s: options.parameters.timeout_s,
+    })
 }
 
 /// The value of `--NAME VALUE` or `--NAME=VALUE` options of `command`.
@@ -791,13 +834,44 @@ mod tests {
             "receive-migration",
             "unix:/m",
             "--token=x",
+            "--tls-dir",
+            "/etc/vmm/tls",
+            "--timeout-s",
+            "90",
         ]) {
-            Command::ReceiveMigration { listen, token } => {
+            Command::ReceiveMigration {
+                listen,
+                token,
+                tls_dir,
+                timeout_s,
+            } => {
                 assert_eq!(listen, "unix:/m");
                 assert_eq!(token, Token::Literal("x".into()));
+                assert_eq!(tls_dir, Some(PathBuf::from("/etc/vmm/tls")));
+                assert_eq!(timeout_s, Some(90));
             }
             other => panic!("{other:?}"),
         }
+        match command(&[
+            "--api-socket",
+            "/s",
+            "migrate",
+            "tcp:h:1",
+            "--token=x",
+            "--tls-dir=/t",
+        ]) {
+            Command::Migrate(m) => assert_eq!(m.tls_dir, Some(PathBuf::from("/t"))),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            command(&["--api-socket", "/s", "resume", "--force"]),
+            Command::Resume(true)
+        ));
+        assert!(matches!(
+            command(&["--api-socket", "/s", "resume"]),
+            Command::Resume(false)
+        ));
+        assert!(parse(&["--api-socket", "/s", "resume", "--now"]).is_err());
     }
 
     #[test]

@@ -97,7 +97,8 @@ fn run(args: &Args) -> Result<String, (u8, String)> {
         Command::ShutdownVmm => text(client.shutdown_vmm().map(|()| String::new())),
         Command::Boot => text(client.boot().map(|()| String::new())),
         Command::Pause => text(client.pause().map(|()| String::new())),
-        Command::Resume => text(client.resume().map(|()| String::new())),
+        Command::Resume(false) => text(client.resume().map(|()| String::new())),
+        Command::Resume(true) => text(client.resume_force().map(|()| String::new())),
         Command::Shutdown(request) => {
             // The VMM may answer only once the guest is down: wait past its timeout.
             if let Some(ms) = request.timeout_ms {
@@ -114,6 +115,7 @@ fn run(args: &Args) -> Result<String, (u8, String)> {
             let request = SendMigrationRequest {
                 destination: migrate.destination.clone(),
                 token: migrate.token.read().map_err(|m| (EXIT_USAGE, m))?,
+                tls_dir: migrate.tls_dir.clone(),
                 parameters: migrate.parameters.clone(),
             };
             client.send_migration(&request).map_err(client_error)?;
@@ -136,10 +138,17 @@ fn run(args: &Args) -> Result<String, (u8, String)> {
                 .migration_parameters(parameters)
                 .map(|()| String::new()),
         ),
-        Command::ReceiveMigration { listen, token } => {
+        Command::ReceiveMigration {
+            listen,
+            token,
+            tls_dir,
+            timeout_s,
+        } => {
             let request = ReceiveMigrationRequest {
                 listen: listen.clone(),
                 token: token.read().map_err(|m| (EXIT_USAGE, m))?,
+                tls_dir: tls_dir.clone(),
+                timeout_s: *timeout_s,
             };
             text(client.receive_migration(&request).map(|()| String::new()))
         }
