@@ -23,10 +23,6 @@ pub(crate) const EXIT_USAGE: u8 = 2;
 pub(crate) const EXIT_UNREACHABLE: u8 = 3;
 
 pub(crate) const SOCKET_ENV: &str = "VMM_API_SOCKET";
-/// The environment variable naming the directory `list` scans.
-pub(crate) const SOCKET_DIR_ENV: &str = "VMM_SOCKET_DIR";
-/// Where VMM API sockets live by convention.
-pub(crate) const DEFAULT_SOCKET_DIR: &str = "/run/vmm";
 /// The longest `list` waits for one VMM.
 pub(crate) const LIST_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -152,11 +148,7 @@ fn run(args: &Args) -> Result<String, (u8, String)> {
             })
         }
         Command::List(dir) => {
-            let dir = dir.clone().unwrap_or_else(|| {
-                std::env::var_os(SOCKET_DIR_ENV)
-                    .filter(|d| !d.is_empty())
-                    .map_or_else(|| PathBuf::from(DEFAULT_SOCKET_DIR), PathBuf::from)
-            });
+            let dir = dir.clone().unwrap_or_else(api::http::socket_dir);
             let entries = list_vmms(&dir, args.timeout.min(LIST_TIMEOUT))?;
             Ok(if args.json {
                 json(&entries)
