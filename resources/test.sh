@@ -20,6 +20,7 @@ packages=(
     pacemaker corosync pacemaker-cli-utils resource-agents   # tests/tests/cluster.rs: the OCF agent, a two-node cluster
     libxml2-utils jq       # ocf-tester's meta-data check (xmllint); the agent's config check
     drbd-utils             # the DRBD recipe's resource file (drbdadm dump, dry runs)
+    chromium chromium-driver   # tests/tests/web.rs: vmm-web in a real headless browser
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -13,3 +13,4 @@ pub mod bench;
 pub mod harness;
 pub mod netns;
 pub mod probe;
+pub mod web;

@@ -131,23 +131,37 @@ pub fn parse_crm_mon(xml: &str) -> Result<ClusterView, ClusterError> {
         available: true,
         ..ClusterView::default()
     };
-    if let Some(status) = child(root, "status") {
-        if status.attribute("code").is_some_and(|c| c != "0") {
-            let mut message = attr(status, "message");
-            let errors: Vec<&str> = status
-                .descendants()
-                .filter(|e| e.has_tag_name("error"))
-                .filter_map(|e| e.text())
-                .map(str::trim)
-                .collect();
-            if !errors.is_empty() {
-                message = format!("{message} ({})", errors.join("; "));
-            }
-            return Err(ClusterError::Failed {
-                tool: "crm_mon",
-                message,
-            });
+    let status = child(root, "status");
+    let errors: Vec<&str> = status
+        .iter()
+        .flat_map(|s| s.descendants())
+        .filter(|e| e.has_tag_name("error"))
+        .filter_map(|e| e.text())
+        .map(str::trim)
+        .collect();
+    let failed = status.is_some_and(|s| s.attribute("code").is_some_and(|c| c != "0"));
+    // crm_mon can say "OK" with errors and no cluster in it (CIB unreachable).
+    let empty = child(root, "nodes").is_none() && child(root, "summary").is_none();
+    if failed || empty {
+        let mut message = status
+            .map(|s| attr(s, "message"))
+            .filter(|m| !m.is_empty() && (failed || errors.is_empty()))
+            .unwrap_or_default();
+        if !errors.is_empty() {
+            let joined = errors.join("; ");
+            message = if message.is_empty() {
+                joined
+            } else {
+                format!("{message} ({joined})")
+            };
         }
+        if message.is_empty() {
+            message = "no cluster status in its output".into();
+        }
+        return Err(ClusterError::Failed {
+            tool: "crm_mon",
+            message,
+        });
     }
     if let Some(summary) = child(root, "summary") {
         if let Some(stack) = child(summary, "stack") {
@@ -526,6 +540,21 @@ mod tests {
         assert_eq!(
             e.to_string(),
             "crm_mon failed: Not connected (crm_mon: Connection to cluster failed: Connection refused)"
+        );
+        // What it prints, with status OK, when the CIB cannot be read.
+        let e = parse_crm_mon(
+            r#"<pacemaker-result api-version="2.25" request="crm_mon --output-as=xml">
+  <status code="0" message="OK">
+    <errors>
+      <error>Could not connect to the CIB: No such device or address</error>
+    </errors>
+  </status>
+</pacemaker-result>"#,
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "crm_mon failed: Could not connect to the CIB: No such device or address"
         );
     }
 }

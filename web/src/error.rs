@@ -10,6 +10,9 @@ use crate::cluster::ClusterError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WebError {
+    /// No such page or file.
+    #[error("there is no page {0}")]
+    NotFound(String),
     /// No `NAME.sock` in the socket directory.
     #[error("there is no guest named {0:?} (no {0}.sock in the socket directory)")]
     NoSuchGuest(String),
@@ -90,6 +93,7 @@ impl WebError {
     pub fn class(&self) -> ErrorClass {
         match self {
             WebError::NoSuchGuest(_)
+            | WebError::NotFound(_)
             | WebError::BadField { .. }
             | WebError::Config(_)
             | WebError::File { .. }
@@ -117,7 +121,7 @@ impl WebError {
 
     pub fn status(&self) -> StatusCode {
         match self {
-            WebError::NoSuchGuest(_) => StatusCode::NOT_FOUND,
+            WebError::NoSuchGuest(_) | WebError::NotFound(_) => StatusCode::NOT_FOUND,
             WebError::Unauthenticated | WebError::WrongToken => StatusCode::UNAUTHORIZED,
             WebError::TooManyFailures => StatusCode::TOO_MANY_REQUESTS,
             WebError::Csrf(_) => StatusCode::FORBIDDEN,

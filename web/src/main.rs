@@ -106,9 +106,11 @@ async fn serve(args: Args, secret: Option<Vec<u8>>) -> Result<(), String> {
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+            // The bound address, so port 0 (any free port) can be found.
+            let bound = listener.local_addr().map_or(*addr, |a| a);
             eprintln!(
                 "vmm-web: serving {} (VMM sockets in {})",
-                args.listen,
+                Listen::Tcp(bound),
                 args.socket_dir.display()
             );
             axum::serve(listener, app)

@@ -84,8 +84,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-async fn not_found() -> WebError {
-    WebError::bad("path", "no such page")
+async fn not_found(uri: axum::http::Uri) -> WebError {
+    WebError::NotFound(uri.path().to_string())
 }
 
 /// Headers on every response: the page loads only its own scripts and
@@ -100,7 +100,8 @@ async fn security_headers(mut response: Response) -> Response {
         ),
         ("x-frame-options", "DENY"),
         ("x-content-type-options", "nosniff"),
-        ("referrer-policy", "no-referrer"),
+        // Not no-referrer: with it, browsers send `Origin: null` on form posts.
+        ("referrer-policy", "same-origin"),
         ("cache-control", "no-store"),
     ] {
         headers.insert(name, HeaderValue::from_static(value));
