@@ -55,6 +55,28 @@ impl WebConsole {
     /// Starts `vmm-web ARGS` with extra environment and waits until it
     /// serves (pass `--listen ADDR:0` for any free port).
     pub fn start(args: &[&str], env: &[(&str, &str)]) -> WebConsole {
+        let mut web = WebConsole::launch(args, env);
+        web.addr = web
+            .addr
+            .strip_prefix("http://")
+            .and_then(|rest| rest.split('/').next())
+            .unwrap_or_else(|| panic!("vmm-web serves {:?}, not TCP", web.addr))
+            .to_string();
+        web
+    }
+
+    /// Starts `vmm-web --listen unix:SOCKET ARGS` and waits until it serves.
+    pub fn start_unix(socket: &Path, args: &[&str]) -> WebConsole {
+        let listen = format!("unix:{}", socket.display());
+        let mut all = vec!["--listen", listen.as_str()];
+        all.extend_from_slice(args);
+        let web = WebConsole::launch(&all, &[]);
+        assert!(web.addr.starts_with("unix:"), "{}", web.addr);
+        web
+    }
+
+    /// Spawns it; `addr` is what follows "vmm-web: serving " on stderr.
+    fn launch(args: &[&str], env: &[(&str, &str)]) -> WebConsole {
         let mut child = Command::new(workspace_binary("vmm-web"))
             .args(args)
             .envs(env.iter().copied())
@@ -72,9 +94,9 @@ impl WebConsole {
                 if std::env::var_os("VMM_TEST_ECHO").is_some() {
                     eprintln!("vmm-web| {line}");
                 }
-                if let Some(rest) = line.strip_prefix("vmm-web: serving http://") {
-                    let addr = rest.split('/').next().unwrap_or_default().to_string();
-                    let _ = tx.send(addr);
+                if let Some(rest) = line.strip_prefix("vmm-web: serving ") {
+                    let served = rest.split(' ').next().unwrap_or_default().to_string();
+                    let _ = tx.send(served);
                 }
                 lines.lock().unwrap().push(line);
             }
@@ -240,7 +262,27 @@ pub fn http(
     headers: &[(&str, &str)],
     body: Option<&[u8]>,
 ) -> Response {
-    let mut stream = connect(addr);
+    exchange(connect(addr), addr, method, path, headers, body)
+}
+
+/// One HTTP/1.1 request over a Unix socket (Host: localhost).
+pub fn http_unix(socket: &Path, method: &str, path: &str, headers: &[(&str, &str)]) -> Response {
+    let stream = std::os::unix::net::UnixStream::connect(socket)
+        .unwrap_or_else(|e| panic!("connect {}: {e}", socket.display()));
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    exchange(stream, "localhost", method, path, headers, None)
+}
+
+fn exchange(
+    mut stream: impl Read + Write,
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&[u8]>,
+) -> Response {
     stream
         .write_all(request_head(addr, method, path, headers, body).as_bytes())
         .unwrap();

@@ -14,7 +14,9 @@ use serde_json::{json, Value};
 use vmm_tests::harness::{TempDir, Vmm};
 use vmm_tests::netns::{self, ip, Netns};
 use vmm_tests::require_kvm;
-use vmm_tests::web::{browser_available, first_event, http, web_refuses, Browser, WebConsole};
+use vmm_tests::web::{
+    browser_available, first_event, http, http_unix, web_refuses, Browser, WebConsole,
+};
 
 const BOOT: Duration = Duration::from_secs(20);
 const SHORT: Duration = Duration::from_secs(10);
@@ -501,6 +503,106 @@ fn vmm_web_refuses_to_serve_beyond_loopback_without_authentication() {
     let (code, err) = web_refuses(&["--listen", "localhost:80"]);
     assert_eq!(code, 2);
     assert!(err.contains("not ADDR:PORT"), "{err}");
+}
+
+#[test]
+fn a_dead_or_hung_vmm_is_shown_in_words_and_the_others_stay_usable() {
+    require_kvm!();
+    let mut host = Host::new("web-hung");
+    host.boot("g1", "echo up", &[]);
+    host.boot("g2", "echo up", &[]);
+    // A socket whose VMM died without removing it.
+    drop(std::os::unix::net::UnixListener::bind(host.socks.join("dead.sock")).unwrap());
+    let web = host.web(&[], &[]);
+    wait_listed(&web, &["g1", "g2"]);
+    host.vmm("g2").signal(libc::SIGSTOP);
+    let listed = |name: &str, state: &str| {
+        let list = web.get("/api/guests", &[]).json();
+        list["guests"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|g| g["name"] == name && g["state"] == state)
+            .map(|g| g["error"].as_str().unwrap_or_default().to_string())
+    };
+    let deadline = Instant::now() + PAGE;
+    let (dead, hung) = loop {
+        if let (Some(dead), Some(hung)) = (listed("dead", "stale"), listed("g2", "not-answering")) {
+            break (dead, hung);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{}",
+            web.get("/api/guests", &[]).text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(dead.starts_with("no VMM is listening on"), "{dead}");
+    assert!(hung.contains("did not answer within 2 s"), "{hung}");
+    // An action on the hung VMM waits for it (in the background) ...
+    let (cookie, csrf) = session(&web);
+    let addr = web.addr.clone();
+    let (c, t) = (cookie.clone(), csrf.clone());
+    let stuck = std::thread::spawn(move || {
+        http(
+            &addr,
+            "POST",
+            "/api/guests/g2/pause",
+            &[("Cookie", &c), ("X-CSRF-Token", &t)],
+            Some(b""),
+        )
+    });
+    // ... while the page and the other guests go on.
+    let started = Instant::now();
+    let pause = web.post(
+        "/api/guests/g1/pause",
+        &[("Cookie", &cookie), ("X-CSRF-Token", &csrf)],
+        "",
+    );
+    assert_eq!(pause.status, 200, "{}", pause.text());
+    assert!(web.get("/api/guests", &[]).status == 200);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the console waited on the hung VMM"
+    );
+    let stuck = stuck.join().unwrap();
+    assert_eq!(stuck.status, 504, "{}", stuck.text());
+    let error = stuck.json()["error"].as_str().unwrap().to_string();
+    assert!(
+        error.contains("did not answer within 15 s; the request may still take effect"),
+        "{error}"
+    );
+    // Woken up, it answers again (and may then carry out the pause that
+    // timed out: its request was already in the socket).
+    host.vmm("g2").signal(libc::SIGCONT);
+    let deadline = Instant::now() + PAGE;
+    while listed("g2", "running").is_none() && listed("g2", "paused").is_none() {
+        assert!(Instant::now() < deadline, "g2 never came back");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn on_a_unix_socket_it_serves_only_to_who_may_open_the_socket() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new("web-unix");
+    let socket = dir.join("web.sock");
+    let _web = WebConsole::start_unix(&socket, &["--socket-dir", dir.path().to_str().unwrap()]);
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o660);
+    let page = http_unix(&socket, "GET", "/", &[]);
+    assert_eq!(page.status, 200);
+    assert!(page.cookie().is_some());
+    let list = http_unix(&socket, "GET", "/api/guests", &[]).json();
+    assert_eq!(list["guests"], json!([]));
+    // Behind a proxy, Host is the public name: only --allow-host names pass.
+    let proxied = http_unix(
+        &socket,
+        "GET",
+        "/api/guests",
+        &[("Host", "console.example")],
+    );
+    assert_eq!(proxied.status, 421);
 }
 
 /// A veth pair between this host (10.231.13.1) and a namespace standing for

@@ -32,6 +32,13 @@ pub enum WebError {
         #[source]
         source: ClientError,
     },
+    /// The VMM took the request but did not answer in time (hung or stopped).
+    #[error("guest {guest}: {source}; the request may still take effect once it answers")]
+    VmmTimeout {
+        guest: String,
+        #[source]
+        source: ClientError,
+    },
     /// A file the request named (a migration token file) cannot be used.
     #[error("{field}: {path}: {message}")]
     File {
@@ -83,9 +90,10 @@ impl WebError {
     }
 
     pub fn vmm(guest: &str, source: ClientError) -> WebError {
-        WebError::Vmm {
-            guest: guest.to_string(),
-            source,
+        let guest = guest.to_string();
+        match source {
+            ClientError::Timeout { .. } => WebError::VmmTimeout { guest, source },
+            source => WebError::Vmm { guest, source },
         }
     }
 
@@ -113,6 +121,7 @@ impl WebError {
                 }
                 _ => ErrorClass::Host,
             },
+            WebError::VmmTimeout { .. } => ErrorClass::Host,
             WebError::Cluster(e) => e.class(),
             WebError::Console { .. } => ErrorClass::Conflict,
             WebError::SocketDir { .. } | WebError::Internal(_) => ErrorClass::Host,
@@ -127,6 +136,7 @@ impl WebError {
             WebError::Csrf(_) => StatusCode::FORBIDDEN,
             WebError::BadHost(_) => StatusCode::MISDIRECTED_REQUEST,
             WebError::Unsupported { .. } => StatusCode::NOT_IMPLEMENTED,
+            WebError::VmmTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             // The VMM's own status when it answered; 502/504 when it did not.
             WebError::Vmm { source, .. } => match source {
                 ClientError::Api { status, .. } => {

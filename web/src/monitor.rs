@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use api::http::{find_vmm_sockets, ApiClient};
+use api::http::{find_vmm_sockets, ApiClient, ClientError};
 use api::request::{Counters, MigrationPhase, MigrationRole, MigrationStatus, PingInfo, VmInfo};
 use serde::Serialize;
 use tokio::sync::watch;
@@ -32,8 +32,10 @@ pub struct Probe {
     pub name: String,
     pub socket: PathBuf,
     pub ping: Result<PingInfo, String>,
-    /// Whether the socket has nobody answering (a VMM that exited uncleanly).
-    pub stale: bool,
+    /// What the list says when ping failed: `stale` (nobody listens on the
+    /// socket: a VMM that died), `not-answering` (it accepts but does not
+    /// answer in time: hung or stopped), `error` (it answered wrongly).
+    pub failure: &'static str,
     pub info: Option<VmInfo>,
     pub counters: Option<Counters>,
     pub migration: Option<MigrationStatus>,
@@ -48,7 +50,7 @@ pub fn probe(name: String, socket: PathBuf, timeout: Duration) -> Probe {
         name,
         socket,
         ping: Err(String::new()),
-        stale: false,
+        failure: "",
         info: None,
         counters: None,
         migration: None,
@@ -61,7 +63,11 @@ pub fn probe(name: String, socket: PathBuf, timeout: Duration) -> Probe {
             probe.ping = Ok(ping);
         }
         Err(e) => {
-            probe.stale = e.is_unreachable();
+            probe.failure = match e {
+                ClientError::NotListening { .. } => "stale",
+                ClientError::Timeout { .. } => "not-answering",
+                _ => "error",
+            };
             probe.ping = Err(e.to_string());
             return probe;
         }
@@ -163,8 +169,7 @@ fn migration_running(phase: MigrationPhase) -> bool {
 pub struct GuestView {
     pub name: String,
     pub socket: String,
-    /// The VM's state; `stale` when nothing answers on the socket, `error`
-    /// when something answers wrongly.
+    /// The VM's state, or why there is none (see [`Probe::failure`]).
     pub state: String,
     pub pid: Option<u32>,
     pub error: Option<String>,
@@ -419,7 +424,7 @@ impl Monitor {
         let ping = match &probe.ping {
             Ok(ping) => ping,
             Err(e) => {
-                view.state = if probe.stale { "stale" } else { "error" }.into();
+                view.state = probe.failure.into();
                 view.error = Some(e.clone());
                 return view;
             }
