@@ -299,6 +299,10 @@ fn state_changes_need_the_sessions_csrf_token_and_the_same_origin() {
             "a token without its session",
         ),
         (
+            vec![cookie_header, ("Authorization", "Bearer anything")],
+            "a bearer header where no login token is set",
+        ),
+        (
             vec![
                 cookie_header,
                 ("X-CSRF-Token", csrf.as_str()),
@@ -1085,9 +1089,10 @@ fn in_a_browser_the_page_lists_pauses_shows_the_console_and_migrates() {
     );
     assert!(
         seen.iter()
-            .any(|(v, p)| (p.contains("active") || p.contains("setup")) && *v >= 0.0 && *v < 100.0),
+            .any(|(v, p)| p.contains("active") && *v > 0.0 && *v < 100.0),
         "the progress bar never showed the migration under way: {seen:?}"
     );
+    eprintln!("progress the page showed: {seen:?}");
     let sent = browser.exec(
         "return document.getElementById('mig-sent').innerText",
         json!([]),

@@ -180,11 +180,13 @@ fn check(state: &AppState, request: &Request) -> WebResult<Identity> {
             identity.session = Some((id.to_string(), session.csrf));
         }
     }
-    if let Some(value) = headers.get(header::AUTHORIZATION) {
-        let token = value
-            .as_bytes()
-            .strip_prefix(b"Bearer ")
-            .ok_or(WebError::Unauthenticated)?;
+    // Only a checked token counts (other schemes, e.g. a proxy's Basic
+    // credentials, are not ours); without a login token there is nothing to
+    // check, and a bearer header proves nothing.
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
+    if let (Some(token), true) = (bearer, state.auth.required()) {
         state.auth.check_token(token)?;
         identity.bearer = true;
     }
