@@ -591,7 +591,9 @@ fn on_a_unix_socket_it_serves_only_to_who_may_open_the_socket() {
     use std::os::unix::fs::PermissionsExt;
     let dir = TempDir::new("web-unix");
     let socket = dir.join("web.sock");
-    let _web = WebConsole::start_unix(&socket, &["--socket-dir", dir.path().to_str().unwrap()]);
+    // Not in the VMM socket directory: there it would be listed as a guest.
+    let socks = dir.join("socks");
+    let _web = WebConsole::start_unix(&socket, &["--socket-dir", socks.to_str().unwrap()]);
     let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o660);
     let page = http_unix(&socket, "GET", "/", &[]);
@@ -736,6 +738,15 @@ fn beyond_loopback_only_logged_in_users_and_token_holders_get_in() {
     );
     assert_eq!(pause.status, 200, "{}", pause.text());
     wait_state(&host.api("g1"), VmState::Paused);
+    // Logging out ends the session: the cookie no longer opens anything.
+    let logout = web.post(
+        "/logout",
+        &[("Cookie", &cookie), ("X-CSRF-Token", csrf)],
+        "",
+    );
+    assert_eq!(logout.status, 303, "{}", logout.text());
+    assert!(logout.header("set-cookie").unwrap().contains("Max-Age=0"));
+    assert_eq!(web.get("/api/guests", &[("Cookie", &cookie)]).status, 401);
     let wrong = web.post(
         "/login",
         &[("Content-Type", "application/x-www-form-urlencoded")],
