@@ -16,17 +16,21 @@ use crate::harness::workspace_binary;
 pub const CHROMIUM: &str = "/usr/bin/chromium";
 pub const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
 
-/// Whether the browser tests can run; prints why not.
+/// Whether the browser tests can run: false (with the reason printed) when
+/// there is no chromium. With chromium but without its driver the tests
+/// fail: resources/test.sh installs both.
 pub fn browser_available() -> bool {
-    for tool in [CHROMIUM, CHROMEDRIVER] {
-        if !Path::new(tool).exists() {
-            eprintln!(
-                "SKIP: {tool} is missing (Debian packages chromium and chromium-driver; \
-                 resources/test.sh installs them)"
-            );
-            return false;
-        }
+    if !Path::new(CHROMIUM).exists() {
+        eprintln!(
+            "SKIP: {CHROMIUM} is missing (Debian packages chromium and chromium-driver; \
+             resources/test.sh installs them)"
+        );
+        return false;
     }
+    assert!(
+        Path::new(CHROMEDRIVER).exists(),
+        "{CHROMIUM} is installed but {CHROMEDRIVER} is not: apt-get install chromium-driver"
+    );
     true
 }
 

@@ -1063,7 +1063,17 @@ fn in_a_browser_the_page_lists_pauses_shows_the_console_and_migrates() {
         elsewhere.join("db2.sock").to_str().unwrap(),
     ]);
     target.wait_api(SHORT);
+    // A refusal is shown in words: a token file that is not there.
     browser.fill("#mig-dest", &format!("tcp:127.0.0.1:{port}"));
+    browser.fill("#mig-token", "/nonexistent/migration.token");
+    browser.click("#mig-start");
+    browser.wait_for(
+        "the refusal in words",
+        PAGE,
+        "return document.querySelector('#messages .msg-error')?.innerText.includes(arguments[0])",
+        json!(["token_file: /nonexistent/migration.token: No such file or directory"]),
+    );
+    assert_eq!(host.api("db2").ping().unwrap().state, VmState::Running);
     browser.fill("#mig-token", token_file.to_str().unwrap());
     // A bandwidth cap makes the 48 MiB take a few seconds: time to watch.
     browser.fill("#mig-bandwidth", "16");
