@@ -69,7 +69,30 @@ fn main() -> ExitCode {
     }
 }
 
-async fn serve(args: Args, secret: Option<Vec<u8>>) -> Result<(), String> {
+/// Why serving ended with an error.
+#[derive(Debug, thiserror::Error)]
+enum ServeError {
+    #[error("cannot listen on {listen}: {source}")]
+    Listen {
+        listen: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot set the mode of {path}: {source}")]
+    Mode {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("serving {listen}: {source}")]
+    Serve {
+        listen: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+async fn serve(args: Args, secret: Option<Vec<u8>>) -> Result<(), ServeError> {
     let consoles = Arc::new(Consoles::new());
     let monitor = Monitor::new(
         args.socket_dir.clone(),
@@ -105,7 +128,10 @@ async fn serve(args: Args, secret: Option<Vec<u8>>) -> Result<(), String> {
         Listen::Tcp(addr) => {
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
-                .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+                .map_err(|source| ServeError::Listen {
+                    listen: addr.to_string(),
+                    source,
+                })?;
             // The bound address, so port 0 (any free port) can be found.
             let bound = listener.local_addr().map_or(*addr, |a| a);
             eprintln!(
@@ -116,17 +142,27 @@ async fn serve(args: Args, secret: Option<Vec<u8>>) -> Result<(), String> {
             axum::serve(listener, app)
                 .with_graceful_shutdown(shutdown)
                 .await
-                .map_err(|e| format!("serving {addr}: {e}"))
+                .map_err(|source| ServeError::Serve {
+                    listen: addr.to_string(),
+                    source,
+                })
         }
         Listen::Unix(path) => {
             // A socket file nobody answers on is left from an earlier run.
             if std::os::unix::net::UnixStream::connect(path).is_err() {
                 let _ = std::fs::remove_file(path);
             }
-            let listener = tokio::net::UnixListener::bind(path)
-                .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
-                .map_err(|e| format!("cannot set the mode of {}: {e}", path.display()))?;
+            let listener =
+                tokio::net::UnixListener::bind(path).map_err(|source| ServeError::Listen {
+                    listen: path.display().to_string(),
+                    source,
+                })?;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(
+                |source| ServeError::Mode {
+                    path: path.display().to_string(),
+                    source,
+                },
+            )?;
             eprintln!(
                 "vmm-web: serving {} (VMM sockets in {})",
                 args.listen,
@@ -135,7 +171,10 @@ async fn serve(args: Args, secret: Option<Vec<u8>>) -> Result<(), String> {
             let served = axum::serve(listener, app)
                 .with_graceful_shutdown(shutdown)
                 .await
-                .map_err(|e| format!("serving {}: {e}", path.display()));
+                .map_err(|source| ServeError::Serve {
+                    listen: path.display().to_string(),
+                    source,
+                });
             let _ = std::fs::remove_file(path);
             served
         }

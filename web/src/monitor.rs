@@ -31,7 +31,10 @@ pub const DEPARTED_KEPT: Duration = Duration::from_secs(600);
 pub struct Probe {
     pub name: String,
     pub socket: PathBuf,
-    pub ping: Result<PingInfo, String>,
+    /// The answer to `vmm.ping`; None if there was none (see `error`).
+    pub ping: Option<PingInfo>,
+    /// Why ping failed, in words.
+    pub error: Option<String>,
     /// What the list says when ping failed: `stale` (nobody listens on the
     /// socket: a VMM that died), `not-answering` (it accepts but does not
     /// answer in time: hung or stopped), `error` (it answered wrongly).
@@ -49,7 +52,8 @@ pub fn probe(name: String, socket: PathBuf, timeout: Duration) -> Probe {
     let mut probe = Probe {
         name,
         socket,
-        ping: Err(String::new()),
+        ping: None,
+        error: None,
         failure: "",
         info: None,
         counters: None,
@@ -60,7 +64,7 @@ pub fn probe(name: String, socket: PathBuf, timeout: Duration) -> Probe {
     match client.ping() {
         Ok(ping) => {
             probe.stat = procfs::read_stat(ping.pid);
-            probe.ping = Ok(ping);
+            probe.ping = Some(ping);
         }
         Err(e) => {
             probe.failure = match e {
@@ -68,7 +72,7 @@ pub fn probe(name: String, socket: PathBuf, timeout: Duration) -> Probe {
                 ClientError::Timeout { .. } => "not-answering",
                 _ => "error",
             };
-            probe.ping = Err(e.to_string());
+            probe.error = Some(e.to_string());
             return probe;
         }
     }
@@ -336,7 +340,7 @@ impl Monitor {
         self.consoles.track(
             &probes
                 .iter()
-                .filter(|p| p.ping.is_ok())
+                .filter(|p| p.ping.is_some())
                 .filter_map(|p| {
                     let info = p.info.as_ref()?;
                     Some((p.name.clone(), ConsoleSource::of(&info.config.serial)))
@@ -421,13 +425,10 @@ impl Monitor {
             console: "none",
             ..GuestView::default()
         };
-        let ping = match &probe.ping {
-            Ok(ping) => ping,
-            Err(e) => {
-                view.state = probe.failure.into();
-                view.error = Some(e.clone());
-                return view;
-            }
+        let Some(ping) = &probe.ping else {
+            view.state = probe.failure.into();
+            view.error = probe.error.clone();
+            return view;
         };
         view.state = ping.state.to_string();
         view.pid = Some(ping.pid);
