@@ -621,6 +621,33 @@ impl Drop for Browser {
         }
         let _ = self.driver.kill();
         let _ = self.driver.wait();
+        kill_profile_processes(self._profile.path());
+    }
+}
+
+/// Kills the chromium processes started with this (unique, temporary)
+/// profile: a session that never started, or a driver that died, leaves
+/// them running otherwise (chromedriver's exit does not end them).
+fn kill_profile_processes(profile: &Path) {
+    let flag = format!("--user-data-dir={}", profile.display());
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        if cmdline.split(|&b| b == 0).any(|arg| arg == flag.as_bytes()) {
+            // SAFETY: kill(2) on a pid whose command line names our profile.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
     }
 }
 
