@@ -22,6 +22,7 @@ packages=(
     drbd-utils             # the DRBD recipe's resource file (drbdadm dump, dry runs)
     e2fsprogs fdisk        # tests/tests/disk_boot.rs: mkfs.ext4 -d, sfdisk (GPT and MBR)
     openssl                # tests/tests/migration_trust.rs: a CA and host certificates for migration TLS
+    chromium chromium-driver   # tests/tests/web.rs: vmm-web in a real headless browser
 )
 missing=()
 for p in "${packages[@]}"; do

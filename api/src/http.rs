@@ -8,7 +8,9 @@
 //!   current-thread runtime) that turns requests into [`ApiCall`]s for the
 //!   VMM's control loop.
 //! - [`client`]: [`ApiClient`], a blocking client on a std `UnixStream`
-//!   (what `vmmctl` uses; no tokio on that side).
+//!   (what `vmmctl` and `vmm-web` use; no tokio on that side).
+//! - [`discovery`]: the socket-directory convention (`/run/vmm/NAME.sock`)
+//!   and the list of VMM sockets in it.
 //!
 //! Routes are Cloud Hypervisor-style: `PUT /api/v1/vm.boot`, `GET /api/v1/vm.info`.
 //! A query answers 200 with a JSON body, an action 204; an error answers
@@ -16,11 +18,13 @@
 //! [`ApiErrorKind`](crate::request::ApiErrorKind).
 
 pub mod client;
+pub mod discovery;
 pub mod routes;
 pub mod server;
 mod wire;
 
 pub use client::{ApiClient, ClientError, DEFAULT_CLIENT_TIMEOUT};
+pub use discovery::{find_vmm_sockets, socket_dir, DEFAULT_SOCKET_DIR, SOCKET_DIR_ENV};
 pub use routes::{find_route, BodyKind, Method, ReplyKind, Route, RouteError, API_PREFIX, ROUTES};
 pub use server::{
     start_server, start_server_with, ApiCall, ApiServer, ServerOptions, IDLE_TIMEOUT,

@@ -14,3 +14,4 @@ pub mod harness;
 pub mod migration;
 pub mod netns;
 pub mod probe;
+pub mod web;
