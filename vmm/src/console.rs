@@ -187,7 +187,10 @@ impl Drop for Console {
 fn spawn_pump(source: impl Read + Send + 'static, target: InputTarget) -> Result<(), ConsoleError> {
     std::thread::Builder::new()
         .name("console-in".into())
-        .spawn(move || pump(source, &target))
+        .spawn(move || {
+            confine::apply(confine::ThreadKind::Console);
+            pump(source, &target)
+        })
         .map(|_| ())
         .map_err(ConsoleError::Thread)
 }
@@ -228,6 +231,7 @@ fn spawn_socket_acceptor(
     std::thread::Builder::new()
         .name("console-socket".into())
         .spawn(move || {
+            confine::apply(confine::ThreadKind::Console);
             for stream in listener.incoming() {
                 let Ok(stream) = stream else { continue };
                 let Ok(reader) = stream.try_clone() else {

@@ -32,7 +32,7 @@ use crate::vm::{Vm, VmError, VmEvent, VmEventSink, VmStart};
 pub enum ControlEvent {
     Api(ApiCall),
     Vm(VmEvent),
-    /// SIGTERM, SIGINT or SIGHUP.
+    /// SIGTERM or SIGINT.
     Signal(i32),
     /// A migration thread needs the VM.
     Migration(MigrationCall, MigrationReplySender),
@@ -156,7 +156,7 @@ impl Controller {
                     let _ = reply.send(result);
                 }
                 ControlEvent::Signal(signal) => {
-                    eprintln!("vmm: signal {signal}: stopping");
+                    eprintln!("vmm: {}: stopping", crate::signals::name(signal));
                     self.exit = Some(self.exit_by_request());
                 }
             }
@@ -166,6 +166,12 @@ impl Controller {
     /// How the VMM ends when asked to (vmm.shutdown, a signal): a guest that
     /// ran is stopped, one that moved away stays "migrated".
     fn exit_by_request(&self) -> ExitStatus {
+        if self.migration_state == MigrationState::Running(MigrationRole::Receive) {
+            // A target stopped before the guest ran here: no guest ended,
+            // the migration failed.
+            eprintln!("vmm: stopped while waiting for an incoming migration: no guest ran");
+            return ExitStatus::Error;
+        }
         match (self.state, &self.vm) {
             (VmState::Migrated, _) => ExitStatus::Migrated,
             (_, Some(_)) => ExitStatus::Stopped,
@@ -340,6 +346,8 @@ impl Controller {
     fn create(&mut self, mut config: VmConfig) -> Result<(), ApiError> {
         self.expect_state("create a VM", &[VmState::NotCreated])?;
         config.validate()?;
+        memory::check_fits_host(&config.memory)
+            .map_err(|e| ApiError::of_class(e.class(), e.to_string()))?;
         config.assign_device_ids();
         self.config = Some(config);
         self.state = VmState::Created;
@@ -500,10 +508,12 @@ impl Controller {
             ));
         }
         let vm = self.vm()?;
-        let config = self
+        let mut config = self
             .config
             .clone()
             .ok_or_else(|| ApiError::internal("no VM config"))?;
+        // Whether a guest may outgrow the host is the target host's call.
+        config.memory.overcommit = false;
         let context = crate::migrate::send::SendContext {
             destination: request.destination,
             token: request.token,
@@ -533,10 +543,12 @@ impl Controller {
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = request.parameters;
         self.migration_state = MigrationState::Running(MigrationRole::Send);
-        std::thread::Builder::new()
-            .name("migration-send".into())
-            .spawn(move || crate::migrate::send::run(context))
-            .map_err(|e| ApiError::internal(format!("cannot start the migration thread: {e}")))?;
+        crate::seccomp::spawn(
+            crate::seccomp::ThreadKind::MigrationSend,
+            std::thread::Builder::new().name("migration-send".into()),
+            move || crate::migrate::send::run(context),
+        )
+        .map_err(|e| ApiError::internal(format!("cannot start the migration thread: {e}")))?;
         Ok(ApiResponse::Empty)
     }
 
@@ -567,10 +579,12 @@ impl Controller {
             control: self.control_handle(),
         };
         self.migration_state = MigrationState::Running(MigrationRole::Receive);
-        std::thread::Builder::new()
-            .name("migration-receive".into())
-            .spawn(move || crate::migrate::receive::run(context))
-            .map_err(|e| ApiError::internal(format!("cannot start the migration thread: {e}")))?;
+        crate::seccomp::spawn(
+            crate::seccomp::ThreadKind::MigrationReceive,
+            std::thread::Builder::new().name("migration-receive".into()),
+            move || crate::migrate::receive::run(context),
+        )
+        .map_err(|e| ApiError::internal(format!("cannot start the migration thread: {e}")))?;
         Ok(())
     }
 

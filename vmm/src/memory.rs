@@ -41,6 +41,62 @@ pub enum MemoryError {
         advice: &'static str,
         source: std::io::Error,
     },
+    #[error(
+        "memory: the guest's {guest_mib} MiB is more than this host has \
+         ({ram_mib} MiB RAM + {swap_mib} MiB swap); if that is intended, say so \
+         with memory.overcommit (--memory size=...,overcommit=on)"
+    )]
+    TooBig {
+        guest_mib: u64,
+        ram_mib: u64,
+        swap_mib: u64,
+    },
+}
+
+impl MemoryError {
+    pub fn class(&self) -> config::ErrorClass {
+        match self {
+            MemoryError::TooBig { .. } => config::ErrorClass::Caller,
+            _ => config::ErrorClass::Host,
+        }
+    }
+}
+
+/// The host's MemTotal and SwapTotal in bytes, from /proc/meminfo.
+pub fn host_memory_bytes() -> Option<(u64, u64)> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let field = |name: &str| -> Option<u64> {
+        let kib = meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix(name))?
+            .split_whitespace()
+            .next()?
+            .parse::<u64>()
+            .ok()?;
+        Some(kib * 1024)
+    };
+    Some((field("MemTotal:")?, field("SwapTotal:")?))
+}
+
+/// Refuses a guest bigger than the host's RAM plus swap, unless the config
+/// says overcommit is intended: it would run until the host's OOM killer
+/// picks a process, this VMM or another.
+pub fn check_fits_host(config: &MemoryConfig) -> Result<(), MemoryError> {
+    if config.overcommit {
+        return Ok(());
+    }
+    // Without /proc/meminfo there is nothing to check against.
+    let Some((ram, swap)) = host_memory_bytes() else {
+        return Ok(());
+    };
+    if config.size_bytes() > ram.saturating_add(swap) {
+        return Err(MemoryError::TooBig {
+            guest_mib: config.size_mib,
+            ram_mib: ram >> 20,
+            swap_mib: swap >> 20,
+        });
+    }
+    Ok(())
 }
 
 /// Maps guest RAM as `config` asks, with transparent huge pages if
@@ -49,6 +105,7 @@ pub fn create_guest_memory(
     config: &MemoryConfig,
     huge_pages: bool,
 ) -> Result<GuestMemoryMmap, MemoryError> {
+    check_fits_host(config)?;
     let size = config.size_bytes();
     let ranges = layout::ram_ranges(size);
     let file = match config.backing {
@@ -107,6 +164,9 @@ pub fn create_guest_memory(
     }
     let memory =
         GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryError::Layout(e.to_string()))?;
+    // Guest RAM stays out of the VMM's core dumps: it is the guest's data,
+    // and gigabytes of it.
+    madvise_all(&memory, libc::MADV_DONTDUMP, "MADV_DONTDUMP")?;
     if config.mergeable {
         madvise_all(&memory, libc::MADV_MERGEABLE, "MADV_MERGEABLE")?;
     }
