@@ -8,7 +8,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use vmm_tests::harness::{field, TempDir, Vmm};
+use vmm_tests::harness::{field, LoopDevice, TempDir, Vmm};
 use vmm_tests::require_kvm;
 
 const BOOT: Duration = Duration::from_secs(20);
@@ -291,4 +291,124 @@ fn a_guest_bigger_than_the_host_is_refused_unless_overcommit_is_intended() {
         "{info}"
     );
     assert_eq!(allowed.exit_code(SHORT), 0, "{}", allowed.report());
+}
+
+/// Takes an OFD write lock on `path` as QEMU or Cloud Hypervisor would;
+/// held while the returned file is open.
+fn ofd_write_lock(path: &Path) -> std::fs::File {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    // SAFETY: an all-zero flock is valid; the fields are set below.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = libc::F_WRLCK as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    // SAFETY: a valid fd and flock for F_OFD_SETLK.
+    let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &mut fl) };
+    assert_eq!(rc, 0, "lock {}", path.display());
+    file
+}
+
+#[test]
+fn a_loop_device_and_its_file_are_one_disk_with_one_writer() {
+    require_kvm!();
+    let dir = TempDir::new("loop-lock");
+    let file = image(&dir, "vm1.img", 16);
+    let Some(device) = LoopDevice::attach(&file) else {
+        return;
+    };
+    let file_disk = format!("path={}", file.display());
+    let loop_disk = format!("path={}", device.device.display());
+    let api = dir.join("vm1.sock");
+
+    // A VM on the file; another VMM on the loop device over it is refused,
+    // read-write or read-only, and told who has it.
+    let mut first = Vmm::boot_testguest(
+        "--",
+        &["--disk", &file_disk, "--api-socket", api.to_str().unwrap()],
+    );
+    first.wait_for("testguest: ready", BOOT);
+    for options in ["", ",readonly=on"] {
+        let mut second = Vmm::boot_testguest("-- poweroff", &["--disk", &format!("{loop_disk}{options}")]);
+        assert_eq!(second.exit_code(SHORT), EXIT_ERROR, "{}", second.report());
+        let message = second.wait_for_stderr("locked", SHORT);
+        for needle in [
+            file.to_str().unwrap(),
+            "another VM",
+            &format!("pid {}", first.pid()),
+            api.to_str().unwrap(),
+            "read-write",
+        ] {
+            assert!(message.contains(needle), "{needle:?} missing from: {message}");
+        }
+    }
+    first.send_line("poweroff");
+    assert_eq!(first.exit_code(SHORT), 0, "{}", first.report());
+
+    // The other way round: a VM on the loop device, then one on the file.
+    let mut first = Vmm::boot_testguest("--", &["--disk", &loop_disk]);
+    first.wait_for("testguest: ready", BOOT);
+    let mut second = Vmm::boot_testguest("-- poweroff", &["--disk", &file_disk]);
+    assert_eq!(second.exit_code(SHORT), EXIT_ERROR, "{}", second.report());
+    let message = second.wait_for_stderr("locked", SHORT);
+    assert!(
+        message.contains(&format!("pid {}", first.pid())) && message.contains("another VM"),
+        "{message}"
+    );
+    first.send_line("poweroff");
+    assert_eq!(first.exit_code(SHORT), 0, "{}", first.report());
+
+    // Another program (QEMU, say) holding the loop device: the file is
+    // refused too, and the message says it is not a VMM of ours.
+    let held = ofd_write_lock(&device.device);
+    let mut refused = Vmm::boot_testguest("-- poweroff", &["--disk", &file_disk]);
+    assert_eq!(refused.exit_code(SHORT), EXIT_ERROR, "{}", refused.report());
+    let message = refused.wait_for_stderr("locked", SHORT);
+    assert!(
+        message.contains(&format!("loop device {}", device.device.display()))
+            && message.contains("another process")
+            && message.contains(&format!("pid {}", std::process::id())),
+        "{message}"
+    );
+    drop(held);
+    // Released: the file boots.
+    let mut free = Vmm::boot_testguest("-- poweroff", &["--disk", &file_disk]);
+    assert_eq!(free.exit_code(BOOT), 0, "{}", free.report());
+}
+
+#[test]
+fn one_disk_given_twice_to_one_vm_is_a_config_error_naming_both() {
+    require_kvm!();
+    let dir = TempDir::new("disk-twice");
+    let file = image(&dir, "twice.img", 16);
+    let link = dir.join("alias.img");
+    std::os::unix::fs::symlink(&file, &link).unwrap();
+    let mut pairs = vec![(file.clone(), link.clone())];
+    let device = LoopDevice::attach(&file);
+    if let Some(device) = &device {
+        pairs.push((file.clone(), device.device.clone()));
+    }
+    for (a, b) in pairs {
+        let mut vmm = Vmm::boot_testguest(
+            "-- poweroff",
+            &[
+                "--disk",
+                &format!("path={}", a.display()),
+                "--disk",
+                &format!("path={},readonly=on", b.display()),
+            ],
+        );
+        assert_eq!(vmm.exit_code(SHORT), EXIT_USAGE, "{}", vmm.report());
+        let message = vmm.wait_for_stderr("same disk", SHORT);
+        assert!(
+            message.contains("disks[1]")
+                && message.contains("disks[0]")
+                && message.contains(a.to_str().unwrap())
+                && message.contains(b.to_str().unwrap()),
+            "{message}"
+        );
+    }
 }
