@@ -332,7 +332,8 @@ fn a_loop_device_and_its_file_are_one_disk_with_one_writer() {
     );
     first.wait_for("testguest: ready", BOOT);
     for options in ["", ",readonly=on"] {
-        let mut second = Vmm::boot_testguest("-- poweroff", &["--disk", &format!("{loop_disk}{options}")]);
+        let mut second =
+            Vmm::boot_testguest("-- poweroff", &["--disk", &format!("{loop_disk}{options}")]);
         assert_eq!(second.exit_code(SHORT), EXIT_ERROR, "{}", second.report());
         let message = second.wait_for_stderr("locked", SHORT);
         for needle in [
@@ -342,7 +343,10 @@ fn a_loop_device_and_its_file_are_one_disk_with_one_writer() {
             api.to_str().unwrap(),
             "read-write",
         ] {
-            assert!(message.contains(needle), "{needle:?} missing from: {message}");
+            assert!(
+                message.contains(needle),
+                "{needle:?} missing from: {message}"
+            );
         }
     }
     first.send_line("poweroff");

@@ -728,7 +728,7 @@ fn no_balloon() -> ApiError {
 
 /// The VMM process's proportional set size, from /proc/self/smaps_rollup.
 pub fn process_pss_bytes() -> Option<u64> {
-    let rollup = std::fs::read_to_string("/proc/self/smaps_rollup").ok()?;
+    let rollup = memory::read_proc_self("smaps_rollup").ok()?;
     let kib: u64 = rollup
         .lines()
         .find(|l| l.starts_with("Pss:"))?
@@ -741,7 +741,7 @@ pub fn process_pss_bytes() -> Option<u64> {
 
 /// The VMM process's resident set size, from /proc/self/statm.
 pub fn process_rss_bytes() -> u64 {
-    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let statm = memory::read_proc_self("statm").unwrap_or_default();
     let pages: u64 = statm
         .split_whitespace()
         .nth(1)

@@ -315,6 +315,7 @@ fn main() -> ExitCode {
             eprintln!("vmm: {e}");
             return exit(ExitStatus::Error);
         }
+        vmm::memory::keep_proc_self_open();
     }
     if let Err(e) = confine::seccomp::configure(args.seccomp, selftest, args.user.is_some()) {
         eprintln!("vmm: {e}");

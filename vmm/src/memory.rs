@@ -288,22 +288,81 @@ pub unsafe fn is_zero_page(ptr: *const u8) -> bool {
     })
 }
 
+/// The /proc/self files the VMM reads while it runs, opened at start by a
+/// VMM that drops root (`--user`): changing credentials makes the process
+/// non-dumpable, and the kernel then gives its /proc files to root. Kept
+/// open, they still read (with pread, so threads can share them).
+static PROC_SELF: std::sync::OnceLock<Vec<(&'static str, File)>> = std::sync::OnceLock::new();
+
+/// Opens the /proc/self files [`read_proc_self`] and [`touched_pages`] use,
+/// and keeps them for the life of the process.
+pub fn keep_proc_self_open() {
+    let files = [
+        "pagemap",
+        "smaps_rollup",
+        "statm",
+        "ksm_merging_pages",
+        "ksm_stat",
+    ]
+    .into_iter()
+    // Missing ones (older kernels) are missing later too.
+    .filter_map(|name| Some((name, File::open(format!("/proc/self/{name}")).ok()?)))
+    .collect();
+    let _ = PROC_SELF.set(files);
+}
+
+/// Runs `f` on /proc/self/`name`: the file kept open at start, or opened now.
+fn with_proc_self<T>(
+    name: &str,
+    f: impl FnOnce(&File) -> std::io::Result<T>,
+) -> std::io::Result<T> {
+    if let Some((_, file)) = PROC_SELF
+        .get()
+        .and_then(|files| files.iter().find(|(n, _)| *n == name))
+    {
+        return f(file);
+    }
+    f(&File::open(format!("/proc/self/{name}"))?)
+}
+
+/// The text of /proc/self/`name`.
+pub fn read_proc_self(name: &str) -> std::io::Result<String> {
+    use std::os::unix::fs::FileExt;
+    with_proc_self(name, |file| {
+        let mut text = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = file.read_at(&mut buf, text.len() as u64)?;
+            if n == 0 {
+                break;
+            }
+            text.extend_from_slice(&buf[..n]);
+        }
+        Ok(String::from_utf8_lossy(&text).into_owned())
+    })
+}
+
 /// Pages of `region` the host has ever backed (present or swapped), from
 /// /proc/self/pagemap: the others were never touched and read as zero.
 pub fn touched_pages(region: &GuestRegionMmap) -> std::io::Result<migration::bitmap::DirtyBitmap> {
-    use std::io::{Read, Seek, SeekFrom};
+    with_proc_self("pagemap", |pagemap| touched_pages_in(region, pagemap))
+}
+
+fn touched_pages_in(
+    region: &GuestRegionMmap,
+    pagemap: &File,
+) -> std::io::Result<migration::bitmap::DirtyBitmap> {
+    use std::os::unix::fs::FileExt;
     const PRESENT: u64 = 1 << 63;
     const SWAPPED: u64 = 1 << 62;
     let pages = (region.len() / PAGE_SIZE) as usize;
     let mut bitmap = migration::bitmap::DirtyBitmap::new(pages);
-    let mut pagemap = File::open("/proc/self/pagemap")?;
     let first = region.as_ptr() as u64 / PAGE_SIZE;
-    pagemap.seek(SeekFrom::Start(first * 8))?;
     let mut buf = vec![0u8; 8 * 4096];
     let mut page = 0;
     while page < pages {
         let chunk = (pages - page).min(4096);
-        pagemap.read_exact(&mut buf[..chunk * 8])?;
+        pagemap.read_exact_at(&mut buf[..chunk * 8], (first + page as u64) * 8)?;
         for (i, entry) in buf[..chunk * 8].chunks_exact(8).enumerate() {
             let entry = u64::from_le_bytes(entry.try_into().expect("8 bytes"));
             if entry & (PRESENT | SWAPPED) != 0 {
@@ -412,8 +471,8 @@ pub struct KsmProcessStats {
 impl KsmProcessStats {
     /// This process's figures.
     pub fn read() -> KsmProcessStats {
-        let merging = std::fs::read_to_string("/proc/self/ksm_merging_pages").ok();
-        let stat = std::fs::read_to_string("/proc/self/ksm_stat").unwrap_or_default();
+        let merging = read_proc_self("ksm_merging_pages").ok();
+        let stat = read_proc_self("ksm_stat").unwrap_or_default();
         Self::parse(merging.as_deref(), &stat)
     }
 
