@@ -95,6 +95,7 @@ pub const TUNSETOFFLOAD: u64 = iow(b'T' as u64, 208, 4);
 pub const TUNSETVNETHDRSZ: u64 = iow(b'T' as u64, 216, 4);
 pub const FIONBIO: u64 = 0x5421;
 pub const FIOCLEX: u64 = 0x5451;
+pub const FIONREAD: u64 = 0x541B;
 pub const BLKDISCARD: u64 = io(0x12, 119);
 pub const BLKZEROOUT: u64 = io(0x12, 127);
 
@@ -126,6 +127,8 @@ const MIGRATION_SEND_IOCTLS: &[u64] = &[
     KVM_CLEAR_DIRTY_LOG,
     FIONBIO,
     FIOCLEX,
+    // glibc's DNS resolver (res_send).
+    FIONREAD,
 ];
 
 /// Every thread: the Rust runtime and allocator, stderr, thread exit, the
@@ -195,6 +198,18 @@ fn kind_list(kind: ThreadKind) -> Vec<Entry> {
             sys!(fsync),
             sys!(fchmod),
             sys!(fchown),
+            // Socket and log files (modes, groups, stale sockets).
+            sys!(chmod),
+            sys!(fchmodat),
+            sys!(chown),
+            sys!(fchownat),
+            sys!(lchown),
+            sys!(umask),
+            sys!(mkdir),
+            sys!(mkdirat),
+            sys!(rename),
+            sys!(renameat),
+            sys!(renameat2),
             sys!(unlink),
             sys!(unlinkat),
             sys!(memfd_create),
@@ -229,6 +244,8 @@ fn kind_list(kind: ThreadKind) -> Vec<Entry> {
             sys!(recvfrom),
             sys!(sendmsg),
             sys!(recvmsg),
+            sys!(sendmmsg),
+            sys!(recvmmsg),
             sys!(shutdown),
             // The console threads, started here (see Spawner).
             sys!(clone3),
@@ -340,7 +357,14 @@ fn kind_list(kind: ThreadKind) -> Vec<Entry> {
             sys!(pread64),
             sys!(lseek),
             sys!(newfstatat),
+            sys!(fstat),
             sys!(statx),
+            // Resolving the destination's name (glibc: nsswitch.conf,
+            // /etc/hosts, DNS over UDP).
+            sys!(uname),
+            sys!(bind),
+            sys!(sendmmsg),
+            sys!(recvmmsg),
         ],
         ThreadKind::MigrationReceive => vec![
             sys!(ioctl, Allow::Ioctls(&[FIONBIO, FIOCLEX])),
@@ -496,6 +520,8 @@ names!(
     SYS_access,
     SYS_bind,
     SYS_brk,
+    SYS_chmod,
+    SYS_chown,
     SYS_clock_gettime,
     SYS_clock_nanosleep,
     SYS_clone,
@@ -515,6 +541,8 @@ names!(
     SYS_faccessat2,
     SYS_fallocate,
     SYS_fchmod,
+    SYS_fchmodat,
+    SYS_fchownat,
     SYS_fchown,
     SYS_fcntl,
     SYS_fdatasync,
@@ -533,10 +561,13 @@ names!(
     SYS_io_uring_register,
     SYS_io_uring_setup,
     SYS_ioctl,
+    SYS_lchown,
     SYS_listen,
     SYS_lseek,
     SYS_madvise,
     SYS_memfd_create,
+    SYS_mkdir,
+    SYS_mkdirat,
     SYS_mmap,
     SYS_mprotect,
     SYS_mremap,
@@ -563,6 +594,11 @@ names!(
     SYS_readv,
     SYS_recvfrom,
     SYS_recvmsg,
+    SYS_recvmmsg,
+    SYS_sendmmsg,
+    SYS_rename,
+    SYS_renameat,
+    SYS_renameat2,
     SYS_restart_syscall,
     SYS_rseq,
     SYS_rt_sigaction,
@@ -588,6 +624,7 @@ names!(
     SYS_timerfd_create,
     SYS_timerfd_gettime,
     SYS_timerfd_settime,
+    SYS_umask,
     SYS_uname,
     SYS_unlink,
     SYS_unlinkat,

@@ -317,6 +317,11 @@ fn main() -> ExitCode {
         }
         vmm::memory::keep_proc_self_open();
     }
+    // glibc loads the name service modules of nsswitch.conf (dlopen,
+    // executable mappings) at the first lookup: do it now, before the
+    // filters forbid executable mappings, for the migration threads that
+    // resolve host names later.
+    let _ = std::net::ToSocketAddrs::to_socket_addrs(&("localhost", 0));
     if let Err(e) = confine::seccomp::configure(args.seccomp, selftest, args.user.is_some()) {
         eprintln!("vmm: {e}");
         return exit(ExitStatus::Error);
