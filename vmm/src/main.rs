@@ -328,7 +328,9 @@ fn main() -> ExitCode {
     }
 
     let mut controller = Controller::new();
-    if let Err(e) = vmm::signals::forward(controller.sender(), args.log_file.clone()) {
+    let sender = controller.sender();
+    let stop = move |signal| sender.send(ControlEvent::Signal(signal)).is_ok();
+    if let Err(e) = vmm::signals::forward(stop, args.log_file.clone()) {
         eprintln!("vmm: cannot set up signal handling: {e}");
         return exit(ExitStatus::Error);
     }

@@ -20,9 +20,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::Sender;
 
-use crate::control::ControlEvent;
 use crate::exit::ExitStatus;
 
 /// The log file's mode when the VMM creates it: owner writes, group reads.
@@ -138,19 +136,23 @@ fn handled_set() -> libc::sigset_t {
     set
 }
 
-/// Serves the signals [`block`] blocked on a thread of their own: stops
-/// become control events, SIGHUP reopens `log_file`.
-pub fn forward(sender: Sender<ControlEvent>, log_file: Option<PathBuf>) -> io::Result<()> {
+/// Serves the signals [`block`] blocked on a thread of their own: a stop
+/// (SIGTERM, SIGINT) goes to `stop`, which says whether anyone still
+/// listens; SIGHUP reopens `log_file`.
+pub fn forward(
+    stop: impl Fn(libc::c_int) -> bool + Send + 'static,
+    log_file: Option<PathBuf>,
+) -> io::Result<()> {
     let set = handled_set();
     crate::seccomp::spawn(
         crate::seccomp::ThreadKind::Signals,
         std::thread::Builder::new().name("signals".into()),
-        move || serve(set, sender, log_file),
+        move || serve(set, stop, log_file),
     )?;
     Ok(())
 }
 
-fn serve(set: libc::sigset_t, sender: Sender<ControlEvent>, log_file: Option<PathBuf>) {
+fn serve(set: libc::sigset_t, stop: impl Fn(libc::c_int) -> bool, log_file: Option<PathBuf>) {
     let mut asked = false;
     loop {
         let mut signal: libc::c_int = 0;
@@ -168,7 +170,7 @@ fn serve(set: libc::sigset_t, sender: Sender<ControlEvent>, log_file: Option<Pat
                     std::process::exit(ExitStatus::Stopped.code());
                 }
                 asked = true;
-                if sender.send(ControlEvent::Signal(signal)).is_err() {
+                if !stop(signal) {
                     return;
                 }
             }

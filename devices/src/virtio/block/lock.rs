@@ -60,7 +60,7 @@ impl std::fmt::Display for LockError {
                 };
                 match holder {
                     Some(h) if h.pid == std::process::id() => {
-                        write!(f, "is already open {how} in this VMM")
+                        write!(f, "is already open {how} in this VMM (pid {})", h.pid)
                     }
                     Some(h) if h.is_vmm() => write!(
                         f,
@@ -445,5 +445,54 @@ impl DiskIdentity {
     pub fn same_disk(&self, other: &DiskIdentity) -> bool {
         (self.block.is_some() && self.block == other.block)
             || self.files.iter().any(|f| other.files.contains(f))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn holder(args: &[&str], comm: &str) -> Holder {
+        Holder {
+            pid: 42,
+            args: args.iter().map(|a| a.to_string()).collect(),
+            comm: comm.to_string(),
+        }
+    }
+
+    #[test]
+    fn a_holder_that_is_a_vmm_is_named_with_its_api_socket() {
+        let vmm = holder(
+            &[
+                "/usr/local/bin/vmm",
+                "--config",
+                "a.json",
+                "--api-socket",
+                "/run/vmm/a.sock",
+            ],
+            "vmm",
+        );
+        assert!(vmm.is_vmm());
+        assert_eq!(vmm.api_socket(), Some("/run/vmm/a.sock"));
+        let inline = holder(&["vmm", "--api-socket=/run/vmm/b.sock"], "vmm");
+        assert_eq!(inline.api_socket(), Some("/run/vmm/b.sock"));
+        let qemu = holder(
+            &["qemu-system-x86_64", "-drive", "file=/dev/loop0"],
+            "qemu-system-x86",
+        );
+        assert!(!qemu.is_vmm());
+        assert_eq!(qemu.api_socket(), None);
+        let message = LockError::Conflict {
+            other: LockKind::Exclusive,
+            holder: Some(qemu),
+            via: None,
+        }
+        .to_string();
+        assert!(
+            message.contains("another process (pid 42: qemu-system-x86_64 -drive file=/dev/loop0)"),
+            "{message}"
+        );
+        let long = holder(&["vmm", &"x".repeat(1000)], "vmm");
+        assert!(long.command_line().len() < 320);
     }
 }
