@@ -479,6 +479,7 @@ fn full_config(serial: SerialConfig, backing: MemoryBacking, on_reset: ResetActi
             backing,
             mergeable: true,
             thp: Some(false),
+            overcommit: true,
         },
         payload: PayloadConfig {
             kernel: "/boot/vmlinux".into(),

@@ -286,6 +286,12 @@ pub struct MemoryConfig {
     /// 2 MiB pages would keep memory the host wants back.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub thp: Option<bool>,
+    /// The guest may be bigger than the host's RAM plus swap (memory is
+    /// only backed when touched): without it such a guest is refused.
+    /// A host-side choice: the migration source leaves it out of the
+    /// config it sends (the target's host decides for itself).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub overcommit: bool,
 }
 
 fn default_memory_mib() -> u64 {
@@ -299,6 +305,7 @@ impl Default for MemoryConfig {
             backing: MemoryBacking::default(),
             mergeable: false,
             thp: None,
+            overcommit: false,
         }
     }
 }
@@ -816,7 +823,7 @@ impl BalloonConfig {
 }
 
 impl MemoryConfig {
-    /// Parses `size=128M[,backing=anonymous|memfd|hugetlbfs][,mergeable=on][,thp=on|off]`.
+    /// Parses `size=128M[,backing=anonymous|memfd|hugetlbfs][,mergeable=on][,thp=on|off][,overcommit=on]`.
     /// A size without a unit is in MiB.
     pub fn parse(text: &str) -> ConfigResult<MemoryConfig> {
         let mut memory = MemoryConfig::default();
@@ -849,6 +856,7 @@ impl MemoryConfig {
                 }
                 "mergeable" => memory.mergeable = parse_bool(&field(), value)?,
                 "thp" => memory.thp = Some(parse_bool(&field(), value)?),
+                "overcommit" => memory.overcommit = parse_bool(&field(), value)?,
                 _ => return Err(unknown_key("--memory", key)),
             }
         }

@@ -280,6 +280,32 @@ impl Vmm {
         self.stderr.lines.lock().unwrap().0.clone()
     }
 
+    /// Waits for a stderr line (the VMM's own messages) containing
+    /// `needle`, among all lines so far; panics with the output on timeout.
+    pub fn wait_for_stderr(&self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        let mut guard = self.stderr.lines.lock().unwrap();
+        loop {
+            if let Some(line) = guard.0.iter().find(|l| l.contains(needle)) {
+                return line.clone();
+            }
+            let now = Instant::now();
+            if guard.1 || now >= deadline {
+                drop(guard);
+                panic!(
+                    "no stderr line containing {needle:?} within {timeout:?}\n{}",
+                    self.report()
+                );
+            }
+            guard = self
+                .stderr
+                .changed
+                .wait_timeout(guard, deadline - now)
+                .unwrap()
+                .0;
+        }
+    }
+
     /// Types a line on the guest's console.
     pub fn send_line(&mut self, line: &str) {
         let stdin = self.stdin.as_mut().expect("stdin is open");
@@ -361,6 +387,47 @@ impl Drop for Vmm {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+    }
+}
+
+/// A loop device over a file, detached on drop.
+pub struct LoopDevice {
+    pub device: PathBuf,
+}
+
+impl LoopDevice {
+    /// Attaches a loop device to `file`; None (with SKIP: printed) if
+    /// losetup is missing or fails.
+    pub fn attach(file: &Path) -> Option<LoopDevice> {
+        let out = std::process::Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(file)
+            .output();
+        match out {
+            Ok(o) if o.status.success() => Some(LoopDevice {
+                device: PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()),
+            }),
+            Ok(o) => {
+                eprintln!(
+                    "SKIP: losetup: {}",
+                    String::from_utf8_lossy(&o.stderr).trim()
+                );
+                None
+            }
+            Err(e) => {
+                eprintln!("SKIP: losetup is not available: {e}");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .arg("-d")
+            .arg(&self.device)
+            .output();
     }
 }
 

@@ -8,7 +8,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use vmm_tests::harness::{device_interrupts, field, TempDir, Vmm};
+use vmm_tests::harness::{device_interrupts, field, LoopDevice, TempDir, Vmm};
 use vmm_tests::require_kvm;
 
 const BOOT: Duration = Duration::from_secs(20);
@@ -44,45 +44,6 @@ fn image(dir: &TempDir, name: &str, mib: u64) -> PathBuf {
     let f = File::create(&path).unwrap();
     f.set_len(mib << 20).unwrap();
     path
-}
-
-/// A loop device over a file, detached on drop.
-struct LoopDevice {
-    device: PathBuf,
-}
-
-impl LoopDevice {
-    fn attach(file: &Path) -> Option<LoopDevice> {
-        let out = std::process::Command::new("losetup")
-            .args(["-f", "--show"])
-            .arg(file)
-            .output();
-        match out {
-            Ok(o) if o.status.success() => Some(LoopDevice {
-                device: PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()),
-            }),
-            Ok(o) => {
-                eprintln!(
-                    "SKIP: losetup: {}",
-                    String::from_utf8_lossy(&o.stderr).trim()
-                );
-                None
-            }
-            Err(e) => {
-                eprintln!("SKIP: losetup is not available: {e}");
-                None
-            }
-        }
-    }
-}
-
-impl Drop for LoopDevice {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("losetup")
-            .arg("-d")
-            .arg(&self.device)
-            .output();
-    }
 }
 
 /// The write/read/flush/discard/write-zeroes cycle on one backend.

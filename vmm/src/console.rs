@@ -319,6 +319,7 @@ fn spawn_pump(
     std::thread::Builder::new()
         .name("console-in".into())
         .spawn(move || {
+            confine::apply(confine::ThreadKind::Console);
             let mut buf = [0u8; 256];
             loop {
                 let n = match source.read(&mut buf) {
@@ -373,6 +374,7 @@ fn spawn_worker(
     let thread = std::thread::Builder::new()
         .name("console".into())
         .spawn(move || {
+            confine::apply(confine::ThreadKind::Console);
             worker.run(sink);
             let _ = done_tx.send(());
         })

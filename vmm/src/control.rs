@@ -31,7 +31,7 @@ use crate::vm::{Vm, VmError, VmEvent, VmEventSink, VmStart};
 pub enum ControlEvent {
     Api(ApiCall),
     Vm(VmEvent),
-    /// SIGTERM, SIGINT or SIGHUP.
+    /// SIGTERM or SIGINT.
     Signal(i32),
     /// A migration thread needs the VM.
     Migration(MigrationCall, MigrationReplySender),
@@ -159,7 +159,7 @@ impl Controller {
                     let _ = reply.send(result);
                 }
                 ControlEvent::Signal(signal) => {
-                    eprintln!("vmm: signal {signal}: stopping");
+                    eprintln!("vmm: {}: stopping", crate::signals::name(signal));
                     self.exit = Some(self.exit_by_request());
                 }
             }
@@ -169,6 +169,12 @@ impl Controller {
     /// How the VMM ends when asked to (vmm.shutdown, a signal): a guest that
     /// ran is stopped, one that moved away stays "migrated".
     fn exit_by_request(&self) -> ExitStatus {
+        if self.migration_state == MigrationState::Running(MigrationRole::Receive) {
+            // A target stopped before the guest ran here: no guest ended,
+            // the migration failed.
+            eprintln!("vmm: stopped while waiting for an incoming migration: no guest ran");
+            return ExitStatus::Error;
+        }
         match (self.state, &self.vm) {
             (VmState::Migrated, _) => ExitStatus::Migrated,
             (VmState::MigrationUndecided, _) => {
@@ -413,6 +419,8 @@ impl Controller {
         config.validate()?;
         Console::check(&config.serial)
             .map_err(|e| ApiError::of_class(e.class(), format!("serial: {e}")))?;
+        memory::check_fits_host(&config.memory)
+            .map_err(|e| ApiError::of_class(e.class(), e.to_string()))?;
         config.assign_device_ids();
         self.config = Some(config);
         self.state = VmState::Created;
@@ -573,7 +581,7 @@ impl Controller {
             ));
         }
         let vm = self.vm()?;
-        let config = self
+        let mut config = self
             .config
             .clone()
             .ok_or_else(|| ApiError::internal("no VM config"))?;
@@ -584,6 +592,8 @@ impl Controller {
             ),
             None => None,
         };
+        // Whether a guest may outgrow the host is the target host's call.
+        config.memory.overcommit = false;
         let context = crate::migrate::send::SendContext {
             destination: request.destination,
             token: request.token,
@@ -614,10 +624,12 @@ impl Controller {
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = request.parameters;
         self.migration_state = MigrationState::Running(MigrationRole::Send);
-        std::thread::Builder::new()
-            .name("migration-send".into())
-            .spawn(move || crate::migrate::send::run(context))
-            .map_err(|e| ApiError::internal(format!("cannot start the migration thread: {e}")))?;
+        crate::seccomp::spawn(
+            crate::seccomp::ThreadKind::MigrationSend,
+            std::thread::Builder::new().name("migration-send".into()),
+            move || crate::migrate::send::run(context),
+        )
+        .map_err(|e| ApiError::internal(format!("cannot start the migration thread: {e}")))?;
         Ok(ApiResponse::Empty)
     }
 
@@ -662,10 +674,12 @@ impl Controller {
             control: self.control_handle(),
         };
         self.migration_state = MigrationState::Running(MigrationRole::Receive);
-        std::thread::Builder::new()
-            .name("migration-receive".into())
-            .spawn(move || crate::migrate::receive::run(context))
-            .map_err(|e| ApiError::internal(format!("cannot start the migration thread: {e}")))?;
+        crate::seccomp::spawn(
+            crate::seccomp::ThreadKind::MigrationReceive,
+            std::thread::Builder::new().name("migration-receive".into()),
+            move || crate::migrate::receive::run(context),
+        )
+        .map_err(|e| ApiError::internal(format!("cannot start the migration thread: {e}")))?;
         Ok(())
     }
 
@@ -815,7 +829,7 @@ fn no_balloon() -> ApiError {
 
 /// The VMM process's proportional set size, from /proc/self/smaps_rollup.
 pub fn process_pss_bytes() -> Option<u64> {
-    let rollup = std::fs::read_to_string("/proc/self/smaps_rollup").ok()?;
+    let rollup = memory::read_proc_self("smaps_rollup").ok()?;
     let kib: u64 = rollup
         .lines()
         .find(|l| l.starts_with("Pss:"))?
@@ -828,7 +842,7 @@ pub fn process_pss_bytes() -> Option<u64> {
 
 /// The VMM process's resident set size, from /proc/self/statm.
 pub fn process_rss_bytes() -> u64 {
-    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let statm = memory::read_proc_self("statm").unwrap_or_default();
     let pages: u64 = statm
         .split_whitespace()
         .nth(1)

@@ -54,6 +54,7 @@ impl DeviceManager {
         config: &config::VmConfig,
         incoming: bool,
     ) -> Result<(), DeviceError> {
+        check_distinct_disks(&config.disks)?;
         for disk in &config.disks {
             let id = disk.id.clone().unwrap_or_default();
             let block = if incoming {
@@ -206,6 +207,31 @@ impl DeviceManager {
                 .migration_completed();
         }
     }
+}
+
+/// Refuses one disk given twice (two paths to one file, a loop device and
+/// the file behind it): two devices of one VM would write it without
+/// knowing of each other. A config error naming both.
+fn check_distinct_disks(disks: &[config::DiskConfig]) -> Result<(), DeviceError> {
+    use devices::virtio::block::lock::DiskIdentity;
+    let identities: Vec<Option<DiskIdentity>> =
+        disks.iter().map(|d| DiskIdentity::of(&d.path)).collect();
+    for (i, identity) in identities.iter().enumerate() {
+        let Some(identity) = identity else { continue };
+        for (j, earlier) in identities[..i].iter().enumerate() {
+            if earlier.as_ref().is_some_and(|e| e.same_disk(identity)) {
+                return Err(devices::virtio::block::BlockError::Invalid {
+                    path: disks[i].path.clone(),
+                    reason: format!(
+                        "disks[{i}] is the same disk as disks[{j}] ({}): a VM cannot have one disk twice",
+                        disks[j].path.display()
+                    ),
+                }
+                .into());
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Gives ballooned and reported pages back to the host: MADV_DONTNEED for

@@ -13,6 +13,9 @@ pub mod layout;
 pub mod memory;
 pub mod migrate;
 pub mod pci;
+/// Per-thread seccomp filters (the `confine` crate).
+pub use confine::seccomp;
+pub mod signals;
 pub mod snapshot;
 pub mod vcpu;
 pub mod vm;

@@ -35,6 +35,7 @@ VM flags (the same fields as the JSON config file and the vm.create body):
   --memory SPEC          size=128M[,backing=anonymous|memfd|hugetlbfs][,mergeable=on]
                          [,thp=on|off]  (default: on for anonymous memory
                          unless a balloon or mergeable is configured)
+                         [,overcommit=on]  (allow more than the host's RAM + swap)
   --disk SPEC            path=P[,id=ID][,readonly=on][,direct=on][,serial=S]
                          [,logical_block_size=N][,physical_block_size=N]
                          [,rate_bytes=N][,rate_ops=N]   (repeatable)
@@ -68,6 +69,14 @@ Other:
                          exit 1 if no source authenticated within this time
                          (default 3600); connections that do not authenticate
                          within 5 s are logged and dropped meanwhile
+  --log-file PATH        write the VMM's messages here instead of stderr (appended,
+                         created 0640); SIGHUP reopens it (for logrotate)
+  --seccomp MODE         on (default) | log | off: system call filters per thread;
+                         log lets forbidden calls through and the kernel logs them
+                         (default from VMM_SECCOMP if set)
+  --user NAME            after opening /dev/kvm, the disks, taps and sockets, run as
+                         this user, its group and supplementary groups, with no
+                         capabilities (see the README for what the host prepares)
   -h, --help             this text
   -V, --version          the version
 
@@ -79,6 +88,10 @@ Exit codes:
   4  the guest crashed
   5  the guest was stopped by request (forced shutdown, vmm.shutdown, SIGTERM)
   6  the guest was migrated away
+
+Signals: SIGTERM/SIGINT stop the guest (a second one exits at once); SIGHUP
+reopens --log-file; SIGUSR1, SIGUSR2, SIGALRM and other stray signals are
+logged and ignored.
 ";
 
 /// What the command line asks for.
@@ -87,6 +100,9 @@ struct Args {
     api_socket_group: Option<String>,
     vm: Option<VmConfig>,
     incoming: Option<ReceiveMigrationRequest>,
+    log_file: Option<PathBuf>,
+    seccomp: confine::Mode,
+    user: Option<confine::user::User>,
 }
 
 fn usage_error(e: impl std::fmt::Display) -> ExitCode {
@@ -108,6 +124,9 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Option<Args>, Co
     let mut vm_flags = false;
     // --boot disk[=ID]: Some(None) for the first disk.
     let mut boot_disk: Option<Option<String>> = None;
+    let mut log_file = None;
+    let mut seccomp = None;
+    let mut user = None;
     while let Some(flag) = argv.next() {
         if flag == "-h" || flag == "--help" {
             print!("{USAGE}");
@@ -144,6 +163,15 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Option<Args>, Co
                 incoming_timeout = Some(seconds);
             }
             "--config" => config_file = Some(PathBuf::from(value()?)),
+            "--log-file" => log_file = Some(PathBuf::from(value()?)),
+            "--seccomp" => seccomp = Some(parse_seccomp("--seccomp", &value()?)?),
+            "--user" => {
+                let name = value()?;
+                user = Some(
+                    confine::user::User::lookup(&name)
+                        .map_err(|e| ConfigError::new("--user", e.to_string()))?,
+                )
+            }
             "--kernel" => payload.kernel = PathBuf::from(value()?),
             "--cmdline" => payload.cmdline = value()?,
             "--initrd" => payload.initrd = Some(PathBuf::from(value()?)),
@@ -195,6 +223,9 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Option<Args>, Co
                 | "--migration-token-file"
                 | "--migration-tls-dir"
                 | "--incoming-timeout"
+                | "--log-file"
+                | "--seccomp"
+                | "--user"
         ) {
             vm_flags = true;
         }
@@ -282,54 +313,51 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Option<Args>, Co
     if api_socket_group.is_some() && api_socket.is_none() {
         return Err(ConfigError::new("--api-socket-group", "needs --api-socket"));
     }
+    let seccomp = match seccomp {
+        Some(mode) => mode,
+        None => match std::env::var("VMM_SECCOMP") {
+            Ok(text) => parse_seccomp("VMM_SECCOMP", &text)?,
+            Err(_) => confine::Mode::Kill,
+        },
+    };
     Ok(Some(Args {
         api_socket,
         api_socket_group,
         vm,
         incoming,
+        log_file,
+        seccomp,
+        user,
     }))
 }
 
-/// Blocks the termination signals in this thread (and so in every thread
-/// started later) and turns them into control events on a thread of their own.
-fn forward_signals(sender: std::sync::mpsc::Sender<ControlEvent>) -> std::io::Result<()> {
-    // SAFETY: sigset_t is plain data initialised by sigemptyset.
-    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: set is a valid sigset_t; the signal numbers are valid.
-    unsafe {
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGHUP);
+fn parse_seccomp(field: &str, text: &str) -> Result<confine::Mode, ConfigError> {
+    confine::Mode::parse(text)
+        .ok_or_else(|| ConfigError::new(field, format!("{text:?} is not on, log or off")))
+}
+
+/// The thread kind `VMM_SECCOMP_SELFTEST` names, if any (a test hook: that
+/// thread makes one forbidden system call).
+fn seccomp_selftest() -> Result<Option<confine::ThreadKind>, ConfigError> {
+    match std::env::var(confine::seccomp::SELFTEST_ENV) {
+        Err(_) => Ok(None),
+        Ok(name) => confine::ThreadKind::from_name(&name)
+            .map(Some)
+            .ok_or_else(|| {
+                ConfigError::new(
+                    confine::seccomp::SELFTEST_ENV,
+                    format!("{name:?} is not a thread kind"),
+                )
+            }),
     }
-    // SAFETY: set is valid; a null old-set pointer is allowed.
-    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
-    if rc != 0 {
-        return Err(std::io::Error::from_raw_os_error(rc));
+}
+
+/// The exit status of a VMM whose VM could not start: by whose fault.
+fn start_failure(e: &api::request::ApiError) -> ExitStatus {
+    match e.kind {
+        api::request::ApiErrorKind::BadRequest => ExitStatus::Usage,
+        _ => ExitStatus::Error,
     }
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            let mut asked = false;
-            loop {
-                let mut signal: libc::c_int = 0;
-                // SAFETY: set and signal are valid for the call.
-                if unsafe { libc::sigwait(&set, &mut signal) } != 0 {
-                    continue;
-                }
-                if asked {
-                    // A second signal while the first is being handled: the
-                    // control loop is stuck or too slow; leave now.
-                    eprintln!("vmm: signal {signal} again: exiting at once");
-                    std::process::exit(ExitStatus::Stopped.code());
-                }
-                asked = true;
-                if sender.send(ControlEvent::Signal(signal)).is_err() {
-                    return;
-                }
-            }
-        })?;
-    Ok(())
 }
 
 /// Raises the soft limit of open files to the hard one: every API client
@@ -357,9 +385,49 @@ fn main() -> ExitCode {
         Err(e) => return usage_error(e),
     };
     let exit = |status: ExitStatus| ExitCode::from(status.code() as u8);
+    let selftest = match seccomp_selftest() {
+        Ok(kind) => kind,
+        Err(e) => return usage_error(e),
+    };
+    // First, before any thread starts: every thread inherits the mask.
+    if let Err(e) = vmm::signals::block() {
+        eprintln!("vmm: cannot set up signal handling: {e}");
+        return exit(ExitStatus::Error);
+    }
+    if let Some(path) = &args.log_file {
+        if let Err(e) = vmm::signals::redirect_stderr(path) {
+            eprintln!("vmm: --log-file {}: {e}", path.display());
+            return exit(ExitStatus::Error);
+        }
+    }
+    if args.user.is_some() {
+        // Before any thread starts, so that every thread inherits it.
+        if let Err(e) = confine::user::no_new_privileges() {
+            eprintln!("vmm: cannot set no-new-privileges: {e}");
+            return exit(ExitStatus::Error);
+        }
+        // VMs created later (vm.create, an incoming migration) need it
+        // after the user has changed.
+        if let Err(e) = vmm::vm::keep_kvm_open() {
+            eprintln!("vmm: {e}");
+            return exit(ExitStatus::Error);
+        }
+        vmm::memory::keep_proc_self_open();
+    }
+    // glibc loads the name service modules of nsswitch.conf (dlopen,
+    // executable mappings) at the first lookup: do it now, before the
+    // filters forbid executable mappings, for the migration threads that
+    // resolve host names later.
+    let _ = std::net::ToSocketAddrs::to_socket_addrs(&("localhost", 0));
+    if let Err(e) = confine::seccomp::configure(args.seccomp, selftest, args.user.is_some()) {
+        eprintln!("vmm: {e}");
+        return exit(ExitStatus::Error);
+    }
 
     let mut controller = Controller::new();
-    if let Err(e) = forward_signals(controller.sender()) {
+    let sender = controller.sender();
+    let stop = move |signal| sender.send(ControlEvent::Signal(signal)).is_ok();
+    if let Err(e) = vmm::signals::forward(stop, args.log_file.clone()) {
         eprintln!("vmm: cannot set up signal handling: {e}");
         return exit(ExitStatus::Error);
     }
@@ -400,18 +468,21 @@ fn main() -> ExitCode {
         };
         if let Err(e) = local.and_then(|_| controller.receive_migration(request)) {
             eprintln!("vmm: {e}");
-            return exit(ExitStatus::Usage);
+            return exit(start_failure(&e));
         }
     } else if let Some(config) = args.vm {
         if let Err(e) = controller.create_and_boot(config) {
             eprintln!("vmm: {e}");
-            let status = match e.kind {
-                api::request::ApiErrorKind::BadRequest => ExitStatus::Usage,
-                _ => ExitStatus::Error,
-            };
-            return exit(status);
+            return exit(start_failure(&e));
         }
     }
+    if let Some(user) = &args.user {
+        if let Err(e) = user.become_it() {
+            eprintln!("vmm: --user {}: {e}", user.name());
+            return exit(ExitStatus::Error);
+        }
+    }
+    confine::apply(confine::ThreadKind::Control);
 
     let status = controller.run();
     if status != ExitStatus::PoweredOff {

@@ -41,6 +41,62 @@ pub enum MemoryError {
         advice: &'static str,
         source: std::io::Error,
     },
+    #[error(
+        "memory: the guest's {guest_mib} MiB is more than this host has \
+         ({ram_mib} MiB RAM + {swap_mib} MiB swap); if that is intended, say so \
+         with memory.overcommit (--memory size=...,overcommit=on)"
+    )]
+    TooBig {
+        guest_mib: u64,
+        ram_mib: u64,
+        swap_mib: u64,
+    },
+}
+
+impl MemoryError {
+    pub fn class(&self) -> config::ErrorClass {
+        match self {
+            MemoryError::TooBig { .. } => config::ErrorClass::Caller,
+            _ => config::ErrorClass::Host,
+        }
+    }
+}
+
+/// The host's MemTotal and SwapTotal in bytes, from /proc/meminfo.
+pub fn host_memory_bytes() -> Option<(u64, u64)> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let field = |name: &str| -> Option<u64> {
+        let kib = meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix(name))?
+            .split_whitespace()
+            .next()?
+            .parse::<u64>()
+            .ok()?;
+        Some(kib * 1024)
+    };
+    Some((field("MemTotal:")?, field("SwapTotal:")?))
+}
+
+/// Refuses a guest bigger than the host's RAM plus swap, unless the config
+/// says overcommit is intended: it would run until the host's OOM killer
+/// picks a process, this VMM or another.
+pub fn check_fits_host(config: &MemoryConfig) -> Result<(), MemoryError> {
+    if config.overcommit {
+        return Ok(());
+    }
+    // Without /proc/meminfo there is nothing to check against.
+    let Some((ram, swap)) = host_memory_bytes() else {
+        return Ok(());
+    };
+    if config.size_bytes() > ram.saturating_add(swap) {
+        return Err(MemoryError::TooBig {
+            guest_mib: config.size_mib,
+            ram_mib: ram >> 20,
+            swap_mib: swap >> 20,
+        });
+    }
+    Ok(())
 }
 
 /// Maps guest RAM as `config` asks, with transparent huge pages if
@@ -49,6 +105,7 @@ pub fn create_guest_memory(
     config: &MemoryConfig,
     huge_pages: bool,
 ) -> Result<GuestMemoryMmap, MemoryError> {
+    check_fits_host(config)?;
     let size = config.size_bytes();
     let ranges = layout::ram_ranges(size);
     let file = match config.backing {
@@ -107,6 +164,9 @@ pub fn create_guest_memory(
     }
     let memory =
         GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryError::Layout(e.to_string()))?;
+    // Guest RAM stays out of the VMM's core dumps: it is the guest's data,
+    // and gigabytes of it.
+    madvise_all(&memory, libc::MADV_DONTDUMP, "MADV_DONTDUMP")?;
     if config.mergeable {
         madvise_all(&memory, libc::MADV_MERGEABLE, "MADV_MERGEABLE")?;
     }
@@ -228,22 +288,81 @@ pub unsafe fn is_zero_page(ptr: *const u8) -> bool {
     })
 }
 
+/// The /proc/self files the VMM reads while it runs, opened at start by a
+/// VMM that drops root (`--user`): changing credentials makes the process
+/// non-dumpable, and the kernel then gives its /proc files to root. Kept
+/// open, they still read (with pread, so threads can share them).
+static PROC_SELF: std::sync::OnceLock<Vec<(&'static str, File)>> = std::sync::OnceLock::new();
+
+/// Opens the /proc/self files [`read_proc_self`] and [`touched_pages`] use,
+/// and keeps them for the life of the process.
+pub fn keep_proc_self_open() {
+    let files = [
+        "pagemap",
+        "smaps_rollup",
+        "statm",
+        "ksm_merging_pages",
+        "ksm_stat",
+    ]
+    .into_iter()
+    // Missing ones (older kernels) are missing later too.
+    .filter_map(|name| Some((name, File::open(format!("/proc/self/{name}")).ok()?)))
+    .collect();
+    let _ = PROC_SELF.set(files);
+}
+
+/// Runs `f` on /proc/self/`name`: the file kept open at start, or opened now.
+fn with_proc_self<T>(
+    name: &str,
+    f: impl FnOnce(&File) -> std::io::Result<T>,
+) -> std::io::Result<T> {
+    if let Some((_, file)) = PROC_SELF
+        .get()
+        .and_then(|files| files.iter().find(|(n, _)| *n == name))
+    {
+        return f(file);
+    }
+    f(&File::open(format!("/proc/self/{name}"))?)
+}
+
+/// The text of /proc/self/`name`.
+pub fn read_proc_self(name: &str) -> std::io::Result<String> {
+    use std::os::unix::fs::FileExt;
+    with_proc_self(name, |file| {
+        let mut text = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = file.read_at(&mut buf, text.len() as u64)?;
+            if n == 0 {
+                break;
+            }
+            text.extend_from_slice(&buf[..n]);
+        }
+        Ok(String::from_utf8_lossy(&text).into_owned())
+    })
+}
+
 /// Pages of `region` the host has ever backed (present or swapped), from
 /// /proc/self/pagemap: the others were never touched and read as zero.
 pub fn touched_pages(region: &GuestRegionMmap) -> std::io::Result<migration::bitmap::DirtyBitmap> {
-    use std::io::{Read, Seek, SeekFrom};
+    with_proc_self("pagemap", |pagemap| touched_pages_in(region, pagemap))
+}
+
+fn touched_pages_in(
+    region: &GuestRegionMmap,
+    pagemap: &File,
+) -> std::io::Result<migration::bitmap::DirtyBitmap> {
+    use std::os::unix::fs::FileExt;
     const PRESENT: u64 = 1 << 63;
     const SWAPPED: u64 = 1 << 62;
     let pages = (region.len() / PAGE_SIZE) as usize;
     let mut bitmap = migration::bitmap::DirtyBitmap::new(pages);
-    let mut pagemap = File::open("/proc/self/pagemap")?;
     let first = region.as_ptr() as u64 / PAGE_SIZE;
-    pagemap.seek(SeekFrom::Start(first * 8))?;
     let mut buf = vec![0u8; 8 * 4096];
     let mut page = 0;
     while page < pages {
         let chunk = (pages - page).min(4096);
-        pagemap.read_exact(&mut buf[..chunk * 8])?;
+        pagemap.read_exact_at(&mut buf[..chunk * 8], (first + page as u64) * 8)?;
         for (i, entry) in buf[..chunk * 8].chunks_exact(8).enumerate() {
             let entry = u64::from_le_bytes(entry.try_into().expect("8 bytes"));
             if entry & (PRESENT | SWAPPED) != 0 {
@@ -352,8 +471,8 @@ pub struct KsmProcessStats {
 impl KsmProcessStats {
     /// This process's figures.
     pub fn read() -> KsmProcessStats {
-        let merging = std::fs::read_to_string("/proc/self/ksm_merging_pages").ok();
-        let stat = std::fs::read_to_string("/proc/self/ksm_stat").unwrap_or_default();
+        let merging = read_proc_self("ksm_merging_pages").ok();
+        let stat = read_proc_self("ksm_stat").unwrap_or_default();
         Self::parse(merging.as_deref(), &stat)
     }
 

@@ -413,9 +413,10 @@ impl Throttle {
             }
         } else if old == 0 && ticker.is_none() {
             let me = self.clone();
-            *ticker = std::thread::Builder::new()
-                .name("vcpu-throttle".into())
-                .spawn(move || {
+            *ticker = crate::seccomp::spawn(
+                crate::seccomp::ThreadKind::Throttle,
+                std::thread::Builder::new().name("vcpu-throttle".into()),
+                move || {
                     while me.percent() > 0 {
                         for &thread in me.threads.lock().unwrap_or_else(|e| e.into_inner()).iter() {
                             // SAFETY: the vCPU threads outlive the ticker: the
@@ -424,8 +425,9 @@ impl Throttle {
                         }
                         std::thread::park_timeout(THROTTLE_PERIOD);
                     }
-                })
-                .ok();
+                },
+            )
+            .ok();
         }
     }
 }
@@ -501,9 +503,11 @@ impl VcpuSet {
             let control = control.clone();
             let on_stop = on_stop.clone();
             let id = vcpu.lock().unwrap_or_else(|e| e.into_inner()).id;
-            let thread = std::thread::Builder::new()
-                .name(format!("vcpu{id}"))
-                .spawn(move || vcpu_thread(vcpu, control, on_stop))?;
+            let thread = crate::seccomp::spawn(
+                crate::seccomp::ThreadKind::Vcpu,
+                std::thread::Builder::new().name(format!("vcpu{id}")),
+                move || vcpu_thread(vcpu, control, on_stop),
+            )?;
             threads.push(thread);
         }
         {

@@ -71,10 +71,10 @@ impl VmError {
         match self {
             VmError::Boot(e) => e.class(),
             VmError::Device(e) => e.class(),
+            VmError::Memory(e) => e.class(),
             VmError::Kvm(_)
             | VmError::MissingCapability(_)
             | VmError::KvmCall { .. }
-            | VmError::Memory(_)
             | VmError::Vcpu(_)
             | VmError::Bus(_)
             | VmError::EventFd(_)
@@ -264,8 +264,34 @@ impl Drop for Vm {
 }
 
 /// Opens /dev/kvm and checks it has what the VMM needs.
+/// /dev/kvm opened once at start, for a VMM that then drops root
+/// (`--user`): every VM it creates later uses a duplicate of it.
+static KVM_DEVICE: std::sync::OnceLock<std::os::fd::OwnedFd> = std::sync::OnceLock::new();
+
+/// Opens /dev/kvm now and keeps it for every VM this process creates.
+pub fn keep_kvm_open() -> Result<(), VmError> {
+    let fd = Kvm::open_with_cloexec(true).map_err(VmError::Kvm)?;
+    // SAFETY: a fresh fd that nobody else owns.
+    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let _ = KVM_DEVICE.set(fd);
+    Ok(())
+}
+
 fn open_kvm() -> Result<Kvm, VmError> {
-    let kvm = Kvm::new().map_err(VmError::Kvm)?;
+    let kvm = match KVM_DEVICE.get() {
+        Some(fd) => {
+            let fd = fd
+                .try_clone()
+                .map_err(|e| VmError::Kvm(kvm_ioctls::Error::new(e.raw_os_error().unwrap_or(0))))?;
+            // SAFETY: a fresh duplicate of the /dev/kvm fd, owned by the new Kvm.
+            unsafe {
+                <Kvm as std::os::fd::FromRawFd>::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(
+                    fd,
+                ))
+            }
+        }
+        None => Kvm::new().map_err(VmError::Kvm)?,
+    };
     for (cap, name) in [
         (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
         (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),

@@ -182,7 +182,10 @@ pub fn start_server_with(
     let dispatch: Dispatch = Arc::new(dispatch);
     let thread = thread::Builder::new()
         .name("vmm-api".into())
-        .spawn(move || runtime.block_on(serve(listener, dispatch, stop_rx, options)))?;
+        .spawn(move || {
+            confine::apply(confine::ThreadKind::Api);
+            runtime.block_on(serve(listener, dispatch, stop_rx, options))
+        })?;
     server.stop = Some(stop_tx);
     server.thread = Some(thread);
     Ok(server)

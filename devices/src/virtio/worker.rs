@@ -38,6 +38,8 @@ impl EventLoop {
 
 /// The device-specific part of a worker.
 pub trait WorkerHandler: Send + 'static {
+    /// Whose seccomp list the worker thread runs under.
+    const THREAD_KIND: confine::ThreadKind;
     /// Registers the fds to watch (called once, on the worker thread).
     fn register(&mut self, events: &EventLoop) -> io::Result<()>;
     /// Handles readiness of the fd registered with `token`.
@@ -58,31 +60,30 @@ impl<H: WorkerHandler> Worker<H> {
         let epoll = Epoll::new()?;
         let events = EventLoop { epoll };
         events.add(thread_kill.as_raw_fd(), KILL_TOKEN, EventSet::IN)?;
-        let thread = std::thread::Builder::new()
-            .name(name.to_string())
-            .spawn(move || {
-                if let Err(e) = handler.register(&events) {
-                    eprintln!("vmm: device worker cannot start: {e}");
-                    return handler;
-                }
-                let mut ready = vec![EpollEvent::default(); 16];
-                loop {
-                    let n = match events.epoll.wait(-1, &mut ready) {
-                        Ok(n) => n,
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                        Err(e) => {
-                            eprintln!("vmm: device worker epoll failed: {e}");
-                            return handler;
-                        }
-                    };
-                    for event in &ready[..n] {
-                        if event.data() == KILL_TOKEN {
-                            return handler;
-                        }
-                        handler.handle(event.data(), event.event_set(), &events);
+        let builder = std::thread::Builder::new().name(name.to_string());
+        let thread = confine::spawn(H::THREAD_KIND, builder, move || {
+            if let Err(e) = handler.register(&events) {
+                eprintln!("vmm: device worker cannot start: {e}");
+                return handler;
+            }
+            let mut ready = vec![EpollEvent::default(); 16];
+            loop {
+                let n = match events.epoll.wait(-1, &mut ready) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        eprintln!("vmm: device worker epoll failed: {e}");
+                        return handler;
                     }
+                };
+                for event in &ready[..n] {
+                    if event.data() == KILL_TOKEN {
+                        return handler;
+                    }
+                    handler.handle(event.data(), event.event_set(), &events);
                 }
-            })?;
+            }
+        })?;
         Ok(Worker {
             thread: Some(thread),
             kill,
@@ -248,6 +249,8 @@ mod tests {
     }
 
     impl WorkerHandler for Counter {
+        const THREAD_KIND: confine::ThreadKind = confine::ThreadKind::Blk;
+
         fn register(&mut self, events: &EventLoop) -> io::Result<()> {
             events.add(self.fd.as_raw_fd(), 7, EventSet::IN)
         }
@@ -424,6 +427,8 @@ mod tests {
     }
 
     impl WorkerHandler for Panicker {
+        const THREAD_KIND: confine::ThreadKind = confine::ThreadKind::Blk;
+
         fn register(&mut self, events: &EventLoop) -> io::Result<()> {
             events.add(self.fd.as_raw_fd(), 1, EventSet::IN)
         }

@@ -759,6 +759,8 @@ impl BalloonHandler {
 }
 
 impl WorkerHandler for BalloonHandler {
+    const THREAD_KIND: confine::ThreadKind = confine::ThreadKind::Balloon;
+
     fn register(&mut self, events: &EventLoop) -> io::Result<()> {
         for &(index, _) in &self.roles {
             events.add(self.events[index].as_raw_fd(), index as u64, EventSet::IN)?;

@@ -373,6 +373,8 @@ impl BlockHandler {
 }
 
 impl WorkerHandler for BlockHandler {
+    const THREAD_KIND: confine::ThreadKind = confine::ThreadKind::Blk;
+
     fn register(&mut self, events: &EventLoop) -> io::Result<()> {
         events.add(self.queue_evt.as_raw_fd(), QUEUE_TOKEN, EventSet::IN)?;
         if let Some(uring) = &self.uring {

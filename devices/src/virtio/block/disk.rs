@@ -61,6 +61,8 @@ pub struct DiskFile {
     discard: bool,
     /// The backend's own logical block size (512 for files).
     device_block_size: u64,
+    /// For a loop device, the file behind it: locked with the device.
+    backing: Option<lock::LoopBacking>,
 }
 
 fn ioctl_u64(file: &File, request: libc::c_ulong) -> io::Result<u64> {
@@ -308,6 +310,12 @@ impl DiskFile {
         let found = Geometry::probe(&file, &path)?;
         let (logical_block_size, physical_block_size) = block_sizes(config, &found)?;
         let size = found.size & !(SECTOR_SIZE - 1);
+        let backing =
+            lock::loop_backing(&file, config.readonly).map_err(|source| BlockError::Io {
+                path: path.clone(),
+                what: "cannot lock the file behind the loop device".to_string(),
+                source,
+            })?;
         let (dio_mem_align, dio_offset_align) = if config.direct {
             direct_io_alignment(&file, &path, &found, size)?
         } else {
@@ -326,6 +334,7 @@ impl DiskFile {
             dio_offset_align,
             discard: found.discard,
             device_block_size: u64::from(found.logical),
+            backing,
         };
         if take_lock {
             disk.lock()?;
@@ -387,9 +396,11 @@ impl DiskFile {
         }
     }
 
-    /// Takes the disk's OFD lock.
+    /// Takes the disk's OFD lock; for a loop device also the lock of the
+    /// file behind it, and for a file it checks the loop devices over it.
     pub fn lock(&self) -> Result<(), BlockError> {
-        lock::lock(&self.file, self.lock_kind()).map_err(|e| match e {
+        let kind = self.lock_kind();
+        let error = |e: LockError| match e {
             LockError::Conflict { .. } => BlockError::Locked {
                 path: self.path.clone(),
                 reason: e.to_string(),
@@ -399,16 +410,41 @@ impl DiskFile {
                 what: "cannot lock".to_string(),
                 source,
             },
-        })
+        };
+        lock::lock(&self.file, kind).map_err(error)?;
+        let also = match &self.backing {
+            Some(backing) => lock::lock(&backing.file, kind).map_err(|e| match e {
+                LockError::Conflict { other, holder, .. } => LockError::Conflict {
+                    other,
+                    holder,
+                    via: Some(format!(
+                        "is a loop device over {}, which",
+                        backing.path.display()
+                    )),
+                },
+                e => e,
+            }),
+            None => lock::check_loops_over(&self.file, kind),
+        };
+        if let Err(e) = also {
+            // All or nothing. The unlock cannot fail on an fd we locked.
+            let _ = lock::unlock(&self.file);
+            return Err(error(e));
+        }
+        Ok(())
     }
 
-    /// Drops the disk's OFD lock.
+    /// Drops the disk's OFD locks.
     pub fn unlock(&self) -> Result<(), BlockError> {
-        lock::unlock(&self.file).map_err(|source| BlockError::Io {
+        let error = |source| BlockError::Io {
             path: self.path.clone(),
             what: "cannot unlock".to_string(),
             source,
-        })
+        };
+        if let Some(backing) = &self.backing {
+            lock::unlock(&backing.file).map_err(error)?;
+        }
+        lock::unlock(&self.file).map_err(error)
     }
 
     /// Writes the disk's (and the host's) volatile caches to stable storage.

@@ -844,6 +844,8 @@ impl NetHandler {
 }
 
 impl WorkerHandler for NetHandler {
+    const THREAD_KIND: confine::ThreadKind = confine::ThreadKind::Net;
+
     fn register(&mut self, events: &EventLoop) -> io::Result<()> {
         // A new epoll set (after a pause): nothing of ours is in it yet.
         self.tap_registered = None;
