@@ -388,6 +388,8 @@ fn kind_list(kind: ThreadKind) -> Vec<Entry> {
         ],
         ThreadKind::Console => vec![
             sys!(read),
+            // Accepted clients are made non-blocking (std uses FIONBIO).
+            sys!(ioctl, Allow::Ioctls(&[FIONBIO])),
             sys!(accept4),
             sys!(recvfrom),
             sys!(sendto),

@@ -270,6 +270,12 @@ impl Vmm {
         }
     }
 
+    /// Skips the console lines printed so far: the next waits see only
+    /// newer ones (output still in the VMM's console buffer may follow).
+    pub fn skip_console(&mut self) {
+        self.cursor = self.stdout.lines.lock().unwrap().0.len();
+    }
+
     /// All console lines so far.
     pub fn console(&self) -> Vec<String> {
         self.stdout.lines.lock().unwrap().0.clone()
