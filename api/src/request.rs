@@ -403,6 +403,10 @@ pub struct SendMigrationRequest {
     pub destination: MigrationUrl,
     /// The pre-shared token the receiver expects.
     pub token: String,
+    /// Migrate even a guest whose VMM is managed by a cluster manager
+    /// (`vmm --managed-by`), which refuses a migration it did not start.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub force: bool,
     #[serde(flatten)]
     pub parameters: MigrationParameters,
 }

@@ -427,6 +427,7 @@ fn full_send_migration(timeout_action: TimeoutAction) -> SendMigrationRequest {
     SendMigrationRequest {
         destination: "tcp:192.168.1.20:6000".into(),
         token: "s3cret".into(),
+        force: true,
         parameters: full_parameters(timeout_action),
     }
 }
@@ -632,6 +633,7 @@ fn schemas_describe_exactly_the_rust_types() {
         &SendMigrationRequest {
             destination: "unix:/m.sock".into(),
             token: "t".into(),
+            force: false,
             parameters: MigrationParameters::default(),
         },
     );

@@ -168,6 +168,7 @@ fn ours(case: &Case, dir: &TempDir) -> Figures {
     api.send_migration(&SendMigrationRequest {
         destination: format!("tcp:127.0.0.1:{port}"),
         token: "bench-token".into(),
+        force: false,
         parameters: MigrationParameters::default(),
     })
     .unwrap();

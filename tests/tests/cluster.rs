@@ -814,6 +814,202 @@ fn agent_monitor_tells_a_busy_vmm_from_a_dead_one() {
 }
 
 #[test]
+fn a_guest_the_agent_started_refuses_a_migration_the_agent_did_not_start() {
+    require_kvm!();
+    if skip_without(true, &["jq"]) {
+        return;
+    }
+    let path = install_agent();
+    let dir = TempDir::new("ocf-managed");
+    let _reap = ReapVmms(dir.path().display().to_string());
+    let config = dir.join("vm.json");
+    write_config(
+        &config,
+        "counters period_ms=1000",
+        &dir.join("console.sock"),
+        None,
+    );
+    let agent = agent_for(&path, &dir, &config);
+    let socket = dir.join("run").join("guest1.sock");
+    agent.expect("start", OCF_SUCCESS);
+    let migrate = |extra: &[&str]| {
+        run(Command::new(vmmctl_binary())
+            .args(["--api-socket", socket.to_str().unwrap()])
+            .args([
+                "migrate",
+                &format!("unix:{}", dir.join("nobody.sock").display()),
+            ])
+            .args(["--token", "t"])
+            .args(extra))
+    };
+    // By hand: refused, with what to do instead; the guest runs on.
+    let refused = migrate(&[]);
+    assert_eq!(refused.code, 1, "{}", refused.text());
+    assert!(
+        refused.stderr.contains("managed by pacemaker")
+            && refused.stderr.contains("crm resource move"),
+        "{}",
+        refused.text()
+    );
+    assert_eq!(agent.monitor().code, OCF_SUCCESS);
+    // Forced (what the agent's sender does): past the check, on to the
+    // destination (here nobody listens).
+    let forced = migrate(&["--force"]);
+    assert_eq!(forced.code, 1, "{}", forced.text());
+    assert!(
+        forced.stdout.contains("cannot connect") || forced.stderr.contains("cannot connect"),
+        "{}",
+        forced.text()
+    );
+    assert!(!forced.stderr.contains("managed by"), "{}", forced.text());
+    assert_eq!(agent.monitor().code, OCF_SUCCESS);
+    agent.expect("stop", OCF_SUCCESS);
+}
+
+/// The VirtualDomain parameters that apply to this VMM: shutdown_mode, a
+/// shutdown_timeout that must fit in the stop timeout, monitor_scripts,
+/// and their validation.
+#[test]
+fn agent_takes_the_virtualdomain_parameters_that_apply() {
+    require_kvm!();
+    if skip_without(true, &["jq"]) {
+        return;
+    }
+    let path = install_agent();
+    let dir = TempDir::new("ocf-vd");
+    let _reap = ReapVmms(dir.path().display().to_string());
+    // A guest that ignores the power button and Ctrl-Alt-Del, and one that
+    // powers off on them (the test guest's default).
+    let console = dir.join("console.sock");
+    let guest = |file: &str, options: &str| {
+        let config = dir.join(file);
+        let json = serde_json::json!({
+            "cpus": {"boot_vcpus": 2},
+            "memory": {"size_mib": 64},
+            "payload": {
+                "kernel": testguest().display().to_string(),
+                "cmdline": format!("{options} -- counters period_ms=1000"),
+            },
+            "serial": {"mode": "socket", "path": console.display().to_string()},
+        });
+        fs::write(&config, serde_json::to_vec_pretty(&json).unwrap()).unwrap();
+        config
+    };
+    let stubborn = guest("stubborn.json", "on_cad=ignore");
+    let willing = guest("willing.json", "");
+    let log = dir.join("vm.log");
+
+    // Validation of the new parameters.
+    let agent = agent_for(&path, &dir, &willing);
+    for (name, value, code, reason) in [
+        (
+            "shutdown_mode",
+            "signal",
+            OCF_ERR_CONFIGURED,
+            "shutdown_mode",
+        ),
+        (
+            "migration_speed",
+            "fast",
+            OCF_ERR_CONFIGURED,
+            "migration_speed",
+        ),
+        // VirtualDomain's name for migration_port.
+        ("migrateport", "http", OCF_ERR_CONFIGURED, "migration_port"),
+        (
+            "autoset_utilization_cpu",
+            "maybe",
+            OCF_ERR_CONFIGURED,
+            "autoset_utilization_cpu",
+        ),
+        (
+            "monitor_scripts",
+            "/nonexistent/check",
+            OCF_ERR_INSTALLED,
+            "/nonexistent/check",
+        ),
+    ] {
+        let result = agent.action_with("validate-all", &[], &[(name, value)]);
+        assert_eq!(result.code, code, "{name}={value}: {}", result.text());
+        assert!(
+            exit_reason(&result).contains(reason),
+            "{name}: {}",
+            result.text()
+        );
+    }
+
+    // shutdown_mode=ctrl-alt-del: the guest gets Ctrl-Alt-Del, not the
+    // power button, and powers off.
+    agent.expect("start", OCF_SUCCESS);
+    let mut guest_console = Console::connect(&console);
+    guest_console.wait_for("counters:", SHORT);
+    let stop = agent.action_with("stop", &[], &[("shutdown_mode", "ctrl-alt-del")]);
+    assert_eq!(stop.code, OCF_SUCCESS, "{}", stop.text());
+    guest_console.wait_for("testguest: ctrl-alt-del", SHORT);
+    drop(guest_console);
+    assert!(
+        read_log(&log).contains("ctrl-alt-del; forced after")
+            && read_log(&log).contains("stopped (vmm exited with code 0 (the guest powered off))"),
+        "{}",
+        read_log(&log)
+    );
+
+    // A shutdown_timeout longer than the stop timeout allows is cut to the
+    // timeout minus 15 s: a guest that ignores the button is forced off in
+    // time, and the log says why.
+    let agent = agent_for(&path, &dir, &stubborn).param("shutdown_timeout", "600");
+    agent.expect("start", OCF_SUCCESS);
+    let started = Instant::now();
+    let stop = agent.action_with("stop", &[("timeout", "20000")], &[]);
+    let took = started.elapsed();
+    assert_eq!(stop.code, OCF_SUCCESS, "{}", stop.text());
+    assert!(
+        took < Duration::from_secs(20),
+        "the stop outlived its timeout: {took:?}"
+    );
+    assert!(
+        read_log(&log).contains("shutdown_timeout 600 s does not fit in the stop timeout of 20 s"),
+        "{}",
+        read_log(&log)
+    );
+    eprintln!("stop of a guest that ignores the power button, stop timeout 20 s: {took:?}");
+
+    // monitor_scripts: run by a recurring monitor (not by a probe) with the
+    // guest's name; a failing one fails the monitor with its last line.
+    let script = dir.join("check.sh");
+    let flag = dir.join("unhealthy");
+    fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\necho \"checked $1\" >> {seen}\nif [ -e {flag} ]; then echo 'service down'; exit 1; fi\n",
+            seen = dir.join("seen").display(),
+            flag = flag.display()
+        ),
+    )
+    .unwrap();
+    fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
+    let agent = agent_for(&path, &dir, &willing).param("monitor_scripts", &script);
+    agent.expect("start", OCF_SUCCESS);
+    assert_eq!(agent.monitor().code, OCF_SUCCESS);
+    assert_eq!(read_log(&dir.join("seen")), "checked guest1\n");
+    assert_eq!(agent.probe().code, OCF_SUCCESS);
+    assert_eq!(
+        read_log(&dir.join("seen")),
+        "checked guest1\n",
+        "a probe ran the script"
+    );
+    fs::write(&flag, "").unwrap();
+    let failed = agent.monitor();
+    assert_eq!(failed.code, OCF_ERR_GENERIC, "{}", failed.text());
+    assert!(
+        exit_reason(&failed).contains("check.sh failed (exit 1): service down"),
+        "{}",
+        failed.text()
+    );
+    agent.expect("stop", OCF_SUCCESS);
+}
+
+#[test]
 fn agent_exit_reasons_never_come_from_the_guest_console() {
     require_kvm!();
     if skip_without(true, &["jq"]) {
@@ -965,7 +1161,9 @@ fn agent_migrates_in_pacemaker_order_and_a_failed_migration_keeps_the_source() {
             .param("vmmctl_binary", vmmctl_binary())
             .param("migration_token_file", dir.join("token"))
             .param("migration_port", &port)
-            .param("migration_listen_address", "127.0.0.1");
+            .param("migration_listen_address", "127.0.0.1")
+            // VirtualDomain's cap in MiB/s, as vmmctl migrate --bandwidth.
+            .param("migration_speed", "1000");
         (agent, console, dir.join(&format!("{n}.log")))
     };
     let (a, a_console, a_log) = node("a");
@@ -1005,6 +1203,11 @@ fn agent_migrates_in_pacemaker_order_and_a_failed_migration_keeps_the_source() {
     let from = b.action_with("migrate_from", &migrate_meta("a", "localhost"), &[]);
     assert_eq!(from.code, OCF_SUCCESS, "{}\n{}", from.text(), logs());
     eprintln!("agent migration a -> b: {:?}", started.elapsed());
+    assert!(
+        read_log(&a_log).contains("(at most 1000Mi bytes/s)"),
+        "{}",
+        logs()
+    );
     // ... and the stop on the source finds it gone: migrated, exit code 6.
     a.expect("stop", OCF_SUCCESS);
     assert!(

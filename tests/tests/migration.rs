@@ -116,6 +116,7 @@ fn send(destination: &str, token: &str, parameters: MigrationParameters) -> Send
     SendMigrationRequest {
         destination: destination.into(),
         token: token.into(),
+        force: false,
         parameters,
     }
 }

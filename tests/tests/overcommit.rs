@@ -109,6 +109,7 @@ fn migrate(source: &mut Vmm, destination: &str, target: &Vmm) {
         .send_migration(&api::request::SendMigrationRequest {
             destination: destination.to_string(),
             token: "t0ken".into(),
+            force: false,
             parameters: Default::default(),
         })
         .unwrap();
@@ -769,6 +770,7 @@ fn a_migrated_ballooned_guest_keeps_its_balloon_and_its_pages_are_not_sent() {
     api.send_migration(&api::request::SendMigrationRequest {
         destination: listen,
         token: "t0ken".into(),
+        force: false,
         parameters: Default::default(),
     })
     .unwrap();

@@ -55,6 +55,11 @@ Other:
   --migration-token-file FILE
                          the pre-shared token a migration source must present
                          (or the VMM_MIGRATION_TOKEN environment variable)
+  --managed-by MANAGER   a cluster manager (e.g. pacemaker) runs this guest:
+                         vm.send-migration is refused unless forced, so
+                         that a hand-run migration cannot leave the manager
+                         believing the guest stopped here (it would start a
+                         second copy)
   -h, --help             this text
   -V, --version          the version
 
@@ -74,6 +79,7 @@ struct Args {
     api_socket_group: Option<String>,
     vm: Option<VmConfig>,
     incoming: Option<ReceiveMigrationRequest>,
+    managed_by: Option<String>,
 }
 
 fn usage_error(e: impl std::fmt::Display) -> ExitCode {
@@ -85,6 +91,7 @@ fn usage_error(e: impl std::fmt::Display) -> ExitCode {
 fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Option<Args>, ConfigError> {
     let mut api_socket = None;
     let mut api_socket_group = None;
+    let mut managed_by: Option<String> = None;
     let mut incoming: Option<String> = None;
     let mut token_file: Option<PathBuf> = None;
     let mut config_file: Option<PathBuf> = None;
@@ -113,6 +120,16 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Option<Args>, Co
         match name.as_str() {
             "--api-socket" => api_socket = Some(PathBuf::from(value()?)),
             "--api-socket-group" => api_socket_group = Some(value()?),
+            "--managed-by" => {
+                let manager = value()?;
+                if manager.is_empty() || manager.chars().any(|c| c.is_control()) {
+                    return Err(ConfigError::new(
+                        "--managed-by",
+                        "needs the manager's name (e.g. pacemaker)",
+                    ));
+                }
+                managed_by = Some(manager);
+            }
             "--incoming" => incoming = Some(value()?),
             "--migration-token-file" => token_file = Some(PathBuf::from(value()?)),
             "--config" => config_file = Some(PathBuf::from(value()?)),
@@ -152,6 +169,7 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Option<Args>, Co
                 | "--config"
                 | "--incoming"
                 | "--migration-token-file"
+                | "--managed-by"
         ) {
             vm_flags = true;
         }
@@ -221,6 +239,7 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Option<Args>, Co
         api_socket_group,
         vm,
         incoming,
+        managed_by,
     }))
 }
 
@@ -293,6 +312,7 @@ fn main() -> ExitCode {
     let exit = |status: ExitStatus| ExitCode::from(status.code() as u8);
 
     let mut controller = Controller::new();
+    controller.set_managed_by(args.managed_by.clone());
     if let Err(e) = forward_signals(controller.sender()) {
         eprintln!("vmm: cannot set up signal handling: {e}");
         return exit(ExitStatus::Error);

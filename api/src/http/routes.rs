@@ -400,6 +400,7 @@ mod tests {
             ApiRequest::VmSendMigration(SendMigrationRequest {
                 destination: "tcp:10.0.0.2:6000".into(),
                 token: "secret".into(),
+                force: false,
                 parameters: MigrationParameters {
                     downtime_ms: 150,
                     bandwidth_bytes_per_s: Some(100 << 20),
@@ -538,6 +539,7 @@ mod tests {
             ApiRequest::VmSendMigration(SendMigrationRequest {
                 destination: "unix:/m.sock".into(),
                 token: "t".into(),
+                force: false,
                 parameters: MigrationParameters::default(),
             })
         );

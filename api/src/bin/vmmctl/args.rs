@@ -30,13 +30,16 @@ Commands:
   counters                     exit and device counters
   migrate DESTINATION (--token-file FILE | --token TOKEN) [--downtime-ms N]
           [--bandwidth SIZE] [--timeout-s N] [--timeout-action cancel|force]
-          [--no-auto-converge] [--detach]
+          [--no-auto-converge] [--detach] [--force]
                                migrate the VM to the VMM listening on DESTINATION
                                (tcp:HOST:PORT or unix:PATH): shows the progress on
                                stderr, then the statistics (exit 0 if it completed,
                                1 if it failed or was cancelled); --detach returns
                                once it has started. Interrupting vmmctl does not
-                               stop the migration: use migrate --cancel
+                               stop the migration: use migrate --cancel. A VMM
+                               started by a cluster manager (vmm --managed-by)
+                               refuses unless --force: move the guest with the
+                               cluster manager (crm resource move) instead
   migrate --cancel             stop the outgoing migration; the guest keeps running here
   migrate-status               the phase and figures of the current (or last) migration
   migrate-set [--downtime-ms N] [--bandwidth SIZE] [--timeout-s N]
@@ -154,6 +157,8 @@ pub(crate) struct MigrateArgs {
     pub(crate) token: Token,
     pub(crate) parameters: MigrationParameters,
     pub(crate) detach: bool,
+    /// Migrate a guest a cluster manager manages (`vmm --managed-by`).
+    pub(crate) force: bool,
 }
 
 /// Where the migration token comes from.
@@ -406,6 +411,7 @@ pub(crate) struct MigrationOptions {
     parameters: MigrationParameters,
     detach: bool,
     cancel: bool,
+    force: bool,
 }
 
 pub(crate) const TUNING_OPTIONS: &[&str] = &[
@@ -489,6 +495,7 @@ pub(crate) fn parse_migration_options(
             "--no-auto-converge" => parameters.auto_converge = false,
             "--detach" => options.detach = true,
             "--cancel" => options.cancel = true,
+            "--force" => options.force = true,
             _ => return Err(format!("{command}: unknown option {arg:?}")),
         }
     }
@@ -541,7 +548,7 @@ pub(crate) fn missing_token(command: &str) -> String {
 }
 
 pub(crate) fn parse_migrate(args: &[String]) -> Result<Command, String> {
-    let mut allowed = vec!["--token", "--token-file", "--detach", "--cancel"];
+    let mut allowed = vec!["--token", "--token-file", "--detach", "--cancel", "--force"];
     allowed.extend_from_slice(TUNING_OPTIONS);
     let options = parse_migration_options("migrate", args, &allowed)?;
     if options.cancel {
@@ -557,6 +564,7 @@ pub(crate) fn parse_migrate(args: &[String]) -> Result<Command, String> {
         token,
         parameters: options.parameters,
         detach: options.detach,
+        force: options.force,
     }))
 }
 
@@ -752,7 +760,7 @@ mod tests {
                 assert_eq!(m.token, Token::Literal("-h".into()));
                 assert_eq!(m.parameters.bandwidth_bytes_per_s, Some(1024));
                 assert_eq!(m.parameters.timeout_s, Some(9));
-                assert!(!m.detach);
+                assert!(!m.detach && !m.force);
             }
             other => panic!("{other:?}"),
         }
@@ -764,10 +772,11 @@ mod tests {
             "--token-file",
             "/t",
             "--detach",
+            "--force",
         ]) {
             Command::Migrate(m) => {
                 assert_eq!(m.token, Token::File("/t".into()));
-                assert!(m.detach);
+                assert!(m.detach && m.force);
                 assert_eq!(m.parameters, MigrationParameters::default());
             }
             other => panic!("{other:?}"),

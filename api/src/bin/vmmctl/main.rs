@@ -114,6 +114,7 @@ fn run(args: &Args) -> Result<String, (u8, String)> {
             let request = SendMigrationRequest {
                 destination: migrate.destination.clone(),
                 token: migrate.token.read().map_err(|m| (EXIT_USAGE, m))?,
+                force: migrate.force,
                 parameters: migrate.parameters.clone(),
             };
             client.send_migration(&request).map_err(client_error)?;
