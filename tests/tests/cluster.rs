@@ -1269,7 +1269,7 @@ fn agent_migrates_in_pacemaker_order_and_a_failed_migration_keeps_the_source() {
 }
 
 // ---------------------------------------------------------------------------
-// A real two-node cluster in network namespaces
+// A real three-node cluster in network namespaces, with fencing
 
 /// One lab node: a network namespace and a holder process whose mount and
 /// UTS namespaces give the node its own /run, /var/lib/pacemaker,
@@ -1283,22 +1283,84 @@ struct LabNode {
     pacemakerd: Option<Child>,
 }
 
+/// Two guest hosts (node1, node2) and a tie-breaker (node3) on one switch
+/// (a bridge in a namespace of its own, so a node's link can be cut).
 struct Lab {
     dir: TempDir,
     nodes: Vec<LabNode>,
+    /// The namespace of the switch.
+    switch: String,
+    /// The node whose view `crm_mon` and `crm_resource` show (one that is
+    /// up and connected).
+    observer: usize,
     torn_down: bool,
+    /// One lab at a time: two would share the machine's two cores with
+    /// corosync's token timeout.
+    _serial: std::sync::MutexGuard<'static, ()>,
 }
 
 const LAB_SUBNET: &str = "10.231.29";
+/// How many nodes the lab has; the last one is the tie-breaker.
+const LAB_NODES: usize = 3;
+/// corosync's token timeout: a node that stays silent this long (plus
+/// consensus, 1.2 times as long) is lost.
+const LAB_TOKEN_MS: u64 = 3000;
+static LAB_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+static FENCE_INSTALL: Once = Once::new();
+
+/// Installs resources/lab/fence_netns where Pacemaker looks for fence agents.
+fn install_fence_agent() {
+    FENCE_INSTALL.call_once(|| {
+        let target = Path::new("/usr/sbin/fence_netns");
+        let staging = Path::new("/usr/sbin/.fence_netns.new");
+        fs::copy(repo().join("resources/lab/fence_netns"), staging).unwrap();
+        fs::set_permissions(staging, fs::Permissions::from_mode(0o755)).unwrap();
+        fs::rename(staging, target).unwrap();
+    });
+}
+
+/// The tools a lab needs; prints SKIP and returns true if one is missing.
+fn skip_without_lab() -> bool {
+    if skip_without(
+        true,
+        &[
+            "ip",
+            "nsenter",
+            "unshare",
+            "corosync",
+            "pacemakerd",
+            "crm_mon",
+            "crm_resource",
+            "crm_attribute",
+            "cibadmin",
+            "stonith_admin",
+            "jq",
+        ],
+    ) {
+        return true;
+    }
+    if !Path::new(OCF_ROOT)
+        .join("lib/heartbeat/ocf-shellfuncs")
+        .exists()
+    {
+        eprintln!("SKIP: resource-agents is not installed (ocf-shellfuncs)");
+        return true;
+    }
+    false
+}
 
 impl Lab {
-    /// Builds the namespaces and starts corosync and pacemakerd on both nodes.
-    /// On failure the guard (Drop) tears down whatever was built.
+    /// Builds the namespaces and the switch and starts corosync and
+    /// pacemakerd on every node. On failure the guard (Drop) tears down
+    /// whatever was built.
     fn up() -> Lab {
-        let tag = std::process::id() % 100_000;
+        static COUNT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let serial = LAB_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        let n = COUNT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let tag = format!("{}{n}", std::process::id() % 100_000);
         let dir = TempDir::new("cluster");
         let mut lab = Lab {
-            nodes: (1..=2)
+            nodes: (1..=LAB_NODES)
                 .map(|i| LabNode {
                     name: format!("node{i}"),
                     netns: format!("vmmcl{i}-{tag}"),
@@ -1308,8 +1370,11 @@ impl Lab {
                     pacemakerd: None,
                 })
                 .collect(),
+            switch: format!("vmmclsw-{tag}"),
             dir,
+            observer: 0,
             torn_down: false,
+            _serial: serial,
         };
         // TempDir is 0700; the cluster daemons run as hacluster.
         fs::set_permissions(lab.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
@@ -1322,77 +1387,58 @@ impl Lab {
         fs::write(&authkey, &key).unwrap();
         fs::set_permissions(&authkey, fs::Permissions::from_mode(0o400)).unwrap();
         let mut hosts = String::from("127.0.0.1 localhost\n");
-        for i in 1..=2 {
+        for i in 1..=LAB_NODES {
             hosts += &format!("{LAB_SUBNET}.{i} node{i} node{i}-mig\n");
         }
         fs::write(lab.dir.join("hosts"), hosts).unwrap();
 
-        // The network: a veth pair between the namespaces.
+        // The network: a bridge in the switch's namespace, a veth from it
+        // into each node (p<i> on the switch, eth0 in the node).
         let ip = tool_path("ip");
-        let (va, vb) = (format!("vcl{tag}a"), format!("vcl{tag}b"));
+        run_ok(Command::new(&ip).args(["netns", "add", &lab.switch]));
         for node in &lab.nodes {
             run_ok(Command::new(&ip).args(["netns", "add", &node.netns]));
         }
-        let (n1, n2) = (lab.nodes[0].netns.clone(), lab.nodes[1].netns.clone());
-        run_ok(Command::new(&ip).args([
-            "-n", &n1, "link", "add", &va, "type", "veth", "peer", "name", &vb, "netns", &n2,
-        ]));
-        for (ns, dev, i) in [(&n1, &va, 1), (&n2, &vb, 2)] {
-            let address = format!("{LAB_SUBNET}.{i}/24");
-            run_ok(Command::new(&ip).args(["-n", ns, "addr", "add", &address, "dev", dev]));
-            run_ok(Command::new(&ip).args(["-n", ns, "link", "set", dev, "up"]));
+        let sw = lab.switch.clone();
+        run_ok(Command::new(&ip).args(["-n", &sw, "link", "add", "br0", "type", "bridge"]));
+        run_ok(Command::new(&ip).args(["-n", &sw, "link", "set", "br0", "up"]));
+        for (i, node) in lab.nodes.iter().enumerate() {
+            let port = format!("p{}", i + 1);
+            run_ok(Command::new(&ip).args([
+                "-n",
+                &sw,
+                "link",
+                "add",
+                &port,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                &node.netns,
+            ]));
+            run_ok(Command::new(&ip).args(["-n", &sw, "link", "set", &port, "master", "br0"]));
+            run_ok(Command::new(&ip).args(["-n", &sw, "link", "set", &port, "up"]));
+            let address = format!("{LAB_SUBNET}.{}/24", i + 1);
+            let ns = &node.netns;
+            run_ok(Command::new(&ip).args(["-n", ns, "addr", "add", &address, "dev", "eth0"]));
+            run_ok(Command::new(&ip).args(["-n", ns, "link", "set", "eth0", "up"]));
             run_ok(Command::new(&ip).args(["-n", ns, "link", "set", "lo", "up"]));
         }
 
-        // Per-node directories, corosync.conf and the holder.
-        for i in 0..2 {
-            lab.prepare_node(i, &authkey);
+        for i in 0..LAB_NODES {
+            lab.write_node_files(i, &authkey);
         }
-        for i in 0..2 {
-            let holder = lab.nodes[i].holder.as_ref().unwrap().id();
-            wait_until(
-                SHORT,
-                "the namespace holder is ready",
-                || {
-                    fs::read_to_string(format!("/proc/{holder}/comm"))
-                        .ok()
-                        .filter(|c| c.trim() == "sleep")
-                },
-                || read_log(&lab.nodes[i].dir.join("holder.log")),
-            );
-        }
-        for i in 0..2 {
-            let conf = lab.nodes[i].dir.join("corosync.conf");
-            let child = lab.spawn_on(
-                i,
-                "corosync.out",
-                &[],
-                &[
-                    tool_path("corosync").as_os_str(),
-                    "-f".as_ref(),
-                    "-c".as_ref(),
-                    conf.as_os_str(),
-                ],
-            );
-            lab.nodes[i].corosync = Some(child);
-        }
-        std::thread::sleep(Duration::from_secs(1));
-        for i in 0..2 {
-            let logfile = lab.nodes[i].dir.join("pacemaker.log");
-            let child = lab.spawn_on(
-                i,
-                "pacemakerd.out",
-                &[("PCMK_logfile", logfile.as_os_str())],
-                &[tool_path("pacemakerd").as_os_str()],
-            );
-            lab.nodes[i].pacemakerd = Some(child);
+        for i in 0..LAB_NODES {
+            lab.start_node(i);
         }
         lab
     }
 
-    fn prepare_node(&mut self, i: usize, authkey: &Path) {
-        let dir = self.nodes[i].dir.clone();
-        let name = self.nodes[i].name.clone();
+    /// The node's private directories and its corosync.conf.
+    fn write_node_files(&self, i: usize, authkey: &Path) {
+        let dir = &self.nodes[i].dir;
         for sub in [
             "lib/cib",
             "lib/pengine",
@@ -1426,18 +1472,21 @@ impl Lab {
         ] {
             fs::set_permissions(dir.join(sub), fs::Permissions::from_mode(mode)).unwrap();
         }
-        let nodelist: String = (1..=2)
+        let nodelist: String = (1..=LAB_NODES)
             .map(|n| {
                 format!(
                     "  node {{\n    ring0_addr: {LAB_SUBNET}.{n}\n    name: node{n}\n    nodeid: {n}\n  }}\n"
                 )
             })
             .collect();
+        // Three votes, quorum two: the side with two nodes keeps quorum and
+        // fences; a node alone loses it and stops its guests.
         let conf = format!(
             "totem {{\n  version: 2\n  cluster_name: vmmlab\n  transport: knet\n  \
-             crypto_cipher: aes256\n  crypto_hash: sha256\n  keyfile: {key}\n  token: 3000\n}}\n\
+             crypto_cipher: aes256\n  crypto_hash: sha256\n  keyfile: {key}\n  \
+             token: {LAB_TOKEN_MS}\n}}\n\
              nodelist {{\n{nodelist}}}\n\
-             quorum {{\n  provider: corosync_votequorum\n  two_node: 1\n}}\n\
+             quorum {{\n  provider: corosync_votequorum\n}}\n\
              logging {{\n  to_logfile: yes\n  logfile: {dir}/corosync.log\n  to_syslog: no\n  \
              to_stderr: no\n  timestamp: on\n}}\n\
              system {{\n  state_dir: {dir}/corosync\n}}\n",
@@ -1445,6 +1494,19 @@ impl Lab {
             dir = dir.display(),
         );
         fs::write(dir.join("corosync.conf"), conf).unwrap();
+    }
+
+    /// Starts node `i`: its holder, then corosync and pacemakerd. Also
+    /// brings a node back after fencing ended all its processes.
+    fn start_node(&mut self, i: usize) {
+        let node = &mut self.nodes[i];
+        for child in [&mut node.holder, &mut node.corosync, &mut node.pacemakerd] {
+            if let Some(mut c) = child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        let dir = self.nodes[i].dir.clone();
         let script = format!(
             "set -e; hostname {name}; \
              mount --bind {d}/lib /var/lib/pacemaker; \
@@ -1452,6 +1514,7 @@ impl Lab {
              mount --bind {d}/run /run; \
              mount --bind {hosts} /etc/hosts; \
              exec sleep infinity",
+            name = self.nodes[i].name,
             d = dir.display(),
             hosts = self.dir.join("hosts").display(),
         );
@@ -1474,11 +1537,52 @@ impl Lab {
             .process_group(0)
             .spawn()
             .expect("the namespace holder starts");
+        let pid = holder.id();
         self.nodes[i].holder = Some(holder);
+        wait_until(
+            SHORT,
+            "the namespace holder is ready",
+            || {
+                fs::read_to_string(format!("/proc/{pid}/comm"))
+                    .ok()
+                    .filter(|c| c.trim() == "sleep")
+            },
+            || read_log(&dir.join("holder.log")),
+        );
+        let conf = dir.join("corosync.conf");
+        let corosync = self.spawn_on(
+            i,
+            "corosync.out",
+            &[],
+            &[
+                tool_path("corosync").as_os_str(),
+                "-f".as_ref(),
+                "-c".as_ref(),
+                conf.as_os_str(),
+            ],
+        );
+        self.nodes[i].corosync = Some(corosync);
+        std::thread::sleep(Duration::from_millis(500));
+        let logfile = dir.join("pacemaker.log");
+        let pacemakerd = self.spawn_on(
+            i,
+            "pacemakerd.out",
+            &[("PCMK_logfile", logfile.as_os_str())],
+            &[tool_path("pacemakerd").as_os_str()],
+        );
+        self.nodes[i].pacemakerd = Some(pacemakerd);
     }
 
     fn holder_pid(&self, i: usize) -> u32 {
         self.nodes[i].holder.as_ref().expect("holder").id()
+    }
+
+    /// Whether node `i`'s holder still lives (fencing kills it).
+    fn node_alive(&mut self, i: usize) -> bool {
+        match self.nodes[i].holder.as_mut().map(|c| c.try_wait()) {
+            Some(Ok(None)) => true,
+            _ => false,
+        }
     }
 
     fn nsenter(&self, i: usize) -> Command {
@@ -1534,8 +1638,26 @@ impl Lab {
         result
     }
 
+    /// Runs a command on the observer node.
+    fn cluster(&self, argv: &[&str]) -> Run {
+        self.on_ok(self.observer, argv)
+    }
+
     fn crm_mon(&self) -> String {
-        self.on(0, &["crm_mon", "-1"]).stdout
+        self.on(self.observer, &["crm_mon", "-1"]).stdout
+    }
+
+    /// Waits until crm_mon shows exactly `nodes` online.
+    fn wait_online(&self, nodes: &[&str], timeout: Duration) -> Duration {
+        let started = Instant::now();
+        let want = format!("Online: [ {} ]", nodes.join(" "));
+        wait_until(
+            timeout,
+            &format!("{want} in crm_mon"),
+            || self.crm_mon().contains(&want).then_some(()),
+            || self.report(),
+        );
+        started.elapsed()
     }
 
     /// Whether crm_mon shows the guest settled as started on `node`
@@ -1550,8 +1672,64 @@ impl Lab {
     }
 
     fn locate(&self) -> String {
-        let r = self.on(0, &["crm_resource", "--locate", "--resource", "vm"]);
+        let r = self.on(
+            self.observer,
+            &["crm_resource", "--locate", "--resource", "vm"],
+        );
         format!("{}{}", r.stdout, r.stderr).trim().to_string()
+    }
+
+    /// Sets a cluster property.
+    fn property(&self, name: &str, value: &str) {
+        self.cluster(&[
+            "crm_attribute",
+            "--type",
+            "crm_config",
+            "--name",
+            name,
+            "--update",
+            value,
+        ]);
+    }
+
+    /// Sets the guest's target-role.
+    fn target_role(&self, role: &str) {
+        self.cluster(&[
+            "crm_resource",
+            "--resource",
+            "vm",
+            "--meta",
+            "--set-parameter",
+            "target-role",
+            "--parameter-value",
+            role,
+        ]);
+    }
+
+    /// Cuts node `i`'s only link to the others (its switch port goes down:
+    /// the node sees its carrier drop, as with a pulled cable).
+    fn cut(&self, i: usize) {
+        let port = format!("p{}", i + 1);
+        run_ok(Command::new(tool_path("ip")).args([
+            "-n",
+            &self.switch,
+            "link",
+            "set",
+            &port,
+            "down",
+        ]));
+    }
+
+    fn reconnect(&self, i: usize) {
+        let port = format!("p{}", i + 1);
+        run_ok(Command::new(tool_path("ip")).args([
+            "-n",
+            &self.switch,
+            "link",
+            "set",
+            &port,
+            "up",
+        ]));
     }
 
     /// A node's file under its private /run (e.g. `vmm/vm.log`).
@@ -1578,20 +1756,27 @@ impl Lab {
             let lines: Vec<&str> = text.lines().collect();
             lines[lines.len().saturating_sub(n)..].join("\n")
         };
-        let mut s = format!("--- crm_mon ---\n{}", self.crm_mon());
-        for i in 0..2 {
+        let mut s = format!(
+            "--- crm_mon (node{}) ---\n{}",
+            self.observer + 1,
+            self.crm_mon()
+        );
+        for i in 0..self.nodes.len() {
             s += &format!(
-                "\n--- node{} vm.log ---\n{}\n--- node{} pacemaker.log (agent lines) ---\n{}",
-                i + 1,
+                "\n--- node{n} vm.log ---\n{}\n--- node{n} pacemaker.log (agent, fencing, errors) ---\n{}",
                 tail(self.run_file(i, "vmm/vm.log"), 30),
-                i + 1,
-                read_log(&self.nodes[i].dir.join("pacemaker.log"))
-                    .lines()
-                    .filter(|l| l.contains("vmm(")
-                        || l.contains("ocf-exit-reason")
-                        || l.contains("error"))
-                    .collect::<Vec<_>>()
-                    .join("\n")
+                tail(
+                    self.nodes[i].dir.join("pacemaker.log"),
+                    100_000
+                )
+                .lines()
+                .filter(|l| l.contains("vmm(")
+                    || l.contains("ocf-exit-reason")
+                    || l.contains("fence")
+                    || l.contains("error"))
+                .collect::<Vec<_>>()
+                .join("\n"),
+                n = i + 1,
             );
         }
         s
@@ -1609,7 +1794,9 @@ impl Lab {
         let links: Vec<String> = self
             .nodes
             .iter()
-            .filter_map(|n| Self::netns_inode(&n.netns))
+            .map(|n| n.netns.as_str())
+            .chain([self.switch.as_str()])
+            .filter_map(Self::netns_inode)
             .map(|ino| format!("net:[{ino}]"))
             .collect();
         if links.is_empty() {
@@ -1663,7 +1850,21 @@ impl Lab {
             return;
         }
         self.torn_down = true;
-        for (daemon, grace) in [("pacemakerd", 60), ("corosync", 20)] {
+        // Nodes whose link a failed test left cut would wait for quorum.
+        for i in 0..self.nodes.len() {
+            let _ = Command::new(tool_path("ip"))
+                .args([
+                    "-n",
+                    &self.switch,
+                    "link",
+                    "set",
+                    &format!("p{}", i + 1),
+                    "up",
+                ])
+                .stderr(Stdio::null())
+                .status();
+        }
+        for (daemon, grace) in [("pacemakerd", 30), ("corosync", 20)] {
             let mut children: Vec<&mut Option<Child>> = self
                 .nodes
                 .iter_mut()
@@ -1675,9 +1876,11 @@ impl Lab {
                     }
                 })
                 .collect();
-            for child in children.iter() {
-                if let Some(c) = child.as_ref() {
-                    signal(c.id(), libc::SIGTERM);
+            for child in children.iter_mut() {
+                if let Some(c) = child.as_mut() {
+                    if let Ok(None) = c.try_wait() {
+                        signal(c.id(), libc::SIGTERM);
+                    }
                 }
             }
             if !Self::wait_children(&mut children, Duration::from_secs(grace)) {
@@ -1713,9 +1916,14 @@ impl Lab {
         if !leftover.is_empty() {
             eprintln!("lab teardown: processes survive in the namespaces: {leftover:?}");
         }
-        for node in &self.nodes {
+        for netns in self
+            .nodes
+            .iter()
+            .map(|n| n.netns.as_str())
+            .chain([self.switch.as_str()])
+        {
             let _ = Command::new("ip")
-                .args(["netns", "del", &node.netns])
+                .args(["netns", "del", netns])
                 .stderr(Stdio::null())
                 .status();
         }
@@ -1728,80 +1936,77 @@ impl Drop for Lab {
     }
 }
 
-#[test]
-fn two_node_pacemaker_cluster_live_migrates_and_recovers_the_guest() {
-    require_kvm!();
-    if skip_without(
-        true,
-        &[
-            "ip",
-            "nsenter",
-            "unshare",
-            "corosync",
-            "pacemakerd",
-            "crm_mon",
-            "crm_resource",
-            "crm_attribute",
-            "cibadmin",
-        ],
-    ) {
-        return;
+/// The guest of the lab: the test guest with a disk, its config, token and
+/// disk in a directory every node sees; console, API socket and log under
+/// each node's private /run/vmm.
+struct LabGuest {
+    config: PathBuf,
+    disk: PathBuf,
+    token: PathBuf,
+    /// While this file exists, the fence device fails.
+    fence_fails: PathBuf,
+}
+
+impl LabGuest {
+    fn new(lab: &Lab, commands: &str) -> LabGuest {
+        let shared = lab.dir.join("shared");
+        fs::create_dir(&shared).unwrap();
+        fs::set_permissions(&shared, fs::Permissions::from_mode(0o755)).unwrap();
+        let disk = shared.join("disk.img");
+        make_disk(&disk);
+        let config = shared.join("vm.json");
+        write_config(
+            &config,
+            commands,
+            Path::new("/run/vmm/vm.console"),
+            Some(&disk),
+        );
+        let token = shared.join("token");
+        write_token(&token, "lab-migration-token");
+        LabGuest {
+            config,
+            disk,
+            token,
+            fence_fails: shared.join("fence-fails"),
+        }
     }
-    if !Path::new(OCF_ROOT)
-        .join("lib/heartbeat/ocf-shellfuncs")
-        .exists()
-    {
-        eprintln!("SKIP: resource-agents is not installed (ocf-shellfuncs)");
-        return;
+}
+
+/// Configures the lab cluster as the architecture asks: fencing on (a
+/// fence_netns device for every node), no-quorum-policy=stop, guests never
+/// on the tie-breaker (node3), preferring node1, staying where they run;
+/// then waits for every node online. The guest is created stopped.
+fn configure_lab(lab: &Lab, guest: &LabGuest) {
+    install_fence_agent();
+    let online = lab.wait_online(&["node1", "node2", "node3"], Duration::from_secs(120));
+    eprintln!("cluster: all three nodes online {online:?} after the start");
+    for (name, value) in [
+        ("stonith-enabled", "true"),
+        ("stonith-action", "off"),
+        ("no-quorum-policy", "stop"),
+        // A failing fence device is retried until it works (the default,
+        // 10, would give up on the target during a test of failures).
+        ("stonith-max-attempts", "1000"),
+    ] {
+        lab.property(name, value);
     }
-    let agent = install_agent();
-    assert!(agent.exists());
-    let test_start = Instant::now();
-    let mut lab = Lab::up();
-    let lab_dir = lab.dir.path().display().to_string();
-
-    // The guest: its disk and config in a directory both nodes see; console,
-    // API socket and log under each node's private /run/vmm.
-    let shared = lab.dir.join("shared");
-    fs::create_dir(&shared).unwrap();
-    fs::set_permissions(&shared, fs::Permissions::from_mode(0o755)).unwrap();
-    let disk = shared.join("disk.img");
-    make_disk(&disk);
-    let config = shared.join("vm.json");
-    write_config(
-        &config,
-        "pages mib=32",
-        Path::new("/run/vmm/vm.console"),
-        Some(&disk),
-    );
-    write_token(&shared.join("token"), "lab-migration-token");
-
-    let online = Instant::now();
-    wait_until(
-        Duration::from_secs(120),
-        "both nodes online",
-        || {
-            let out = lab.crm_mon();
-            out.contains("Online: [ node1 node2 ]").then_some(())
-        },
-        || lab.report(),
-    );
-    eprintln!(
-        "cluster: both nodes online {:?} after pacemakerd started",
-        online.elapsed()
-    );
-
-    lab.on_ok(
-        0,
-        &[
-            "crm_attribute",
-            "--type",
-            "crm_config",
-            "--name",
-            "stonith-enabled",
-            "--update",
-            "false",
-        ],
+    let host_map: Vec<String> = lab
+        .nodes
+        .iter()
+        .map(|n| format!("{}:{}", n.name, Lab::netns_inode(&n.netns).unwrap()))
+        .collect();
+    let fence = format!(
+        "<primitive id='fence-lab' class='stonith' type='fence_netns'>\
+           <instance_attributes id='fence-lab-params'>\
+             <nvpair id='fence-lab-map' name='pcmk_host_map' value='{map}'/>\
+             <nvpair id='fence-lab-fail' name='fail_if_exists' value='{fail}'/>\
+           </instance_attributes>\
+           <operations>\
+             <op id='fence-lab-monitor' name='monitor' interval='60s'/>\
+           </operations>\
+         </primitive>",
+        map = host_map.join(";"),
+        fail = guest.fence_fails.display(),
     );
     let primitive = format!(
         "<primitive id='vm' class='ocf' provider='{PROVIDER}' type='vmm'>\
@@ -1812,10 +2017,13 @@ fn two_node_pacemaker_cluster_live_migrates_and_recovers_the_guest() {
              <nvpair id='vm-log' name='log_file' value='/run/vmm/vm.log'/>\
              <nvpair id='vm-token' name='migration_token_file' value='{token}'/>\
              <nvpair id='vm-suffix' name='migration_network_suffix' value='-mig'/>\
+             <nvpair id='vm-util-cpu' name='autoset_utilization_cpu' value='true'/>\
+             <nvpair id='vm-util-mem' name='autoset_utilization_hv_memory' value='true'/>\
            </instance_attributes>\
            <meta_attributes id='vm-meta'>\
              <nvpair id='vm-allow-migrate' name='allow-migrate' value='true'/>\
              <nvpair id='vm-target-role' name='target-role' value='Stopped'/>\
+             <nvpair id='vm-stickiness' name='resource-stickiness' value='100'/>\
            </meta_attributes>\
            <operations>\
              <op id='vm-monitor' name='monitor' interval='2s' timeout='30s'/>\
@@ -1825,49 +2033,55 @@ fn two_node_pacemaker_cluster_live_migrates_and_recovers_the_guest() {
              <op id='vm-migrate_from' name='migrate_from' interval='0s' timeout='120s'/>\
            </operations>\
          </primitive>",
-        config = config.display(),
+        config = guest.config.display(),
         vmm = vmm_binary().display(),
         vmmctl = vmmctl_binary().display(),
-        token = shared.join("token").display(),
+        token = guest.token.display(),
     );
-    lab.on_ok(
-        0,
-        &[
+    for xml in [fence, primitive] {
+        lab.cluster(&[
             "cibadmin",
             "--create",
             "-o",
             "resources",
             "--xml-text",
-            &primitive,
-        ],
-    );
-    lab.on_ok(
-        0,
-        &[
+            &xml,
+        ]);
+    }
+    for xml in [
+        "<rsc_location id='vm-prefers-node1' rsc='vm' node='node1' score='50'/>",
+        // The tie-breaker only votes.
+        "<rsc_location id='vm-never-on-node3' rsc='vm' node='node3' score='-INFINITY'/>",
+    ] {
+        lab.cluster(&[
             "cibadmin",
             "--create",
             "-o",
             "constraints",
             "--xml-text",
-            "<rsc_location id='vm-prefers-node1' rsc='vm' node='node1' score='50'/>",
-        ],
-    );
+            xml,
+        ]);
+    }
+}
 
-    // (1) The guest starts on node1.
+#[test]
+fn three_node_cluster_live_migrates_recovers_and_keeps_guests_off_the_tie_breaker() {
+    require_kvm!();
+    if skip_without_lab() {
+        return;
+    }
+    let agent = install_agent();
+    assert!(agent.exists());
+    let test_start = Instant::now();
+    let mut lab = Lab::up();
+    let lab_dir = lab.dir.path().display().to_string();
+    let guest = LabGuest::new(&lab, "pages mib=32");
+    configure_lab(&lab, &guest);
+
+    // (1) The guest starts on node1; the agent sets its utilization from
+    // the config (2 vCPUs, 128 MiB).
     let step = Instant::now();
-    lab.on_ok(
-        0,
-        &[
-            "crm_resource",
-            "--resource",
-            "vm",
-            "--meta",
-            "--set-parameter",
-            "target-role",
-            "--parameter-value",
-            "Started",
-        ],
-    );
+    lab.target_role("Started");
     wait_until(
         Duration::from_secs(60),
         "vm started on node1",
@@ -1884,6 +2098,29 @@ fn two_node_pacemaker_cluster_live_migrates_and_recovers_the_guest() {
         "{}",
         lab.report()
     );
+    for (name, value) in [("cpu", "2"), ("hv_memory", "128")] {
+        let got = wait_until(
+            SHORT,
+            &format!("utilization {name}"),
+            || {
+                let r = lab.on(
+                    lab.observer,
+                    &[
+                        "crm_resource",
+                        "--quiet",
+                        "--resource",
+                        "vm",
+                        "--utilization",
+                        "--get-parameter",
+                        name,
+                    ],
+                );
+                (r.code == 0).then(|| r.stdout.trim().to_string())
+            },
+            || lab.report(),
+        );
+        assert_eq!(got, value, "utilization {name}");
+    }
     eprintln!(
         "cluster: (1) started on node1 in {:?}; {before}",
         step.elapsed()
@@ -1892,17 +2129,14 @@ fn two_node_pacemaker_cluster_live_migrates_and_recovers_the_guest() {
     // (2) crm_resource --move live-migrates it to node2: migrate_to on node1,
     // migrate_from on node2, the source exits "migrated", no restart.
     let step = Instant::now();
-    lab.on_ok(
-        0,
-        &[
-            "crm_resource",
-            "--move",
-            "--resource",
-            "vm",
-            "--node",
-            "node2",
-        ],
-    );
+    lab.cluster(&[
+        "crm_resource",
+        "--move",
+        "--resource",
+        "vm",
+        "--node",
+        "node2",
+    ]);
     wait_until(
         Duration::from_secs(90),
         "vm migrated to node2",
@@ -1948,9 +2182,11 @@ fn two_node_pacemaker_cluster_live_migrates_and_recovers_the_guest() {
     let after = console.wait_for("pages: pass=", SHORT);
     let verdict = console.check_pages();
     drop(console);
+    lab.cluster(&["crm_resource", "--clear", "--resource", "vm"]);
     eprintln!("cluster: (2) live-migrated node1 -> node2 in {moved:?}; {after}; {verdict}");
 
-    // (3) A VMM killed with SIGKILL: monitor notices, Pacemaker restarts it.
+    // (3) A VMM killed with SIGKILL: monitor notices, Pacemaker restarts it
+    // in place (a failed resource, not a lost node: no fencing).
     let step = Instant::now();
     let old = lab.vm_pid(1).expect("node2 has a pid file");
     assert!(process_alive(old));
@@ -1974,26 +2210,76 @@ fn two_node_pacemaker_cluster_live_migrates_and_recovers_the_guest() {
     console.send("echo hello again");
     console.wait_for("hello again", SHORT);
     drop(console);
+    lab.cluster(&["crm_resource", "--cleanup", "--resource", "vm"]);
     eprintln!(
         "cluster: (3) SIGKILLed pid {old} replaced by pid {new} in {:?}",
         step.elapsed()
     );
 
-    // (4) target-role=Stopped stops it; no VMM remains.
+    // (4) Both guest hosts in standby: the guest stops rather than go to
+    // the tie-breaker; back from standby, it runs on a guest host again.
     let step = Instant::now();
-    lab.on_ok(
-        0,
-        &[
-            "crm_resource",
-            "--resource",
-            "vm",
-            "--meta",
-            "--set-parameter",
-            "target-role",
-            "--parameter-value",
-            "Stopped",
-        ],
+    for node in ["node1", "node2"] {
+        lab.cluster(&[
+            "crm_attribute",
+            "--node",
+            node,
+            "--name",
+            "standby",
+            "--update",
+            "on",
+        ]);
+    }
+    wait_until(
+        Duration::from_secs(60),
+        "vm stopped with both hosts in standby",
+        || {
+            (lab.locate().contains("NOT running") && vmm_processes_with(&lab_dir).is_empty())
+                .then_some(())
+        },
+        || lab.report(),
     );
+    // The scheduler has settled (nothing pending) and still leaves it off node3.
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(lab.locate().contains("NOT running"), "{}", lab.report());
+    assert!(vmm_processes_with(&lab_dir).is_empty(), "{}", lab.report());
+    assert!(
+        !lab.vm_log(2).contains("vmm-ocf[start]"),
+        "the tie-breaker started the guest:\n{}",
+        lab.report()
+    );
+    lab.cluster(&[
+        "crm_attribute",
+        "--node",
+        "node2",
+        "--name",
+        "standby",
+        "--update",
+        "off",
+    ]);
+    wait_until(
+        Duration::from_secs(60),
+        "vm back on node2",
+        || lab.started_on("node2").then_some(()),
+        || lab.report(),
+    );
+    lab.cluster(&[
+        "crm_attribute",
+        "--node",
+        "node1",
+        "--name",
+        "standby",
+        "--update",
+        "off",
+    ]);
+    eprintln!(
+        "cluster: (4) both hosts in standby: stopped, not moved to the tie-breaker; back in {:?}",
+        step.elapsed()
+    );
+
+    // (5) target-role=Stopped stops it; no VMM remains.
+    let step = Instant::now();
+    lab.target_role("Stopped");
     wait_until(
         Duration::from_secs(60),
         "vm stopped",
@@ -2009,11 +2295,16 @@ fn two_node_pacemaker_cluster_live_migrates_and_recovers_the_guest() {
         "{}",
         lab.report()
     );
-    eprintln!("cluster: (4) stopped in {:?}", step.elapsed());
+    eprintln!("cluster: (5) stopped in {:?}", step.elapsed());
 
-    // (5) Teardown leaves no namespace and no process.
+    // (6) Teardown leaves no namespace and no process.
     let step = Instant::now();
-    let netns: Vec<String> = lab.nodes.iter().map(|n| n.netns.clone()).collect();
+    let netns: Vec<String> = lab
+        .nodes
+        .iter()
+        .map(|n| n.netns.clone())
+        .chain([lab.switch.clone()])
+        .collect();
     let daemons: Vec<u32> = lab
         .nodes
         .iter()
@@ -2042,10 +2333,249 @@ fn two_node_pacemaker_cluster_live_migrates_and_recovers_the_guest() {
     }
     assert!(vmm_processes_with(&lab_dir).is_empty());
     eprintln!(
-        "cluster: (5) torn down in {:?}; whole test {:?}",
+        "cluster: (6) torn down in {:?}; whole test {:?}",
         step.elapsed(),
         test_start.elapsed()
     );
+}
+
+/// What a watcher saw while it ran.
+#[derive(Debug, Default)]
+struct WatchReport {
+    samples: u64,
+    /// The most VMM processes of the guest seen at once.
+    most_vmms: usize,
+    /// The most locks on the guest's disk seen at once (/proc/locks).
+    most_locks: usize,
+    /// Moments something was wrong, with what was seen.
+    violations: Vec<String>,
+}
+
+/// Checks, every 50 ms until stopped, that at most one VMM process of the
+/// guest exists (by processes: argv mentions the lab directory) and that the
+/// disk's lock is held by at most one process, and only by that VMM
+/// (/proc/locks for the inode, /proc/PID/fdinfo for the holder).
+fn watch_single_copy(
+    lab_dir: String,
+    disk: &Path,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<WatchReport> {
+    let inode = fs::metadata(disk).unwrap().ino();
+    std::thread::spawn(move || {
+        let mut report = WatchReport::default();
+        let needle = format!(":{inode} ");
+        while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+            let vmms = vmm_processes_with(&lab_dir);
+            let locks = fs::read_to_string("/proc/locks")
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| l.contains(&needle))
+                .count();
+            let holders: Vec<u32> = vmms
+                .iter()
+                .copied()
+                .filter(|pid| {
+                    fs::read_dir(format!("/proc/{pid}/fdinfo"))
+                        .into_iter()
+                        .flatten()
+                        .flatten()
+                        .any(|fd| read_log(&fd.path()).contains(&needle))
+                })
+                .collect();
+            report.samples += 1;
+            report.most_vmms = report.most_vmms.max(vmms.len());
+            report.most_locks = report.most_locks.max(locks);
+            if vmms.len() > 1 || locks > 1 || holders.len() < locks {
+                report.violations.push(format!(
+                    "vmm pids {vmms:?}, {locks} lock(s) on the disk, held by vmm pids {holders:?}"
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        report
+    })
+}
+
+#[test]
+fn a_node_that_loses_its_link_is_fenced_and_its_guest_restarts_on_the_other_host() {
+    require_kvm!();
+    if skip_without_lab() {
+        return;
+    }
+    install_agent();
+    let test_start = Instant::now();
+    let mut lab = Lab::up();
+    let lab_dir = lab.dir.path().display().to_string();
+    let guest = LabGuest::new(&lab, "counters period_ms=1000");
+    configure_lab(&lab, &guest);
+    lab.target_role("Started");
+    wait_until(
+        Duration::from_secs(60),
+        "vm started on node1",
+        || lab.started_on("node1").then_some(()),
+        || lab.report(),
+    );
+    // The guest writes its disk and flushes: that must survive the node.
+    let write = |lab: &Lab, i: usize, pattern: &str| {
+        let mut console = Console::connect(&lab.run_file(i, "vmm/vm.console"));
+        console.send(&format!("blk-write sector=0 count=256 pattern={pattern}"));
+        let line = console.wait_for("blk: write", SHORT);
+        assert!(line.contains("status=ok"), "{line}");
+        console.send("blk-flush");
+        let line = console.wait_for("blk: flush", SHORT);
+        assert!(line.contains("status=ok"), "{line}");
+    };
+    let check = |lab: &Lab, i: usize, pattern: &str| {
+        let mut console = Console::connect(&lab.run_file(i, "vmm/vm.console"));
+        console.send(&format!("blk-read sector=0 count=256 pattern={pattern}"));
+        let line = console.wait_for("blk-read", SHORT);
+        assert!(line.starts_with("blk-read-ok"), "{line}");
+        line
+    };
+    write(&lab, 0, "5a17");
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = watch_single_copy(lab_dir.clone(), &guest.disk, stop.clone());
+
+    // (1) node1 (running the guest) loses its link. node2 and node3 keep
+    // quorum, fence node1 (every process of its namespace ends) and start
+    // the guest on node2 from the shared disk.
+    lab.observer = 1;
+    let lost = Instant::now();
+    lab.cut(0);
+    wait_until(
+        Duration::from_secs(120),
+        "the guest runs on node2",
+        || lab.started_on("node2").then_some(()),
+        || lab.report(),
+    );
+    let failover = lost.elapsed();
+    assert!(
+        !lab.node_alive(0),
+        "node1 was not fenced:\n{}",
+        lab.report()
+    );
+    let history = lab.cluster(&["stonith_admin", "--history", "node1"]).stdout;
+    assert!(
+        history.contains("off of node1 successful"),
+        "fencing history:\n{history}"
+    );
+    let verdict = check(&lab, 1, "5a17");
+    eprintln!(
+        "cluster: (1) node1 lost its link; fenced; the guest runs on node2 {failover:?} after the loss \
+         (token {LAB_TOKEN_MS} ms); disk: {verdict}"
+    );
+
+    // node1 comes back (powered on, link restored) and rejoins; the guest
+    // stays where it runs.
+    let step = Instant::now();
+    lab.reconnect(0);
+    lab.start_node(0);
+    lab.wait_online(&["node1", "node2", "node3"], Duration::from_secs(120));
+    assert!(lab.started_on("node2"), "{}", lab.report());
+    eprintln!("cluster: node1 rejoined in {:?}", step.elapsed());
+    write(&lab, 1, "be11");
+
+    // (2) node2 loses its link while the fence device fails. Alone, node2
+    // has no quorum and stops its guest itself (no-quorum-policy=stop); the
+    // others cannot fence it and so do not start the guest; once fencing
+    // works, they do.
+    fs::write(&guest.fence_fails, "").unwrap();
+    lab.observer = 0;
+    let logged = lab.vm_log(1).len();
+    let lost = Instant::now();
+    lab.cut(1);
+    wait_until(
+        Duration::from_secs(90),
+        "node2 stops its guest without quorum",
+        || vmm_processes_with(&lab_dir).is_empty().then_some(()),
+        || lab.report(),
+    );
+    let stopped = lost.elapsed();
+    assert!(lab.node_alive(1), "node2 was fenced although fencing fails");
+    // node2's own agent stopped it (its last note follows the VMM's exit).
+    wait_until(
+        SHORT,
+        "node2's agent reports the stop",
+        || {
+            lab.vm_log(1)[logged..]
+                .contains("vmm-ocf[stop]: stopped")
+                .then_some(())
+        },
+        || lab.vm_log(1),
+    );
+    // The survivors try to fence node2 and keep failing: no guest anywhere.
+    wait_until(
+        Duration::from_secs(60),
+        "a failed fencing attempt",
+        || {
+            let mon = lab.crm_mon();
+            let failed = mon.split("Failed Fencing Actions:").nth(1).unwrap_or("");
+            failed
+                .lines()
+                .any(|l| l.contains("off of node2") && l.contains("failed"))
+                .then_some(())
+        },
+        || lab.report(),
+    );
+    let hold = Instant::now();
+    while hold.elapsed() < Duration::from_secs(8) {
+        assert!(
+            vmm_processes_with(&lab_dir).is_empty(),
+            "a guest started while node2 is not fenced:\n{}",
+            lab.report()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(lab.node_alive(1));
+    eprintln!(
+        "cluster: (2) node2 alone without quorum stopped its guest {stopped:?} after the loss; \
+         unfenced, no node started it"
+    );
+    fs::remove_file(&guest.fence_fails).unwrap();
+    let fencing_works = Instant::now();
+    wait_until(
+        Duration::from_secs(120),
+        "the guest runs on node1 once node2 is fenced",
+        || lab.started_on("node1").then_some(()),
+        || lab.report(),
+    );
+    assert!(
+        !lab.node_alive(1),
+        "node2 was not fenced:\n{}",
+        lab.report()
+    );
+    let verdict = check(&lab, 0, "be11");
+    eprintln!(
+        "cluster: (2) fencing restored: node2 fenced, the guest runs on node1 {:?} later; disk: {verdict}",
+        fencing_works.elapsed()
+    );
+
+    // (3) Never two copies: the watcher saw at most one VMM and one lock.
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let report = watcher.join().unwrap();
+    assert!(
+        report.violations.is_empty(),
+        "two copies of the guest: {:?}",
+        report.violations
+    );
+    assert!(
+        report.samples > 100 && report.most_vmms == 1 && report.most_locks == 1,
+        "the watcher saw nothing: {report:?}"
+    );
+    assert!(
+        !lab.vm_log(2).contains("vmm-ocf[start]"),
+        "the tie-breaker started the guest:\n{}",
+        lab.report()
+    );
+    eprintln!(
+        "cluster: (3) {} samples, at most {} VMM and {} lock at a time; whole test {:?}",
+        report.samples,
+        report.most_vmms,
+        report.most_locks,
+        test_start.elapsed()
+    );
+    lab.teardown();
 }
 
 // ---------------------------------------------------------------------------
