@@ -1579,10 +1579,10 @@ impl Lab {
 
     /// Whether node `i`'s holder still lives (fencing kills it).
     fn node_alive(&mut self, i: usize) -> bool {
-        match self.nodes[i].holder.as_mut().map(|c| c.try_wait()) {
-            Some(Ok(None)) => true,
-            _ => false,
-        }
+        matches!(
+            self.nodes[i].holder.as_mut().map(|c| c.try_wait()),
+            Some(Ok(None))
+        )
     }
 
     fn nsenter(&self, i: usize) -> Command {
