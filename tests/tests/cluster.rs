@@ -2881,19 +2881,63 @@ fn lvm_recipe_live_migrates_on_a_shared_lv() {
     );
 }
 
+/// drbd-utils' DRBD 8.4 parser (drbdadm runs it itself when the loaded
+/// module is 8.4, as in Debian 12's kernel).
+fn drbdadm_84() -> Option<PathBuf> {
+    ["/usr/lib/drbd/drbdadm-84", "/lib/drbd/drbdadm-84"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+}
+
+/// `drbdadm -c FILE dump vm1` and dry runs of up, primary and verify, as
+/// node1 (drbdadm picks the resource's "on HOST" section by host name: a
+/// UTS namespace of its own).
+fn drbdadm_as_node1(drbdadm: &Path, file: &Path) -> Run {
+    let script = format!(
+        "hostname node1 && {a} -c {f} dump vm1 && echo ---dry-run--- && {a} -c {f} -d up vm1 \
+         && {a} -c {f} -d primary vm1 && {a} -c {f} -d verify vm1",
+        a = drbdadm.display(),
+        f = file.display()
+    );
+    run(Command::new(tool_path("unshare")).args(["--uts", "sh", "-c", &script]))
+}
+
 #[test]
-fn drbd_resource_file_parses_with_two_primaries_and_fencing() {
+fn drbd_resource_files_parse_with_two_primaries_and_fencing_in_84_and_9_syntax() {
     if skip_without(true, &["drbdadm", "unshare"]) {
         return;
     }
-    let res = example("drbd-vm1.res");
-    // drbdadm picks the resource's "on HOST" section by host name: parse it
-    // as node1, in a UTS namespace of its own.
-    let script = format!(
-        "hostname node1 && drbdadm -c {f} dump vm1 && echo ---dry-run--- && drbdadm -c {f} -d up vm1 && drbdadm -c {f} -d primary vm1",
-        f = res.display()
-    );
-    let result = run(Command::new(tool_path("unshare")).args(["--uts", "sh", "-c", &script]));
+    let Some(drbdadm_84) = drbdadm_84() else {
+        eprintln!("SKIP: drbd-utils has no DRBD 8.4 parser (drbdadm-84)");
+        return;
+    };
+    // DRBD 8.4 (Debian 12's kernel): fencing in the disk section, the
+    // crm-fence-peer.sh handlers.
+    let res84 = example("drbd-vm1.res");
+    let result = drbdadm_as_node1(&drbdadm_84, &res84);
+    assert_eq!(result.code, 0, "{}", result.text());
+    for needle in [
+        "allow-two-primaries yes;",
+        "fencing          resource-and-stonith;",
+        "fence-peer       /usr/lib/drbd/crm-fence-peer.sh;",
+        "after-resync-target /usr/lib/drbd/crm-unfence-peer.sh;",
+        "verify-alg       sha256;",
+        "--allow-two-primaries=yes",
+        "--fencing=resource-and-stonith",
+        "drbdsetup-84 primary 1",
+        "drbdsetup-84 verify 1",
+    ] {
+        assert!(
+            result.stdout.contains(needle),
+            "drbdadm-84 output lacks {needle:?}:\n{}",
+            result.stdout
+        );
+    }
+    // DRBD 9: the same resource in its syntax, which the 8.4 parser refuses
+    // (the reason for two files).
+    let res9 = example("drbd-vm1.drbd9.res");
+    let result = drbdadm_as_node1(&tool_path("drbdadm"), &res9);
     assert_eq!(result.code, 0, "{}", result.text());
     for needle in [
         "allow-two-primaries yes;",
@@ -2903,6 +2947,7 @@ fn drbd_resource_file_parses_with_two_primaries_and_fencing() {
         "--allow-two-primaries=yes",
         "--fencing=resource-and-stonith",
         "drbdsetup primary vm1",
+        "drbdsetup verify vm1",
     ] {
         assert!(
             result.stdout.contains(needle),
@@ -2910,4 +2955,124 @@ fn drbd_resource_file_parses_with_two_primaries_and_fencing() {
             result.stdout
         );
     }
+    let refused = drbdadm_as_node1(&drbdadm_84, &res9);
+    assert_ne!(refused.code, 0, "{}", refused.text());
+    assert!(refused.stderr.contains("Parse error"), "{}", refused.text());
+}
+
+/// A stand-in for DRBD: `drbdadm` (sh-minor, sh-resources, verify) and
+/// `drbdsetup status` over a /proc/drbd file; a verification runs for a
+/// second and then leaves `found` KiB out of sync.
+fn fake_drbd(dir: &TempDir, version: &str, found: u64, connection: &str) {
+    let proc_drbd = dir.join("proc-drbd");
+    let state = |cs: &str, oos: u64| {
+        format!(
+            "version: {version} (api:1/proto:86-101)\n 1: cs:{cs} ro:Primary/Secondary ds:UpToDate/UpToDate C r-----\n    ns:0 nr:0 dw:0 dr:0 al:0 bm:0 lo:0 pe:0 ua:0 ap:0 ep:1 wo:f oos:{oos}\n"
+        )
+    };
+    fs::write(&proc_drbd, state(connection, 0)).unwrap();
+    fs::write(dir.join("verifying"), state("VerifyS", 0)).unwrap();
+    fs::write(dir.join("verified"), state(connection, found)).unwrap();
+    let drbdadm = format!(
+        "#!/bin/sh\ncase \"$1\" in\n\
+         sh-minor) echo 1 ;;\n\
+         sh-resources) echo vm1 ;;\n\
+         verify) cp {d}/verifying {d}/proc-drbd; (sleep 1; cp {d}/verified {d}/proc-drbd) & ;;\n\
+         *) exit 1 ;;\nesac\n",
+        d = dir.path().display()
+    );
+    // DRBD 9's status, from the same state file.
+    let drbdsetup = format!(
+        "#!/bin/sh\ncs=$(sed -n 's/.*cs:\\([A-Za-z]*\\).*/\\1/p' {d}/proc-drbd)\n\
+         oos=$(sed -n 's/.*oos:\\([0-9]*\\).*/\\1/p' {d}/proc-drbd)\n\
+         case $cs in Connected) c=Connected r=Established ;; VerifyS) c=Connected r=VerifyS ;; *) c=$cs r=Off ;; esac\n\
+         echo \"vm1 role:Primary\"\necho \"  volume:0 disk:UpToDate\"\necho \"  node2 connection:$c role:Secondary\"\n\
+         echo \"    volume:0 replication:$r peer-disk:UpToDate\"\n\
+         echo \"        received:0 sent:0 out-of-sync:$oos pending:0 unacked:0\"\n",
+        d = dir.path().display()
+    );
+    for (name, text) in [("drbdadm", drbdadm), ("drbdsetup", drbdsetup)] {
+        fs::write(dir.join(name), text).unwrap();
+        fs::set_permissions(dir.join(name), fs::Permissions::from_mode(0o755)).unwrap();
+    }
+}
+
+fn drbd_verify(dir: &TempDir, resource: &str) -> Run {
+    run(Command::new(repo().join("resources/drbd/drbd-verify"))
+        .arg(resource)
+        .env("DRBDADM", dir.join("drbdadm"))
+        .env("DRBDSETUP", dir.join("drbdsetup"))
+        .env("PROC_DRBD", dir.join("proc-drbd"))
+        .env("DRBD_VERIFY_POLL_S", "0.2"))
+}
+
+#[test]
+fn drbd_verify_reports_out_of_sync_blocks_and_its_timer_units_are_valid() {
+    for (version, connected) in [("8.4.11", "Connected"), ("9.2.4", "Connected")] {
+        // Clean copies: exit 0, an info line in the journal.
+        let dir = TempDir::new("drbd-verify");
+        fake_drbd(&dir, version, 0, connected);
+        let clean = drbd_verify(&dir, "all");
+        assert_eq!(clean.code, 0, "{version}: {}", clean.text());
+        assert!(
+            clean.stdout.contains("<6>drbd-verify: vm1: verifying")
+                && clean.stdout.contains("<6>drbd-verify: vm1: no differences"),
+            "{version}: {}",
+            clean.text()
+        );
+        // Differences: exit 1, an error line with the amount and what to do.
+        let dir = TempDir::new("drbd-verify");
+        fake_drbd(&dir, version, 48, connected);
+        let found = drbd_verify(&dir, "vm1");
+        assert_eq!(found.code, 1, "{version}: {}", found.text());
+        assert!(
+            found
+                .stdout
+                .contains("<3>drbd-verify: vm1: 48 KiB out of sync after verification")
+                && found
+                    .stdout
+                    .contains("drbdadm disconnect vm1; drbdadm connect vm1"),
+            "{version}: {}",
+            found.text()
+        );
+        // Not connected: nothing to compare with, exit 2.
+        let dir = TempDir::new("drbd-verify");
+        fake_drbd(&dir, version, 0, "WFConnection");
+        let lone = drbd_verify(&dir, "vm1");
+        assert_eq!(lone.code, 2, "{version}: {}", lone.text());
+        assert!(lone.stdout.contains("<3>"), "{version}: {}", lone.text());
+    }
+
+    // The units pass systemd-analyze verify (the service's ExecStart
+    // pointed at this checkout's script, which must exist for it).
+    if skip_without(false, &["systemd-analyze"]) {
+        return;
+    }
+    let dir = TempDir::new("drbd-units");
+    let units = repo().join("resources/systemd");
+    let service = fs::read_to_string(units.join("drbd-verify@.service")).unwrap();
+    assert!(service.contains("ExecStart=/usr/local/sbin/drbd-verify %i"));
+    fs::write(
+        dir.join("drbd-verify@.service"),
+        service.replace(
+            "/usr/local/sbin/drbd-verify",
+            repo().join("resources/drbd/drbd-verify").to_str().unwrap(),
+        ),
+    )
+    .unwrap();
+    fs::copy(
+        units.join("drbd-verify@.timer"),
+        dir.join("drbd-verify@.timer"),
+    )
+    .unwrap();
+    let verified = run(Command::new(tool_path("systemd-analyze"))
+        .arg("verify")
+        .arg(dir.join("drbd-verify@vm1.service"))
+        .arg(dir.join("drbd-verify@vm1.timer"))
+        .current_dir(dir.path()));
+    assert!(
+        verified.code == 0 && verified.stderr.trim().is_empty(),
+        "{}",
+        verified.text()
+    );
 }
