@@ -5,7 +5,9 @@
 //! - [`http`]: HTTP/1.1 over a Unix socket: the server that the `vmm` binary
 //!   runs and the client that `vmmctl` uses.
 //! - [`socket`]: binding the VMM's Unix sockets safely and privately.
+//! - [`discover`]: finding a host's VMMs by their sockets.
 
+pub mod discover;
 pub mod http;
 pub mod request;
 pub mod socket;

@@ -39,31 +39,12 @@ pub(crate) struct ListEntry {
 /// Pings every `*.sock` socket in `dir` (in parallel) and reads its VM's
 /// memory figures. A missing directory is an empty list.
 pub(crate) fn list_vmms(dir: &Path, timeout: Duration) -> Result<Vec<ListEntry>, (u8, String)> {
-    use std::os::unix::fs::FileTypeExt;
-    let read = match std::fs::read_dir(dir) {
-        Ok(read) => read,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => {
-            return Err((
-                EXIT_UNREACHABLE,
-                format!("cannot read {}: {e}", dir.display()),
-            ))
-        }
-    };
-    let mut sockets: Vec<(String, PathBuf)> = read
-        .filter_map(Result::ok)
-        .filter(|e| e.file_type().is_ok_and(|t| t.is_socket()))
-        .filter_map(|e| {
-            let path = e.path();
-            let name = path
-                .file_name()?
-                .to_str()?
-                .strip_suffix(".sock")?
-                .to_string();
-            (!name.is_empty()).then_some((name, path))
-        })
-        .collect();
-    sockets.sort();
+    let sockets = api::discover::vmm_sockets(dir).map_err(|e| {
+        (
+            EXIT_UNREACHABLE,
+            format!("cannot read {}: {e}", dir.display()),
+        )
+    })?;
     let entries = std::thread::scope(|scope| {
         let handles: Vec<_> = sockets
             .into_iter()

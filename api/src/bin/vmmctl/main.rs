@@ -24,10 +24,6 @@ pub(crate) const EXIT_USAGE: u8 = 2;
 pub(crate) const EXIT_UNREACHABLE: u8 = 3;
 
 pub(crate) const SOCKET_ENV: &str = "VMM_API_SOCKET";
-/// The environment variable naming the directory `list` scans.
-pub(crate) const SOCKET_DIR_ENV: &str = "VMM_SOCKET_DIR";
-/// Where VMM API sockets live by convention.
-pub(crate) const DEFAULT_SOCKET_DIR: &str = "/run/vmm";
 /// The longest `list` waits for one VMM.
 pub(crate) const LIST_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -157,8 +153,9 @@ fn run(args: &Args) -> Result<String, (u8, String)> {
             let target = match (name, socket) {
                 (_, Some(path)) => console::ConsoleTarget::Socket(path.clone()),
                 (Some(name), None) => {
-                    client = ApiClient::new(socket_dir().join(format!("{name}.sock")))
-                        .with_timeout(args.timeout);
+                    client =
+                        ApiClient::new(api::discover::socket_dir().join(format!("{name}.sock")))
+                            .with_timeout(args.timeout);
                     console::ConsoleTarget::Api
                 }
                 (None, None) => console::ConsoleTarget::Api,
@@ -166,7 +163,7 @@ fn run(args: &Args) -> Result<String, (u8, String)> {
             console::attach(&client, &target)
         }
         Command::List(dir) => {
-            let dir = dir.clone().unwrap_or_else(socket_dir);
+            let dir = dir.clone().unwrap_or_else(api::discover::socket_dir);
             let entries = list_vmms(&dir, args.timeout.min(LIST_TIMEOUT))?;
             Ok(if args.json {
                 json(&entries)
@@ -175,13 +172,6 @@ fn run(args: &Args) -> Result<String, (u8, String)> {
             })
         }
     }
-}
-
-/// The directory of VMM sockets: $VMM_SOCKET_DIR, else the convention's.
-fn socket_dir() -> PathBuf {
-    std::env::var_os(SOCKET_DIR_ENV)
-        .filter(|d| !d.is_empty())
-        .map_or_else(|| PathBuf::from(DEFAULT_SOCKET_DIR), PathBuf::from)
 }
 
 fn read_config(file: &PathBuf) -> Result<Vec<u8>, String> {
