@@ -19,10 +19,11 @@ packages=(
     acpica-tools           # iasl/acpiexec check the VMM's ACPI tables
     pacemaker corosync pacemaker-cli-utils resource-agents   # tests/tests/cluster.rs: the OCF agent, a two-node cluster
     libxml2-utils jq       # ocf-tester's meta-data check (xmllint); the agent's config check
-    drbd-utils             # the DRBD recipe's resource file (drbdadm dump, dry runs)
+    drbd-utils             # the DRBD recipe's resource files (drbdadm and drbdadm-84 dump, dry runs)
     e2fsprogs fdisk        # tests/tests/disk_boot.rs: mkfs.ext4 -d, sfdisk (GPT and MBR)
     openssl                # tests/tests/migration_trust.rs: a CA and host certificates for migration TLS
     chromium chromium-driver   # tests/tests/web.rs: vmm-web in a real headless browser
+    systemd                # systemd-analyze verify of the units in resources/systemd
 )
 missing=()
 for p in "${packages[@]}"; do

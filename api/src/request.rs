@@ -424,6 +424,10 @@ pub struct SendMigrationRequest {
     /// (`ca-cert.pem`, `client-cert.pem`, `client-key.pem`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_dir: Option<PathBuf>,
+    /// Migrate even a guest whose VMM is managed by a cluster manager
+    /// (`vmm --managed-by`), which refuses a migration it did not start.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub force: bool,
     #[serde(flatten)]
     pub parameters: MigrationParameters,
 }

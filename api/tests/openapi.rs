@@ -430,6 +430,7 @@ fn full_send_migration(timeout_action: TimeoutAction) -> SendMigrationRequest {
         destination: "tcp:192.168.1.20:6000".into(),
         token: "s3cret".into(),
         tls_dir: Some("/etc/vmm/tls".into()),
+        force: true,
         parameters: full_parameters(timeout_action),
     }
 }
@@ -641,6 +642,7 @@ fn schemas_describe_exactly_the_rust_types() {
             destination: "unix:/m.sock".into(),
             token: "t".into(),
             tls_dir: None,
+            force: false,
             parameters: MigrationParameters::default(),
         },
     );

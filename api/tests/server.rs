@@ -59,6 +59,7 @@ fn every_route_reaches_the_vmm() {
         destination: "tcp:127.0.0.1:6000".into(),
         token: "secret".into(),
         tls_dir: None,
+        force: false,
         parameters: MigrationParameters {
             downtime_ms: 100,
             bandwidth_bytes_per_s: Some(1 << 30),

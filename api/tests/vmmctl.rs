@@ -336,6 +336,7 @@ fn migrate_shows_progress_then_statistics() {
             destination: "tcp:10.0.0.2:6000".into(),
             token: "s3cret".into(),
             tls_dir: Option::None,
+            force: false,
             parameters: MigrationParameters {
                 downtime_ms: 150,
                 bandwidth_bytes_per_s: Some(100_000_000),
@@ -367,6 +368,7 @@ fn migrate_json_prints_the_final_status() {
             destination: "unix:/run/m.sock".into(),
             token: "t".into(),
             tls_dir: Option::None,
+            force: false,
             parameters: MigrationParameters::default(),
         })
     );
@@ -457,6 +459,7 @@ fn migrate_detach_cancel_set_status_and_receive() {
     let token = token_file(&dir, "from-file\r\n\n");
     for args in [
         &["migrate", "unix:/m", "--token", "t", "--detach"][..],
+        &["migrate", "unix:/m", "--token", "t", "--detach", "--force"],
         &["migrate", "--cancel"],
         &["migrate-set"],
         &[
@@ -489,6 +492,14 @@ fn migrate_detach_cancel_set_status_and_receive() {
                 destination: "unix:/m".into(),
                 token: "t".into(),
                 tls_dir: None,
+                force: false,
+                parameters: MigrationParameters::default(),
+            }),
+            ApiRequest::VmSendMigration(SendMigrationRequest {
+                destination: "unix:/m".into(),
+                token: "t".into(),
+                tls_dir: None,
+                force: true,
                 parameters: MigrationParameters::default(),
             }),
             ApiRequest::VmMigrationCancel,
@@ -601,9 +612,10 @@ fn migration_usage_errors_exit_2() {
             "takes no value",
         ),
         (
-            &["migrate", "unix:/m", "--token", "t", "--force"],
-            "--force",
+            &["migrate", "unix:/m", "--token", "t", "--force=yes"],
+            "takes no value",
         ),
+        (&["migrate-set", "--force"], "--force"),
         (&["migrate", "--cancel", "unix:/m"], "--cancel"),
         (&["migrate", "--cancel", "--detach"], "--cancel"),
         (&["migrate-set", "--detach"], "--detach"),

@@ -199,6 +199,7 @@ fn ours(case: &Case, dir: &TempDir) -> Figures {
         destination: format!("tcp:127.0.0.1:{port}"),
         token: "bench-token".into(),
         tls_dir: tls,
+        force: false,
         parameters: MigrationParameters::default(),
     })
     .unwrap();

@@ -38,6 +38,10 @@ pub fn vmmctl_binary() -> PathBuf {
     workspace_binary("vmmctl")
 }
 
+pub fn overcommit_binary() -> PathBuf {
+    workspace_binary("vmm-overcommit")
+}
+
 /// The test guest image.
 pub fn testguest() -> PathBuf {
     PathBuf::from(crate::TESTGUEST_IMAGE)

@@ -155,6 +155,7 @@ pub fn send(
         destination: destination.into(),
         token: token.into(),
         tls_dir: None,
+        force: false,
         parameters,
     }
 }

@@ -814,6 +814,202 @@ fn agent_monitor_tells_a_busy_vmm_from_a_dead_one() {
 }
 
 #[test]
+fn a_guest_the_agent_started_refuses_a_migration_the_agent_did_not_start() {
+    require_kvm!();
+    if skip_without(true, &["jq"]) {
+        return;
+    }
+    let path = install_agent();
+    let dir = TempDir::new("ocf-managed");
+    let _reap = ReapVmms(dir.path().display().to_string());
+    let config = dir.join("vm.json");
+    write_config(
+        &config,
+        "counters period_ms=1000",
+        &dir.join("console.sock"),
+        None,
+    );
+    let agent = agent_for(&path, &dir, &config);
+    let socket = dir.join("run").join("guest1.sock");
+    agent.expect("start", OCF_SUCCESS);
+    let migrate = |extra: &[&str]| {
+        run(Command::new(vmmctl_binary())
+            .args(["--api-socket", socket.to_str().unwrap()])
+            .args([
+                "migrate",
+                &format!("unix:{}", dir.join("nobody.sock").display()),
+            ])
+            .args(["--token", "t"])
+            .args(extra))
+    };
+    // By hand: refused, with what to do instead; the guest runs on.
+    let refused = migrate(&[]);
+    assert_eq!(refused.code, 1, "{}", refused.text());
+    assert!(
+        refused.stderr.contains("managed by pacemaker")
+            && refused.stderr.contains("crm resource move"),
+        "{}",
+        refused.text()
+    );
+    assert_eq!(agent.monitor().code, OCF_SUCCESS);
+    // Forced (what the agent's sender does): past the check, on to the
+    // destination (here nobody listens).
+    let forced = migrate(&["--force"]);
+    assert_eq!(forced.code, 1, "{}", forced.text());
+    assert!(
+        forced.stdout.contains("cannot connect") || forced.stderr.contains("cannot connect"),
+        "{}",
+        forced.text()
+    );
+    assert!(!forced.stderr.contains("managed by"), "{}", forced.text());
+    assert_eq!(agent.monitor().code, OCF_SUCCESS);
+    agent.expect("stop", OCF_SUCCESS);
+}
+
+/// The VirtualDomain parameters that apply to this VMM: shutdown_mode, a
+/// shutdown_timeout that must fit in the stop timeout, monitor_scripts,
+/// and their validation.
+#[test]
+fn agent_takes_the_virtualdomain_parameters_that_apply() {
+    require_kvm!();
+    if skip_without(true, &["jq"]) {
+        return;
+    }
+    let path = install_agent();
+    let dir = TempDir::new("ocf-vd");
+    let _reap = ReapVmms(dir.path().display().to_string());
+    // A guest that ignores the power button and Ctrl-Alt-Del, and one that
+    // powers off on them (the test guest's default).
+    let console = dir.join("console.sock");
+    let guest = |file: &str, options: &str| {
+        let config = dir.join(file);
+        let json = serde_json::json!({
+            "cpus": {"boot_vcpus": 2},
+            "memory": {"size_mib": 64},
+            "payload": {
+                "kernel": testguest().display().to_string(),
+                "cmdline": format!("{options} -- counters period_ms=1000"),
+            },
+            "serial": {"mode": "socket", "path": console.display().to_string()},
+        });
+        fs::write(&config, serde_json::to_vec_pretty(&json).unwrap()).unwrap();
+        config
+    };
+    let stubborn = guest("stubborn.json", "on_cad=ignore");
+    let willing = guest("willing.json", "");
+    let log = dir.join("vm.log");
+
+    // Validation of the new parameters.
+    let agent = agent_for(&path, &dir, &willing);
+    for (name, value, code, reason) in [
+        (
+            "shutdown_mode",
+            "signal",
+            OCF_ERR_CONFIGURED,
+            "shutdown_mode",
+        ),
+        (
+            "migration_speed",
+            "fast",
+            OCF_ERR_CONFIGURED,
+            "migration_speed",
+        ),
+        // VirtualDomain's name for migration_port.
+        ("migrateport", "http", OCF_ERR_CONFIGURED, "migration_port"),
+        (
+            "autoset_utilization_cpu",
+            "maybe",
+            OCF_ERR_CONFIGURED,
+            "autoset_utilization_cpu",
+        ),
+        (
+            "monitor_scripts",
+            "/nonexistent/check",
+            OCF_ERR_INSTALLED,
+            "/nonexistent/check",
+        ),
+    ] {
+        let result = agent.action_with("validate-all", &[], &[(name, value)]);
+        assert_eq!(result.code, code, "{name}={value}: {}", result.text());
+        assert!(
+            exit_reason(&result).contains(reason),
+            "{name}: {}",
+            result.text()
+        );
+    }
+
+    // shutdown_mode=ctrl-alt-del: the guest gets Ctrl-Alt-Del, not the
+    // power button, and powers off.
+    agent.expect("start", OCF_SUCCESS);
+    let mut guest_console = Console::connect(&console);
+    guest_console.wait_for("counters:", SHORT);
+    let stop = agent.action_with("stop", &[], &[("shutdown_mode", "ctrl-alt-del")]);
+    assert_eq!(stop.code, OCF_SUCCESS, "{}", stop.text());
+    guest_console.wait_for("testguest: ctrl-alt-del", SHORT);
+    drop(guest_console);
+    assert!(
+        read_log(&log).contains("ctrl-alt-del; forced after")
+            && read_log(&log).contains("stopped (vmm exited with code 0 (the guest powered off))"),
+        "{}",
+        read_log(&log)
+    );
+
+    // A shutdown_timeout longer than the stop timeout allows is cut to the
+    // timeout minus 15 s: a guest that ignores the button is forced off in
+    // time, and the log says why.
+    let agent = agent_for(&path, &dir, &stubborn).param("shutdown_timeout", "600");
+    agent.expect("start", OCF_SUCCESS);
+    let started = Instant::now();
+    let stop = agent.action_with("stop", &[("timeout", "20000")], &[]);
+    let took = started.elapsed();
+    assert_eq!(stop.code, OCF_SUCCESS, "{}", stop.text());
+    assert!(
+        took < Duration::from_secs(20),
+        "the stop outlived its timeout: {took:?}"
+    );
+    assert!(
+        read_log(&log).contains("shutdown_timeout 600 s does not fit in the stop timeout of 20 s"),
+        "{}",
+        read_log(&log)
+    );
+    eprintln!("stop of a guest that ignores the power button, stop timeout 20 s: {took:?}");
+
+    // monitor_scripts: run by a recurring monitor (not by a probe) with the
+    // guest's name; a failing one fails the monitor with its last line.
+    let script = dir.join("check.sh");
+    let flag = dir.join("unhealthy");
+    fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\necho \"checked $1\" >> {seen}\nif [ -e {flag} ]; then echo 'service down'; exit 1; fi\n",
+            seen = dir.join("seen").display(),
+            flag = flag.display()
+        ),
+    )
+    .unwrap();
+    fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
+    let agent = agent_for(&path, &dir, &willing).param("monitor_scripts", &script);
+    agent.expect("start", OCF_SUCCESS);
+    assert_eq!(agent.monitor().code, OCF_SUCCESS);
+    assert_eq!(read_log(&dir.join("seen")), "checked guest1\n");
+    assert_eq!(agent.probe().code, OCF_SUCCESS);
+    assert_eq!(
+        read_log(&dir.join("seen")),
+        "checked guest1\n",
+        "a probe ran the script"
+    );
+    fs::write(&flag, "").unwrap();
+    let failed = agent.monitor();
+    assert_eq!(failed.code, OCF_ERR_GENERIC, "{}", failed.text());
+    assert!(
+        exit_reason(&failed).contains("check.sh failed (exit 1): service down"),
+        "{}",
+        failed.text()
+    );
+    agent.expect("stop", OCF_SUCCESS);
+}
+
+#[test]
 fn agent_exit_reasons_never_come_from_the_guest_console() {
     require_kvm!();
     if skip_without(true, &["jq"]) {
@@ -965,7 +1161,9 @@ fn agent_migrates_in_pacemaker_order_and_a_failed_migration_keeps_the_source() {
             .param("vmmctl_binary", vmmctl_binary())
             .param("migration_token_file", dir.join("token"))
             .param("migration_port", &port)
-            .param("migration_listen_address", "127.0.0.1");
+            .param("migration_listen_address", "127.0.0.1")
+            // VirtualDomain's cap in MiB/s, as vmmctl migrate --bandwidth.
+            .param("migration_speed", "1000");
         (agent, console, dir.join(&format!("{n}.log")))
     };
     let (a, a_console, a_log) = node("a");
@@ -1005,6 +1203,11 @@ fn agent_migrates_in_pacemaker_order_and_a_failed_migration_keeps_the_source() {
     let from = b.action_with("migrate_from", &migrate_meta("a", "localhost"), &[]);
     assert_eq!(from.code, OCF_SUCCESS, "{}\n{}", from.text(), logs());
     eprintln!("agent migration a -> b: {:?}", started.elapsed());
+    assert!(
+        read_log(&a_log).contains("(at most 1000Mi bytes/s)"),
+        "{}",
+        logs()
+    );
     // ... and the stop on the source finds it gone: migrated, exit code 6.
     a.expect("stop", OCF_SUCCESS);
     assert!(
@@ -1066,7 +1269,7 @@ fn agent_migrates_in_pacemaker_order_and_a_failed_migration_keeps_the_source() {
 }
 
 // ---------------------------------------------------------------------------
-// A real two-node cluster in network namespaces
+// A real three-node cluster in network namespaces, with fencing
 
 /// One lab node: a network namespace and a holder process whose mount and
 /// UTS namespaces give the node its own /run, /var/lib/pacemaker,
@@ -1080,22 +1283,84 @@ struct LabNode {
     pacemakerd: Option<Child>,
 }
 
+/// Two guest hosts (node1, node2) and a tie-breaker (node3) on one switch
+/// (a bridge in a namespace of its own, so a node's link can be cut).
 struct Lab {
     dir: TempDir,
     nodes: Vec<LabNode>,
+    /// The namespace of the switch.
+    switch: String,
+    /// The node whose view `crm_mon` and `crm_resource` show (one that is
+    /// up and connected).
+    observer: usize,
     torn_down: bool,
+    /// One lab at a time: two would share the machine's two cores with
+    /// corosync's token timeout.
+    _serial: std::sync::MutexGuard<'static, ()>,
 }
 
 const LAB_SUBNET: &str = "10.231.29";
+/// How many nodes the lab has; the last one is the tie-breaker.
+const LAB_NODES: usize = 3;
+/// corosync's token timeout: a node that stays silent this long (plus
+/// consensus, 1.2 times as long) is lost.
+const LAB_TOKEN_MS: u64 = 3000;
+static LAB_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+static FENCE_INSTALL: Once = Once::new();
+
+/// Installs resources/lab/fence_netns where Pacemaker looks for fence agents.
+fn install_fence_agent() {
+    FENCE_INSTALL.call_once(|| {
+        let target = Path::new("/usr/sbin/fence_netns");
+        let staging = Path::new("/usr/sbin/.fence_netns.new");
+        fs::copy(repo().join("resources/lab/fence_netns"), staging).unwrap();
+        fs::set_permissions(staging, fs::Permissions::from_mode(0o755)).unwrap();
+        fs::rename(staging, target).unwrap();
+    });
+}
+
+/// The tools a lab needs; prints SKIP and returns true if one is missing.
+fn skip_without_lab() -> bool {
+    if skip_without(
+        true,
+        &[
+            "ip",
+            "nsenter",
+            "unshare",
+            "corosync",
+            "pacemakerd",
+            "crm_mon",
+            "crm_resource",
+            "crm_attribute",
+            "cibadmin",
+            "stonith_admin",
+            "jq",
+        ],
+    ) {
+        return true;
+    }
+    if !Path::new(OCF_ROOT)
+        .join("lib/heartbeat/ocf-shellfuncs")
+        .exists()
+    {
+        eprintln!("SKIP: resource-agents is not installed (ocf-shellfuncs)");
+        return true;
+    }
+    false
+}
 
 impl Lab {
-    /// Builds the namespaces and starts corosync and pacemakerd on both nodes.
-    /// On failure the guard (Drop) tears down whatever was built.
+    /// Builds the namespaces and the switch and starts corosync and
+    /// pacemakerd on every node. On failure the guard (Drop) tears down
+    /// whatever was built.
     fn up() -> Lab {
-        let tag = std::process::id() % 100_000;
+        static COUNT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let serial = LAB_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        let n = COUNT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let tag = format!("{}{n}", std::process::id() % 100_000);
         let dir = TempDir::new("cluster");
         let mut lab = Lab {
-            nodes: (1..=2)
+            nodes: (1..=LAB_NODES)
                 .map(|i| LabNode {
                     name: format!("node{i}"),
                     netns: format!("vmmcl{i}-{tag}"),
@@ -1105,8 +1370,11 @@ impl Lab {
                     pacemakerd: None,
                 })
                 .collect(),
+            switch: format!("vmmclsw-{tag}"),
             dir,
+            observer: 0,
             torn_down: false,
+            _serial: serial,
         };
         // TempDir is 0700; the cluster daemons run as hacluster.
         fs::set_permissions(lab.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
@@ -1119,77 +1387,58 @@ impl Lab {
         fs::write(&authkey, &key).unwrap();
         fs::set_permissions(&authkey, fs::Permissions::from_mode(0o400)).unwrap();
         let mut hosts = String::from("127.0.0.1 localhost\n");
-        for i in 1..=2 {
+        for i in 1..=LAB_NODES {
             hosts += &format!("{LAB_SUBNET}.{i} node{i} node{i}-mig\n");
         }
         fs::write(lab.dir.join("hosts"), hosts).unwrap();
 
-        // The network: a veth pair between the namespaces.
+        // The network: a bridge in the switch's namespace, a veth from it
+        // into each node (p<i> on the switch, eth0 in the node).
         let ip = tool_path("ip");
-        let (va, vb) = (format!("vcl{tag}a"), format!("vcl{tag}b"));
+        run_ok(Command::new(&ip).args(["netns", "add", &lab.switch]));
         for node in &lab.nodes {
             run_ok(Command::new(&ip).args(["netns", "add", &node.netns]));
         }
-        let (n1, n2) = (lab.nodes[0].netns.clone(), lab.nodes[1].netns.clone());
-        run_ok(Command::new(&ip).args([
-            "-n", &n1, "link", "add", &va, "type", "veth", "peer", "name", &vb, "netns", &n2,
-        ]));
-        for (ns, dev, i) in [(&n1, &va, 1), (&n2, &vb, 2)] {
-            let address = format!("{LAB_SUBNET}.{i}/24");
-            run_ok(Command::new(&ip).args(["-n", ns, "addr", "add", &address, "dev", dev]));
-            run_ok(Command::new(&ip).args(["-n", ns, "link", "set", dev, "up"]));
+        let sw = lab.switch.clone();
+        run_ok(Command::new(&ip).args(["-n", &sw, "link", "add", "br0", "type", "bridge"]));
+        run_ok(Command::new(&ip).args(["-n", &sw, "link", "set", "br0", "up"]));
+        for (i, node) in lab.nodes.iter().enumerate() {
+            let port = format!("p{}", i + 1);
+            run_ok(Command::new(&ip).args([
+                "-n",
+                &sw,
+                "link",
+                "add",
+                &port,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                &node.netns,
+            ]));
+            run_ok(Command::new(&ip).args(["-n", &sw, "link", "set", &port, "master", "br0"]));
+            run_ok(Command::new(&ip).args(["-n", &sw, "link", "set", &port, "up"]));
+            let address = format!("{LAB_SUBNET}.{}/24", i + 1);
+            let ns = &node.netns;
+            run_ok(Command::new(&ip).args(["-n", ns, "addr", "add", &address, "dev", "eth0"]));
+            run_ok(Command::new(&ip).args(["-n", ns, "link", "set", "eth0", "up"]));
             run_ok(Command::new(&ip).args(["-n", ns, "link", "set", "lo", "up"]));
         }
 
-        // Per-node directories, corosync.conf and the holder.
-        for i in 0..2 {
-            lab.prepare_node(i, &authkey);
+        for i in 0..LAB_NODES {
+            lab.write_node_files(i, &authkey);
         }
-        for i in 0..2 {
-            let holder = lab.nodes[i].holder.as_ref().unwrap().id();
-            wait_until(
-                SHORT,
-                "the namespace holder is ready",
-                || {
-                    fs::read_to_string(format!("/proc/{holder}/comm"))
-                        .ok()
-                        .filter(|c| c.trim() == "sleep")
-                },
-                || read_log(&lab.nodes[i].dir.join("holder.log")),
-            );
-        }
-        for i in 0..2 {
-            let conf = lab.nodes[i].dir.join("corosync.conf");
-            let child = lab.spawn_on(
-                i,
-                "corosync.out",
-                &[],
-                &[
-                    tool_path("corosync").as_os_str(),
-                    "-f".as_ref(),
-                    "-c".as_ref(),
-                    conf.as_os_str(),
-                ],
-            );
-            lab.nodes[i].corosync = Some(child);
-        }
-        std::thread::sleep(Duration::from_secs(1));
-        for i in 0..2 {
-            let logfile = lab.nodes[i].dir.join("pacemaker.log");
-            let child = lab.spawn_on(
-                i,
-                "pacemakerd.out",
-                &[("PCMK_logfile", logfile.as_os_str())],
-                &[tool_path("pacemakerd").as_os_str()],
-            );
-            lab.nodes[i].pacemakerd = Some(child);
+        for i in 0..LAB_NODES {
+            lab.start_node(i);
         }
         lab
     }
 
-    fn prepare_node(&mut self, i: usize, authkey: &Path) {
-        let dir = self.nodes[i].dir.clone();
-        let name = self.nodes[i].name.clone();
+    /// The node's private directories and its corosync.conf.
+    fn write_node_files(&self, i: usize, authkey: &Path) {
+        let dir = &self.nodes[i].dir;
         for sub in [
             "lib/cib",
             "lib/pengine",
@@ -1223,18 +1472,21 @@ impl Lab {
         ] {
             fs::set_permissions(dir.join(sub), fs::Permissions::from_mode(mode)).unwrap();
         }
-        let nodelist: String = (1..=2)
+        let nodelist: String = (1..=LAB_NODES)
             .map(|n| {
                 format!(
                     "  node {{\n    ring0_addr: {LAB_SUBNET}.{n}\n    name: node{n}\n    nodeid: {n}\n  }}\n"
                 )
             })
             .collect();
+        // Three votes, quorum two: the side with two nodes keeps quorum and
+        // fences; a node alone loses it and stops its guests.
         let conf = format!(
             "totem {{\n  version: 2\n  cluster_name: vmmlab\n  transport: knet\n  \
-             crypto_cipher: aes256\n  crypto_hash: sha256\n  keyfile: {key}\n  token: 3000\n}}\n\
+             crypto_cipher: aes256\n  crypto_hash: sha256\n  keyfile: {key}\n  \
+             token: {LAB_TOKEN_MS}\n}}\n\
              nodelist {{\n{nodelist}}}\n\
-             quorum {{\n  provider: corosync_votequorum\n  two_node: 1\n}}\n\
+             quorum {{\n  provider: corosync_votequorum\n}}\n\
              logging {{\n  to_logfile: yes\n  logfile: {dir}/corosync.log\n  to_syslog: no\n  \
              to_stderr: no\n  timestamp: on\n}}\n\
              system {{\n  state_dir: {dir}/corosync\n}}\n",
@@ -1242,6 +1494,19 @@ impl Lab {
             dir = dir.display(),
         );
         fs::write(dir.join("corosync.conf"), conf).unwrap();
+    }
+
+    /// Starts node `i`: its holder, then corosync and pacemakerd. Also
+    /// brings a node back after fencing ended all its processes.
+    fn start_node(&mut self, i: usize) {
+        let node = &mut self.nodes[i];
+        for child in [&mut node.holder, &mut node.corosync, &mut node.pacemakerd] {
+            if let Some(mut c) = child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        let dir = self.nodes[i].dir.clone();
         let script = format!(
             "set -e; hostname {name}; \
              mount --bind {d}/lib /var/lib/pacemaker; \
@@ -1249,6 +1514,7 @@ impl Lab {
              mount --bind {d}/run /run; \
              mount --bind {hosts} /etc/hosts; \
              exec sleep infinity",
+            name = self.nodes[i].name,
             d = dir.display(),
             hosts = self.dir.join("hosts").display(),
         );
@@ -1271,11 +1537,52 @@ impl Lab {
             .process_group(0)
             .spawn()
             .expect("the namespace holder starts");
+        let pid = holder.id();
         self.nodes[i].holder = Some(holder);
+        wait_until(
+            SHORT,
+            "the namespace holder is ready",
+            || {
+                fs::read_to_string(format!("/proc/{pid}/comm"))
+                    .ok()
+                    .filter(|c| c.trim() == "sleep")
+            },
+            || read_log(&dir.join("holder.log")),
+        );
+        let conf = dir.join("corosync.conf");
+        let corosync = self.spawn_on(
+            i,
+            "corosync.out",
+            &[],
+            &[
+                tool_path("corosync").as_os_str(),
+                "-f".as_ref(),
+                "-c".as_ref(),
+                conf.as_os_str(),
+            ],
+        );
+        self.nodes[i].corosync = Some(corosync);
+        std::thread::sleep(Duration::from_millis(500));
+        let logfile = dir.join("pacemaker.log");
+        let pacemakerd = self.spawn_on(
+            i,
+            "pacemakerd.out",
+            &[("PCMK_logfile", logfile.as_os_str())],
+            &[tool_path("pacemakerd").as_os_str()],
+        );
+        self.nodes[i].pacemakerd = Some(pacemakerd);
     }
 
     fn holder_pid(&self, i: usize) -> u32 {
         self.nodes[i].holder.as_ref().expect("holder").id()
+    }
+
+    /// Whether node `i`'s holder still lives (fencing kills it).
+    fn node_alive(&mut self, i: usize) -> bool {
+        matches!(
+            self.nodes[i].holder.as_mut().map(|c| c.try_wait()),
+            Some(Ok(None))
+        )
     }
 
     fn nsenter(&self, i: usize) -> Command {
@@ -1331,8 +1638,26 @@ impl Lab {
         result
     }
 
+    /// Runs a command on the observer node.
+    fn cluster(&self, argv: &[&str]) -> Run {
+        self.on_ok(self.observer, argv)
+    }
+
     fn crm_mon(&self) -> String {
-        self.on(0, &["crm_mon", "-1"]).stdout
+        self.on(self.observer, &["crm_mon", "-1"]).stdout
+    }
+
+    /// Waits until crm_mon shows exactly `nodes` online.
+    fn wait_online(&self, nodes: &[&str], timeout: Duration) -> Duration {
+        let started = Instant::now();
+        let want = format!("Online: [ {} ]", nodes.join(" "));
+        wait_until(
+            timeout,
+            &format!("{want} in crm_mon"),
+            || self.crm_mon().contains(&want).then_some(()),
+            || self.report(),
+        );
+        started.elapsed()
     }
 
     /// Whether crm_mon shows the guest settled as started on `node`
@@ -1347,8 +1672,64 @@ impl Lab {
     }
 
     fn locate(&self) -> String {
-        let r = self.on(0, &["crm_resource", "--locate", "--resource", "vm"]);
+        let r = self.on(
+            self.observer,
+            &["crm_resource", "--locate", "--resource", "vm"],
+        );
         format!("{}{}", r.stdout, r.stderr).trim().to_string()
+    }
+
+    /// Sets a cluster property.
+    fn property(&self, name: &str, value: &str) {
+        self.cluster(&[
+            "crm_attribute",
+            "--type",
+            "crm_config",
+            "--name",
+            name,
+            "--update",
+            value,
+        ]);
+    }
+
+    /// Sets the guest's target-role.
+    fn target_role(&self, role: &str) {
+        self.cluster(&[
+            "crm_resource",
+            "--resource",
+            "vm",
+            "--meta",
+            "--set-parameter",
+            "target-role",
+            "--parameter-value",
+            role,
+        ]);
+    }
+
+    /// Cuts node `i`'s only link to the others (its switch port goes down:
+    /// the node sees its carrier drop, as with a pulled cable).
+    fn cut(&self, i: usize) {
+        let port = format!("p{}", i + 1);
+        run_ok(Command::new(tool_path("ip")).args([
+            "-n",
+            &self.switch,
+            "link",
+            "set",
+            &port,
+            "down",
+        ]));
+    }
+
+    fn reconnect(&self, i: usize) {
+        let port = format!("p{}", i + 1);
+        run_ok(Command::new(tool_path("ip")).args([
+            "-n",
+            &self.switch,
+            "link",
+            "set",
+            &port,
+            "up",
+        ]));
     }
 
     /// A node's file under its private /run (e.g. `vmm/vm.log`).
@@ -1375,20 +1756,27 @@ impl Lab {
             let lines: Vec<&str> = text.lines().collect();
             lines[lines.len().saturating_sub(n)..].join("\n")
         };
-        let mut s = format!("--- crm_mon ---\n{}", self.crm_mon());
-        for i in 0..2 {
+        let mut s = format!(
+            "--- crm_mon (node{}) ---\n{}",
+            self.observer + 1,
+            self.crm_mon()
+        );
+        for i in 0..self.nodes.len() {
             s += &format!(
-                "\n--- node{} vm.log ---\n{}\n--- node{} pacemaker.log (agent lines) ---\n{}",
-                i + 1,
+                "\n--- node{n} vm.log ---\n{}\n--- node{n} pacemaker.log (agent, fencing, errors) ---\n{}",
                 tail(self.run_file(i, "vmm/vm.log"), 30),
-                i + 1,
-                read_log(&self.nodes[i].dir.join("pacemaker.log"))
-                    .lines()
-                    .filter(|l| l.contains("vmm(")
-                        || l.contains("ocf-exit-reason")
-                        || l.contains("error"))
-                    .collect::<Vec<_>>()
-                    .join("\n")
+                tail(
+                    self.nodes[i].dir.join("pacemaker.log"),
+                    100_000
+                )
+                .lines()
+                .filter(|l| l.contains("vmm(")
+                    || l.contains("ocf-exit-reason")
+                    || l.contains("fence")
+                    || l.contains("error"))
+                .collect::<Vec<_>>()
+                .join("\n"),
+                n = i + 1,
             );
         }
         s
@@ -1406,7 +1794,9 @@ impl Lab {
         let links: Vec<String> = self
             .nodes
             .iter()
-            .filter_map(|n| Self::netns_inode(&n.netns))
+            .map(|n| n.netns.as_str())
+            .chain([self.switch.as_str()])
+            .filter_map(Self::netns_inode)
             .map(|ino| format!("net:[{ino}]"))
             .collect();
         if links.is_empty() {
@@ -1460,7 +1850,21 @@ impl Lab {
             return;
         }
         self.torn_down = true;
-        for (daemon, grace) in [("pacemakerd", 60), ("corosync", 20)] {
+        // Nodes whose link a failed test left cut would wait for quorum.
+        for i in 0..self.nodes.len() {
+            let _ = Command::new(tool_path("ip"))
+                .args([
+                    "-n",
+                    &self.switch,
+                    "link",
+                    "set",
+                    &format!("p{}", i + 1),
+                    "up",
+                ])
+                .stderr(Stdio::null())
+                .status();
+        }
+        for (daemon, grace) in [("pacemakerd", 30), ("corosync", 20)] {
             let mut children: Vec<&mut Option<Child>> = self
                 .nodes
                 .iter_mut()
@@ -1472,9 +1876,11 @@ impl Lab {
                     }
                 })
                 .collect();
-            for child in children.iter() {
-                if let Some(c) = child.as_ref() {
-                    signal(c.id(), libc::SIGTERM);
+            for child in children.iter_mut() {
+                if let Some(c) = child.as_mut() {
+                    if let Ok(None) = c.try_wait() {
+                        signal(c.id(), libc::SIGTERM);
+                    }
                 }
             }
             if !Self::wait_children(&mut children, Duration::from_secs(grace)) {
@@ -1510,9 +1916,14 @@ impl Lab {
         if !leftover.is_empty() {
             eprintln!("lab teardown: processes survive in the namespaces: {leftover:?}");
         }
-        for node in &self.nodes {
+        for netns in self
+            .nodes
+            .iter()
+            .map(|n| n.netns.as_str())
+            .chain([self.switch.as_str()])
+        {
             let _ = Command::new("ip")
-                .args(["netns", "del", &node.netns])
+                .args(["netns", "del", netns])
                 .stderr(Stdio::null())
                 .status();
         }
@@ -1525,80 +1936,77 @@ impl Drop for Lab {
     }
 }
 
-#[test]
-fn two_node_pacemaker_cluster_live_migrates_and_recovers_the_guest() {
-    require_kvm!();
-    if skip_without(
-        true,
-        &[
-            "ip",
-            "nsenter",
-            "unshare",
-            "corosync",
-            "pacemakerd",
-            "crm_mon",
-            "crm_resource",
-            "crm_attribute",
-            "cibadmin",
-        ],
-    ) {
-        return;
+/// The guest of the lab: the test guest with a disk, its config, token and
+/// disk in a directory every node sees; console, API socket and log under
+/// each node's private /run/vmm.
+struct LabGuest {
+    config: PathBuf,
+    disk: PathBuf,
+    token: PathBuf,
+    /// While this file exists, the fence device fails.
+    fence_fails: PathBuf,
+}
+
+impl LabGuest {
+    fn new(lab: &Lab, commands: &str) -> LabGuest {
+        let shared = lab.dir.join("shared");
+        fs::create_dir(&shared).unwrap();
+        fs::set_permissions(&shared, fs::Permissions::from_mode(0o755)).unwrap();
+        let disk = shared.join("disk.img");
+        make_disk(&disk);
+        let config = shared.join("vm.json");
+        write_config(
+            &config,
+            commands,
+            Path::new("/run/vmm/vm.console"),
+            Some(&disk),
+        );
+        let token = shared.join("token");
+        write_token(&token, "lab-migration-token");
+        LabGuest {
+            config,
+            disk,
+            token,
+            fence_fails: shared.join("fence-fails"),
+        }
     }
-    if !Path::new(OCF_ROOT)
-        .join("lib/heartbeat/ocf-shellfuncs")
-        .exists()
-    {
-        eprintln!("SKIP: resource-agents is not installed (ocf-shellfuncs)");
-        return;
+}
+
+/// Configures the lab cluster as the architecture asks: fencing on (a
+/// fence_netns device for every node), no-quorum-policy=stop, guests never
+/// on the tie-breaker (node3), preferring node1, staying where they run;
+/// then waits for every node online. The guest is created stopped.
+fn configure_lab(lab: &Lab, guest: &LabGuest) {
+    install_fence_agent();
+    let online = lab.wait_online(&["node1", "node2", "node3"], Duration::from_secs(120));
+    eprintln!("cluster: all three nodes online {online:?} after the start");
+    for (name, value) in [
+        ("stonith-enabled", "true"),
+        ("stonith-action", "off"),
+        ("no-quorum-policy", "stop"),
+        // A failing fence device is retried until it works (the default,
+        // 10, would give up on the target during a test of failures).
+        ("stonith-max-attempts", "1000"),
+    ] {
+        lab.property(name, value);
     }
-    let agent = install_agent();
-    assert!(agent.exists());
-    let test_start = Instant::now();
-    let mut lab = Lab::up();
-    let lab_dir = lab.dir.path().display().to_string();
-
-    // The guest: its disk and config in a directory both nodes see; console,
-    // API socket and log under each node's private /run/vmm.
-    let shared = lab.dir.join("shared");
-    fs::create_dir(&shared).unwrap();
-    fs::set_permissions(&shared, fs::Permissions::from_mode(0o755)).unwrap();
-    let disk = shared.join("disk.img");
-    make_disk(&disk);
-    let config = shared.join("vm.json");
-    write_config(
-        &config,
-        "pages mib=32",
-        Path::new("/run/vmm/vm.console"),
-        Some(&disk),
-    );
-    write_token(&shared.join("token"), "lab-migration-token");
-
-    let online = Instant::now();
-    wait_until(
-        Duration::from_secs(120),
-        "both nodes online",
-        || {
-            let out = lab.crm_mon();
-            out.contains("Online: [ node1 node2 ]").then_some(())
-        },
-        || lab.report(),
-    );
-    eprintln!(
-        "cluster: both nodes online {:?} after pacemakerd started",
-        online.elapsed()
-    );
-
-    lab.on_ok(
-        0,
-        &[
-            "crm_attribute",
-            "--type",
-            "crm_config",
-            "--name",
-            "stonith-enabled",
-            "--update",
-            "false",
-        ],
+    let host_map: Vec<String> = lab
+        .nodes
+        .iter()
+        .map(|n| format!("{}:{}", n.name, Lab::netns_inode(&n.netns).unwrap()))
+        .collect();
+    let fence = format!(
+        "<primitive id='fence-lab' class='stonith' type='fence_netns'>\
+           <instance_attributes id='fence-lab-params'>\
+             <nvpair id='fence-lab-map' name='pcmk_host_map' value='{map}'/>\
+             <nvpair id='fence-lab-fail' name='fail_if_exists' value='{fail}'/>\
+           </instance_attributes>\
+           <operations>\
+             <op id='fence-lab-monitor' name='monitor' interval='60s'/>\
+           </operations>\
+         </primitive>",
+        map = host_map.join(";"),
+        fail = guest.fence_fails.display(),
     );
     let primitive = format!(
         "<primitive id='vm' class='ocf' provider='{PROVIDER}' type='vmm'>\
@@ -1609,10 +2017,13 @@ fn two_node_pacemaker_cluster_live_migrates_and_recovers_the_guest() {
              <nvpair id='vm-log' name='log_file' value='/run/vmm/vm.log'/>\
              <nvpair id='vm-token' name='migration_token_file' value='{token}'/>\
              <nvpair id='vm-suffix' name='migration_network_suffix' value='-mig'/>\
+             <nvpair id='vm-util-cpu' name='autoset_utilization_cpu' value='true'/>\
+             <nvpair id='vm-util-mem' name='autoset_utilization_hv_memory' value='true'/>\
            </instance_attributes>\
            <meta_attributes id='vm-meta'>\
              <nvpair id='vm-allow-migrate' name='allow-migrate' value='true'/>\
              <nvpair id='vm-target-role' name='target-role' value='Stopped'/>\
+             <nvpair id='vm-stickiness' name='resource-stickiness' value='100'/>\
            </meta_attributes>\
            <operations>\
              <op id='vm-monitor' name='monitor' interval='2s' timeout='30s'/>\
@@ -1622,49 +2033,55 @@ fn two_node_pacemaker_cluster_live_migrates_and_recovers_the_guest() {
              <op id='vm-migrate_from' name='migrate_from' interval='0s' timeout='120s'/>\
            </operations>\
          </primitive>",
-        config = config.display(),
+        config = guest.config.display(),
         vmm = vmm_binary().display(),
         vmmctl = vmmctl_binary().display(),
-        token = shared.join("token").display(),
+        token = guest.token.display(),
     );
-    lab.on_ok(
-        0,
-        &[
+    for xml in [fence, primitive] {
+        lab.cluster(&[
             "cibadmin",
             "--create",
             "-o",
             "resources",
             "--xml-text",
-            &primitive,
-        ],
-    );
-    lab.on_ok(
-        0,
-        &[
+            &xml,
+        ]);
+    }
+    for xml in [
+        "<rsc_location id='vm-prefers-node1' rsc='vm' node='node1' score='50'/>",
+        // The tie-breaker only votes.
+        "<rsc_location id='vm-never-on-node3' rsc='vm' node='node3' score='-INFINITY'/>",
+    ] {
+        lab.cluster(&[
             "cibadmin",
             "--create",
             "-o",
             "constraints",
             "--xml-text",
-            "<rsc_location id='vm-prefers-node1' rsc='vm' node='node1' score='50'/>",
-        ],
-    );
+            xml,
+        ]);
+    }
+}
 
-    // (1) The guest starts on node1.
+#[test]
+fn three_node_cluster_live_migrates_recovers_and_keeps_guests_off_the_tie_breaker() {
+    require_kvm!();
+    if skip_without_lab() {
+        return;
+    }
+    let agent = install_agent();
+    assert!(agent.exists());
+    let test_start = Instant::now();
+    let mut lab = Lab::up();
+    let lab_dir = lab.dir.path().display().to_string();
+    let guest = LabGuest::new(&lab, "pages mib=32");
+    configure_lab(&lab, &guest);
+
+    // (1) The guest starts on node1; the agent sets its utilization from
+    // the config (2 vCPUs, 128 MiB).
     let step = Instant::now();
-    lab.on_ok(
-        0,
-        &[
-            "crm_resource",
-            "--resource",
-            "vm",
-            "--meta",
-            "--set-parameter",
-            "target-role",
-            "--parameter-value",
-            "Started",
-        ],
-    );
+    lab.target_role("Started");
     wait_until(
         Duration::from_secs(60),
         "vm started on node1",
@@ -1681,6 +2098,29 @@ fn two_node_pacemaker_cluster_live_migrates_and_recovers_the_guest() {
         "{}",
         lab.report()
     );
+    for (name, value) in [("cpu", "2"), ("hv_memory", "128")] {
+        let got = wait_until(
+            SHORT,
+            &format!("utilization {name}"),
+            || {
+                let r = lab.on(
+                    lab.observer,
+                    &[
+                        "crm_resource",
+                        "--quiet",
+                        "--resource",
+                        "vm",
+                        "--utilization",
+                        "--get-parameter",
+                        name,
+                    ],
+                );
+                (r.code == 0).then(|| r.stdout.trim().to_string())
+            },
+            || lab.report(),
+        );
+        assert_eq!(got, value, "utilization {name}");
+    }
     eprintln!(
         "cluster: (1) started on node1 in {:?}; {before}",
         step.elapsed()
@@ -1689,17 +2129,14 @@ fn two_node_pacemaker_cluster_live_migrates_and_recovers_the_guest() {
     // (2) crm_resource --move live-migrates it to node2: migrate_to on node1,
     // migrate_from on node2, the source exits "migrated", no restart.
     let step = Instant::now();
-    lab.on_ok(
-        0,
-        &[
-            "crm_resource",
-            "--move",
-            "--resource",
-            "vm",
-            "--node",
-            "node2",
-        ],
-    );
+    lab.cluster(&[
+        "crm_resource",
+        "--move",
+        "--resource",
+        "vm",
+        "--node",
+        "node2",
+    ]);
     wait_until(
         Duration::from_secs(90),
         "vm migrated to node2",
@@ -1745,9 +2182,11 @@ fn two_node_pacemaker_cluster_live_migrates_and_recovers_the_guest() {
     let after = console.wait_for("pages: pass=", SHORT);
     let verdict = console.check_pages();
     drop(console);
+    lab.cluster(&["crm_resource", "--clear", "--resource", "vm"]);
     eprintln!("cluster: (2) live-migrated node1 -> node2 in {moved:?}; {after}; {verdict}");
 
-    // (3) A VMM killed with SIGKILL: monitor notices, Pacemaker restarts it.
+    // (3) A VMM killed with SIGKILL: monitor notices, Pacemaker restarts it
+    // in place (a failed resource, not a lost node: no fencing).
     let step = Instant::now();
     let old = lab.vm_pid(1).expect("node2 has a pid file");
     assert!(process_alive(old));
@@ -1771,26 +2210,76 @@ fn two_node_pacemaker_cluster_live_migrates_and_recovers_the_guest() {
     console.send("echo hello again");
     console.wait_for("hello again", SHORT);
     drop(console);
+    lab.cluster(&["crm_resource", "--cleanup", "--resource", "vm"]);
     eprintln!(
         "cluster: (3) SIGKILLed pid {old} replaced by pid {new} in {:?}",
         step.elapsed()
     );
 
-    // (4) target-role=Stopped stops it; no VMM remains.
+    // (4) Both guest hosts in standby: the guest stops rather than go to
+    // the tie-breaker; back from standby, it runs on a guest host again.
     let step = Instant::now();
-    lab.on_ok(
-        0,
-        &[
-            "crm_resource",
-            "--resource",
-            "vm",
-            "--meta",
-            "--set-parameter",
-            "target-role",
-            "--parameter-value",
-            "Stopped",
-        ],
+    for node in ["node1", "node2"] {
+        lab.cluster(&[
+            "crm_attribute",
+            "--node",
+            node,
+            "--name",
+            "standby",
+            "--update",
+            "on",
+        ]);
+    }
+    wait_until(
+        Duration::from_secs(60),
+        "vm stopped with both hosts in standby",
+        || {
+            (lab.locate().contains("NOT running") && vmm_processes_with(&lab_dir).is_empty())
+                .then_some(())
+        },
+        || lab.report(),
     );
+    // The scheduler has settled (nothing pending) and still leaves it off node3.
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(lab.locate().contains("NOT running"), "{}", lab.report());
+    assert!(vmm_processes_with(&lab_dir).is_empty(), "{}", lab.report());
+    assert!(
+        !lab.vm_log(2).contains("vmm-ocf[start]"),
+        "the tie-breaker started the guest:\n{}",
+        lab.report()
+    );
+    lab.cluster(&[
+        "crm_attribute",
+        "--node",
+        "node2",
+        "--name",
+        "standby",
+        "--update",
+        "off",
+    ]);
+    wait_until(
+        Duration::from_secs(60),
+        "vm back on node2",
+        || lab.started_on("node2").then_some(()),
+        || lab.report(),
+    );
+    lab.cluster(&[
+        "crm_attribute",
+        "--node",
+        "node1",
+        "--name",
+        "standby",
+        "--update",
+        "off",
+    ]);
+    eprintln!(
+        "cluster: (4) both hosts in standby: stopped, not moved to the tie-breaker; back in {:?}",
+        step.elapsed()
+    );
+
+    // (5) target-role=Stopped stops it; no VMM remains.
+    let step = Instant::now();
+    lab.target_role("Stopped");
     wait_until(
         Duration::from_secs(60),
         "vm stopped",
@@ -1806,11 +2295,16 @@ fn two_node_pacemaker_cluster_live_migrates_and_recovers_the_guest() {
         "{}",
         lab.report()
     );
-    eprintln!("cluster: (4) stopped in {:?}", step.elapsed());
+    eprintln!("cluster: (5) stopped in {:?}", step.elapsed());
 
-    // (5) Teardown leaves no namespace and no process.
+    // (6) Teardown leaves no namespace and no process.
     let step = Instant::now();
-    let netns: Vec<String> = lab.nodes.iter().map(|n| n.netns.clone()).collect();
+    let netns: Vec<String> = lab
+        .nodes
+        .iter()
+        .map(|n| n.netns.clone())
+        .chain([lab.switch.clone()])
+        .collect();
     let daemons: Vec<u32> = lab
         .nodes
         .iter()
@@ -1839,10 +2333,249 @@ fn two_node_pacemaker_cluster_live_migrates_and_recovers_the_guest() {
     }
     assert!(vmm_processes_with(&lab_dir).is_empty());
     eprintln!(
-        "cluster: (5) torn down in {:?}; whole test {:?}",
+        "cluster: (6) torn down in {:?}; whole test {:?}",
         step.elapsed(),
         test_start.elapsed()
     );
+}
+
+/// What a watcher saw while it ran.
+#[derive(Debug, Default)]
+struct WatchReport {
+    samples: u64,
+    /// The most VMM processes of the guest seen at once.
+    most_vmms: usize,
+    /// The most locks on the guest's disk seen at once (/proc/locks).
+    most_locks: usize,
+    /// Moments something was wrong, with what was seen.
+    violations: Vec<String>,
+}
+
+/// Checks, every 50 ms until stopped, that at most one VMM process of the
+/// guest exists (by processes: argv mentions the lab directory) and that the
+/// disk's lock is held by at most one process, and only by that VMM
+/// (/proc/locks for the inode, /proc/PID/fdinfo for the holder).
+fn watch_single_copy(
+    lab_dir: String,
+    disk: &Path,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<WatchReport> {
+    let inode = fs::metadata(disk).unwrap().ino();
+    std::thread::spawn(move || {
+        let mut report = WatchReport::default();
+        let needle = format!(":{inode} ");
+        while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+            let vmms = vmm_processes_with(&lab_dir);
+            let locks = fs::read_to_string("/proc/locks")
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| l.contains(&needle))
+                .count();
+            let holders: Vec<u32> = vmms
+                .iter()
+                .copied()
+                .filter(|pid| {
+                    fs::read_dir(format!("/proc/{pid}/fdinfo"))
+                        .into_iter()
+                        .flatten()
+                        .flatten()
+                        .any(|fd| read_log(&fd.path()).contains(&needle))
+                })
+                .collect();
+            report.samples += 1;
+            report.most_vmms = report.most_vmms.max(vmms.len());
+            report.most_locks = report.most_locks.max(locks);
+            if vmms.len() > 1 || locks > 1 || holders.len() < locks {
+                report.violations.push(format!(
+                    "vmm pids {vmms:?}, {locks} lock(s) on the disk, held by vmm pids {holders:?}"
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        report
+    })
+}
+
+#[test]
+fn a_node_that_loses_its_link_is_fenced_and_its_guest_restarts_on_the_other_host() {
+    require_kvm!();
+    if skip_without_lab() {
+        return;
+    }
+    install_agent();
+    let test_start = Instant::now();
+    let mut lab = Lab::up();
+    let lab_dir = lab.dir.path().display().to_string();
+    let guest = LabGuest::new(&lab, "counters period_ms=1000");
+    configure_lab(&lab, &guest);
+    lab.target_role("Started");
+    wait_until(
+        Duration::from_secs(60),
+        "vm started on node1",
+        || lab.started_on("node1").then_some(()),
+        || lab.report(),
+    );
+    // The guest writes its disk and flushes: that must survive the node.
+    let write = |lab: &Lab, i: usize, pattern: &str| {
+        let mut console = Console::connect(&lab.run_file(i, "vmm/vm.console"));
+        console.send(&format!("blk-write sector=0 count=256 pattern={pattern}"));
+        let line = console.wait_for("blk: write", SHORT);
+        assert!(line.contains("status=ok"), "{line}");
+        console.send("blk-flush");
+        let line = console.wait_for("blk: flush", SHORT);
+        assert!(line.contains("status=ok"), "{line}");
+    };
+    let check = |lab: &Lab, i: usize, pattern: &str| {
+        let mut console = Console::connect(&lab.run_file(i, "vmm/vm.console"));
+        console.send(&format!("blk-read sector=0 count=256 pattern={pattern}"));
+        let line = console.wait_for("blk-read", SHORT);
+        assert!(line.starts_with("blk-read-ok"), "{line}");
+        line
+    };
+    write(&lab, 0, "5a17");
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = watch_single_copy(lab_dir.clone(), &guest.disk, stop.clone());
+
+    // (1) node1 (running the guest) loses its link. node2 and node3 keep
+    // quorum, fence node1 (every process of its namespace ends) and start
+    // the guest on node2 from the shared disk.
+    lab.observer = 1;
+    let lost = Instant::now();
+    lab.cut(0);
+    wait_until(
+        Duration::from_secs(120),
+        "the guest runs on node2",
+        || lab.started_on("node2").then_some(()),
+        || lab.report(),
+    );
+    let failover = lost.elapsed();
+    assert!(
+        !lab.node_alive(0),
+        "node1 was not fenced:\n{}",
+        lab.report()
+    );
+    let history = lab.cluster(&["stonith_admin", "--history", "node1"]).stdout;
+    assert!(
+        history.contains("off of node1 successful"),
+        "fencing history:\n{history}"
+    );
+    let verdict = check(&lab, 1, "5a17");
+    eprintln!(
+        "cluster: (1) node1 lost its link; fenced; the guest runs on node2 {failover:?} after the loss \
+         (token {LAB_TOKEN_MS} ms); disk: {verdict}"
+    );
+
+    // node1 comes back (powered on, link restored) and rejoins; the guest
+    // stays where it runs.
+    let step = Instant::now();
+    lab.reconnect(0);
+    lab.start_node(0);
+    lab.wait_online(&["node1", "node2", "node3"], Duration::from_secs(120));
+    assert!(lab.started_on("node2"), "{}", lab.report());
+    eprintln!("cluster: node1 rejoined in {:?}", step.elapsed());
+    write(&lab, 1, "be11");
+
+    // (2) node2 loses its link while the fence device fails. Alone, node2
+    // has no quorum and stops its guest itself (no-quorum-policy=stop); the
+    // others cannot fence it and so do not start the guest; once fencing
+    // works, they do.
+    fs::write(&guest.fence_fails, "").unwrap();
+    lab.observer = 0;
+    let logged = lab.vm_log(1).len();
+    let lost = Instant::now();
+    lab.cut(1);
+    wait_until(
+        Duration::from_secs(90),
+        "node2 stops its guest without quorum",
+        || vmm_processes_with(&lab_dir).is_empty().then_some(()),
+        || lab.report(),
+    );
+    let stopped = lost.elapsed();
+    assert!(lab.node_alive(1), "node2 was fenced although fencing fails");
+    // node2's own agent stopped it (its last note follows the VMM's exit).
+    wait_until(
+        SHORT,
+        "node2's agent reports the stop",
+        || {
+            lab.vm_log(1)[logged..]
+                .contains("vmm-ocf[stop]: stopped")
+                .then_some(())
+        },
+        || lab.vm_log(1),
+    );
+    // The survivors try to fence node2 and keep failing: no guest anywhere.
+    wait_until(
+        Duration::from_secs(60),
+        "a failed fencing attempt",
+        || {
+            let mon = lab.crm_mon();
+            let failed = mon.split("Failed Fencing Actions:").nth(1).unwrap_or("");
+            failed
+                .lines()
+                .any(|l| l.contains("off of node2") && l.contains("failed"))
+                .then_some(())
+        },
+        || lab.report(),
+    );
+    let hold = Instant::now();
+    while hold.elapsed() < Duration::from_secs(8) {
+        assert!(
+            vmm_processes_with(&lab_dir).is_empty(),
+            "a guest started while node2 is not fenced:\n{}",
+            lab.report()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(lab.node_alive(1));
+    eprintln!(
+        "cluster: (2) node2 alone without quorum stopped its guest {stopped:?} after the loss; \
+         unfenced, no node started it"
+    );
+    fs::remove_file(&guest.fence_fails).unwrap();
+    let fencing_works = Instant::now();
+    wait_until(
+        Duration::from_secs(120),
+        "the guest runs on node1 once node2 is fenced",
+        || lab.started_on("node1").then_some(()),
+        || lab.report(),
+    );
+    assert!(
+        !lab.node_alive(1),
+        "node2 was not fenced:\n{}",
+        lab.report()
+    );
+    let verdict = check(&lab, 0, "be11");
+    eprintln!(
+        "cluster: (2) fencing restored: node2 fenced, the guest runs on node1 {:?} later; disk: {verdict}",
+        fencing_works.elapsed()
+    );
+
+    // (3) Never two copies: the watcher saw at most one VMM and one lock.
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let report = watcher.join().unwrap();
+    assert!(
+        report.violations.is_empty(),
+        "two copies of the guest: {:?}",
+        report.violations
+    );
+    assert!(
+        report.samples > 100 && report.most_vmms == 1 && report.most_locks == 1,
+        "the watcher saw nothing: {report:?}"
+    );
+    assert!(
+        !lab.vm_log(2).contains("vmm-ocf[start]"),
+        "the tie-breaker started the guest:\n{}",
+        lab.report()
+    );
+    eprintln!(
+        "cluster: (3) {} samples, at most {} VMM and {} lock at a time; whole test {:?}",
+        report.samples,
+        report.most_vmms,
+        report.most_locks,
+        test_start.elapsed()
+    );
+    lab.teardown();
 }
 
 // ---------------------------------------------------------------------------
@@ -2148,19 +2881,63 @@ fn lvm_recipe_live_migrates_on_a_shared_lv() {
     );
 }
 
+/// drbd-utils' DRBD 8.4 parser (drbdadm runs it itself when the loaded
+/// module is 8.4, as in Debian 12's kernel).
+fn drbdadm_84() -> Option<PathBuf> {
+    ["/usr/lib/drbd/drbdadm-84", "/lib/drbd/drbdadm-84"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+}
+
+/// `drbdadm -c FILE dump vm1` and dry runs of up, primary and verify, as
+/// node1 (drbdadm picks the resource's "on HOST" section by host name: a
+/// UTS namespace of its own).
+fn drbdadm_as_node1(drbdadm: &Path, file: &Path) -> Run {
+    let script = format!(
+        "hostname node1 && {a} -c {f} dump vm1 && echo ---dry-run--- && {a} -c {f} -d up vm1 \
+         && {a} -c {f} -d primary vm1 && {a} -c {f} -d verify vm1",
+        a = drbdadm.display(),
+        f = file.display()
+    );
+    run(Command::new(tool_path("unshare")).args(["--uts", "sh", "-c", &script]))
+}
+
 #[test]
-fn drbd_resource_file_parses_with_two_primaries_and_fencing() {
+fn drbd_resource_files_parse_with_two_primaries_and_fencing_in_84_and_9_syntax() {
     if skip_without(true, &["drbdadm", "unshare"]) {
         return;
     }
-    let res = example("drbd-vm1.res");
-    // drbdadm picks the resource's "on HOST" section by host name: parse it
-    // as node1, in a UTS namespace of its own.
-    let script = format!(
-        "hostname node1 && drbdadm -c {f} dump vm1 && echo ---dry-run--- && drbdadm -c {f} -d up vm1 && drbdadm -c {f} -d primary vm1",
-        f = res.display()
-    );
-    let result = run(Command::new(tool_path("unshare")).args(["--uts", "sh", "-c", &script]));
+    let Some(drbdadm_84) = drbdadm_84() else {
+        eprintln!("SKIP: drbd-utils has no DRBD 8.4 parser (drbdadm-84)");
+        return;
+    };
+    // DRBD 8.4 (Debian 12's kernel): fencing in the disk section, the
+    // crm-fence-peer.sh handlers.
+    let res84 = example("drbd-vm1.res");
+    let result = drbdadm_as_node1(&drbdadm_84, &res84);
+    assert_eq!(result.code, 0, "{}", result.text());
+    for needle in [
+        "allow-two-primaries yes;",
+        "fencing          resource-and-stonith;",
+        "fence-peer       /usr/lib/drbd/crm-fence-peer.sh;",
+        "after-resync-target /usr/lib/drbd/crm-unfence-peer.sh;",
+        "verify-alg       sha256;",
+        "--allow-two-primaries=yes",
+        "--fencing=resource-and-stonith",
+        "drbdsetup-84 primary 1",
+        "drbdsetup-84 verify 1",
+    ] {
+        assert!(
+            result.stdout.contains(needle),
+            "drbdadm-84 output lacks {needle:?}:\n{}",
+            result.stdout
+        );
+    }
+    // DRBD 9: the same resource in its syntax, which the 8.4 parser refuses
+    // (the reason for two files).
+    let res9 = example("drbd-vm1.drbd9.res");
+    let result = drbdadm_as_node1(&tool_path("drbdadm"), &res9);
     assert_eq!(result.code, 0, "{}", result.text());
     for needle in [
         "allow-two-primaries yes;",
@@ -2170,6 +2947,7 @@ fn drbd_resource_file_parses_with_two_primaries_and_fencing() {
         "--allow-two-primaries=yes",
         "--fencing=resource-and-stonith",
         "drbdsetup primary vm1",
+        "drbdsetup verify vm1",
     ] {
         assert!(
             result.stdout.contains(needle),
@@ -2177,4 +2955,124 @@ fn drbd_resource_file_parses_with_two_primaries_and_fencing() {
             result.stdout
         );
     }
+    let refused = drbdadm_as_node1(&drbdadm_84, &res9);
+    assert_ne!(refused.code, 0, "{}", refused.text());
+    assert!(refused.stderr.contains("Parse error"), "{}", refused.text());
+}
+
+/// A stand-in for DRBD: `drbdadm` (sh-minor, sh-resources, verify) and
+/// `drbdsetup status` over a /proc/drbd file; a verification runs for a
+/// second and then leaves `found` KiB out of sync.
+fn fake_drbd(dir: &TempDir, version: &str, found: u64, connection: &str) {
+    let proc_drbd = dir.join("proc-drbd");
+    let state = |cs: &str, oos: u64| {
+        format!(
+            "version: {version} (api:1/proto:86-101)\n 1: cs:{cs} ro:Primary/Secondary ds:UpToDate/UpToDate C r-----\n    ns:0 nr:0 dw:0 dr:0 al:0 bm:0 lo:0 pe:0 ua:0 ap:0 ep:1 wo:f oos:{oos}\n"
+        )
+    };
+    fs::write(&proc_drbd, state(connection, 0)).unwrap();
+    fs::write(dir.join("verifying"), state("VerifyS", 0)).unwrap();
+    fs::write(dir.join("verified"), state(connection, found)).unwrap();
+    let drbdadm = format!(
+        "#!/bin/sh\ncase \"$1\" in\n\
+         sh-minor) echo 1 ;;\n\
+         sh-resources) echo vm1 ;;\n\
+         verify) cp {d}/verifying {d}/proc-drbd; (sleep 1; cp {d}/verified {d}/proc-drbd) & ;;\n\
+         *) exit 1 ;;\nesac\n",
+        d = dir.path().display()
+    );
+    // DRBD 9's status, from the same state file.
+    let drbdsetup = format!(
+        "#!/bin/sh\ncs=$(sed -n 's/.*cs:\\([A-Za-z]*\\).*/\\1/p' {d}/proc-drbd)\n\
+         oos=$(sed -n 's/.*oos:\\([0-9]*\\).*/\\1/p' {d}/proc-drbd)\n\
+         case $cs in Connected) c=Connected r=Established ;; VerifyS) c=Connected r=VerifyS ;; *) c=$cs r=Off ;; esac\n\
+         echo \"vm1 role:Primary\"\necho \"  volume:0 disk:UpToDate\"\necho \"  node2 connection:$c role:Secondary\"\n\
+         echo \"    volume:0 replication:$r peer-disk:UpToDate\"\n\
+         echo \"        received:0 sent:0 out-of-sync:$oos pending:0 unacked:0\"\n",
+        d = dir.path().display()
+    );
+    for (name, text) in [("drbdadm", drbdadm), ("drbdsetup", drbdsetup)] {
+        fs::write(dir.join(name), text).unwrap();
+        fs::set_permissions(dir.join(name), fs::Permissions::from_mode(0o755)).unwrap();
+    }
+}
+
+fn drbd_verify(dir: &TempDir, resource: &str) -> Run {
+    run(Command::new(repo().join("resources/drbd/drbd-verify"))
+        .arg(resource)
+        .env("DRBDADM", dir.join("drbdadm"))
+        .env("DRBDSETUP", dir.join("drbdsetup"))
+        .env("PROC_DRBD", dir.join("proc-drbd"))
+        .env("DRBD_VERIFY_POLL_S", "0.2"))
+}
+
+#[test]
+fn drbd_verify_reports_out_of_sync_blocks_and_its_timer_units_are_valid() {
+    for (version, connected) in [("8.4.11", "Connected"), ("9.2.4", "Connected")] {
+        // Clean copies: exit 0, an info line in the journal.
+        let dir = TempDir::new("drbd-verify");
+        fake_drbd(&dir, version, 0, connected);
+        let clean = drbd_verify(&dir, "all");
+        assert_eq!(clean.code, 0, "{version}: {}", clean.text());
+        assert!(
+            clean.stdout.contains("<6>drbd-verify: vm1: verifying")
+                && clean.stdout.contains("<6>drbd-verify: vm1: no differences"),
+            "{version}: {}",
+            clean.text()
+        );
+        // Differences: exit 1, an error line with the amount and what to do.
+        let dir = TempDir::new("drbd-verify");
+        fake_drbd(&dir, version, 48, connected);
+        let found = drbd_verify(&dir, "vm1");
+        assert_eq!(found.code, 1, "{version}: {}", found.text());
+        assert!(
+            found
+                .stdout
+                .contains("<3>drbd-verify: vm1: 48 KiB out of sync after verification")
+                && found
+                    .stdout
+                    .contains("drbdadm disconnect vm1; drbdadm connect vm1"),
+            "{version}: {}",
+            found.text()
+        );
+        // Not connected: nothing to compare with, exit 2.
+        let dir = TempDir::new("drbd-verify");
+        fake_drbd(&dir, version, 0, "WFConnection");
+        let lone = drbd_verify(&dir, "vm1");
+        assert_eq!(lone.code, 2, "{version}: {}", lone.text());
+        assert!(lone.stdout.contains("<3>"), "{version}: {}", lone.text());
+    }
+
+    // The units pass systemd-analyze verify (the service's ExecStart
+    // pointed at this checkout's script, which must exist for it).
+    if skip_without(false, &["systemd-analyze"]) {
+        return;
+    }
+    let dir = TempDir::new("drbd-units");
+    let units = repo().join("resources/systemd");
+    let service = fs::read_to_string(units.join("drbd-verify@.service")).unwrap();
+    assert!(service.contains("ExecStart=/usr/local/sbin/drbd-verify %i"));
+    fs::write(
+        dir.join("drbd-verify@.service"),
+        service.replace(
+            "/usr/local/sbin/drbd-verify",
+            repo().join("resources/drbd/drbd-verify").to_str().unwrap(),
+        ),
+    )
+    .unwrap();
+    fs::copy(
+        units.join("drbd-verify@.timer"),
+        dir.join("drbd-verify@.timer"),
+    )
+    .unwrap();
+    let verified = run(Command::new(tool_path("systemd-analyze"))
+        .arg("verify")
+        .arg(dir.join("drbd-verify@vm1.service"))
+        .arg(dir.join("drbd-verify@vm1.timer"))
+        .current_dir(dir.path()));
+    assert!(
+        verified.code == 0 && verified.stderr.trim().is_empty(),
+        "{}",
+        verified.text()
+    );
 }

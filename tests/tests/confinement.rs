@@ -180,6 +180,7 @@ fn send(destination: String, parameters: MigrationParameters) -> SendMigrationRe
         token: "token".into(),
         parameters,
         tls_dir: None,
+        force: false,
     }
 }
 
@@ -533,6 +534,7 @@ fn two_vmms_run_as_a_user_migrate_a_guest_over_tcp() {
             token: "user-token".into(),
             parameters: MigrationParameters::default(),
             tls_dir: None,
+            force: false,
         })
         .unwrap();
     let deadline = Instant::now() + MIGRATE;

@@ -110,6 +110,7 @@ fn migrate(source: &mut Vmm, destination: &str, target: &Vmm) {
             destination: destination.to_string(),
             token: "t0ken".into(),
             tls_dir: None,
+            force: false,
             parameters: Default::default(),
         })
         .unwrap();
@@ -772,6 +773,7 @@ fn a_migrated_ballooned_guest_keeps_its_balloon_and_its_pages_are_not_sent() {
         destination: listen,
         token: "t0ken".into(),
         tls_dir: None,
+        force: false,
         parameters: Default::default(),
     })
     .unwrap();
@@ -802,4 +804,265 @@ fn a_migrated_ballooned_guest_keeps_its_balloon_and_its_pages_are_not_sent() {
     // What the guest kept is intact.
     target.send_line("memcheck pattern=77 mib=64");
     target.wait_for("memcheck-ok", SHORT);
+}
+
+// ------------------------------------------------ the overcommit policy
+
+/// `vmm-overcommit` running against a socket directory, its log in a file.
+struct Policy {
+    child: std::process::Child,
+    log: std::path::PathBuf,
+}
+
+impl Policy {
+    fn start(dir: &TempDir, args: &[&str]) -> Policy {
+        let log = dir.join("policy.log");
+        let file = std::fs::File::create(&log).unwrap();
+        let child = std::process::Command::new(vmm_tests::harness::overcommit_binary())
+            .arg("--socket-dir")
+            .arg(dir.path())
+            .args(args)
+            .stderr(file)
+            .spawn()
+            .unwrap();
+        Policy { child, log }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM: it stops with exit 0.
+    fn stop(mut self) -> String {
+        // SAFETY: kill on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let status = self.child.wait().unwrap();
+        assert_eq!(status.code(), Some(0), "{}", self.log());
+        self.log()
+    }
+}
+
+impl Drop for Policy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The simulated host of the policy test: a budget of `BUDGET_MIB` for the
+/// three VMMs, of which `TARGET_MIB` must stay available.
+const BUDGET_MIB: u64 = 520;
+const TARGET_MIB: u64 = 100;
+const MARGIN_MIB: u64 = 24;
+/// Slack for figures read at slightly different moments (RSS, statistics).
+const SLACK_MIB: u64 = 6;
+
+/// The policy's view, measured by the test: the VMMs' resident memory and
+/// each guest's free memory (MiB).
+fn resident_mib(vmms: &[Vmm]) -> u64 {
+    vmms.iter().map(|v| v.rss_bytes()).sum::<u64>() / MIB
+}
+
+fn guest_free_mib(vmm: &Vmm) -> Option<u64> {
+    vmm.api()
+        .balloon_statistics()
+        .ok()?
+        .free_memory
+        .map(|b| b / MIB)
+}
+
+/// Waits until the host target holds and every guest has its floor, and
+/// goes on holding for 3 s (balloons still moving may break it for a
+/// moment before that); returns when that stable period began.
+fn settle(vmms: &[Vmm], policy: &Policy, what: &str) -> Duration {
+    let started = Instant::now();
+    let ok = |vmms: &[Vmm]| {
+        resident_mib(vmms) <= BUDGET_MIB - TARGET_MIB + SLACK_MIB
+            && vmms
+                .iter()
+                .all(|v| guest_free_mib(v).is_some_and(|f| f + SLACK_MIB >= MARGIN_MIB))
+    };
+    let mut holding: Option<Instant> = None;
+    loop {
+        if ok(vmms) {
+            let since = *holding.get_or_insert_with(Instant::now);
+            if since.elapsed() >= Duration::from_secs(3) {
+                return since - started;
+            }
+        } else {
+            holding = None;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(90),
+            "{what}: the policy did not settle: resident {} MiB (budget {BUDGET_MIB}, target \
+             {TARGET_MIB} available), guests free {:?} MiB\n{}",
+            resident_mib(vmms),
+            vmms.iter().map(guest_free_mib).collect::<Vec<_>>(),
+            policy.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn the_overcommit_policy_keeps_the_host_target_and_every_guest_floor_as_guests_change() {
+    require_kvm!();
+    if !guest_has_balloon_driver() {
+        return;
+    }
+    let dir = TempDir::new("policy");
+    // Three guests of 192 MiB that touched almost all their memory (so that
+    // what a balloon takes leaves the host), each using some of it.
+    let mut vmms: Vec<Vmm> = [("a", 24), ("b", 40), ("c", 56)]
+        .iter()
+        .map(|(name, used)| {
+            let mut vmm = boot(
+                &dir,
+                name,
+                &format!("-- memfill pattern=5a mib=176; balloon-follow; memuse mib={used}"),
+                &["--memory", "size=192M", "--balloon", "stats_interval_s=1"],
+            );
+            vmm.wait_for(&format!("memuse: used={used} target={used}"), BOOT);
+            vmm
+        })
+        .collect();
+    let before = resident_mib(&vmms);
+    assert!(
+        before > BUDGET_MIB - TARGET_MIB + 50,
+        "the guests must overcommit the budget: {before} MiB resident"
+    );
+    let policy = Policy::start(
+        &dir,
+        &[
+            "--interval-ms",
+            "300",
+            "--host-memory-mib",
+            &BUDGET_MIB.to_string(),
+            "--host-target-mib",
+            &TARGET_MIB.to_string(),
+            "--hysteresis-mib",
+            "32",
+            "--guest-margin-mib",
+            &MARGIN_MIB.to_string(),
+            "--step-mib",
+            "32",
+        ],
+    );
+
+    // (1) Overcommitted: the policy inflates balloons until the host target
+    // holds, leaving every guest its floor.
+    let took = settle(&vmms, &policy, "start");
+    eprintln!(
+        "policy: resident {before} -> {} MiB in {took:?}",
+        resident_mib(&vmms)
+    );
+
+    // (2) Guest a needs 116 MiB more, more than it has outside its balloon
+    // (every guest gave at least a step): its balloon follows it back up
+    // (the guest gets the memory it asks for), the others give more.
+    let logged = policy.log().len();
+    let grown = Instant::now();
+    vmms[0].send_line("memuse mib=140");
+    vmms[0].wait_for("memuse: used=140 target=140", Duration::from_secs(60));
+    let fed = grown.elapsed();
+    let took = settle(&vmms, &policy, "a grew");
+    assert!(
+        policy.log()[logged..].contains("deflate a: "),
+        "{}",
+        policy.log()
+    );
+    eprintln!(
+        "policy: guest a grew by 116 MiB: it had them after {fed:?}, host target and floors \
+         back {took:?} later"
+    );
+
+    // (3) a shrinks back, b grows to nearly all it has: b's balloon
+    // deflates, and a's freed memory goes to the host through a's balloon.
+    vmms[0].send_line("memuse mib=24");
+    vmms[0].wait_for("memuse: used=24 target=24", SHORT);
+    let logged = policy.log().len();
+    let grown = Instant::now();
+    vmms[1].send_line("memuse mib=150");
+    vmms[1].wait_for("memuse: used=150 target=150", Duration::from_secs(60));
+    let fed = grown.elapsed();
+    let took = settle(&vmms, &policy, "b grew");
+    let later = policy.log()[logged..].to_string();
+    assert!(
+        later.contains("deflate b: ") && later.contains("inflate a: "),
+        "{later}"
+    );
+    eprintln!(
+        "policy: a shrank, b grew by 110 MiB: it had them after {fed:?}, settled {took:?} later"
+    );
+
+    let log = policy.stop();
+    for needle in [
+        "vmm-overcommit: inflate ",
+        "vmm-overcommit: deflate a: ",
+        "guest below its floor",
+        "vmm-overcommit: stopped",
+    ] {
+        assert!(log.contains(needle), "the log lacks {needle:?}:\n{log}");
+    }
+    // Every action is logged with the figures behind it; no failures.
+    assert!(!log.contains("failed"), "{log}");
+    let actions = log.lines().filter(|l| l.contains(": balloon ")).count();
+    eprintln!("policy: {actions} balloon changes logged:\n{log}");
+}
+
+#[test]
+fn the_overcommit_policy_refuses_bad_options_and_its_unit_is_valid() {
+    let run = |args: &[&str]| {
+        std::process::Command::new(vmm_tests::harness::overcommit_binary())
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    for (args, needle) in [
+        (&["--step-mib", "0"][..], "--step-mib"),
+        (&["--interval-ms", "soon"], "--interval-ms"),
+        (&["--psi-limit", "150"], "--psi-limit"),
+        (&["--bogus", "1"], "--bogus"),
+        (&["--host-target-mib"], "needs a value"),
+    ] {
+        let out = run(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(needle),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert!(String::from_utf8_lossy(&run(&["--help"]).stdout).contains("--host-memory-mib"));
+
+    let Some(analyze) = ["/usr/bin/systemd-analyze", "/bin/systemd-analyze"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+    else {
+        eprintln!("SKIP: systemd-analyze is not installed (package systemd)");
+        return;
+    };
+    let dir = TempDir::new("policy-unit");
+    let unit = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../resources/systemd/vmm-overcommit.service"),
+    )
+    .unwrap();
+    assert!(unit.contains("ExecStart=/usr/local/bin/vmm-overcommit "));
+    // The binary must exist for the check: this build's.
+    let unit = unit.replace(
+        "/usr/local/bin/vmm-overcommit",
+        vmm_tests::harness::overcommit_binary().to_str().unwrap(),
+    );
+    std::fs::write(dir.join("vmm-overcommit.service"), unit).unwrap();
+    let out = std::process::Command::new(analyze)
+        .arg("verify")
+        .arg(dir.join("vmm-overcommit.service"))
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success() && out.stderr.is_empty(),
+        "systemd-analyze verify: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

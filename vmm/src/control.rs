@@ -72,6 +72,8 @@ pub struct Controller {
     migration_state: MigrationState,
     /// Set when the loop should end with this status.
     exit: Option<ExitStatus>,
+    /// The cluster manager that runs this guest (`--managed-by`), if any.
+    managed_by: Option<String>,
 }
 
 impl Default for Controller {
@@ -94,7 +96,14 @@ impl Controller {
             migration: Arc::new(MigrationShared::default()),
             migration_state: MigrationState::Idle,
             exit: None,
+            managed_by: None,
         }
+    }
+
+    /// Marks the guest as run by a cluster manager: it then refuses a
+    /// migration that is not forced (the manager's agent forces its own).
+    pub fn set_managed_by(&mut self, manager: Option<String>) {
+        self.managed_by = manager;
     }
 
     /// Where other threads send events.
@@ -574,6 +583,19 @@ impl Controller {
 
     fn send_migration(&mut self, request: SendMigrationRequest) -> ApiResult {
         self.expect_state("migrate", &[VmState::Running, VmState::Paused])?;
+        // A migration the manager did not start would leave it believing the
+        // guest stopped here: it would start a second copy on the same disk.
+        if let (Some(manager), false) = (&self.managed_by, request.force) {
+            return Err(ApiError::new(
+                ApiErrorKind::WrongState,
+                format!(
+                    "cannot migrate: this guest is managed by {manager}, which would not \
+                     know it moved and could start a second copy; move it with \
+                     `crm resource move RESOURCE NODE` (or set \"force\": true, \
+                     vmmctl migrate --force, if {manager} no longer runs it)"
+                ),
+            ));
+        }
         if self.migration_state != MigrationState::Idle {
             return Err(ApiError::new(
                 ApiErrorKind::WrongState,

@@ -77,6 +77,11 @@ Other:
   --user NAME            after opening /dev/kvm, the disks, taps and sockets, run as
                          this user, its group and supplementary groups, with no
                          capabilities (see the README for what the host prepares)
+  --managed-by MANAGER   a cluster manager (e.g. pacemaker) runs this guest:
+                         vm.send-migration is refused unless forced, so
+                         that a hand-run migration cannot leave the manager
+                         believing the guest stopped here (it would start a
+                         second copy)
   -h, --help             this text
   -V, --version          the version
 
@@ -103,6 +108,7 @@ struct Args {
     log_file: Option<PathBuf>,
     seccomp: confine::Mode,
     user: Option<confine::user::User>,
+    managed_by: Option<String>,
 }
 
 fn usage_error(e: impl std::fmt::Display) -> ExitCode {
@@ -114,6 +120,7 @@ fn usage_error(e: impl std::fmt::Display) -> ExitCode {
 fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Option<Args>, ConfigError> {
     let mut api_socket = None;
     let mut api_socket_group = None;
+    let mut managed_by: Option<String> = None;
     let mut incoming: Option<String> = None;
     let mut token_file: Option<PathBuf> = None;
     let mut tls_dir: Option<PathBuf> = None;
@@ -149,6 +156,16 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Option<Args>, Co
         match name.as_str() {
             "--api-socket" => api_socket = Some(PathBuf::from(value()?)),
             "--api-socket-group" => api_socket_group = Some(value()?),
+            "--managed-by" => {
+                let manager = value()?;
+                if manager.is_empty() || manager.chars().any(|c| c.is_control()) {
+                    return Err(ConfigError::new(
+                        "--managed-by",
+                        "needs the manager's name (e.g. pacemaker)",
+                    ));
+                }
+                managed_by = Some(manager);
+            }
             "--incoming" => incoming = Some(value()?),
             "--migration-token-file" => token_file = Some(PathBuf::from(value()?)),
             "--migration-tls-dir" => tls_dir = Some(PathBuf::from(value()?)),
@@ -226,6 +243,7 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Option<Args>, Co
                 | "--log-file"
                 | "--seccomp"
                 | "--user"
+                | "--managed-by"
         ) {
             vm_flags = true;
         }
@@ -328,6 +346,7 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Option<Args>, Co
         log_file,
         seccomp,
         user,
+        managed_by,
     }))
 }
 
@@ -425,6 +444,7 @@ fn main() -> ExitCode {
     }
 
     let mut controller = Controller::new();
+    controller.set_managed_by(args.managed_by.clone());
     let sender = controller.sender();
     let stop = move |signal| sender.send(ControlEvent::Signal(signal)).is_ok();
     if let Err(e) = vmm::signals::forward(stop, args.log_file.clone()) {

@@ -646,6 +646,7 @@ async fn guest_action(
                 token,
                 parameters,
                 tls_dir: None,
+                force: false,
             };
             with_vmm(guest, socket.clone(), move |c| c.send_migration(&request)).await?;
             state

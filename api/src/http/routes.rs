@@ -413,6 +413,7 @@ mod tests {
                 destination: "tcp:10.0.0.2:6000".into(),
                 token: "secret".into(),
                 tls_dir: Some("/etc/vmm/tls".into()),
+                force: false,
                 parameters: MigrationParameters {
                     downtime_ms: 150,
                     bandwidth_bytes_per_s: Some(100 << 20),
@@ -554,6 +555,7 @@ mod tests {
                 destination: "unix:/m.sock".into(),
                 token: "t".into(),
                 tls_dir: None,
+                force: false,
                 parameters: MigrationParameters::default(),
             })
         );

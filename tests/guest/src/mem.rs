@@ -154,11 +154,13 @@ fn arena_free_ranges() -> ([Range; MAX_RANGES], usize) {
         DMA_BASE.load(Ordering::Acquire),
         DMA_END.load(Ordering::Acquire),
     );
+    let used = USED_BYTES.load(Ordering::Acquire);
     for r in free_ranges() {
         let mut r = *r;
         if dma_end > dma_base && r.start <= dma_base && dma_end <= r.end {
-            // The arena is at the top of its range.
-            r.end = dma_base;
+            // The arena is at the top of its range, the guest's "used"
+            // memory right below it.
+            r.end = dma_base - used.min(dma_base - r.start);
         }
         if r.end > r.start {
             out[n] = r;
@@ -439,4 +441,60 @@ pub fn balloon_release(mut n: u64) {
             b.n -= 1;
         }
     }
+}
+
+// ---------------------------------------------------------- used memory ----
+
+/// Memory the guest "uses" (`memuse`): a region right below the DMA arena
+/// that workloads and the balloon leave alone and the balloon statistics do
+/// not count as free, so that the guest's own memory use can change over
+/// time. It grows downwards, only into pages the balloon does not hold.
+static USED_BYTES: AtomicU64 = AtomicU64::new(0);
+
+/// Bytes the guest uses.
+pub fn used_bytes() -> u64 {
+    USED_BYTES.load(Ordering::Acquire)
+}
+
+/// Grows the used region by at most `bytes` (whole pages) into free RAM
+/// below it, touching every new page so that the host backs it; shrinks it
+/// at once when `bytes` is negative. Returns the used bytes after. Needs
+/// the DMA arena (reserved here if it is not yet).
+pub fn used_change(delta: i64) -> u64 {
+    let Some((arena, _)) = dma_reserve() else {
+        return 0;
+    };
+    let used = used_bytes();
+    if delta <= 0 {
+        let new = used.saturating_sub(delta.unsigned_abs() & !(PAGE - 1));
+        USED_BYTES.store(new, Ordering::Release);
+        return new;
+    }
+    // The range holding the arena, and the lowest address the region may
+    // reach: above every ballooned page in that range.
+    let Some(range) = free_ranges()
+        .iter()
+        .find(|r| r.start <= arena && arena <= r.end)
+    else {
+        return used;
+    };
+    let balloon = BALLOON.lock();
+    let floor = balloon.runs[..balloon.n]
+        .iter()
+        .filter(|b| b.start < arena && b.end > range.start)
+        .map(|b| b.end)
+        .max()
+        .unwrap_or(range.start)
+        .max(range.start);
+    let base = arena - used;
+    let new_base = base
+        .saturating_sub((delta as u64) & !(PAGE - 1))
+        .max(floor);
+    if new_base < base {
+        // Touch the pages before they count as used: the host backs them.
+        fill(new_base, base - new_base, 0x7573_6564_7573_6564);
+        USED_BYTES.store(arena - new_base, Ordering::Release);
+    }
+    drop(balloon);
+    used_bytes()
 }

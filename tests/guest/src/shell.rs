@@ -219,6 +219,10 @@ struct Shell {
     next_pages_report: u64,
     bsp_walker: Option<Walker>,
     sleep_until: Option<u64>,
+    /// `memuse`: the used memory the guest moves towards, and whether it
+    /// said it is stuck (no free memory) since the target was set.
+    memuse_target: Option<u64>,
+    memuse_stuck: bool,
 }
 
 /// Run the shell on the BSP (never returns).
@@ -245,6 +249,8 @@ pub fn run(opts: Options, cmdline: &'static str) -> ! {
         next_pages_report: 0,
         bsp_walker: None,
         sleep_until: None,
+        memuse_target: None,
+        memuse_stuck: false,
     };
     let (_, cmds) = split_cmdline(cmdline);
     if !sh.queue.push(cmds.as_bytes()) {
@@ -391,7 +397,7 @@ impl core::fmt::Display for Keys<'_> {
     }
 }
 
-const HELP: &str = "echo info counters pages check-pages stop memfill memcheck sleep irqs lspci \
+const HELP: &str = "echo info counters pages check-pages stop memfill memcheck memuse sleep irqs lspci \
                     gatebench spew poweroff reset triple-fault halt crash ud fault help \
                     blk-info blk-id blk-write blk-read blk-flush blk-discard blk-zeroes \
                     blk-inflight blk-bench blk-hostile blk-reader blk-check \
@@ -493,6 +499,7 @@ impl Shell {
 
     /// Periodic output of the running workloads.
     fn periodic(&mut self) {
+        self.memuse_step();
         if self.counters_active && time::passed(self.next_counters) {
             self.next_counters = self
                 .next_counters
@@ -579,6 +586,7 @@ impl Shell {
                 }
             }
             "memfill" | "memcheck" => self.cmd_mem(cmd, rest),
+            "memuse" => self.cmd_memuse(cmd, rest),
             "sleep" => {
                 let Some(a) = Args::parse(cmd, rest, &["ms"]) else {
                     return;
@@ -823,6 +831,62 @@ impl Shell {
                     )
                 }
             }
+        }
+    }
+
+    /// `memuse [mib=N]`: the guest's own memory use moves towards N MiB.
+    fn cmd_memuse(&mut self, cmd: &str, rest: &str) {
+        let Some(a) = Args::parse(cmd, rest, &["mib"]) else {
+            return;
+        };
+        let Ok(mib) = a.num("mib", 0..=1 << 20) else {
+            return;
+        };
+        match mib {
+            Some(mib) => {
+                self.memuse_target = Some(mib * mem::MIB);
+                self.memuse_stuck = false;
+                self.memuse_step();
+            }
+            None => println!(
+                "memuse: used={} target={} free={}",
+                mem::used_bytes() / mem::MIB,
+                self.memuse_target.unwrap_or(0) / mem::MIB,
+                mem::workload_free_bytes() / mem::MIB
+            ),
+        }
+    }
+
+    /// Moves the used memory towards the `memuse` target: shrinks at once,
+    /// grows by at most 4 MiB a pass (it touches each page) into free
+    /// memory; prints when it gets there, or once when no memory is free
+    /// (the balloon holds it), and goes on when memory is free again.
+    fn memuse_step(&mut self) {
+        let Some(target) = self.memuse_target else {
+            return;
+        };
+        let used = mem::used_bytes();
+        let now = if target < used {
+            mem::used_change(-((used - target) as i64))
+        } else if target > used {
+            mem::used_change((target - used).min(4 * mem::MIB) as i64)
+        } else {
+            used
+        };
+        if now == target {
+            println!(
+                "memuse: used={} target={}",
+                now / mem::MIB,
+                target / mem::MIB
+            );
+            self.memuse_target = None;
+        } else if now == used && !self.memuse_stuck {
+            self.memuse_stuck = true;
+            println!(
+                "memuse: used={} target={} status=full",
+                now / mem::MIB,
+                target / mem::MIB
+            );
         }
     }
 

@@ -32,13 +32,16 @@ Commands:
   counters                     exit and device counters
   migrate DESTINATION (--token-file FILE | --token TOKEN) [--tls-dir DIR]
           [--downtime-ms N] [--bandwidth SIZE] [--timeout-s N]
-          [--timeout-action cancel|force] [--no-auto-converge] [--detach]
+          [--timeout-action cancel|force] [--no-auto-converge] [--detach] [--force]
                                migrate the VM to the VMM listening on DESTINATION
                                (tcp:HOST:PORT or unix:PATH): shows the progress on
                                stderr, then the statistics (exit 0 if it completed,
                                1 if it failed or was cancelled); --detach returns
                                once it has started. Interrupting vmmctl does not
-                               stop the migration: use migrate --cancel
+                               stop the migration: use migrate --cancel. A VMM
+                               started by a cluster manager (vmm --managed-by)
+                               refuses unless --force: move the guest with the
+                               cluster manager (crm resource move) instead
   migrate --cancel             stop the outgoing migration; the guest keeps running here
   migrate-status               the phase and figures of the current (or last) migration
   migrate-set [--downtime-ms N] [--bandwidth SIZE] [--timeout-s N]
@@ -166,6 +169,8 @@ pub(crate) struct MigrateArgs {
     pub(crate) tls_dir: Option<PathBuf>,
     pub(crate) parameters: MigrationParameters,
     pub(crate) detach: bool,
+    /// Migrate a guest a cluster manager manages (`vmm --managed-by`).
+    pub(crate) force: bool,
 }
 
 /// Where the migration token comes from.
@@ -426,6 +431,7 @@ pub(crate) struct MigrationOptions {
     parameters: MigrationParameters,
     detach: bool,
     cancel: bool,
+    force: bool,
 }
 
 pub(crate) const TUNING_OPTIONS: &[&str] = &[
@@ -516,6 +522,7 @@ pub(crate) fn parse_migration_options(
             "--no-auto-converge" => parameters.auto_converge = false,
             "--detach" => options.detach = true,
             "--cancel" => options.cancel = true,
+            "--force" => options.force = true,
             _ => return Err(format!("{command}: unknown option {arg:?}")),
         }
     }
@@ -574,6 +581,7 @@ pub(crate) fn parse_migrate(args: &[String]) -> Result<Command, String> {
         "--tls-dir",
         "--detach",
         "--cancel",
+        "--force",
     ];
     allowed.extend_from_slice(TUNING_OPTIONS);
     let options = parse_migration_options("migrate", args, &allowed)?;
@@ -591,6 +599,7 @@ pub(crate) fn parse_migrate(args: &[String]) -> Result<Command, String> {
         tls_dir: options.tls_dir,
         parameters: options.parameters,
         detach: options.detach,
+        force: options.force,
     }))
 }
 
@@ -795,7 +804,7 @@ mod tests {
                 assert_eq!(m.token, Token::Literal("-h".into()));
                 assert_eq!(m.parameters.bandwidth_bytes_per_s, Some(1024));
                 assert_eq!(m.parameters.timeout_s, Some(9));
-                assert!(!m.detach);
+                assert!(!m.detach && !m.force);
             }
             other => panic!("{other:?}"),
         }
@@ -807,10 +816,11 @@ mod tests {
             "--token-file",
             "/t",
             "--detach",
+            "--force",
         ]) {
             Command::Migrate(m) => {
                 assert_eq!(m.token, Token::File("/t".into()));
-                assert!(m.detach);
+                assert!(m.detach && m.force);
                 assert_eq!(m.parameters, MigrationParameters::default());
             }
             other => panic!("{other:?}"),

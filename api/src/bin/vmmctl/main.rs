@@ -112,6 +112,7 @@ fn run(args: &Args) -> Result<String, (u8, String)> {
                 destination: migrate.destination.clone(),
                 token: migrate.token.read().map_err(|m| (EXIT_USAGE, m))?,
                 tls_dir: migrate.tls_dir.clone(),
+                force: migrate.force,
                 parameters: migrate.parameters.clone(),
             };
             client.send_migration(&request).map_err(client_error)?;
