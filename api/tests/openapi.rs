@@ -504,6 +504,7 @@ fn full_config(serial: SerialConfig, backing: MemoryBacking, on_reset: ResetActi
             id: Some("eth0".into()),
             mac: Some("52:54:00:12:34:56".into()),
             rate_limit,
+            bridge: Some("br0".into()),
         }],
         balloon: Some(BalloonConfig {
             target_mib: 64,

@@ -39,8 +39,9 @@ VM flags (the same fields as the JSON config file and the vm.create body):
   --disk SPEC            path=P[,id=ID][,readonly=on][,direct=on][,serial=S]
                          [,logical_block_size=N][,physical_block_size=N]
                          [,rate_bytes=N][,rate_ops=N]   (repeatable)
-  --net SPEC             tap=NAME|fd=N[,id=ID][,mac=MAC][,rate_bytes=N][,rate_ops=N]
-                         (repeatable)
+  --net SPEC             tap=NAME|fd=N[,bridge=BR][,id=ID][,mac=MAC][,rate_bytes=N]
+                         [,rate_ops=N]  (repeatable; bridge: the tap joins BR with
+                         its MTU and is brought up)
   --balloon SPEC         [target_mib=N][,deflate_on_oom=on][,free_page_reporting=on]
                          [,stats_interval_s=N]
   --serial MODE          stdout (default) | off | pty | file=PATH
