@@ -653,6 +653,18 @@ fn schemas_describe_exactly_the_rust_types() {
     }
     checker.value("MigrationStatus", &MigrationStatus::default());
     checker.value("BalloonUpdate", &BalloonUpdate { target_mib: 64 });
+    checker.value(
+        "SnapshotRequest",
+        &api::request::SnapshotRequest {
+            destination: "/var/lib/vmm/snapshots/web1".into(),
+        },
+    );
+    checker.value(
+        "RestoreRequest",
+        &api::request::RestoreRequest {
+            source: "/var/lib/vmm/snapshots/web1".into(),
+        },
+    );
     checker.value("BalloonStatistics", &full_balloon_statistics());
     checker.value("BalloonStatistics", &BalloonStatistics::default());
     let mut no_ksm = full_info(VmState::Running);
