@@ -207,7 +207,11 @@ impl Controller {
         if self.migration_state == MigrationState::Running(MigrationRole::Receive) {
             // A target stopped before the guest ran here: no guest ended,
             // the migration failed.
-            eprintln!("vmm: stopped while waiting for an incoming migration: no guest ran");
+            if matches!(self.pending, Some(PendingJob::Restore { .. })) {
+                eprintln!("vmm: stopped during a restore: no guest ran");
+            } else {
+                eprintln!("vmm: stopped while waiting for an incoming migration: no guest ran");
+            }
             return ExitStatus::Error;
         }
         match (self.state, &self.vm) {
@@ -989,7 +993,12 @@ impl Controller {
                     )));
                     return Ok(MigrationReply::Done);
                 }
-                eprintln!("vmm: exiting: the incoming migration failed: {message}");
+                let what = if matches!(self.pending.take(), Some(PendingJob::Restore { .. })) {
+                    "the restore"
+                } else {
+                    "the incoming migration"
+                };
+                eprintln!("vmm: exiting: {what} failed: {message}");
                 self.exit = Some(ExitStatus::Error);
                 Ok(MigrationReply::Done)
             }
