@@ -176,7 +176,6 @@ Recommends: jq, iproute2
 Suggests: pacemaker, resource-agents, crmsh, drbd-utils
 Section: admin
 Priority: optional
-Homepage: file:///usr/share/doc/rustvmm/README.md
 Description: one lean VMM process per guest on /dev/kvm, for small HA clusters
  A virtual machine monitor in Rust: virtio-pci disks and NICs, ACPI,
  live migration, snapshots, ballooning, booting installed guests from

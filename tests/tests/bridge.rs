@@ -283,3 +283,77 @@ fn a_missing_bridge_or_one_that_is_not_a_bridge_is_named_and_nothing_runs() {
     // The tap made for the failed starts is gone again.
     assert_eq!(link(&lan.host, "vmtap3"), None);
 }
+
+/// Makes /dev/net/tun mode 0666 (Debian's) for a test; puts back the mode it had.
+struct TunMode(u32);
+
+impl TunMode {
+    fn open_to_all() -> TunMode {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata("/dev/net/tun")
+            .unwrap()
+            .permissions()
+            .mode();
+        std::fs::set_permissions("/dev/net/tun", std::fs::Permissions::from_mode(0o20666)).unwrap();
+        TunMode(mode)
+    }
+}
+
+impl Drop for TunMode {
+    fn drop(&mut self) {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions("/dev/net/tun", std::fs::Permissions::from_mode(self.0));
+    }
+}
+
+#[test]
+fn a_vmm_that_dropped_root_keeps_its_bridge_port_across_a_guest_reboot() {
+    // With --user the VMM has no CAP_NET_ADMIN when a guest reboot
+    // (on_reset reboot) rebuilds the NIC: a tap made for the user and
+    // already on the bridge must need no privileged call then.
+    require_kvm!();
+    let Some(lan) = lan() else { return };
+    let dir = TempDir::new("bridge-user");
+    let h = lan.host.name.as_str();
+    ip(&[
+        "-n", h, "tuntap", "add", "dev", "vmtap5", "mode", "tap", "vnet_hdr", "user", "nobody",
+    ]);
+    // Re-opening the tap needs /dev/net/tun open to all, as Debian ships
+    // it (some hosts make it 0600); the mode is put back afterwards.
+    let _tun = TunMode::open_to_all();
+    let args: Vec<String> = vec![
+        "--kernel".into(),
+        testguest().display().to_string(),
+        "--cmdline".into(),
+        "-- net-info".into(),
+        "--net".into(),
+        format!("tap=vmtap5,bridge={BRIDGE}"),
+        "--on-reset".into(),
+        "reboot".into(),
+        "--user".into(),
+        "nobody".into(),
+    ];
+    let mut vmm = Vmm::spawn_with_prefix(&lan.host.exec_prefix(), &args);
+    let (guest, _) = guest_mac(&mut vmm);
+    vmm.send_line("reset");
+    vmm.wait_for("testguest: reset", SHORT);
+    // Booted again, on the same bridge port, and frames still cross it.
+    let (again, _) = guest_mac(&mut vmm);
+    assert_eq!(again, guest);
+    let tap = link(&lan.host, "vmtap5").unwrap();
+    assert!(tap.contains(&format!("master {BRIDGE}")), "{tap}");
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let collector = lan.peer.spawn(move || {
+        let socket = PacketSocket::bind("veth-peer", ETHERTYPE);
+        ready_tx.send(()).unwrap();
+        std::iter::from_fn(|| socket.recv(SHORT))
+            .find(|f| f[6..12] == guest)
+            .is_some()
+    });
+    ready_rx.recv().unwrap();
+    vmm.send_line("net-send count=1");
+    vmm.wait_for("net: sent=1", SHORT);
+    assert!(collector.join().unwrap(), "{}", vmm.report());
+    vmm.send_line("poweroff");
+    assert_eq!(vmm.exit_code(SHORT), 0, "{}", vmm.report());
+}

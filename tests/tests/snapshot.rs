@@ -305,3 +305,44 @@ fn a_restore_whose_disk_another_vmm_holds_fails_naming_it_and_runs_nothing() {
     let mut vmm = restored(&dir, "target2", &snapshot);
     cpu0(&mut vmm);
 }
+
+#[test]
+fn a_snapshot_that_does_not_fit_leaves_no_file_and_the_guest_resumes() {
+    require_kvm!();
+    let dir = TempDir::new("snap-full");
+    let full = dir.join("full");
+    std::fs::create_dir(&full).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=32k,mode=0700", "tmpfs"])
+        .arg(&full)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("SKIP: cannot mount a tmpfs (needs root)");
+        return;
+    }
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(full.clone());
+    let mut source = guest(&dir, "source", "counters period_ms=100", "64M", &[]);
+    let before = cpu0(&mut source);
+    let snapshot = full.join("web1");
+    let e = source.api().snapshot(&snapshot).unwrap_err();
+    assert!(e.to_string().contains("No space left on device"), "{e}");
+    // Neither a snapshot nor the partial file is left.
+    let left: Vec<_> = std::fs::read_dir(&snapshot)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    // The guest was paused for it and stays so; resumed, it goes on.
+    assert_eq!(source.api().ping().unwrap().state, VmState::Paused);
+    source.api().resume().unwrap();
+    source.skip_console();
+    let after = cpu0(&mut source);
+    assert!(after > before, "{before} then {after}");
+}

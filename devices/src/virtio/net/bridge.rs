@@ -164,7 +164,8 @@ fn bridge_ports(socket: &OwnedFd, bridge: &str) -> io::Result<Vec<libc::c_int>> 
 }
 
 /// Sets `tap` to the MTU of `bridge`, adds it to the bridge (a tap already
-/// on this bridge stays) and brings it up. Returns the MTU.
+/// on this bridge stays) and brings it up. Returns the MTU. Each step is
+/// skipped when already done, so a tap set up before needs no privilege.
 pub fn attach(tap: &str, bridge: &str) -> Result<u16, BridgeError> {
     let err = |op, e| BridgeError::new(tap, bridge, op, e);
     let socket = control_socket().map_err(|e| err("socket", e))?;
@@ -175,14 +176,13 @@ pub fn attach(tap: &str, bridge: &str) -> Result<u16, BridgeError> {
     if current != mtu {
         ifreq_int(&socket, libc::SIOCSIFMTU, tap, mtu).map_err(|e| err("SIOCSIFMTU", e))?;
     }
-    if let Err(e) = ifreq_int(&socket, SIOCBRADDIF, bridge, tap_index) {
-        // Already a port: of this bridge (a tap kept from an earlier run,
-        // or attached by hand) is fine, of another one is not.
-        let on_this_bridge = e.raw_os_error() == Some(libc::EBUSY)
-            && bridge_ports(&socket, bridge).is_ok_and(|ports| ports.contains(&tap_index));
-        if !on_this_bridge {
-            return Err(err("SIOCBRADDIF", e));
-        }
+    // Already a port of this bridge (a tap kept from an earlier run or a
+    // reboot, or attached by hand): nothing to add. Reading the port list
+    // needs no privilege, so a VMM that dropped root (--user) rebuilding
+    // its devices at a guest reboot gets here too.
+    let on_this_bridge = bridge_ports(&socket, bridge).is_ok_and(|p| p.contains(&tap_index));
+    if !on_this_bridge {
+        ifreq_int(&socket, SIOCBRADDIF, bridge, tap_index).map_err(|e| err("SIOCBRADDIF", e))?;
     }
     let flags =
         ifreq_int(&socket, libc::SIOCGIFFLAGS, tap, 0).map_err(|e| err("SIOCGIFFLAGS", e))?;
