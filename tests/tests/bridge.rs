@@ -313,7 +313,6 @@ fn a_vmm_that_dropped_root_keeps_its_bridge_port_across_a_guest_reboot() {
     // already on the bridge must need no privileged call then.
     require_kvm!();
     let Some(lan) = lan() else { return };
-    let dir = TempDir::new("bridge-user");
     let h = lan.host.name.as_str();
     ip(&[
         "-n", h, "tuntap", "add", "dev", "vmtap5", "mode", "tap", "vnet_hdr", "user", "nobody",
