@@ -6,7 +6,8 @@
 #   --profile P   the cargo profile whose binaries are packaged (default:
 #                 release; debug packages target/debug, for tests)
 #   --no-build    package the binaries already built (cargo test --workspace
-#                 builds the debug ones) instead of running cargo build
+#                 builds the debug ones) instead of running cargo build (and
+#                 resources/gen-docs.sh)
 #   --out DIR     where the .deb goes (default: target/debian)
 #
 # Contents: vmm, vmmctl and vmm-web in /usr/bin; their man pages and shell
@@ -92,8 +93,9 @@ for unit in vmm@.service vmm-web.service; do
 done
 
 # Man pages and completions: the generator's, or --help through help2man.
-if [ -x resources/gen-docs.sh ]; then
-	resources/gen-docs.sh "$bin"
+# (With --no-build nothing is built: pages generated earlier are used.)
+if [ -n "$build" ] && [ -x resources/gen-docs.sh ]; then
+	resources/gen-docs.sh
 fi
 mkdir -p "$root/usr/share/man/man1"
 if ls "$target"/man/*.1 >/dev/null 2>&1; then
