@@ -23,7 +23,7 @@ packages=(
     e2fsprogs fdisk        # tests/tests/disk_boot.rs: mkfs.ext4 -d, sfdisk (GPT and MBR)
     openssl                # tests/tests/migration_trust.rs: a CA and host certificates for migration TLS
     chromium chromium-driver   # tests/tests/web.rs: vmm-web in a real headless browser
-    systemd                # systemd-analyze verify of the units in resources/systemd
+    systemd man-db help2man    # tests/tests/units.rs, package.rs: systemd-analyze verify, man -w, man pages from --help
 )
 missing=()
 for p in "${packages[@]}"; do

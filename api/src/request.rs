@@ -49,6 +49,44 @@ pub enum ApiRequest {
     VmBalloon(BalloonUpdate),
     /// `GET vm.balloon-statistics`: the balloon's size and the guest's memory statistics.
     VmBalloonStatistics,
+    /// `PUT vm.snapshot`: write the VM (paused by it, and left paused) to a
+    /// directory; answers when the snapshot is complete.
+    VmSnapshot(SnapshotRequest),
+    /// `PUT vm.restore`: build the VM of a snapshot and resume it as it
+    /// was; answers when it runs (or is paused, if it was).
+    VmRestore(RestoreRequest),
+}
+
+/// The body of `vm.snapshot`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotRequest {
+    /// The snapshot directory (absolute): created mode 0700, or an existing
+    /// one private to the VMM's user; a snapshot in it is replaced.
+    pub destination: PathBuf,
+}
+
+/// The body of `vm.restore`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreRequest {
+    /// A directory written by `vm.snapshot` (absolute).
+    pub source: PathBuf,
+}
+
+/// Checks that a snapshot directory `path` given in `field` is absolute
+/// (the VMM's working directory is nobody's business).
+pub fn validate_snapshot_dir(
+    field: &str,
+    path: &std::path::Path,
+) -> Result<(), config::ConfigError> {
+    if !path.is_absolute() {
+        return Err(config::ConfigError::new(
+            field,
+            format!("{} is not an absolute path", path.display()),
+        ));
+    }
+    Ok(())
 }
 
 /// The body of `vm.resume` (optional; an empty body means no force).

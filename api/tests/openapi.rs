@@ -505,6 +505,7 @@ fn full_config(serial: SerialConfig, backing: MemoryBacking, on_reset: ResetActi
             id: Some("eth0".into()),
             mac: Some("52:54:00:12:34:56".into()),
             rate_limit,
+            bridge: Some("br0".into()),
         }],
         balloon: Some(BalloonConfig {
             target_mib: 64,
@@ -654,6 +655,18 @@ fn schemas_describe_exactly_the_rust_types() {
     }
     checker.value("MigrationStatus", &MigrationStatus::default());
     checker.value("BalloonUpdate", &BalloonUpdate { target_mib: 64 });
+    checker.value(
+        "SnapshotRequest",
+        &api::request::SnapshotRequest {
+            destination: "/var/lib/vmm/snapshots/web1".into(),
+        },
+    );
+    checker.value(
+        "RestoreRequest",
+        &api::request::RestoreRequest {
+            source: "/var/lib/vmm/snapshots/web1".into(),
+        },
+    );
     checker.value("BalloonStatistics", &full_balloon_statistics());
     checker.value("BalloonStatistics", &BalloonStatistics::default());
     let mut no_ksm = full_info(VmState::Running);

@@ -120,6 +120,8 @@ fn statuses_follow_the_route_table() {
             }
             "vm.migration-parameters" => Some(b"{}".to_vec()),
             "vm.balloon" => Some(br#"{"target_mib": 64}"#.to_vec()),
+            "vm.snapshot" => Some(br#"{"destination": "/var/lib/vmm/s"}"#.to_vec()),
+            "vm.restore" => Some(br#"{"source": "/var/lib/vmm/s"}"#.to_vec()),
             _ => None,
         };
         let (status, reply) = client

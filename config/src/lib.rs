@@ -681,10 +681,31 @@ pub struct NetConfig {
     pub mac: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimitConfig>,
+    /// A Linux bridge the tap joins (as a port, with the bridge's MTU,
+    /// brought up). A host resource, like `tap`: a migration target uses
+    /// its own config's bridge when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bridge: Option<String>,
 }
 
 /// Linux interface names are at most 15 bytes.
 pub const MAX_IFNAME_LEN: usize = 15;
+
+/// Checks a Linux interface name (tap, bridge) given in `field`.
+fn validate_ifname(field: &str, name: &str) -> ConfigResult<()> {
+    if name.is_empty()
+        || name.len() > MAX_IFNAME_LEN
+        || name == "."
+        || name == ".."
+        || name.contains(['/', ' ', '\0', ':'])
+    {
+        return Err(ConfigError::new(
+            field,
+            format!("{name:?} is not a valid interface name (1-15 bytes, no '/', ':' or spaces)"),
+        ));
+    }
+    Ok(())
+}
 
 impl NetConfig {
     pub fn validate(&self) -> ConfigResult<()> {
@@ -694,21 +715,20 @@ impl NetConfig {
                 return Err(ConfigError::new("fd", "give either tap or fd, not both"))
             }
             (None, None) => return Err(ConfigError::new("tap", "a tap name or an fd is required")),
-            (Some(name), None) => {
-                if name.is_empty()
-                    || name.len() > MAX_IFNAME_LEN
-                    || name.contains(['/', ' ', '\0', ':'])
-                {
-                    return Err(ConfigError::new(
-                        "tap",
-                        format!("{name:?} is not a valid interface name (1-15 bytes, no '/', ':' or spaces)"),
-                    ));
-                }
-            }
+            (Some(name), None) => validate_ifname("tap", name)?,
             (None, Some(fd)) => {
                 if fd < 0 {
                     return Err(ConfigError::new("fd", format!("{fd} is not a valid fd")));
                 }
+            }
+        }
+        if let Some(bridge) = &self.bridge {
+            validate_ifname("bridge", bridge)?;
+            if self.tap.as_ref() == Some(bridge) {
+                return Err(ConfigError::new(
+                    "bridge",
+                    format!("{bridge:?} is the tap itself"),
+                ));
             }
         }
         if let Some(mac) = &self.mac {
@@ -720,7 +740,8 @@ impl NetConfig {
         Ok(())
     }
 
-    /// Parses the command-line form: `tap=NAME|fd=N[,id=ID][,mac=MAC][,rate_bytes=N][,rate_ops=N]`.
+    /// Parses the command-line form:
+    /// `tap=NAME|fd=N[,bridge=BR][,id=ID][,mac=MAC][,rate_bytes=N][,rate_ops=N]`.
     pub fn parse(text: &str) -> ConfigResult<NetConfig> {
         let mut net = NetConfig::default();
         let mut rate = RateLimitConfig::default();
@@ -729,6 +750,7 @@ impl NetConfig {
             match key {
                 "tap" => net.tap = Some(value.to_string()),
                 "fd" => net.fd = Some(parse_number(&field(), value)?),
+                "bridge" => net.bridge = Some(value.to_string()),
                 "id" => net.id = Some(value.to_string()),
                 "mac" => net.mac = Some(value.to_string()),
                 "rate_bytes" => rate.bytes_per_sec = Some(parse_size(&field(), value)?),
@@ -1109,6 +1131,19 @@ mod tests {
     fn unknown_fields_are_named() {
         let e = VmConfig::from_json(br#"{"payload": {"kernel": "/k"}, "memroy": {}}"#).unwrap_err();
         assert!(e.to_string().contains("memroy"), "{e}");
+    }
+
+    #[test]
+    fn a_bridge_is_an_interface_name_other_than_the_tap() {
+        let net = NetConfig::parse("tap=tap0,bridge=br0").unwrap();
+        assert_eq!(net.bridge.as_deref(), Some("br0"));
+        let e = NetConfig::parse("tap=tap0,bridge=tap0").unwrap_err();
+        assert_eq!(e.field, "--net.bridge");
+        assert!(e.to_string().contains("the tap itself"), "{e}");
+        let e = NetConfig::parse("tap=tap0,bridge=a/b").unwrap_err();
+        assert!(e.to_string().contains("not a valid interface name"), "{e}");
+        let e = NetConfig::parse(&format!("tap=tap0,bridge={}", "b".repeat(16))).unwrap_err();
+        assert_eq!(e.field, "--net.bridge");
     }
 
     #[test]

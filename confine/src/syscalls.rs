@@ -255,6 +255,8 @@ fn kind_list(kind: ThreadKind) -> Vec<Entry> {
             sys!(prlimit64),
             sys!(uname),
             sys!(sysinfo),
+            // vm.snapshot: an existing snapshot directory must be ours.
+            sys!(geteuid),
         ],
         ThreadKind::Vcpu => vec![
             sys!(ioctl, Allow::Ioctls(VCPU_IOCTLS)),
@@ -365,6 +367,8 @@ fn kind_list(kind: ThreadKind) -> Vec<Entry> {
             sys!(bind),
             sys!(sendmmsg),
             sys!(recvmmsg),
+            // vm.snapshot: the snapshot thread (this kind) syncs its file.
+            sys!(fdatasync),
         ],
         ThreadKind::MigrationReceive => vec![
             sys!(ioctl, Allow::Ioctls(&[FIONBIO, FIOCLEX])),
@@ -554,6 +558,7 @@ names!(
     SYS_futex,
     SYS_getdents64,
     SYS_getpeername,
+    SYS_geteuid,
     SYS_getpid,
     SYS_getrandom,
     SYS_getsockname,

@@ -22,6 +22,13 @@
 //! S: Complete                   T: Running | Error  (the guest runs on T; only after State)
 //! S: Abandon  (any time: T drops everything and exits without running)
 //! ```
+//!
+//! A snapshot is the source's half of this exchange written to a file, with
+//! nobody to answer or authenticate: `Config`, `Memory*` (every non-zero
+//! page once), `State`, then `Complete` with a [`SnapshotComplete`] payload
+//! (the SHA-256 of every byte before it, and whether the guest ran), and
+//! nothing after it. A reader restores from it as a target does and runs
+//! the guest only after the checksum matched.
 
 use std::io::{self, Read, Write};
 
@@ -251,6 +258,17 @@ fn kind_name(kind: Kind) -> &'static str {
 /// Payload of `Ack` and `Running`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Empty {}
+
+/// Payload of `Complete` in a snapshot file (a live migration's is empty).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotComplete {
+    /// SHA-256 (hex) of the file's bytes before this message.
+    pub sha256: String,
+    /// Whether the guest ran when the snapshot was taken (it then runs
+    /// again when restored; a paused one stays paused).
+    pub running: bool,
+}
 
 /// Payload of `Error`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -10,7 +10,8 @@ use api::http::ApiCall;
 use api::request::{
     ApiError, ApiErrorKind, ApiRequest, ApiResponse, ApiResult, BalloonStatistics, BalloonUpdate,
     MemoryInfo, MigrationPhase, MigrationRole, MigrationStatus, PingInfo, ReceiveMigrationRequest,
-    SendMigrationRequest, ShutdownMode, ShutdownRequest, VmInfo, VmState,
+    RestoreRequest, SendMigrationRequest, ShutdownMode, ShutdownRequest, SnapshotRequest, VmInfo,
+    VmState,
 };
 use config::{ResetAction, VmConfig};
 use devices::legacy::PowerEvent;
@@ -52,6 +53,26 @@ enum MigrationState {
     /// on the target. Paused with its disks released until a forced resume
     /// (or the VMM's end).
     Undecided,
+    /// A snapshot is being written: the VM and its devices stay paused.
+    Snapshotting,
+}
+
+/// Answers an API call later (a snapshot or restore answers when done).
+type Reply = Box<dyn FnOnce(ApiResult) + Send>;
+
+/// An API call the control loop answers when a thread has finished.
+enum PendingJob {
+    /// `vm.snapshot`: the files being written.
+    Snapshot {
+        files: crate::migrate::file::SnapshotFiles,
+        reply: Reply,
+        started: Instant,
+    },
+    /// `vm.restore` (reply) or `--restore` (none: a failure ends the VMM).
+    Restore {
+        source: std::path::PathBuf,
+        reply: Option<Reply>,
+    },
 }
 
 /// How long a migrated source keeps answering the API, so clients can read
@@ -74,6 +95,8 @@ pub struct Controller {
     exit: Option<ExitStatus>,
     /// The cluster manager that runs this guest (`--managed-by`), if any.
     managed_by: Option<String>,
+    /// A snapshot or restore under way, and whom to tell.
+    pending: Option<PendingJob>,
 }
 
 impl Default for Controller {
@@ -97,6 +120,7 @@ impl Controller {
             migration_state: MigrationState::Idle,
             exit: None,
             managed_by: None,
+            pending: None,
         }
     }
 
@@ -158,9 +182,20 @@ impl Controller {
             };
             match event {
                 ControlEvent::Api(call) => {
-                    let result = self.handle(call.request);
+                    let reply = call.reply;
                     // The client may have gone; nothing to do then.
-                    let _ = call.reply.send(result);
+                    let reply: Reply = Box::new(move |result| {
+                        let _ = reply.send(result);
+                    });
+                    match call.request {
+                        // Answered when their thread is done.
+                        ApiRequest::VmSnapshot(request) => self.start_snapshot(request, reply),
+                        ApiRequest::VmRestore(request) => {
+                            // A refusal is answered already.
+                            let _ = self.start_restore(request, Some(reply));
+                        }
+                        request => reply(self.handle(request)),
+                    }
                 }
                 ControlEvent::Vm(event) => self.handle_vm_event(event),
                 ControlEvent::Migration(call, reply) => {
@@ -181,7 +216,11 @@ impl Controller {
         if self.migration_state == MigrationState::Running(MigrationRole::Receive) {
             // A target stopped before the guest ran here: no guest ended,
             // the migration failed.
-            eprintln!("vmm: stopped while waiting for an incoming migration: no guest ran");
+            if matches!(self.pending, Some(PendingJob::Restore { .. })) {
+                eprintln!("vmm: stopped during a restore: no guest ran");
+            } else {
+                eprintln!("vmm: stopped while waiting for an incoming migration: no guest ran");
+            }
             return ExitStatus::Error;
         }
         match (self.state, &self.vm) {
@@ -207,7 +246,9 @@ impl Controller {
             | ApiRequest::VmShutdown(_)
             | ApiRequest::VmSendMigration(_)
             | ApiRequest::VmReceiveMigration(_)
-            | ApiRequest::VmBalloon(_) => true,
+            | ApiRequest::VmBalloon(_)
+            | ApiRequest::VmSnapshot(_)
+            | ApiRequest::VmRestore(_) => true,
             // The one way out of an undecided outcome.
             ApiRequest::VmResume(r) => {
                 !(r.force && self.migration_state == MigrationState::Undecided)
@@ -228,6 +269,10 @@ impl Controller {
                 "refused: the migration outcome is undecided (the target got Complete but \
                  never confirmed it runs the guest); check the target, then resume with \
                  force only if the guest does not run there",
+            )),
+            MigrationState::Snapshotting => Err(ApiError::new(
+                ApiErrorKind::WrongState,
+                "refused: a snapshot is being written; the VM stays paused until it is done",
             )),
             _ => Ok(()),
         }
@@ -338,7 +383,175 @@ impl Controller {
             }
             ApiRequest::VmBalloon(update) => self.set_balloon(update),
             ApiRequest::VmBalloonStatistics => self.balloon_statistics(),
+            // `run` starts these and answers when they are done.
+            ApiRequest::VmSnapshot(_) | ApiRequest::VmRestore(_) => Err(ApiError::internal(
+                "snapshots and restores are answered when done",
+            )),
         }
+    }
+
+    /// `vm.snapshot`: pauses the VM (it stays paused), takes its state,
+    /// flushes the disks and writes everything on a thread; the reply goes
+    /// out when the file is complete.
+    fn start_snapshot(&mut self, request: SnapshotRequest, reply: Reply) {
+        match self.begin_snapshot(request) {
+            Ok((files, started)) => {
+                self.pending = Some(PendingJob::Snapshot {
+                    files,
+                    reply,
+                    started,
+                })
+            }
+            Err(e) => reply(Err(e)),
+        }
+    }
+
+    fn begin_snapshot(
+        &mut self,
+        request: SnapshotRequest,
+    ) -> Result<(crate::migrate::file::SnapshotFiles, Instant), ApiError> {
+        self.refuse_during_switch_over(&ApiRequest::VmSnapshot(request.clone()))?;
+        self.expect_state("snapshot", &[VmState::Running, VmState::Paused])?;
+        if self.migration_state != MigrationState::Idle {
+            return Err(ApiError::new(
+                ApiErrorKind::WrongState,
+                "cannot snapshot: a migration is running",
+            ));
+        }
+        let started = Instant::now();
+        let (files, file) = crate::migrate::file::prepare(&request.destination)
+            .map_err(|e| ApiError::of_class(e.class(), format!("destination: {e}")))?;
+        let running = self.state == VmState::Running;
+        let vm = self
+            .vm
+            .as_mut()
+            .ok_or_else(|| ApiError::internal("no VM is built"))?;
+        vm.pause();
+        self.state = VmState::Paused;
+        // Devices pause with the state taken: nothing writes guest memory
+        // from here until they resume.
+        let state = vm
+            .snapshot()
+            .and_then(|s| s.encode())
+            .map_err(|e| e.to_string())
+            .and_then(|state| {
+                vm.device_manager()
+                    .sync()
+                    .map(|_| state)
+                    .map_err(|e| e.to_string())
+            });
+        let state = match state {
+            Ok(state) => state,
+            Err(e) => {
+                vm.device_manager().resume();
+                files.discard();
+                return Err(ApiError::internal(format!("cannot snapshot: {e}")));
+            }
+        };
+        let job = crate::migrate::send::SnapshotJob {
+            config: self
+                .config
+                .clone()
+                .ok_or_else(|| ApiError::internal("no VM config"))?,
+            memory: vm.memory().clone(),
+            shared: self.migration.clone(),
+            balloon: vm.device_manager().balloon().cloned(),
+            state,
+            running,
+        };
+        self.migration.update(|s| {
+            *s = MigrationStatus {
+                phase: MigrationPhase::Active,
+                role: Some(MigrationRole::Send),
+                total_bytes: memory::total_size(&job.memory),
+                ..Default::default()
+            }
+        });
+        let control = self.control_handle();
+        let spawned = crate::seccomp::spawn(
+            crate::seccomp::ThreadKind::MigrationSend,
+            std::thread::Builder::new().name("snapshot".into()),
+            move || {
+                let mut stream = crate::migrate::Stream::file(file);
+                let result = crate::migrate::send::write_snapshot(&mut stream, job).and_then(|n| {
+                    if let Some(file) = stream.file_ref() {
+                        file.sync_data()?;
+                    }
+                    Ok(n)
+                });
+                let _ = crate::migrate::call(&control, MigrationCall::SnapshotDone(result));
+            },
+        );
+        if let Err(e) = spawned {
+            if let Some(vm) = &self.vm {
+                vm.device_manager().resume();
+            }
+            files.discard();
+            return Err(ApiError::internal(format!(
+                "cannot start the snapshot thread: {e}"
+            )));
+        }
+        self.migration_state = MigrationState::Snapshotting;
+        Ok((files, started))
+    }
+
+    /// `vm.restore` or `--restore`: reads the snapshot on a thread, as an
+    /// incoming migration; the reply (if any) goes out when the guest runs
+    /// or the restore failed. Without a reply a failure ends the VMM (1).
+    pub fn start_restore(
+        &mut self,
+        request: RestoreRequest,
+        reply: Option<Reply>,
+    ) -> Result<(), ApiError> {
+        match self.begin_restore(&request) {
+            Ok(()) => {
+                // The thread's first call waits in the queue until this returns.
+                self.pending = Some(PendingJob::Restore {
+                    source: request.source,
+                    reply,
+                });
+                Ok(())
+            }
+            Err(e) => {
+                if let Some(reply) = reply {
+                    reply(Err(e.clone()));
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn begin_restore(&mut self, request: &RestoreRequest) -> Result<(), ApiError> {
+        self.refuse_during_switch_over(&ApiRequest::VmRestore(request.clone()))?;
+        self.expect_state(
+            "restore a snapshot",
+            &[VmState::NotCreated, VmState::Created],
+        )?;
+        if self.migration_state != MigrationState::Idle {
+            return Err(ApiError::new(
+                ApiErrorKind::WrongState,
+                "cannot restore: a migration is under way",
+            ));
+        }
+        let file = crate::migrate::file::open(&request.source)
+            .map_err(|e| ApiError::of_class(e.class(), format!("source: {e}")))?;
+        let shared = self.migration.clone();
+        shared.update(|s| *s = MigrationStatus::default());
+        let control = self.control_handle();
+        crate::seccomp::spawn(
+            crate::seccomp::ThreadKind::MigrationReceive,
+            std::thread::Builder::new().name("restore".into()),
+            move || {
+                crate::migrate::receive::restore(
+                    crate::migrate::Stream::file(file),
+                    shared,
+                    control,
+                )
+            },
+        )
+        .map_err(|e| ApiError::internal(format!("cannot start the restore thread: {e}")))?;
+        self.migration_state = MigrationState::Running(MigrationRole::Receive);
+        Ok(())
     }
 
     /// `vm.resume` with force after an undecided migration: takes every
@@ -758,18 +971,107 @@ impl Controller {
                 vm.restore(snapshot)?;
                 Ok(MigrationReply::Done)
             }
-            MigrationCall::Start => {
+            MigrationCall::Start { run } => {
                 let vm = self.vm.as_ref().ok_or(MigrationError::ShuttingDown)?;
-                vm.resume();
+                if run {
+                    vm.resume();
+                }
                 vm.device_manager().migration_completed();
-                self.state = VmState::Running;
+                self.state = if run {
+                    VmState::Running
+                } else {
+                    VmState::Paused
+                };
                 self.migration_state = MigrationState::Idle;
+                if let Some(PendingJob::Restore { source, reply }) = self.pending.take() {
+                    eprintln!(
+                        "vmm: restored from {}: the guest {}",
+                        source.display(),
+                        if run { "runs" } else { "is paused, as it was" }
+                    );
+                    if let Some(reply) = reply {
+                        reply(Ok(ApiResponse::Empty));
+                    }
+                }
                 Ok(MigrationReply::Done)
             }
-            MigrationCall::Failed(message) => {
-                eprintln!("vmm: exiting: the incoming migration failed: {message}");
+            MigrationCall::Failed(message, class) => {
                 self.migration_state = MigrationState::Idle;
+                if let Some(PendingJob::Restore {
+                    source,
+                    reply: Some(reply),
+                }) = self.pending.take()
+                {
+                    // vm.restore: back to an empty VMM, which may try again.
+                    if let Some(mut vm) = self.vm.take() {
+                        vm.stop();
+                    }
+                    self.drain_vm_events();
+                    self.config = None;
+                    self.state = VmState::NotCreated;
+                    reply(Err(ApiError::of_class(
+                        class,
+                        format!("cannot restore {}: {message}", source.display()),
+                    )));
+                    return Ok(MigrationReply::Done);
+                }
+                let what = if matches!(self.pending.take(), Some(PendingJob::Restore { .. })) {
+                    "the restore"
+                } else {
+                    "the incoming migration"
+                };
+                eprintln!("vmm: exiting: {what} failed: {message}");
                 self.exit = Some(ExitStatus::Error);
+                Ok(MigrationReply::Done)
+            }
+            MigrationCall::AcquireDisks => {
+                let vm = self.vm.as_ref().ok_or(MigrationError::ShuttingDown)?;
+                vm.device_manager().migration_acquire()?;
+                Ok(MigrationReply::Done)
+            }
+            MigrationCall::SnapshotDone(result) => {
+                self.migration_state = MigrationState::Idle;
+                if let Some(vm) = &self.vm {
+                    // The vCPUs stay paused: see `begin_snapshot`.
+                    vm.device_manager().resume();
+                }
+                let Some(PendingJob::Snapshot {
+                    files,
+                    reply,
+                    started,
+                }) = self.pending.take()
+                else {
+                    return Ok(MigrationReply::Done);
+                };
+                let result = result.and_then(|bytes| {
+                    files.commit()?;
+                    Ok(bytes)
+                });
+                match result {
+                    Ok(bytes) => {
+                        eprintln!(
+                            "vmm: snapshot written to {} ({} MiB in {} ms); the guest stays paused",
+                            files.dir.display(),
+                            bytes >> 20,
+                            started.elapsed().as_millis()
+                        );
+                        self.migration.update(|s| {
+                            s.phase = MigrationPhase::Completed;
+                            s.total_time_ms = started.elapsed().as_millis() as u64;
+                        });
+                        reply(Ok(ApiResponse::Empty));
+                    }
+                    Err(e) => {
+                        files.discard();
+                        let message = format!("cannot write the snapshot: {e}");
+                        eprintln!("vmm: {message}");
+                        self.migration.update(|s| {
+                            s.phase = MigrationPhase::Failed;
+                            s.error = Some(message.clone());
+                        });
+                        reply(Err(ApiError::internal(message)));
+                    }
+                }
                 Ok(MigrationReply::Done)
             }
         }

@@ -188,6 +188,15 @@ impl DeviceManager {
         Ok(())
     }
 
+    /// Flushes every device, keeping its host resources (a snapshot).
+    pub fn sync(&self) -> Result<(), DeviceError> {
+        for device in &self.virtio {
+            let mut device = device.lock().unwrap_or_else(|e| e.into_inner());
+            device.device_mut().sync()?;
+        }
+        Ok(())
+    }
+
     /// Takes host resources back (target start, or source after a failure).
     pub fn migration_acquire(&self) -> Result<(), DeviceError> {
         for device in &self.virtio {

@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use api::request::{validate_migration_url, ReceiveMigrationRequest};
+use api::request::{validate_migration_url, ReceiveMigrationRequest, RestoreRequest};
 use config::{
     parse_number, BalloonConfig, ConfigError, CpusConfig, DiskConfig, MemoryConfig, NetConfig,
     PayloadConfig, ResetAction, SerialConfig, VmConfig,
@@ -39,8 +39,9 @@ VM flags (the same fields as the JSON config file and the vm.create body):
   --disk SPEC            path=P[,id=ID][,readonly=on][,direct=on][,serial=S]
                          [,logical_block_size=N][,physical_block_size=N]
                          [,rate_bytes=N][,rate_ops=N]   (repeatable)
-  --net SPEC             tap=NAME|fd=N[,id=ID][,mac=MAC][,rate_bytes=N][,rate_ops=N]
-                         (repeatable)
+  --net SPEC             tap=NAME|fd=N[,bridge=BR][,id=ID][,mac=MAC][,rate_bytes=N]
+                         [,rate_ops=N]  (repeatable; bridge: the tap joins BR with
+                         its MTU and is brought up)
   --balloon SPEC         [target_mib=N][,deflate_on_oom=on][,free_page_reporting=on]
                          [,stats_interval_s=N]
   --serial MODE          stdout (default) | off | pty | file=PATH
@@ -65,6 +66,11 @@ Other:
                          require TLS 1.3 on the incoming migration; DIR holds
                          ca-cert.pem, server-cert.pem and server-key.pem (the
                          source needs a client certificate from the same CA)
+  --restore DIR          resume the VM of a snapshot written by vm.snapshot (running,
+                         or paused if it was paused); VM flags or --config here give
+                         this host's disk paths and taps (checked against the
+                         snapshot's); exit 1 without running anything if the
+                         snapshot is truncated or corrupt or a disk is locked
   --incoming-timeout SECONDS
                          exit 1 if no source authenticated within this time
                          (default 3600); connections that do not authenticate
@@ -105,6 +111,7 @@ struct Args {
     api_socket_group: Option<String>,
     vm: Option<VmConfig>,
     incoming: Option<ReceiveMigrationRequest>,
+    restore: Option<RestoreRequest>,
     log_file: Option<PathBuf>,
     seccomp: confine::Mode,
     user: Option<confine::user::User>,
@@ -122,6 +129,7 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Option<Args>, Co
     let mut api_socket_group = None;
     let mut managed_by: Option<String> = None;
     let mut incoming: Option<String> = None;
+    let mut restore: Option<PathBuf> = None;
     let mut token_file: Option<PathBuf> = None;
     let mut tls_dir: Option<PathBuf> = None;
     let mut incoming_timeout: Option<u64> = None;
@@ -167,6 +175,7 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Option<Args>, Co
                 managed_by = Some(manager);
             }
             "--incoming" => incoming = Some(value()?),
+            "--restore" => restore = Some(PathBuf::from(value()?)),
             "--migration-token-file" => token_file = Some(PathBuf::from(value()?)),
             "--migration-tls-dir" => tls_dir = Some(PathBuf::from(value()?)),
             "--incoming-timeout" => {
@@ -237,6 +246,7 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Option<Args>, Co
                 | "--api-socket-group"
                 | "--config"
                 | "--incoming"
+                | "--restore"
                 | "--migration-token-file"
                 | "--migration-tls-dir"
                 | "--incoming-timeout"
@@ -322,10 +332,17 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Option<Args>, Co
             })
         }
     };
-    if vm.is_none() && api_socket.is_none() && incoming.is_none() {
+    if restore.is_some() && incoming.is_some() {
+        return Err(ConfigError::new(
+            "--restore",
+            "cannot be combined with --incoming",
+        ));
+    }
+    let restore = restore.map(|source| RestoreRequest { source });
+    if vm.is_none() && api_socket.is_none() && incoming.is_none() && restore.is_none() {
         return Err(ConfigError::new(
             "arguments",
-            "give --api-socket, --config, --kernel, --boot or --incoming",
+            "give --api-socket, --config, --kernel, --boot, --incoming or --restore",
         ));
     }
     if api_socket_group.is_some() && api_socket.is_none() {
@@ -343,6 +360,7 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Option<Args>, Co
         api_socket_group,
         vm,
         incoming,
+        restore,
         log_file,
         seccomp,
         user,
@@ -488,6 +506,16 @@ fn main() -> ExitCode {
         };
         if let Err(e) = local.and_then(|_| controller.receive_migration(request)) {
             eprintln!("vmm: {e}");
+            return exit(start_failure(&e));
+        }
+    } else if let Some(request) = args.restore {
+        // VM flags with --restore describe this host's side of the guest.
+        let local = match args.vm {
+            Some(config) => controller.create_only(config),
+            None => Ok(()),
+        };
+        if let Err(e) = local.and_then(|_| controller.start_restore(request, None)) {
+            eprintln!("vmm: --restore: {e}");
             return exit(start_failure(&e));
         }
     } else if let Some(config) = args.vm {

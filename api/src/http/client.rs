@@ -12,6 +12,7 @@ use crate::request::{
     MigrationParameters, MigrationStatus, PingInfo, ReceiveMigrationRequest, ResumeRequest,
     SendMigrationRequest, ShutdownRequest, VmInfo,
 };
+use crate::request::{RestoreRequest, SnapshotRequest};
 use config::VmConfig;
 
 /// How long a request may take, connection to last byte of the reply.
@@ -275,6 +276,23 @@ impl ApiClient {
     pub fn balloon(&self, target_mib: u64) -> Result<(), ClientError> {
         self.call(&ApiRequest::VmBalloon(BalloonUpdate { target_mib }))
             .map(drop)
+    }
+
+    /// `PUT vm.snapshot`: returns once the snapshot is written (give the
+    /// client a timeout that fits the guest's memory and the disk).
+    pub fn snapshot(&self, destination: &Path) -> Result<(), ClientError> {
+        self.call(&ApiRequest::VmSnapshot(SnapshotRequest {
+            destination: destination.to_path_buf(),
+        }))
+        .map(drop)
+    }
+
+    /// `PUT vm.restore`: returns once the restored guest runs (or is paused).
+    pub fn restore(&self, source: &Path) -> Result<(), ClientError> {
+        self.call(&ApiRequest::VmRestore(RestoreRequest {
+            source: source.to_path_buf(),
+        }))
+        .map(drop)
     }
 
     /// `GET vm.balloon-statistics`.

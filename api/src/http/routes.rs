@@ -18,6 +18,7 @@ use crate::request::{
     Counters, MigrationParameters, MigrationStatus, PingInfo, ReceiveMigrationRequest,
     ResumeRequest, SendMigrationRequest, ShutdownRequest, VmInfo,
 };
+use crate::request::{validate_snapshot_dir, RestoreRequest, SnapshotRequest};
 use config::VmConfig;
 
 /// Every path starts with this.
@@ -316,6 +317,30 @@ pub static ROUTES: &[Route] = &[
         reply: ReplyKind::BalloonStatistics,
         parse: |_| Ok(ApiRequest::VmBalloonStatistics),
     },
+    Route {
+        method: Method::Put,
+        path: "/api/v1/vm.snapshot",
+        body: BodyKind::Required("SnapshotRequest"),
+        reply: ReplyKind::Empty,
+        parse: |body| {
+            let body = body.ok_or_else(|| ApiError::bad_request("vm.snapshot needs a body"))?;
+            let request = json_body::<SnapshotRequest>(body)?;
+            validate_snapshot_dir("destination", &request.destination)?;
+            Ok(ApiRequest::VmSnapshot(request))
+        },
+    },
+    Route {
+        method: Method::Put,
+        path: "/api/v1/vm.restore",
+        body: BodyKind::Required("RestoreRequest"),
+        reply: ReplyKind::Empty,
+        parse: |body| {
+            let body = body.ok_or_else(|| ApiError::bad_request("vm.restore needs a body"))?;
+            let request = json_body::<RestoreRequest>(body)?;
+            validate_snapshot_dir("source", &request.source)?;
+            Ok(ApiRequest::VmRestore(request))
+        },
+    },
 ];
 
 /// Why [`find_route`] found no route.
@@ -381,6 +406,8 @@ pub fn encode(request: &ApiRequest) -> Result<(&'static Route, Option<Vec<u8>>),
         ApiRequest::VmMigrationParameters(p) => (Method::Put, "vm.migration-parameters", json(p)?),
         ApiRequest::VmBalloon(b) => (Method::Put, "vm.balloon", json(b)?),
         ApiRequest::VmBalloonStatistics => (Method::Get, "vm.balloon-statistics", None),
+        ApiRequest::VmSnapshot(r) => (Method::Put, "vm.snapshot", json(r)?),
+        ApiRequest::VmRestore(r) => (Method::Put, "vm.restore", json(r)?),
     };
     let route = route_named(method, name).ok_or_else(|| format!("no route for {method} {name}"))?;
     Ok((route, body))
@@ -433,6 +460,12 @@ mod tests {
             ApiRequest::VmMigrationParameters(MigrationParameters::default()),
             ApiRequest::VmBalloon(BalloonUpdate { target_mib: 256 }),
             ApiRequest::VmBalloonStatistics,
+            ApiRequest::VmSnapshot(SnapshotRequest {
+                destination: "/var/lib/vmm/snapshots/web1".into(),
+            }),
+            ApiRequest::VmRestore(RestoreRequest {
+                source: "/var/lib/vmm/snapshots/web1".into(),
+            }),
         ]
     }
 

@@ -129,6 +129,11 @@ pub trait VirtioDevice: Send {
         state: DeviceState,
         context: Option<ActivateContext>,
     ) -> Result<(), StateError>;
+    /// Makes what the guest wrote durable (flush disks), keeping every host
+    /// resource: a snapshot to a file, devices paused.
+    fn sync(&mut self) -> Result<(), DeviceError> {
+        Ok(())
+    }
     /// Source side of a migration switch-over, guest paused: make the host
     /// resources safe to hand over (flush disks, release disk locks).
     fn migration_release(&mut self) -> Result<(), DeviceError> {

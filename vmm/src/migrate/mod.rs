@@ -6,6 +6,7 @@
 //! (pausing, snapshots, starting) goes through the control loop as a
 //! [`MigrationCall`], so the API keeps answering throughout.
 
+pub mod file;
 pub mod receive;
 pub mod send;
 pub mod stream;
@@ -77,9 +78,32 @@ pub enum MigrationError {
     NoSource(u64),
     #[error("cancelled")]
     Cancelled,
+    #[error("the snapshot is corrupt: {0}")]
+    CorruptSnapshot(String),
+    #[error(transparent)]
+    SnapshotFile(#[from] file::SnapshotFileError),
     /// The control loop is gone or answered out of turn.
     #[error("the VMM is shutting down")]
     ShuttingDown,
+}
+
+impl MigrationError {
+    /// Whose fault it is, for a restore refused over the API.
+    pub fn class(&self) -> config::ErrorClass {
+        use config::ErrorClass;
+        match self {
+            MigrationError::Protocol(_)
+            | MigrationError::CorruptSnapshot(_)
+            | MigrationError::InvalidConfig(_)
+            | MigrationError::Incompatible(_)
+            | MigrationError::Snapshot(_) => ErrorClass::Caller,
+            MigrationError::SnapshotFile(e) => e.class(),
+            MigrationError::Device(e) => e.class(),
+            MigrationError::Build(e) => e.class(),
+            MigrationError::Busy(_) => ErrorClass::Conflict,
+            _ => ErrorClass::Host,
+        }
+    }
 }
 
 impl From<io::Error> for MigrationError {
@@ -172,10 +196,15 @@ pub enum MigrationCall {
     Build(Box<VmConfig>),
     /// Target: take the disks, then restore the state (JSON).
     Restore(Vec<u8>),
-    /// Target: run the guest.
-    Start,
-    /// Target: the migration failed; exit without running anything.
-    Failed(String),
+    /// Target: run the guest (`run`), or keep it paused (a snapshot of a
+    /// paused guest).
+    Start { run: bool },
+    /// Target: the migration (or restore) failed; nothing runs.
+    Failed(String, config::ErrorClass),
+    /// Restore: take the disk locks now (no source holds them).
+    AcquireDisks,
+    /// Snapshot: the file is written and synced (its size), or not.
+    SnapshotDone(Result<u64, MigrationError>),
 }
 
 pub enum MigrationReply {

@@ -120,11 +120,121 @@ fn authenticate(mut socket: Socket, context: &ReceiveContext) -> Result<Stream, 
 
 fn fail(shared: &MigrationShared, control: &ControlHandle, message: String) {
     eprintln!("vmm: incoming migration failed: {message}");
+    fail_quietly(shared, control, message, config::ErrorClass::Host);
+}
+
+fn fail_quietly(
+    shared: &MigrationShared,
+    control: &ControlHandle,
+    message: String,
+    class: config::ErrorClass,
+) {
     shared.update(|s| {
         s.phase = MigrationPhase::Failed;
         s.error = Some(message.clone());
     });
-    let _ = call(control, MigrationCall::Failed(message));
+    let _ = call(control, MigrationCall::Failed(message, class));
+}
+
+/// Restores the snapshot file `stream` (see [`migration::protocol`]): the
+/// target's half of a migration with nobody to answer. Memory goes straight
+/// into guest RAM as it is read; the VM state is restored, and the guest
+/// runs (or stays paused, as it was), only after the checksum over the
+/// whole file matched and nothing follows it. On any error nothing runs
+/// (through [`MigrationCall::Failed`]).
+pub fn restore(mut stream: Stream, shared: Arc<MigrationShared>, control: ControlHandle) {
+    shared.update(|s| {
+        s.phase = MigrationPhase::Setup;
+        s.role = Some(MigrationRole::Receive);
+    });
+    let start = Instant::now();
+    match restore_from(&mut stream, &shared, &control) {
+        Ok(()) => shared.update(|s| {
+            s.phase = MigrationPhase::Completed;
+            s.total_time_ms = start.elapsed().as_millis() as u64;
+        }),
+        Err(e) => {
+            let class = e.class();
+            let message = match e {
+                MigrationError::Protocol(ProtocolError::Eof) => {
+                    "the snapshot is truncated: it ends before its last message".to_string()
+                }
+                MigrationError::Protocol(ProtocolError::BadMagic(_)) => {
+                    format!("the file is not a snapshot: {e}")
+                }
+                e => e.to_string(),
+            };
+            eprintln!("vmm: restore failed: {message}");
+            fail_quietly(&shared, &control, message, class);
+        }
+    }
+}
+
+fn restore_from(
+    stream: &mut Stream,
+    shared: &MigrationShared,
+    control: &ControlHandle,
+) -> Result<(), MigrationError> {
+    let config: VmConfig = protocol::expect_json(stream, Kind::Config)?;
+    config.validate().map_err(MigrationError::InvalidConfig)?;
+    let MigrationReply::Memory(memory) = call(control, MigrationCall::Build(Box::new(config)))?
+    else {
+        return Err(MigrationError::ShuttingDown);
+    };
+    // No source holds the disks: a disk locked elsewhere fails now, before
+    // any memory is read.
+    call(control, MigrationCall::AcquireDisks)?;
+    shared.update(|s| {
+        s.phase = MigrationPhase::Active;
+        s.total_bytes = memory::total_size(&memory);
+    });
+    let mut state = None;
+    loop {
+        let before = stream.digest();
+        let header = protocol::read_header(stream)?;
+        match header.kind {
+            Kind::Memory if state.is_none() => {
+                receive_memory(stream, header.length, &memory, shared)?
+            }
+            Kind::State if state.is_none() => {
+                state = Some(protocol::read_payload(stream, &header)?)
+            }
+            Kind::Complete => {
+                let payload = protocol::read_payload(stream, &header)?;
+                let complete: protocol::SnapshotComplete =
+                    protocol::parse_json(&payload, "Complete")?;
+                if before.as_deref() != Some(complete.sha256.as_str()) {
+                    return Err(MigrationError::CorruptSnapshot(
+                        "its checksum does not match its contents".into(),
+                    ));
+                }
+                let mut extra = [0u8; 1];
+                if std::io::Read::read(stream, &mut extra)? != 0 {
+                    return Err(MigrationError::CorruptSnapshot(
+                        "there are bytes after its last message".into(),
+                    ));
+                }
+                let Some(state) = state else {
+                    return Err(MigrationError::CorruptSnapshot("it has no VM state".into()));
+                };
+                call(control, MigrationCall::Restore(state))?;
+                call(
+                    control,
+                    MigrationCall::Start {
+                        run: complete.running,
+                    },
+                )?;
+                return Ok(());
+            }
+            other => {
+                return Err(ProtocolError::Unexpected {
+                    expected: "Memory, State or Complete",
+                    got: other,
+                }
+                .into())
+            }
+        }
+    }
 }
 
 fn receive(
@@ -183,7 +293,7 @@ fn receive(
             Kind::Complete => {
                 let _ = protocol::read_payload(stream, &header)?;
                 let completed = Instant::now();
-                call(control, MigrationCall::Start)?;
+                call(control, MigrationCall::Start { run: true })?;
                 protocol::send_json(stream, Kind::Running, &Empty {})?;
                 super::trace("the guest runs", completed);
                 return Ok(());

@@ -288,7 +288,11 @@ fn precopy_and_switch(
     start: Instant,
 ) -> Result<(), MigrationError> {
     let shared = context.shared.clone();
-    let mut sender = Sender_::new(context);
+    let mut sender = Sender_::new(
+        context.memory.clone(),
+        context.shared.clone(),
+        context.balloon.clone(),
+    );
     shared.update(|s| {
         s.phase = MigrationPhase::Active;
         s.setup_time_ms = start.elapsed().as_millis() as u64;
@@ -517,6 +521,48 @@ fn switch_over(
     Ok(())
 }
 
+/// What a snapshot to a file needs: the VM paused, its devices paused and
+/// their state taken (`state`, encoded), so nothing writes guest memory.
+pub struct SnapshotJob {
+    pub config: VmConfig,
+    pub memory: Arc<GuestMemoryMmap>,
+    pub shared: Arc<MigrationShared>,
+    pub balloon: Option<devices::virtio::balloon::BalloonHandle>,
+    pub state: Vec<u8>,
+    /// Whether the guest ran before the snapshot paused it.
+    pub running: bool,
+}
+
+/// Writes a paused VM to `stream` (a file) as the source half of a
+/// migration: Config, one round of every page the host ever backed that
+/// is not zero (the balloon's skipped as in a migration), State, and
+/// Complete with the checksum of all that. Returns the bytes written.
+pub fn write_snapshot(stream: &mut Stream, job: SnapshotJob) -> Result<u64, MigrationError> {
+    protocol::send_json(stream, Kind::Config, &job.config)?;
+    let mut sender = Sender_::new(job.memory.clone(), job.shared.clone(), job.balloon);
+    let mut pages: Vec<DirtyBitmap> = job
+        .memory
+        .iter()
+        .map(memory::touched_pages)
+        .collect::<Result<_, _>>()?;
+    sender.apply_balloon(&mut pages);
+    let mut written = sender.send_round_unlimited(stream, &pages, None)?;
+    protocol::send_raw(stream, Kind::State, &job.state)?;
+    let sha256 = stream.digest().ok_or_else(|| {
+        MigrationError::from(std::io::Error::other("a snapshot is written to a file"))
+    })?;
+    protocol::send_json(
+        stream,
+        Kind::Complete,
+        &protocol::SnapshotComplete {
+            sha256,
+            running: job.running,
+        },
+    )?;
+    written += job.state.len() as u64;
+    Ok(written)
+}
+
 /// Whether pre-copy, with the dirty set under the downtime limit, should
 /// stop chasing [`DOWNTIME_GOAL_MS`] and switch over.
 fn settled(
@@ -577,18 +623,21 @@ enum PageClass {
 }
 
 impl Sender_ {
-    fn new(context: &SendContext) -> Sender_ {
+    fn new(
+        memory: Arc<GuestMemoryMmap>,
+        shared: Arc<MigrationShared>,
+        balloon: Option<devices::virtio::balloon::BalloonHandle>,
+    ) -> Sender_ {
         Sender_ {
-            memory: context.memory.clone(),
-            shared: context.shared.clone(),
-            sent_data: context
-                .memory
+            sent_data: memory
                 .iter()
                 .map(|r| DirtyBitmap::new((r.len() / PAGE_SIZE) as usize))
                 .collect(),
+            memory,
+            shared,
             window_bytes: 0,
             window_start: Instant::now(),
-            balloon: context.balloon.clone(),
+            balloon,
             ballooned: None,
             ballooned_generation: 0,
         }

@@ -10,7 +10,12 @@
 //! Guest pages go out with `writev` straight from guest RAM and come in
 //! with `read` straight into it on plain streams; through rustls on TLS
 //! streams, which encrypts from and decrypts into the same memory.
+//!
+//! A snapshot is the same stream in a file ([`SocketKind::File`]): no
+//! deadlines, nobody answering, and a SHA-256 of every byte written or
+//! read so far ([`Stream::digest`]) that the file ends with.
 
+use std::fs::File;
 use std::io::{self, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::os::fd::{AsRawFd, RawFd};
@@ -19,6 +24,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rustls::{ClientConnection, ServerConnection, StreamOwned};
+use sha2::{Digest, Sha256};
 
 use super::tls::EXPORTER_LABEL;
 
@@ -41,6 +47,8 @@ const TLS_WRITE_BUFFER: usize = 1 << 20;
 pub enum SocketKind {
     Tcp(TcpStream),
     Unix(UnixStream),
+    /// A snapshot file: written or read from start to end.
+    File(File),
 }
 
 impl SocketKind {
@@ -49,6 +57,7 @@ impl SocketKind {
         let _ = match self {
             SocketKind::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
             SocketKind::Unix(s) => s.shutdown(std::net::Shutdown::Both),
+            SocketKind::File(_) => Ok(()),
         };
     }
 
@@ -56,6 +65,7 @@ impl SocketKind {
         Ok(match self {
             SocketKind::Tcp(s) => SocketKind::Tcp(s.try_clone()?),
             SocketKind::Unix(s) => SocketKind::Unix(s.try_clone()?),
+            SocketKind::File(f) => SocketKind::File(f.try_clone()?),
         })
     }
 }
@@ -70,6 +80,8 @@ pub struct Socket {
     read_buffer: Vec<u8>,
     read_start: usize,
     read_end: usize,
+    /// SHA-256 of every byte through this socket (snapshot files only).
+    digest: Option<Box<Sha256>>,
 }
 
 const READ: usize = 0;
@@ -88,7 +100,45 @@ impl Socket {
             read_buffer: Vec::new(),
             read_start: 0,
             read_end: 0,
+            digest: None,
         })
+    }
+
+    /// A snapshot file, written or read once from its start, hashed on the way.
+    pub fn file(file: File) -> Socket {
+        Socket {
+            kind: SocketKind::File(file),
+            deadline: None,
+            armed: [None; 2],
+            read_buffer: Vec::new(),
+            read_start: 0,
+            read_end: 0,
+            digest: Some(Box::default()),
+        }
+    }
+
+    fn hash(&mut self, bytes: &[u8]) {
+        if let Some(digest) = &mut self.digest {
+            digest.update(bytes);
+        }
+    }
+
+    /// Hashes the first `n` bytes of `iov` (what a writev wrote).
+    fn hash_iov(&mut self, iov: &[libc::iovec], mut n: usize) {
+        if self.digest.is_none() {
+            return;
+        }
+        for v in iov {
+            if n == 0 {
+                break;
+            }
+            let len = v.iov_len.min(n);
+            // SAFETY: the iovec was just written from: it points at `iov_len`
+            // readable bytes that stay mapped for the call's duration.
+            let bytes = unsafe { std::slice::from_raw_parts(v.iov_base.cast::<u8>(), len) };
+            self.hash(bytes);
+            n -= len;
+        }
     }
 
     /// A second handle on the same socket, to shut it down from another thread.
@@ -103,6 +153,7 @@ impl Socket {
                 .peer_addr()
                 .map(|a| a.to_string())
                 .unwrap_or_else(|e| format!("unknown TCP peer ({e})")),
+            SocketKind::File(_) => "snapshot file".into(),
             SocketKind::Unix(s) => {
                 let mut cred = libc::ucred {
                     pid: 0,
@@ -141,6 +192,10 @@ impl Socket {
 
     /// Sets the timeout of `direction` so the next call ends by the deadline.
     fn arm(&mut self, direction: usize) -> io::Result<()> {
+        if matches!(self.kind, SocketKind::File(_)) {
+            // Files do not stall.
+            return Ok(());
+        }
         let timeout = match self.deadline {
             Some(deadline) => {
                 let left = deadline.saturating_duration_since(Instant::now());
@@ -165,6 +220,7 @@ impl Socket {
                 (SocketKind::Tcp(s), _) => s.set_write_timeout(Some(timeout))?,
                 (SocketKind::Unix(s), READ) => s.set_read_timeout(Some(timeout))?,
                 (SocketKind::Unix(s), _) => s.set_write_timeout(Some(timeout))?,
+                (SocketKind::File(_), _) => {}
             }
             self.armed[direction] = Some(timeout);
         }
@@ -200,6 +256,7 @@ impl Socket {
                 )
             };
             if n >= 0 {
+                self.hash_iov(iov, n as usize);
                 return Ok(n as usize);
             }
             let e = io::Error::last_os_error();
@@ -219,6 +276,12 @@ impl Socket {
             // SAFETY: the caller guarantees the destination is writable for len bytes.
             let n = unsafe { libc::read(self.as_raw_fd(), ptr.cast(), len) };
             if n >= 0 {
+                if self.digest.is_some() {
+                    // SAFETY: the read just filled n bytes at ptr, which the
+                    // caller keeps mapped.
+                    let bytes = unsafe { std::slice::from_raw_parts(ptr, n as usize) };
+                    self.hash(bytes);
+                }
                 return Ok(n as usize);
             }
             let e = io::Error::last_os_error();
@@ -234,6 +297,7 @@ impl AsRawFd for Socket {
         match &self.kind {
             SocketKind::Tcp(s) => s.as_raw_fd(),
             SocketKind::Unix(s) => s.as_raw_fd(),
+            SocketKind::File(f) => f.as_raw_fd(),
         }
     }
 }
@@ -244,8 +308,11 @@ impl Socket {
         let result = match &mut self.kind {
             SocketKind::Tcp(s) => s.read(buf),
             SocketKind::Unix(s) => s.read(buf),
+            SocketKind::File(f) => f.read(buf),
         };
-        result.map_err(|e| self.timed_out(e))
+        let n = result.map_err(|e| self.timed_out(e))?;
+        self.hash(&buf[..n]);
+        Ok(n)
     }
 }
 
@@ -280,8 +347,11 @@ impl Write for Socket {
         let result = match &mut self.kind {
             SocketKind::Tcp(s) => s.write(buf),
             SocketKind::Unix(s) => s.write(buf),
+            SocketKind::File(f) => f.write(buf),
         };
-        result.map_err(|e| self.timed_out(e))
+        let n = result.map_err(|e| self.timed_out(e))?;
+        self.hash(&buf[..n]);
+        Ok(n)
     }
 
     fn flush(&mut self) -> io::Result<()> {
@@ -485,6 +555,26 @@ impl Stream {
 
     pub fn is_tls(&self) -> bool {
         !matches!(self, Stream::Plain(_))
+    }
+
+    /// A snapshot file as a stream (written or read once, hashed).
+    pub fn file(file: File) -> Stream {
+        Stream::Plain(Socket::file(file))
+    }
+
+    /// SHA-256 of every byte through the stream so far, as hex; None for
+    /// streams that are not files.
+    pub fn digest(&self) -> Option<String> {
+        let digest = Sha256::clone(self.socket().digest.as_ref()?).finalize();
+        Some(digest.iter().map(|b| format!("{b:02x}")).collect())
+    }
+
+    /// The snapshot file under the stream, to sync it.
+    pub fn file_ref(&self) -> Option<&File> {
+        match &self.socket().kind {
+            SocketKind::File(f) => Some(f),
+            _ => None,
+        }
     }
 
     /// What the token proofs are bound to: the TLS session's exporter

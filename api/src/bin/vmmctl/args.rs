@@ -58,6 +58,11 @@ Commands:
                                print the balloon statistics
   balloon-stats                the balloon's target and actual size and the guest's
                                last memory statistics
+  snapshot DIR                 pause the VM (it stays paused) and write it to DIR
+                               (created mode 0700; or an existing private one)
+  restore DIR                  on a VMM without a VM: resume the snapshot in DIR, as
+                               it was (running, or paused); snapshot and restore
+                               wait up to an hour unless --timeout says otherwise
   console [NAME | --socket PATH]
                                attach this terminal to the guest's serial console:
                                the VM's console socket (or pty) from vm.info, of the
@@ -111,6 +116,9 @@ Exit status:
      outcome was seen
 ";
 
+/// How long `snapshot` and `restore` wait by default.
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(3600);
+
 /// Options of commands that take a value: the value goes with the option
 /// even if it looks like a global option.
 pub(crate) const COMMAND_VALUE_OPTIONS: &[&str] = &[
@@ -151,6 +159,10 @@ pub(crate) enum Command {
     /// `balloon --target-mib N` sets the target, `balloon` alone shows it.
     Balloon(Option<u64>),
     BalloonStats,
+    /// `snapshot DIR` (made absolute here).
+    Snapshot(PathBuf),
+    /// `restore DIR` (made absolute here).
+    Restore(PathBuf),
     /// `list`: the directory given, else the environment's or the default.
     List(Option<PathBuf>),
     /// `console`: the VMM's console (NAME gives its API socket), or a
@@ -220,6 +232,8 @@ impl Command {
             Command::ReceiveMigration { .. } => "receive-migration",
             Command::Balloon(_) => "balloon",
             Command::BalloonStats => "balloon-stats",
+            Command::Snapshot(_) => "snapshot",
+            Command::Restore(_) => "restore",
             Command::List(_) => "list",
             Command::Console { .. } => "console",
         }
@@ -329,6 +343,25 @@ pub(crate) fn parse_args(args: Vec<String>, env_socket: Option<String>) -> Resul
         "receive-migration" => parse_receive_migration(&rest)?,
         "balloon" => parse_balloon(&rest)?,
         "balloon-stats" => no_args(Command::BalloonStats)?,
+        "snapshot" | "restore" => {
+            let dir = match rest.as_slice() {
+                [dir] if !dir.starts_with('-') => {
+                    std::path::absolute(dir).map_err(|e| format!("{name}: {dir}: {e}"))?
+                }
+                [] => return Err(format!("{name}: give the snapshot DIR")),
+                [dir] => return Err(format!("{name}: unknown option {dir:?}")),
+                [_, extra, ..] => return Err(format!("{name}: unexpected argument {extra:?}")),
+            };
+            // Writing or reading a big guest takes longer than a request.
+            if timeout == api::http::DEFAULT_CLIENT_TIMEOUT {
+                timeout = SNAPSHOT_TIMEOUT;
+            }
+            if name == "snapshot" {
+                Command::Snapshot(dir)
+            } else {
+                Command::Restore(dir)
+            }
+        }
         "list" => parse_list(&rest)?,
         "console" => parse_console(&rest)?,
         _ => return Err(format!("unknown command {name:?}")),

@@ -150,6 +150,8 @@ fn run(args: &Args) -> Result<String, (u8, String)> {
             text(client.receive_migration(&request).map(|()| String::new()))
         }
         Command::Balloon(Some(target)) => text(client.balloon(*target).map(|()| String::new())),
+        Command::Snapshot(dir) => text(client.snapshot(dir).map(|()| String::new())),
+        Command::Restore(dir) => text(client.restore(dir).map(|()| String::new())),
         Command::Balloon(None) | Command::BalloonStats => {
             let stats = client.balloon_statistics().map_err(client_error)?;
             Ok(if args.json {

@@ -784,6 +784,10 @@ impl VirtioDevice for Block {
         }
     }
 
+    fn sync(&mut self) -> Result<(), DeviceError> {
+        Ok(self.flush()?)
+    }
+
     fn migration_release(&mut self) -> Result<(), DeviceError> {
         self.flush()?;
         Ok(self.release_lock()?)

@@ -9,6 +9,7 @@ use config::{parse_mac, NetConfig, RateLimitConfig};
 use virtio_bindings::virtio_net::*;
 use virtio_queue::{QueueState, QueueT};
 
+use super::bridge::{self, BridgeError};
 use super::handler::{
     apply_event_idx, bit, rarp_frame, tun_offload_flags, NetHandler, Shared, GUEST_OFFLOAD_MASK,
 };
@@ -22,13 +23,15 @@ use crate::virtio::{
     COMMON_FEATURES, TYPE_NET,
 };
 
-/// Bytes of config space we expose: mac, status, max_virtqueue_pairs.
-const CONFIG_LEN: usize = 10;
+/// Bytes of config space we expose: mac, status, max_virtqueue_pairs, mtu.
+const CONFIG_LEN: usize = 12;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
     #[error("{0}")]
     Tap(#[from] TapError),
+    #[error("{0}")]
+    Bridge(#[from] BridgeError),
     #[error("net {id}: {message}")]
     Config { id: String, message: String },
     #[error("net {id}: {message}")]
@@ -39,6 +42,15 @@ impl NetError {
     pub fn class(&self) -> config::ErrorClass {
         match self {
             NetError::Tap(e) => config::ErrorClass::of_io(&e.error),
+            // A bridge missing on this host, or not a bridge, is the
+            // config's mistake; a tap held by another bridge a conflict.
+            NetError::Bridge(e) => match e.error.raw_os_error() {
+                Some(libc::ENODEV) | Some(libc::EOPNOTSUPP) | Some(libc::ELOOP) => {
+                    config::ErrorClass::Caller
+                }
+                Some(libc::EBUSY) => config::ErrorClass::Conflict,
+                _ => config::ErrorClass::of_io(&e.error),
+            },
             NetError::Config { .. } => config::ErrorClass::Caller,
             NetError::Io { .. } => config::ErrorClass::Host,
         }
@@ -92,6 +104,9 @@ pub struct Net {
     /// The guest offloads of a restored state, for the `activate` that
     /// follows the restore.
     pub(super) restored_offloads: Option<u64>,
+    /// The MTU offered to the guest (VIRTIO_NET_F_MTU): the bridge's, when
+    /// the tap is on one.
+    mtu: Option<u16>,
 }
 
 impl Net {
@@ -110,7 +125,16 @@ impl Net {
                 })
             }
         };
-        Net::with_tap(config, tap)
+        let mtu = match &config.bridge {
+            Some(bridge) => Some(bridge::attach(tap.name(), bridge)?),
+            None => None,
+        };
+        let mut net = Net::with_tap(config, tap)?;
+        if let Some(mtu) = mtu {
+            net.mtu = Some(mtu);
+            net.avail_features |= bit(VIRTIO_NET_F_MTU);
+        }
+        Ok(net)
     }
 
     pub(super) fn with_tap(config: &NetConfig, tap: Tap) -> Result<Net, NetError> {
@@ -163,6 +187,7 @@ impl Net {
             active: None,
             worker,
             restored_offloads: None,
+            mtu: None,
         })
     }
 
@@ -266,6 +291,8 @@ impl VirtioDevice for Net {
         config[6..8].copy_from_slice(&self.shared.status.load(Ordering::SeqCst).to_le_bytes());
         // max_virtqueue_pairs
         config[8..10].copy_from_slice(&1u16.to_le_bytes());
+        // mtu: only meaningful with VIRTIO_NET_F_MTU; zero otherwise.
+        config[10..12].copy_from_slice(&self.mtu.unwrap_or(0).to_le_bytes());
         read_config_space(&config, offset, data);
     }
 

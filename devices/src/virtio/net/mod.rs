@@ -26,17 +26,21 @@
 //! - `activate` with the queues in index order (rx, tx, ctrl); rx and tx must
 //!   be ready and valid, ctrl too if CTRL_VQ was negotiated. The worker
 //!   starts immediately and processes whatever is already queued.
-//! - The config space (10 bytes: mac, status, max_virtqueue_pairs = 1) can
+//! - The config space (12 bytes: mac, status, max_virtqueue_pairs = 1,
+//!   mtu: the bridge's with VIRTIO_NET_F_MTU when the tap is on one) can
 //!   change under the driver: [`Net::announce`] sets VIRTIO_NET_S_ANNOUNCE
 //!   and raises the config interrupt itself; the transport should bump
 //!   `config_generation` when it delivers one.
 //! - Driver reset: `reset()`; snapshot and restore: see [`persist`].
-//! - The host side of the tap (link up, bridge, MTU) is not ours to set.
+//! - The host side of the tap is left alone unless the config names a
+//!   bridge: then the tap takes the bridge's MTU, joins it and goes up
+//!   ([`bridge::attach`]).
 //!
 //! Frames pass through unchanged except `num_buffers`; the header is
 //! little-endian, i.e. native on the x86 hosts we support (a big-endian host
 //! would need TUNSETVNETLE).
 
+pub mod bridge;
 mod device;
 mod handler;
 pub mod persist;
@@ -45,6 +49,7 @@ pub mod tap;
 #[cfg(test)]
 mod tests;
 
+pub use bridge::BridgeError;
 pub use device::{default_mac, AnnounceMode, Net, NetError};
 pub use persist::NetState;
 pub use tap::{Tap, TapError, TapOffloads};
