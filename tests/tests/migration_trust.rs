@@ -189,10 +189,16 @@ fn tls_migration_works_and_peers_from_another_ca_are_refused() {
 /// Every request that would change the VM answers 409 with `reason` in it.
 fn refused_while(api: &api::http::ApiClient, reason: &str) {
     let attempts: Vec<(&str, Result<(), api::http::ClientError>)> = vec![
-        ("resume", api.resume()),
-        ("pause", api.pause()),
-        ("shutdown", api.shutdown(&ShutdownRequest::default())),
-        ("boot", api.boot()),
+        ("resume", api.resume().map(drop)),
+        ("pause", api.pause().map(drop)),
+        (
+            "shutdown",
+            api.shutdown(&ShutdownRequest::default()).map(drop),
+        ),
+        ("boot", api.boot().map(drop)),
+        ("reboot", api.reboot().map(drop)),
+        ("power-button", api.power_button().map(drop)),
+        ("delete", api.delete().map(drop)),
         ("balloon", api.balloon(16).map(drop)),
     ];
     for (what, result) in attempts {

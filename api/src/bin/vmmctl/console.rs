@@ -69,7 +69,7 @@ pub(crate) fn attach(client: &ApiClient, target: &ConsoleTarget) -> Result<Strin
     let mut peer = match target {
         ConsoleTarget::Socket(path) => connect(path)?,
         ConsoleTarget::Api => {
-            let info = client.info().map_err(client_error)?;
+            let info = client.info().map_err(|e| client_error(&e))?;
             match &info.config.serial {
                 SerialConfig::Socket { path, .. } => connect(path)?,
                 SerialConfig::Pty => {
