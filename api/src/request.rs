@@ -60,6 +60,33 @@ pub enum ApiRequest {
     VmBalloonStatistics,
 }
 
+impl ApiRequest {
+    /// The endpoint's name (`vm.pause`), for log lines.
+    pub fn endpoint(&self) -> &'static str {
+        match self {
+            ApiRequest::VmmPing => "vmm.ping",
+            ApiRequest::VmmShutdown => "vmm.shutdown",
+            ApiRequest::VmCreate(_) => "vm.create",
+            ApiRequest::VmBoot => "vm.boot",
+            ApiRequest::VmPause => "vm.pause",
+            ApiRequest::VmResume(_) => "vm.resume",
+            ApiRequest::VmShutdown(_) => "vm.shutdown",
+            ApiRequest::VmReboot => "vm.reboot",
+            ApiRequest::VmPowerButton => "vm.power-button",
+            ApiRequest::VmDelete => "vm.delete",
+            ApiRequest::VmInfo => "vm.info",
+            ApiRequest::VmCounters => "vm.counters",
+            ApiRequest::VmSendMigration(_) => "vm.send-migration",
+            ApiRequest::VmReceiveMigration(_) => "vm.receive-migration",
+            ApiRequest::VmMigrationStatus => "vm.migration-status",
+            ApiRequest::VmMigrationCancel => "vm.migration-cancel",
+            ApiRequest::VmMigrationParameters(_) => "vm.migration-parameters",
+            ApiRequest::VmBalloon(_) => "vm.balloon",
+            ApiRequest::VmBalloonStatistics => "vm.balloon-statistics",
+        }
+    }
+}
+
 /// The body of `vm.resume` (optional; an empty body means no force).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

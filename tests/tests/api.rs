@@ -667,3 +667,66 @@ fn api_and_console_sockets_are_private_unless_a_group_is_let_in() {
     assert!(!out.status.success(), "{out:?}");
     assert_eq!(vmm.api().ping().unwrap().state, VmState::Running);
 }
+
+#[test]
+fn man_pages_and_completions_come_from_the_command_line_definitions() {
+    // No KVM needed: the binaries only describe themselves.
+    let dir = TempDir::new("docs");
+    for binary in [
+        vmm_tests::harness::vmm_binary(),
+        vmm_tests::harness::vmmctl_binary(),
+    ] {
+        let out = std::process::Command::new(&binary)
+            .arg("--generate-docs")
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}: {out:?}", binary.display());
+    }
+    let read = |path: &str| {
+        std::fs::read_to_string(dir.join(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
+    };
+    let vmm = read("man/vmm.1");
+    assert!(vmm.contains(".TH vmm"), "{vmm}");
+    // Every flag `vmm --help` lists is in the manual; the hidden one is not.
+    let help = std::process::Command::new(vmm_tests::harness::vmm_binary())
+        .arg("--help")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    let flags: Vec<&str> = help
+        .split_whitespace()
+        .filter(|w| w.starts_with("--") && w.len() > 2)
+        .map(|w| w.trim_end_matches([',', '.']))
+        .collect();
+    assert!(flags.len() > 20, "{help}");
+    for flag in flags {
+        let roff = flag.replace('-', "\\-");
+        assert!(vmm.contains(&roff), "{flag} is not in vmm.1");
+    }
+    assert!(!vmm.contains("generate"), "the hidden flag is documented");
+    // vmmctl: a page per command, and completions that know the commands.
+    for page in [
+        "vmmctl.1",
+        "vmmctl-migrate.1",
+        "vmmctl-setmem.1",
+        "vmmctl-reboot.1",
+    ] {
+        assert!(read(&format!("man/{page}")).contains(".TH"), "{page}");
+    }
+    for file in [
+        "vmmctl.bash",
+        "_vmmctl",
+        "vmmctl.fish",
+        "vmm.bash",
+        "_vmm",
+        "vmm.fish",
+    ] {
+        let text = read(&format!("completions/{file}"));
+        assert!(!text.is_empty(), "{file}");
+    }
+    let bash = read("completions/vmmctl.bash");
+    for word in ["setmem", "power-button", "--downtime", "--api-socket"] {
+        assert!(bash.contains(word), "{word} not completed");
+    }
+}

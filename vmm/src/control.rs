@@ -168,12 +168,16 @@ impl Controller {
             };
             match event {
                 ControlEvent::Api(call) => {
-                    let endpoint = action_name(&call.request);
+                    let endpoint = call.request.endpoint();
+                    log::debug!("api: {endpoint}");
                     let result = self.handle(call.request);
-                    if let (Some(endpoint), Ok(ApiResponse::Action(reply))) = (endpoint, &result) {
-                        if reply.changed {
-                            log::info!("{endpoint}: {}", reply.message);
+                    match &result {
+                        // What an action changed is worth a line at info.
+                        Ok(ApiResponse::Action(reply)) if reply.changed => {
+                            log::info!("{endpoint}: {}", reply.message)
                         }
+                        Err(e) => log::debug!("api: {endpoint}: refused: {e}"),
+                        _ => {}
                     }
                     // The client may have gone; nothing to do then.
                     let _ = call.reply.send(result);
@@ -981,20 +985,6 @@ fn no_balloon() -> ApiError {
         ApiErrorKind::WrongState,
         "the VM has no balloon device (configure one with --balloon or \"balloon\" in the VM config)",
     )
-}
-
-/// The endpoint of an action request, for its log line.
-fn action_name(request: &ApiRequest) -> Option<&'static str> {
-    Some(match request {
-        ApiRequest::VmBoot => "vm.boot",
-        ApiRequest::VmPause => "vm.pause",
-        ApiRequest::VmResume(_) => "vm.resume",
-        ApiRequest::VmShutdown(_) => "vm.shutdown",
-        ApiRequest::VmReboot => "vm.reboot",
-        ApiRequest::VmPowerButton => "vm.power-button",
-        ApiRequest::VmDelete => "vm.delete",
-        _ => return None,
-    })
 }
 
 /// `1500` ms as `1.5 s`, `300` as `300 ms`.
