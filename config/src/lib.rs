@@ -58,8 +58,8 @@ pub type ConfigResult<T> = Result<T, ConfigError>;
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VmConfig {
-    /// The guest's name, shown by `vm.info` and in log lines; default: the
-    /// API socket's name (`web1` for `/run/vmm/web1.sock`).
+    /// The guest's name, shown by `vm.info`, `vmm.ping` and `vmmctl`;
+    /// default: the API socket's name (`web1` for `/run/vmm/web1.sock`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
     #[serde(default)]
