@@ -101,6 +101,9 @@ set +e
 wait "$vmm"
 status=$?
 set -e
-echo "demo: vmm exited with status $status (0: the guest powered off); its log:"
-tail -n 5 "$log" | sed 's/^/  /'
+echo "demo: vmm exited with status $status (0: the guest powered off)"
+if [ -s "$log" ]; then
+    echo "demo: the end of its log ($log):"
+    tail -n 5 "$log" | sed 's/^/  /'
+fi
 exit "$status"

@@ -207,7 +207,7 @@ impl Controller {
         match (self.state, &self.vm) {
             (VmState::Migrated, _) => ExitStatus::Migrated,
             (VmState::MigrationUndecided, _) => {
-                log::info!(
+                log::warn!(
                     "stopping with the migration undecided: the guest may run on the target"
                 );
                 ExitStatus::Stopped
@@ -668,7 +668,7 @@ impl Controller {
                 return;
             }
             VmEvent::Vcpu(id, VcpuStop::Crash(why)) => {
-                log::warn!("guest crashed: vcpu{id}: {why}");
+                log::error!("guest crashed: vcpu{id}: {why}");
                 self.exit = Some(ExitStatus::Crashed);
                 return;
             }

@@ -221,6 +221,10 @@ impl RawTerminal {
         // SAFETY: cfmakeraw edits the struct in place. No ISIG: Ctrl-C, Ctrl-Z
         // and Ctrl-\ are bytes for the guest, not signals.
         unsafe { libc::cfmakeraw(&mut raw) };
+        // Output processing stays: a guest line that ends in a bare LF
+        // (firmware, the test guest) starts at the left margin instead of
+        // stair-stepping; Linux's CR LF shows the same as before.
+        raw.c_oflag |= libc::OPOST | libc::ONLCR;
         // SAFETY: fd is a terminal and raw a valid termios.
         if unsafe { libc::tcsetattr(fd, libc::TCSAFLUSH, &raw) } != 0 {
             return None;
