@@ -5,6 +5,12 @@
 #   ./resources/demo.sh            # interactive: type guest commands (help), poweroff to end
 #   DEMO_BATCH=1 ./resources/demo.sh   # runs the demo commands and powers off
 #
+# The guest runs as an admin would run it: its API socket is in the standard
+# socket directory ($VMM_SOCKET_DIR, default /run/vmm) as demo.sock, so
+# `vmmctl list` shows it and `vmmctl info demo` reaches it, and its console
+# is a socket that `vmmctl console demo` attaches to: every key, Ctrl-C
+# included, goes to the guest; Ctrl-] detaches and leaves it running.
+#
 # The guest enumerates its PCI devices, writes a pattern to its virtio-blk
 # disk and reads it back, and sends frames on its virtio-net NIC (a tap
 # device, vmmdemo0, visible on the host: `tcpdump -i vmmdemo0` shows them).
@@ -42,21 +48,62 @@ fi
 
 commands="info; lspci; blk-info; blk-id; blk-write sector=0 count=64 pattern=c0ffee; \
 blk-read sector=0 count=64 pattern=c0ffee; net-info; net-send count=3 size=128; \
-counters period_ms=1000; sleep ms=2500; stop; echo demo: type help for commands, poweroff to end"
+counters period_ms=1000; sleep ms=2500; stop; echo demo: type help for commands, poweroff to end (Ctrl-] detaches)"
+batch=
 if [ -n "${DEMO_BATCH:-}" ] || [ ! -t 0 ]; then
     commands="$commands; poweroff"
+    batch=1
 fi
 
-echo "demo: booting tests/guest/target/release/testguest (API on $work/api.sock; try: target/release/vmmctl --api-socket $work/api.sock info)"
-set +e
-target/release/vmm \
+sockets=${VMM_SOCKET_DIR:-/run/vmm}
+mkdir -p "$sockets"
+api="$sockets/demo.sock"
+vmmctl=target/release/vmmctl
+if "$vmmctl" ping demo >/dev/null 2>&1; then
+    echo "demo: a demo guest already runs: $vmmctl console demo (or $vmmctl shutdown-vmm demo)" >&2
+    exit 1
+fi
+log="$work/vmm.log"
+echo "demo: booting tests/guest/target/release/testguest as 'demo' (API $api, log $log)"
+# Its own session: nothing typed at this terminal reaches the VMM as a signal.
+setsid target/release/vmm \
     --kernel tests/guest/target/release/testguest \
     --cmdline "-- $commands" \
     --cpus 2 --memory size=256M \
     --disk "path=$disk,serial=demo-disk" \
     "${net_args[@]}" \
-    --api-socket "$work/api.sock"
+    --serial "socket=$sockets/demo.console" \
+    --api-socket "$api" \
+    --log-file "$log" </dev/null &
+vmm=$!
+for _ in $(seq 100); do
+    "$vmmctl" ping demo >/dev/null 2>&1 && break
+    kill -0 "$vmm" 2>/dev/null || break
+    sleep 0.1
+done
+"$vmmctl" list
+echo "demo: attaching to the console (vmmctl console demo); Ctrl-] detaches, the guest runs on"
+if [ -n "$batch" ]; then
+    "$vmmctl" console demo </dev/null || true
+else
+    "$vmmctl" console demo || true
+fi
+if kill -0 "$vmm" 2>/dev/null && "$vmmctl" ping demo >/dev/null 2>&1; then
+    # Detached: the guest keeps running, with its tap.
+    trap - EXIT
+    echo "demo: the guest runs on in the background:"
+    echo "  $vmmctl list; $vmmctl info demo; $vmmctl console demo"
+    echo "  $vmmctl shutdown demo --timeout 10s   (or: $vmmctl shutdown-vmm demo)"
+    [ ${#net_args[@]} -eq 0 ] || echo "  then: ip link del $tap"
+    exit 0
+fi
+set +e
+wait "$vmm"
 status=$?
 set -e
 echo "demo: vmm exited with status $status (0: the guest powered off)"
+if [ -s "$log" ]; then
+    echo "demo: the end of its log ($log):"
+    tail -n 5 "$log" | sed 's/^/  /'
+fi
 exit "$status"

@@ -13,7 +13,9 @@
 //!   and the list of VMM sockets in it.
 //!
 //! Routes are Cloud Hypervisor-style: `PUT /api/v1/vm.boot`, `GET /api/v1/vm.info`.
-//! A query answers 200 with a JSON body, an action 204; an error answers
+//! A query answers 200 with a JSON body; an action on the VM's state 200
+//! with an [`ActionReply`](crate::request::ActionReply) (what it did), other
+//! actions 204; an error answers
 //! `{"kind": "...", "message": "..."}` with the status of its
 //! [`ApiErrorKind`](crate::request::ApiErrorKind).
 

@@ -6,6 +6,7 @@
 //!   runs and the client that `vmmctl` uses.
 //! - [`socket`]: binding the VMM's Unix sockets safely and privately.
 
+pub mod cli_docs;
 pub mod http;
 pub mod request;
 pub mod socket;

@@ -31,6 +31,15 @@ pub enum ApiRequest {
     VmResume(ResumeRequest),
     /// `PUT vm.shutdown`: ask the guest to shut down, or force it off.
     VmShutdown(ShutdownRequest),
+    /// `PUT vm.reboot`: reset the guest in place: the VM is rebuilt from
+    /// its config and boots again (a cold reset, as `on_reset` `reboot`).
+    VmReboot,
+    /// `PUT vm.power-button`: press the ACPI power button (the guest decides
+    /// what to do; the VM does not enter `shutting-down`).
+    VmPowerButton,
+    /// `PUT vm.delete`: forget a created VM that is not running, so that
+    /// `vm.create` can define it again.
+    VmDelete,
     /// `GET vm.info`: config and state.
     VmInfo,
     /// `GET vm.counters`: exits and per-device counters.
@@ -89,6 +98,35 @@ pub fn validate_snapshot_dir(
     Ok(())
 }
 
+impl ApiRequest {
+    /// The endpoint's name (`vm.pause`), for log lines.
+    pub fn endpoint(&self) -> &'static str {
+        match self {
+            ApiRequest::VmmPing => "vmm.ping",
+            ApiRequest::VmmShutdown => "vmm.shutdown",
+            ApiRequest::VmCreate(_) => "vm.create",
+            ApiRequest::VmBoot => "vm.boot",
+            ApiRequest::VmPause => "vm.pause",
+            ApiRequest::VmResume(_) => "vm.resume",
+            ApiRequest::VmShutdown(_) => "vm.shutdown",
+            ApiRequest::VmReboot => "vm.reboot",
+            ApiRequest::VmPowerButton => "vm.power-button",
+            ApiRequest::VmDelete => "vm.delete",
+            ApiRequest::VmInfo => "vm.info",
+            ApiRequest::VmCounters => "vm.counters",
+            ApiRequest::VmSendMigration(_) => "vm.send-migration",
+            ApiRequest::VmReceiveMigration(_) => "vm.receive-migration",
+            ApiRequest::VmMigrationStatus => "vm.migration-status",
+            ApiRequest::VmMigrationCancel => "vm.migration-cancel",
+            ApiRequest::VmMigrationParameters(_) => "vm.migration-parameters",
+            ApiRequest::VmBalloon(_) => "vm.balloon",
+            ApiRequest::VmBalloonStatistics => "vm.balloon-statistics",
+            ApiRequest::VmSnapshot(_) => "vm.snapshot",
+            ApiRequest::VmRestore(_) => "vm.restore",
+        }
+    }
+}
+
 /// The body of `vm.resume` (optional; an empty body means no force).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -127,11 +165,46 @@ pub enum ShutdownMode {
     CtrlAltDel,
 }
 
+/// The reply of an action (`vm.boot`, `vm.pause`, `vm.resume`,
+/// `vm.shutdown`, `vm.reboot`, `vm.power-button`, `vm.delete`): what it did.
+/// An action whose result is already there (pausing a paused VM) succeeds
+/// with `changed` false.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActionReply {
+    /// The VM's state after the request.
+    pub state: VmState,
+    /// False when the VM already was as asked and nothing was done.
+    pub changed: bool,
+    /// What happened, in a few words: `paused`, `already paused`,
+    /// `shutting down: the ACPI power button was pressed`.
+    pub message: String,
+}
+
+impl ActionReply {
+    pub fn done(state: VmState, message: impl Into<String>) -> Self {
+        ActionReply {
+            state,
+            changed: true,
+            message: message.into(),
+        }
+    }
+
+    /// Nothing to do: the VM already is `state`.
+    pub fn already(state: VmState, message: impl Into<String>) -> Self {
+        ActionReply {
+            state,
+            changed: false,
+            message: message.into(),
+        }
+    }
+}
+
 /// What a successful request returns.
 #[derive(Clone, Debug, PartialEq)]
 pub enum ApiResponse {
     /// Nothing to say (HTTP 204).
     Empty,
+    Action(ActionReply),
     Ping(PingInfo),
     Info(Box<VmInfo>),
     Counters(Counters),
@@ -144,6 +217,7 @@ impl ApiResponse {
     pub fn to_json(&self) -> Option<String> {
         let text = match self {
             ApiResponse::Empty => return None,
+            ApiResponse::Action(a) => serde_json::to_string_pretty(a),
             ApiResponse::Ping(p) => serde_json::to_string_pretty(p),
             ApiResponse::Info(i) => serde_json::to_string_pretty(i),
             ApiResponse::Counters(c) => serde_json::to_string_pretty(c),
@@ -160,6 +234,9 @@ impl ApiResponse {
 pub struct PingInfo {
     pub version: String,
     pub pid: u32,
+    /// The guest's name (`vm.info`'s), if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
     /// The VM's state, as in [`VmInfo::state`].
     pub state: VmState,
 }
@@ -206,7 +283,22 @@ impl fmt::Display for VmState {
 /// `vm.info`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct VmInfo {
+    /// The guest's name: `config.name`, else the API socket's (`web1` for
+    /// `/run/vmm/web1.sock`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
     pub state: VmState,
+    /// The VMM process.
+    #[serde(default)]
+    pub pid: u32,
+    /// Milliseconds since the guest last booted here (or arrived by a
+    /// migration); absent before it ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uptime_ms: Option<u64>,
+    /// CPU time of the VMM process (vCPUs, devices, everything), user plus
+    /// system, in milliseconds.
+    #[serde(default)]
+    pub cpu_time_ms: u64,
     pub config: VmConfig,
     /// The pseudo-terminal of a `pty` serial port.
     #[serde(default, skip_serializing_if = "Option::is_none")]

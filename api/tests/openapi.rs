@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 
 use api::http::{BodyKind, ROUTES};
 use api::request::{
-    ApiError, ApiErrorKind, BalloonStatistics, BalloonUpdate, Counters, MemoryInfo,
+    ActionReply, ApiError, ApiErrorKind, BalloonStatistics, BalloonUpdate, Counters, MemoryInfo,
     MigrationParameters, MigrationPhase, MigrationRole, MigrationStatus, PingInfo,
     ReceiveMigrationRequest, ResumeRequest, SendMigrationRequest, ShutdownMode, ShutdownRequest,
     TimeoutAction, VmInfo, VmState,
@@ -474,6 +474,7 @@ fn full_config(serial: SerialConfig, backing: MemoryBacking, on_reset: ResetActi
         ops_per_sec: Some(100),
     });
     VmConfig {
+        name: Some("web1".into()),
         cpus: CpusConfig { boot_vcpus: 4 },
         memory: MemoryConfig {
             size_mib: 1024,
@@ -536,7 +537,11 @@ fn full_configs() -> Vec<VmConfig> {
 
 fn full_info(state: VmState) -> VmInfo {
     VmInfo {
+        name: Some("web1".into()),
         state,
+        pid: 4242,
+        uptime_ms: Some(60_000),
+        cpu_time_ms: 1500,
         config: full_config(
             SerialConfig::Pty,
             MemoryBacking::Anonymous,
@@ -608,13 +613,17 @@ fn schemas_describe_exactly_the_rust_types() {
             &PingInfo {
                 version: "0.1.0".into(),
                 pid: 1,
+                name: Some("web1".into()),
                 state,
             },
         );
+        checker.value("ActionReply", &ActionReply::done(state, "paused"));
     }
     let mut bare = full_info(VmState::NotCreated);
     bare.serial_pty = None;
     bare.memory = None;
+    bare.name = None;
+    bare.uptime_ms = None;
     checker.value("VmInfo", &bare);
     for mode in all_shutdown_modes() {
         checker.value(
@@ -772,8 +781,14 @@ fn required_properties_match_serde() {
         &PingInfo {
             version: "1".into(),
             pid: 1,
+            name: Some("web1".into()),
             state: VmState::Running,
         },
+    );
+    check_required(
+        &checker,
+        "ActionReply",
+        &ActionReply::already(VmState::Paused, "already paused"),
     );
     check_required(
         &checker,

@@ -155,7 +155,10 @@ fn query_replies_are_json_with_a_length() {
         &canned.socket(),
         b"PUT /api/v1/vm.boot HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
     );
-    assert_eq!(reply.status, 204);
+    // An action says what it did.
+    assert_eq!(reply.status, 200);
+    let done: api::request::ActionReply = serde_json::from_str(&reply.body).unwrap();
+    assert_eq!(done.message, "booted");
     // A query string is ignored.
     let reply = raw(
         &canned.socket(),
@@ -287,7 +290,7 @@ fn bodies_must_match_the_endpoint() {
     assert_eq!(reply.header("connection").as_deref(), Some("close"));
     // An empty body on vm.shutdown is the default request.
     let (status, _) = client.request(Method::Put, "vm.shutdown", None).unwrap();
-    assert_eq!(status, 204);
+    assert_eq!(status, 200);
     assert_eq!(
         canned.seen(),
         vec![ApiRequest::VmShutdown(ShutdownRequest::default())]
@@ -452,8 +455,8 @@ fn keep_alive_and_pipelining() {
               GET /api/v1/vm.counters HTTP/1.1\r\nConnection: close\r\n\r\n",
         )
         .unwrap();
-    assert_eq!(read_reply(&mut stream, &mut pending).unwrap().status, 204);
-    assert_eq!(read_reply(&mut stream, &mut pending).unwrap().status, 204);
+    assert_eq!(read_reply(&mut stream, &mut pending).unwrap().status, 200);
+    assert_eq!(read_reply(&mut stream, &mut pending).unwrap().status, 200);
     let last = read_reply(&mut stream, &mut pending).unwrap();
     assert_eq!(last.status, 200);
     assert_eq!(last.header("connection").as_deref(), Some("close"));

@@ -88,19 +88,47 @@ fn actions_reach_the_vmm() {
     let file = dir.path().join("vm.json");
     std::fs::write(&file, serde_json::to_vec_pretty(&sample_config()).unwrap()).unwrap();
 
-    for args in [
-        &["create", file.to_str().unwrap()][..],
-        &["boot"],
-        &["resume"],
-        &["shutdown"],
-        &["shutdown", "--timeout-ms", "250"],
-        &["shutdown", "--force"],
-        &["shutdown-vmm"],
+    // Each action says what it did, naming the guest (here the socket's
+    // name, api.sock).
+    for (args, said) in [
+        (&["create", file.to_str().unwrap()][..], "api: created\n"),
+        (&["boot"], "api: booted\n"),
+        (&["resume"], "api: resumed\n"),
+        (
+            &["shutdown"],
+            "api: shutting down: the ACPI power button was pressed\n",
+        ),
+        (
+            &["shutdown", "--timeout-ms", "250"],
+            "api: shutting down: the ACPI power button was pressed\n",
+        ),
+        (
+            &["shutdown", "--force"],
+            "api: shutting down: the ACPI power button was pressed\n",
+        ),
+        (&["shutdown-vmm"], "api: the VMM is stopping\n"),
+        (&["reboot"], "api: rebooted\n"),
+        (
+            &["power-button"],
+            "api: the ACPI power button was pressed\n",
+        ),
+        (&["delete"], "api: deleted\n"),
+        (
+            &["shutdown", "--timeout", "2.5s"],
+            "api: shutting down: the ACPI power button was pressed\n",
+        ),
     ] {
         let out = vmmctl(&socket, args);
         assert_eq!(out.status.code(), Some(0), "{args:?}: {}", stderr(&out));
-        assert_eq!(stdout(&out), "", "{args:?}");
+        assert_eq!(stdout(&out), said, "{args:?}");
     }
+    // As JSON: the VMM's reply with the name.
+    let out = vmmctl(&socket, &["--json", "boot"]);
+    let said: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(said["name"], "api");
+    assert_eq!(said["state"], "running");
+    assert_eq!(said["changed"], true);
+    assert_eq!(said["message"], "booted");
     // From stdin.
     let mut child = Command::new(env!("CARGO_BIN_EXE_vmmctl"))
         .args(["create", "-"])
@@ -138,7 +166,19 @@ fn actions_reach_the_vmm() {
             ApiRequest::VmmShutdown,
         ]
     );
-    assert!(matches!(&seen[7], ApiRequest::VmCreate(c) if c.payload.kernel == Path::new("/k")));
+    assert_eq!(
+        seen[7..11],
+        [
+            ApiRequest::VmReboot,
+            ApiRequest::VmPowerButton,
+            ApiRequest::VmDelete,
+            ApiRequest::VmShutdown(ShutdownRequest {
+                mode: ShutdownMode::Graceful,
+                timeout_ms: Some(2500)
+            }),
+        ]
+    );
+    assert!(matches!(&seen[12], ApiRequest::VmCreate(c) if c.payload.kernel == Path::new("/k")));
 }
 
 #[test]
@@ -339,7 +379,8 @@ fn migrate_shows_progress_then_statistics() {
             force: false,
             parameters: MigrationParameters {
                 downtime_ms: 150,
-                bandwidth_bytes_per_s: Some(100_000_000),
+                // Sizes are binary: 100M is 100 MiB/s.
+                bandwidth_bytes_per_s: Some(100 << 20),
                 timeout_s: Some(60),
                 timeout_action: TimeoutAction::Force,
                 auto_converge: false,
@@ -457,32 +498,47 @@ fn migrate_detach_cancel_set_status_and_receive() {
     let socket = canned.socket();
     let dir = TempDir::new();
     let token = token_file(&dir, "from-file\r\n\n");
-    for args in [
-        &["migrate", "unix:/m", "--token", "t", "--detach"][..],
-        &["migrate", "unix:/m", "--token", "t", "--detach", "--force"],
-        &["migrate", "--cancel"],
-        &["migrate-set"],
-        &[
-            "migrate-set",
-            "--downtime-ms=500",
-            "--bandwidth",
-            "2Gi",
-            "--timeout-s",
-            "30",
-            "--timeout-action",
-            "cancel",
-        ],
-        &["migrate-set", "--bandwidth", "0", "--no-auto-converge"],
-        &[
-            "receive-migration",
-            "tcp:0.0.0.0:6000",
-            "--token-file",
-            token.to_str().unwrap(),
-        ],
+    for (args, said) in [
+        (
+            &["migrate", "unix:/m", "--token", "t", "--detach"][..],
+            "api: migration to unix:/m started\n",
+        ),
+        (
+            &["migrate", "unix:/m", "--token", "t", "--detach", "--force"],
+            "api: migration to unix:/m started\n",
+        ),
+        (&["migrate", "--cancel"], "api: migration cancelled\n"),
+        (&["migrate-set"], "api: migration parameters changed\n"),
+        (
+            &[
+                "migrate-set",
+                "--downtime-ms=500",
+                "--bandwidth",
+                "2Gi",
+                "--timeout-s",
+                "30",
+                "--timeout-action",
+                "cancel",
+            ],
+            "api: migration parameters changed\n",
+        ),
+        (
+            &["migrate-set", "--bandwidth", "0", "--no-auto-converge"],
+            "api: migration parameters changed\n",
+        ),
+        (
+            &[
+                "receive-migration",
+                "tcp:0.0.0.0:6000",
+                "--token-file",
+                token.to_str().unwrap(),
+            ],
+            "api: waiting for a migration on tcp:0.0.0.0:6000\n",
+        ),
     ] {
         let out = vmmctl(&socket, args);
         assert_eq!(out.status.code(), Some(0), "{args:?}: {}", stderr(&out));
-        assert_eq!(stdout(&out), "", "{args:?}");
+        assert_eq!(stdout(&out), said, "{args:?}");
         assert_eq!(stderr(&out), "", "{args:?}");
     }
     assert_eq!(
@@ -554,7 +610,7 @@ fn migration_usage_errors_exit_2() {
         ),
         (
             &["migrate", "unix:/m", "--token", "a", "--token-file", empty],
-            "once",
+            "cannot be used with",
         ),
         (
             &["migrate", "ftp:x", "--token", "t"],
@@ -572,7 +628,10 @@ fn migration_usage_errors_exit_2() {
             "/no/such/token",
         ),
         (&["migrate", "unix:/m", "--token", ""], "empty"),
-        (&["migrate", "unix:/m", "--token"], "needs a value"),
+        (
+            &["migrate", "unix:/m", "--token"],
+            "a value is required for '--token",
+        ),
         (
             &["migrate", "unix:/m", "--token", "t", "--downtime-ms", "0"],
             "--downtime-ms: must be",
@@ -609,7 +668,7 @@ fn migration_usage_errors_exit_2() {
         ),
         (
             &["migrate", "unix:/m", "--token", "t", "--detach=yes"],
-            "takes no value",
+            "unexpected value 'yes' for '--detach'",
         ),
         (
             &["migrate", "unix:/m", "--token", "t", "--force=yes"],
@@ -642,14 +701,50 @@ fn migration_usage_errors_exit_2() {
     assert!(canned.seen().is_empty(), "{:?}", canned.seen());
     let out = vmmctl(&canned.socket(), &["--help"]);
     for word in [
-        "migrate DESTINATION",
+        "migrate",
         "migrate-status",
         "migrate-set",
         "receive-migration",
-        "--token-file FILE",
     ] {
         assert!(stdout(&out).contains(word), "no {word:?} in the help");
     }
+}
+
+#[test]
+fn each_command_has_its_own_help() {
+    let canned = Canned::start();
+    let help = vmmctl(&canned.socket(), &["help", "migrate"]);
+    assert_eq!(help.status.code(), Some(0), "{}", stderr(&help));
+    let text = stdout(&help);
+    for word in [
+        "DESTINATION",
+        "--token-file <FILE>",
+        "--downtime <DURATION>",
+        "--bandwidth <SIZE>",
+        "--timeout <DURATION>",
+        "--cancel",
+        "migrate --cancel",
+    ] {
+        assert!(text.contains(word), "no {word:?} in\n{text}");
+    }
+    // The old flag names still work, but are not advertised.
+    assert!(!text.contains("--downtime-ms"), "{text}");
+    let flag = vmmctl(&canned.socket(), &["migrate", "--help"]);
+    assert_eq!(flag.status.code(), Some(0));
+    assert_eq!(stdout(&flag), text);
+    for command in [
+        "setmem",
+        "reboot",
+        "power-button",
+        "delete",
+        "console",
+        "list",
+    ] {
+        let out = vmmctl(&canned.socket(), &["help", command]);
+        assert_eq!(out.status.code(), Some(0), "{command}");
+        assert!(stdout(&out).contains("Usage: vmmctl"), "{command}");
+    }
+    assert!(canned.seen().is_empty());
 }
 
 #[test]
@@ -707,7 +802,7 @@ fn balloon_sets_the_target_and_shows_statistics() {
     let socket = canned.socket();
     let out = vmmctl(&socket, &["balloon", "--target-mib", "128"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    assert_eq!(stdout(&out), "");
+    assert_eq!(stdout(&out), "api: balloon target set to 128 MiB\n");
     assert_eq!(
         canned.seen(),
         vec![ApiRequest::VmBalloon(api::request::BalloonUpdate {
@@ -776,6 +871,7 @@ fn list_shows_every_vmm_of_the_socket_directory() {
         ApiRequest::VmmPing => Ok(ApiResponse::Ping(api::request::PingInfo {
             version: "0.1.0".into(),
             pid: 77,
+            name: None,
             state: api::request::VmState::NotCreated,
         })),
         _ => Err(ApiError::wrong_state(
@@ -856,4 +952,135 @@ fn list_shows_every_vmm_of_the_socket_directory() {
         None,
     );
     assert_eq!(stdout(&out), "[]\n");
+}
+
+/// `vmmctl` with no --api-socket, the socket directory set to `dir`.
+fn vmmctl_in(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vmmctl"))
+        .args(args)
+        .env("VMM_SOCKET_DIR", dir)
+        .env_remove("VMM_API_SOCKET")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn guests_are_addressed_by_name_in_the_socket_directory() {
+    let canned = Canned::start();
+    let dir = canned.dir.path();
+    let out = vmmctl_in(dir, &["info", "api"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = stdout(&out);
+    for line in [
+        "name: web1",
+        "state: running",
+        "pid: 4242",
+        "uptime: 1h 2m 3s",
+        "cpu time: 1.5 s",
+    ] {
+        assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
+    }
+    let out = vmmctl_in(dir, &["resume", "api"]);
+    assert_eq!(stdout(&out), "api: resumed\n");
+    // A name that is not there: unreachable, naming the socket it tried.
+    let out = vmmctl_in(dir, &["ping", "web9"]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(stderr(&out).contains("web9.sock"), "{}", stderr(&out));
+    // A name is not a path.
+    let out = vmmctl_in(dir, &["ping", "../api"]);
+    assert_eq!(out.status.code(), Some(2));
+    // A name and a socket: which one?
+    let out = vmmctl(&canned.socket(), &["ping", "api"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("not both"), "{}", stderr(&out));
+}
+
+#[test]
+fn repeated_actions_succeed_and_say_so() {
+    let canned = Canned::start_with(|request| match request {
+        ApiRequest::VmPause => Ok(ApiResponse::Action(api::request::ActionReply::already(
+            api::request::VmState::Paused,
+            "already paused",
+        ))),
+        other => canned_answer(other),
+    });
+    let out = vmmctl(&canned.socket(), &["pause"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "api: already paused\n");
+    let out = vmmctl(&canned.socket(), &["pause", "--json"]);
+    let said: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(said["changed"], false);
+    assert_eq!(said["state"], "paused");
+}
+
+#[test]
+fn json_errors_are_one_line_of_json_with_the_same_exit_codes() {
+    let canned = Canned::start_with(|request| match request {
+        ApiRequest::VmPause => Err(ApiError::new(
+            ApiErrorKind::WrongState,
+            "cannot pause: peer said \u{1b}[2Jhi\nvmm: forged",
+        )),
+        other => canned_answer(other),
+    });
+    let dir = TempDir::new();
+    for (socket, args, code) in [
+        (canned.socket(), &["--json", "pause"][..], 1),
+        (dir.socket(), &["--json", "ping"][..], 3),
+        (canned.socket(), &["--json", "shutdown", "--now"][..], 2),
+        (canned.socket(), &["--json", "setmem", "x/y"][..], 2),
+    ] {
+        let out = vmmctl(&socket, args);
+        assert_eq!(out.status.code(), Some(code), "{args:?}");
+        let text = stderr(&out);
+        assert_eq!(text.lines().count(), 1, "{args:?}: {text}");
+        let error: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(error["exit_code"], code, "{args:?}");
+        assert!(error["error"].as_str().is_some_and(|e| !e.is_empty()));
+    }
+    let out = vmmctl(&canned.socket(), &["pause", "--json"]);
+    let error: serde_json::Value = serde_json::from_str(&stderr(&out)).unwrap();
+    assert_eq!(error["status"], 409);
+    assert_eq!(error["kind"], "wrong-state");
+    assert_eq!(error["command"], "pause");
+    // What the VMM relays (a peer's words) reaches the terminal escaped.
+    let out = vmmctl(&canned.socket(), &["pause"]);
+    let text = stderr(&out);
+    assert!(!text.contains('\x1b'), "{text:?}");
+    assert_eq!(text.lines().count(), 1, "{text:?}");
+}
+
+#[test]
+fn setmem_sets_what_the_guest_keeps_through_the_balloon() {
+    let canned = Canned::start();
+    let dir = canned.dir.path();
+    // The canned guest has 512 MiB: keeping 384 MiB asks 128 MiB back.
+    let out = vmmctl_in(dir, &["setmem", "api", "384M"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(
+        stdout(&out),
+        "api: memory set to 384 MiB of 512 MiB (balloon target 128 MiB)\n"
+    );
+    // A plain number is MiB; all of it deflates the balloon.
+    let out = vmmctl_in(dir, &["setmem", "api", "512"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let balloons: Vec<u64> = canned
+        .seen()
+        .iter()
+        .filter_map(|r| match r {
+            ApiRequest::VmBalloon(b) => Some(b.target_mib),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(balloons, [128, 0]);
+    // More than the guest has is refused, and nothing is sent.
+    let out = vmmctl_in(dir, &["setmem", "api", "1G"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("more than the guest's memory"),
+        "{}",
+        stderr(&out)
+    );
+    let out = vmmctl_in(dir, &["setmem", "api", "1000K"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(canned.seen().len(), 5);
 }

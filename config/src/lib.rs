@@ -7,6 +7,7 @@
 
 use std::fmt;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -57,6 +58,10 @@ pub type ConfigResult<T> = Result<T, ConfigError>;
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VmConfig {
+    /// The guest's name, shown by `vm.info`, `vmm.ping` and `vmmctl`;
+    /// default: the API socket's name (`web1` for `/run/vmm/web1.sock`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
     #[serde(default)]
     pub cpus: CpusConfig,
     #[serde(default)]
@@ -96,6 +101,9 @@ impl VmConfig {
 
     /// Checks every field; assigns default device ids where none were given.
     pub fn validate(&self) -> ConfigResult<()> {
+        if let Some(name) = &self.name {
+            validate_name(name).map_err(|message| ConfigError::new("name", message))?;
+        }
         self.cpus.validate().map_err(|e| e.within("cpus"))?;
         self.memory.validate().map_err(|e| e.within("memory"))?;
         self.payload.validate().map_err(|e| e.within("payload"))?;
@@ -821,7 +829,8 @@ impl BalloonConfig {
         Ok(())
     }
 
-    /// Parses `[target_mib=N][,deflate_on_oom=on][,free_page_reporting=on][,stats_interval_s=N]`.
+    /// Parses `[target=SIZE][,deflate_on_oom=on][,free_page_reporting=on][,stats_interval=DURATION]`
+    /// (`target_mib=` and `stats_interval_s=` are the older names).
     pub fn parse(text: &str) -> ConfigResult<BalloonConfig> {
         let mut balloon = BalloonConfig {
             target_mib: 0,
@@ -832,10 +841,17 @@ impl BalloonConfig {
         for (key, value) in key_values("--balloon", text)? {
             let field = || format!("--balloon {key}");
             match key {
-                "target_mib" => balloon.target_mib = parse_number(&field(), value)?,
+                "target" | "target_mib" => balloon.target_mib = parse_mib(&field(), value)?,
                 "deflate_on_oom" => balloon.deflate_on_oom = parse_bool(&field(), value)?,
                 "free_page_reporting" => balloon.free_page_reporting = parse_bool(&field(), value)?,
-                "stats_interval_s" => balloon.stats_interval_s = parse_number(&field(), value)?,
+                "stats_interval" | "stats_interval_s" => {
+                    let interval = parse_duration(&field(), value, DurationUnit::Seconds)?;
+                    if interval.subsec_millis() != 0 {
+                        return Err(ConfigError::new(field(), "must be whole seconds"));
+                    }
+                    balloon.stats_interval_s = u32::try_from(interval.as_secs())
+                        .map_err(|_| ConfigError::new(field(), "is too long"))?;
+                }
                 _ => return Err(unknown_key("--balloon", key)),
             }
         }
@@ -852,17 +868,7 @@ impl MemoryConfig {
         for (key, value) in key_values("--memory", text)? {
             let field = || format!("--memory {key}");
             match key {
-                "size" => {
-                    let bytes = if value.bytes().all(|b| b.is_ascii_digit()) {
-                        parse_number::<u64>(&field(), value)?.saturating_mul(1 << 20)
-                    } else {
-                        parse_size(&field(), value)?
-                    };
-                    if bytes % (1 << 20) != 0 {
-                        return Err(ConfigError::new(field(), "must be a whole number of MiB"));
-                    }
-                    memory.size_mib = bytes >> 20;
-                }
+                "size" => memory.size_mib = parse_mib(&field(), value)?,
                 "backing" => {
                     memory.backing = match value {
                         "anonymous" => MemoryBacking::Anonymous,
@@ -884,6 +890,24 @@ impl MemoryConfig {
         }
         memory.validate().map_err(|e| e.within("--memory"))?;
         Ok(memory)
+    }
+}
+
+/// A guest name: what names its socket (`NAME.sock`) and its log lines:
+/// 1-64 of `[A-Za-z0-9._-]`, not starting with `.` or `-`.
+pub fn validate_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with(['.', '-'])
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{name:?} is not a guest name: 1-64 characters of [A-Za-z0-9._-], not starting with '.' or '-'"
+        ))
     }
 }
 
@@ -941,21 +965,113 @@ pub fn parse_number<T: std::str::FromStr>(field: &str, value: &str) -> ConfigRes
         .map_err(|_| ConfigError::new(field, format!("{value:?} is not a valid number")))
 }
 
-/// A byte count with an optional binary unit: `4096`, `64K`, `128M`, `2G`.
+/// A byte count: a whole number with an optional unit. Units are binary
+/// everywhere: `K`, `M`, `G`, `T` and `Ki`, `Mi`, `Gi`, `Ti` (either case,
+/// with or without a trailing `B`) are powers of 1024; no unit (or `B`)
+/// is bytes. `4096`, `64K`, `512MiB`, `1Gi`, `2G`.
 pub fn parse_size(field: &str, value: &str) -> ConfigResult<u64> {
-    let (digits, shift) = match value.as_bytes().last() {
-        Some(b'K' | b'k') => (&value[..value.len() - 1], 10),
-        Some(b'M' | b'm') => (&value[..value.len() - 1], 20),
-        Some(b'G' | b'g') => (&value[..value.len() - 1], 30),
-        Some(b'T' | b't') => (&value[..value.len() - 1], 40),
-        _ => (value, 0),
+    let bad = || {
+        ConfigError::new(
+            field,
+            format!("{value:?} is not a size like 512M, 2G or 1Gi (units are powers of 1024)"),
+        )
     };
-    let number: u64 = digits
-        .parse()
-        .map_err(|_| ConfigError::new(field, format!("{value:?} is not a size like 128M")))?;
+    let split = value
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(value.len());
+    let (digits, unit) = value.split_at(split);
+    let shift = match unit.to_ascii_uppercase().as_str() {
+        "" | "B" => 0,
+        "K" | "KB" | "KI" | "KIB" => 10,
+        "M" | "MB" | "MI" | "MIB" => 20,
+        "G" | "GB" | "GI" | "GIB" => 30,
+        "T" | "TB" | "TI" | "TIB" => 40,
+        _ => return Err(bad()),
+    };
+    let number: u64 = digits.parse().map_err(|_| bad())?;
     number
         .checked_mul(1u64 << shift)
         .ok_or_else(|| ConfigError::new(field, format!("{value:?} is too large")))
+}
+
+/// A memory size in MiB: [`parse_size`], except that a plain number is in
+/// MiB (as `--memory size=` always took it); must be whole MiB.
+pub fn parse_mib(field: &str, value: &str) -> ConfigResult<u64> {
+    let bytes = if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
+        parse_number::<u64>(field, value)?
+            .checked_mul(1 << 20)
+            .ok_or_else(|| ConfigError::new(field, format!("{value:?} is too large")))?
+    } else {
+        parse_size(field, value)?
+    };
+    if bytes % (1 << 20) != 0 {
+        return Err(ConfigError::new(field, "must be a whole number of MiB"));
+    }
+    Ok(bytes >> 20)
+}
+
+/// The unit of a duration given as a plain number (what the field or flag
+/// took before units were accepted).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DurationUnit {
+    Millis,
+    Seconds,
+}
+
+/// A duration: a number (decimals allowed) with an optional unit `ms`,
+/// `s`, `m` (minutes) or `h`: `500ms`, `30s`, `1.5s`, `2m`. A plain number
+/// is in `plain` (the unit the field or flag always had). Precision is one
+/// millisecond; at most 10 years.
+pub fn parse_duration(field: &str, value: &str, plain: DurationUnit) -> ConfigResult<Duration> {
+    let bad = || {
+        ConfigError::new(
+            field,
+            format!("{value:?} is not a duration like 500ms, 30s, 2m or 1h"),
+        )
+    };
+    let split = value
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(value.len());
+    let (number, unit) = value.split_at(split);
+    let ms_per_unit: u64 = match unit {
+        "" => match plain {
+            DurationUnit::Millis => 1,
+            DurationUnit::Seconds => 1000,
+        },
+        "ms" => 1,
+        "s" => 1000,
+        "m" | "min" => 60_000,
+        "h" => 3_600_000,
+        _ => return Err(bad()),
+    };
+    // Whole and fractional parts, without going through a float.
+    let (whole, fraction) = number.split_once('.').unwrap_or((number, ""));
+    if whole.is_empty() && fraction.is_empty() {
+        return Err(bad());
+    }
+    let whole: u64 = if whole.is_empty() {
+        0
+    } else {
+        whole.parse().map_err(|_| bad())?
+    };
+    if !fraction.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    // Milliseconds of the fraction (its first 9 digits), rounded down.
+    let digits = &fraction[..fraction.len().min(9)];
+    let numerator: u64 = if digits.is_empty() {
+        0
+    } else {
+        digits.parse().map_err(|_| bad())?
+    };
+    let fraction_ms = numerator * ms_per_unit / 10u64.pow(digits.len() as u32);
+    const MAX_MS: u64 = 10 * 366 * 24 * 3_600_000;
+    let ms = whole
+        .checked_mul(ms_per_unit)
+        .and_then(|ms| ms.checked_add(fraction_ms))
+        .filter(|&ms| ms <= MAX_MS)
+        .ok_or_else(|| ConfigError::new(field, format!("{value:?} is too long")))?;
+    Ok(Duration::from_millis(ms))
 }
 
 impl VmConfig {
@@ -1171,6 +1287,97 @@ mod tests {
     }
 
     #[test]
+    fn sizes_are_binary_in_every_spelling() {
+        for (text, bytes) in [
+            ("0", 0),
+            ("4096", 4096),
+            ("512B", 512),
+            ("64K", 64 << 10),
+            ("64k", 64 << 10),
+            ("64KiB", 64 << 10),
+            ("512M", 512 << 20),
+            ("512Mi", 512 << 20),
+            ("512MB", 512 << 20),
+            ("2G", 2 << 30),
+            ("1Gi", 1 << 30),
+            ("1gib", 1 << 30),
+            ("3T", 3 << 40),
+            ("1Ti", 1 << 40),
+        ] {
+            assert_eq!(parse_size("f", text).unwrap(), bytes, "{text}");
+        }
+        for bad in [
+            "",
+            "M",
+            "1.5M",
+            "-1",
+            "10X",
+            "10 M",
+            "1i",
+            "1iB",
+            "G1",
+            "99999999999T",
+        ] {
+            let e = parse_size("--f", bad).unwrap_err();
+            assert_eq!(e.field, "--f", "{bad}");
+        }
+        // The memory spec keeps MiB for a plain number.
+        assert_eq!(MemoryConfig::parse("size=2Gi").unwrap().size_mib, 2048);
+        assert_eq!(MemoryConfig::parse("size=512MiB").unwrap().size_mib, 512);
+    }
+
+    #[test]
+    fn balloon_spec_takes_sizes_and_durations_under_old_and_new_keys() {
+        let b = BalloonConfig::parse("target=1G,stats_interval=2m").unwrap();
+        assert_eq!((b.target_mib, b.stats_interval_s), (1024, 120));
+        let b = BalloonConfig::parse("target_mib=256,stats_interval_s=5").unwrap();
+        assert_eq!((b.target_mib, b.stats_interval_s), (256, 5));
+        assert!(BalloonConfig::parse("stats_interval=1500ms").is_err());
+        assert!(BalloonConfig::parse("target=1000K").is_err());
+    }
+
+    #[test]
+    fn guest_names_are_checked() {
+        for good in ["web1", "db.prod-2", "A_b"] {
+            assert!(validate_name(good).is_ok(), "{good}");
+        }
+        for bad in ["", ".hidden", "-x", "a/b", "a b", "é", &"x".repeat(65)] {
+            assert!(validate_name(bad).is_err(), "{bad}");
+        }
+        let e =
+            VmConfig::from_json(br#"{"name": "../x", "payload": {"kernel": "/k"}}"#).unwrap_err();
+        assert_eq!(e.field, "name");
+    }
+
+    #[test]
+    fn durations_take_units_and_keep_the_plain_unit() {
+        let ms = |text: &str, plain| parse_duration("f", text, plain).map(|d| d.as_millis());
+        assert_eq!(ms("500ms", DurationUnit::Seconds), Ok(500));
+        assert_eq!(ms("30s", DurationUnit::Millis), Ok(30_000));
+        assert_eq!(ms("2m", DurationUnit::Millis), Ok(120_000));
+        assert_eq!(ms("1h", DurationUnit::Seconds), Ok(3_600_000));
+        assert_eq!(ms("1.5s", DurationUnit::Millis), Ok(1500));
+        assert_eq!(ms(".25s", DurationUnit::Millis), Ok(250));
+        assert_eq!(ms("0.5", DurationUnit::Seconds), Ok(500));
+        assert_eq!(ms("300", DurationUnit::Millis), Ok(300));
+        assert_eq!(ms("300", DurationUnit::Seconds), Ok(300_000));
+        for bad in [
+            "",
+            "s",
+            ".",
+            "1.2.3s",
+            "-1s",
+            "10x",
+            "10 s",
+            "1e3",
+            "99999999999h",
+        ] {
+            let e = parse_duration("--f", bad, DurationUnit::Seconds).unwrap_err();
+            assert_eq!(e.field, "--f", "{bad}");
+        }
+    }
+
+    #[test]
     fn transparent_huge_pages_default_and_override() {
         let config = |memory: &str, balloon: bool| VmConfig {
             memory: MemoryConfig::parse(memory).unwrap(),
@@ -1252,5 +1459,47 @@ impl ErrorClass {
             | NotADirectory | ReadOnlyFilesystem => ErrorClass::Caller,
             _ => ErrorClass::Host,
         }
+    }
+}
+
+/// `text` with every control character (C0, DEL, C1: newlines, ANSI
+/// escape sequences) and every Unicode bidirectional override written as
+/// an escape (`\n`, `\x1b`, `\u{202e}`), so text from an untrusted source
+/// (a migration peer) stays one visible line in a log or on a terminal.
+pub fn escape_control(text: &str) -> std::borrow::Cow<'_, str> {
+    fn unsafe_char(c: char) -> bool {
+        c.is_control()
+            || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    }
+    if !text.chars().any(unsafe_char) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if unsafe_char(c) && (c as u32) < 0x100 => {
+                out.push_str(&format!("\\x{:02x}", c as u32))
+            }
+            c if unsafe_char(c) => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+#[cfg(test)]
+mod escape_tests {
+    use super::escape_control;
+
+    #[test]
+    fn control_characters_and_bidi_overrides_are_escaped() {
+        assert_eq!(escape_control("plain text, é"), "plain text, é");
+        assert_eq!(
+            escape_control("a\nvmm: forged\x1b[31mred\x07\u{9b}\u{202e}x\r\t"),
+            "a\\nvmm: forged\\x1b[31mred\\x07\\x9b\\u{202e}x\\r\\t"
+        );
     }
 }

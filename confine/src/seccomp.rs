@@ -270,15 +270,15 @@ pub fn apply(kind: ThreadKind) {
     // SAFETY: gettid has no arguments and cannot fail.
     TID.with(|t| t.set(unsafe { libc::gettid() }));
     if let Err(e) = seccompiler::apply_filter(&config.filters[kind.index()]) {
-        eprintln!(
-            "vmm: cannot install the seccomp filter of the {} thread: {e}",
+        log::error!(
+            "cannot install the seccomp filter of the {} thread: {e}",
             kind.name()
         );
         std::process::exit(1);
     }
     if config.selftest == Some(kind) && !config.selftest_done.swap(true, Ordering::SeqCst) {
-        eprintln!(
-            "vmm: seccomp self-test: the {} thread makes a forbidden system call ({} = personality)",
+        log::warn!(
+            "seccomp self-test: the {} thread makes a forbidden system call ({} = personality)",
             kind.name(),
             SELFTEST_SYSCALL
         );

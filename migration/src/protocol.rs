@@ -230,12 +230,19 @@ pub fn parse_json<T: DeserializeOwned>(payload: &[u8], what: &'static str) -> Re
     })
 }
 
-/// The message text of an `Error` payload.
+/// The longest text of a peer's `Error` kept (in characters).
+pub const MAX_PEER_ERROR_CHARS: usize = 500;
+
+/// The message text of an `Error` payload: clipped, and with control
+/// characters escaped, since it goes into logs and onto terminals
+/// (`vm.migration-status`) and the peer may be hostile.
 pub fn peer_error(payload: &[u8]) -> ProtocolError {
-    match serde_json::from_slice::<ErrorMessage>(payload) {
-        Ok(e) => ProtocolError::Peer(e.message),
-        Err(_) => ProtocolError::Peer(String::from_utf8_lossy(payload).chars().take(200).collect()),
-    }
+    let text = match serde_json::from_slice::<ErrorMessage>(payload) {
+        Ok(e) => e.message,
+        Err(_) => String::from_utf8_lossy(payload).into_owned(),
+    };
+    let clipped: String = text.chars().take(MAX_PEER_ERROR_CHARS).collect();
+    ProtocolError::Peer(config::escape_control(&clipped).into_owned())
 }
 
 fn kind_name(kind: Kind) -> &'static str {
@@ -329,6 +336,28 @@ impl PageRange {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_peer_error_is_escaped_and_clipped() {
+        let payload = serde_json::to_vec(&ErrorMessage {
+            message: format!("no\nvmm: exiting: forged\x1b[31m{}", "x".repeat(2000)),
+        })
+        .unwrap();
+        let ProtocolError::Peer(text) = peer_error(&payload) else {
+            panic!("not a peer error");
+        };
+        assert!(!text.chars().any(char::is_control), "{text}");
+        assert!(
+            text.starts_with("no\\nvmm: exiting: forged\\x1b[31m"),
+            "{text}"
+        );
+        assert!(text.len() < MAX_PEER_ERROR_CHARS + 20, "{}", text.len());
+        // Not JSON: the raw bytes, escaped the same way.
+        let ProtocolError::Peer(text) = peer_error(b"\x1b]0;title\x07") else {
+            panic!("not a peer error");
+        };
+        assert_eq!(text, "\\x1b]0;title\\x07");
+    }
 
     #[test]
     fn header_roundtrip_and_rejections() {

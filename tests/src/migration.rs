@@ -357,6 +357,22 @@ impl FakeTarget {
         })
     }
 
+    /// With the token: answers the source's Config with an `Error` saying
+    /// `why` (a hostile target's words: anything).
+    pub fn refusing(why: &'static str) -> FakeTarget {
+        Self::spawn(move |stream, seen| {
+            let mut report = FakeReport::default();
+            auth::authenticate_target(stream, TOKEN.as_bytes(), b"").ok()?;
+            let header = protocol::read_header(stream).ok()?;
+            let _ = protocol::read_payload(stream, &header).ok()?;
+            report.kinds.push(header.kind);
+            let _ = seen.send(header.kind);
+            refuse(stream, why);
+            drain(stream, seen, &mut report);
+            Some(report)
+        })
+    }
+
     fn spawn(
         behave: impl FnOnce(&mut UnixStream, &std::sync::mpsc::Sender<Kind>) -> Option<FakeReport>
             + Send

@@ -90,11 +90,25 @@ fn every_endpoint_through_a_whole_lifecycle() {
     assert_eq!(api_error(api.info()).0, 409);
     assert_eq!(api_error(api.counters()).0, 409);
 
-    api.create(&guest_config("-- counters period_ms=100"))
-        .unwrap();
+    // Nothing to delete yet: not an error.
+    let deleted = api.delete().unwrap();
+    assert!(!deleted.changed, "{deleted:?}");
+    assert_eq!(deleted.state, VmState::NotCreated);
+
+    // A boot that fails leaves the VM created: delete, fix, create again.
+    let mut broken = guest_config("");
+    broken.payload.kernel = dir.join("no-such-kernel");
+    api.create(&broken).unwrap();
+    assert_eq!(api_error(api.boot()).0, 400);
     let (status, _, message) = api_error(api.create(&guest_config("")));
     assert_eq!(status, 409, "create twice");
     assert!(message.contains("created"), "{message}");
+    let deleted = api.delete().unwrap();
+    assert!(deleted.changed);
+    assert_eq!(api.ping().unwrap().state, VmState::NotCreated);
+
+    api.create(&guest_config("on_cad=ignore -- counters period_ms=100"))
+        .unwrap();
     let (status, _, message) = api_error(api.pause());
     assert_eq!(status, 409, "pause before boot");
     assert!(
@@ -104,26 +118,62 @@ fn every_endpoint_through_a_whole_lifecycle() {
     let info = api.info().unwrap();
     assert_eq!(info.state, VmState::Created);
     assert_eq!(info.config.payload.kernel, testguest());
+    // Named after its socket (api.sock), no uptime before it ran.
+    assert_eq!(info.name.as_deref(), Some("api"));
+    assert_eq!(info.pid, vmm.pid());
+    assert_eq!(info.uptime_ms, None);
 
-    api.boot().unwrap();
-    assert_eq!(api_error(api.boot()).0, 409, "boot twice");
+    let booted = api.boot().unwrap();
+    assert_eq!((booted.state, booted.changed), (VmState::Running, true));
+    // Booting again is not an error: it is already done.
+    let again = api.boot().unwrap();
+    assert!(!again.changed, "{again:?}");
+    assert!(again.message.contains("already"), "{again:?}");
     vmm.wait_for("counters:", BOOT);
     let info = api.info().unwrap();
     assert_eq!(info.state, VmState::Running);
+    assert!(info.uptime_ms.is_some(), "{info:?}");
+    assert!(info.cpu_time_ms > 0, "{info:?}");
     let memory = info.memory.expect("memory figures");
     assert_eq!(memory.guest_bytes, 128 << 20);
     assert!(memory.rss_bytes > 0);
+    // A running VM is not deleted: stopping it ends the VMM.
+    let (status, _, message) = api_error(api.delete());
+    assert_eq!(status, 409);
+    assert!(message.contains("running"), "{message}");
 
     let counters = api.counters().unwrap();
     assert!(counters["vcpu0"]["exits"] > 0, "{counters:?}");
     assert!(counters["serial"]["out_bytes"] > 0, "{counters:?}");
 
-    api.pause().unwrap();
-    assert_eq!(
-        api_error(api.resume().and_then(|_| api.resume())).0,
-        409,
-        "resume twice"
-    );
+    // The power button reaches the guest, which (on_cad=ignore) runs on;
+    // the VM does not enter shutting-down.
+    let pressed = api.power_button().unwrap();
+    assert_eq!(pressed.state, VmState::Running);
+    vmm.wait_for("testguest: power-button", BOOT);
+    assert_eq!(api.ping().unwrap().state, VmState::Running);
+
+    // Reboot: the guest starts again from its kernel, in the same VMM.
+    vmm.skip_console();
+    let rebooted = api.reboot().unwrap();
+    assert_eq!(rebooted.state, VmState::Running);
+    vmm.wait_for("testguest: ready", BOOT);
+    vmm.wait_for("counters:", BOOT);
+    assert_eq!(api.ping().unwrap().pid, vmm.pid());
+    vmm.wait_for_stderr("vm.reboot: rebooted", SHORT);
+
+    let paused = api.pause().unwrap();
+    assert_eq!((paused.state, paused.changed), (VmState::Paused, true));
+    let again = api.pause().unwrap();
+    assert_eq!((again.state, again.changed), (VmState::Paused, false));
+    assert_eq!(again.message, "already paused");
+    // The power button of a paused guest would wait: refused.
+    assert_eq!(api_error(api.power_button()).0, 409);
+    assert!(api.resume().unwrap().changed);
+    let again = api.resume().unwrap();
+    assert_eq!((again.state, again.changed), (VmState::Running, false));
+    // Each change is logged, with the endpoint that made it.
+    vmm.wait_for_stderr("vm.pause: paused", SHORT);
     api.shutdown_vmm().unwrap();
     assert_eq!(
         vmm.exit_code(SHORT),
@@ -616,4 +666,67 @@ fn api_and_console_sockets_are_private_unless_a_group_is_let_in() {
     let out = as_nobody(None, api(&["pause"]));
     assert!(!out.status.success(), "{out:?}");
     assert_eq!(vmm.api().ping().unwrap().state, VmState::Running);
+}
+
+#[test]
+fn man_pages_and_completions_come_from_the_command_line_definitions() {
+    // No KVM needed: the binaries only describe themselves.
+    let dir = TempDir::new("docs");
+    for binary in [
+        vmm_tests::harness::vmm_binary(),
+        vmm_tests::harness::vmmctl_binary(),
+    ] {
+        let out = std::process::Command::new(&binary)
+            .arg("--generate-docs")
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}: {out:?}", binary.display());
+    }
+    let read = |path: &str| {
+        std::fs::read_to_string(dir.join(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
+    };
+    let vmm = read("man/vmm.1");
+    assert!(vmm.contains(".TH vmm"), "{vmm}");
+    // Every flag `vmm --help` lists is in the manual; the hidden one is not.
+    let help = std::process::Command::new(vmm_tests::harness::vmm_binary())
+        .arg("--help")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    let flags: Vec<&str> = help
+        .split_whitespace()
+        .filter(|w| w.starts_with("--") && w.len() > 2)
+        .map(|w| w.trim_end_matches([',', '.']))
+        .collect();
+    assert!(flags.len() > 20, "{help}");
+    for flag in flags {
+        let roff = flag.replace('-', "\\-");
+        assert!(vmm.contains(&roff), "{flag} is not in vmm.1");
+    }
+    assert!(!vmm.contains("generate"), "the hidden flag is documented");
+    // vmmctl: a page per command, and completions that know the commands.
+    for page in [
+        "vmmctl.1",
+        "vmmctl-migrate.1",
+        "vmmctl-setmem.1",
+        "vmmctl-reboot.1",
+    ] {
+        assert!(read(&format!("man/{page}")).contains(".TH"), "{page}");
+    }
+    for file in [
+        "vmmctl.bash",
+        "_vmmctl",
+        "vmmctl.fish",
+        "vmm.bash",
+        "_vmm",
+        "vmm.fish",
+    ] {
+        let text = read(&format!("completions/{file}"));
+        assert!(!text.is_empty(), "{file}");
+    }
+    let bash = read("completions/vmmctl.bash");
+    for word in ["setmem", "power-button", "--downtime", "--api-socket"] {
+        assert!(bash.contains(word), "{word} not completed");
+    }
 }

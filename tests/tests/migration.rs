@@ -85,6 +85,9 @@ fn counters_continue_on_the_target() {
     wait_status(&api, MIGRATE, "completion", |s| {
         s.phase == MigrationPhase::Completed
     });
+    // The target says so in its log.
+    pair.target
+        .wait_for_stderr("migration: completed: the guest arrived from", SHORT);
     // The guest runs on the target now: the source must not run it again,
     // nor start another migration of it.
     let resume = api.resume().unwrap_err().to_string();

@@ -189,10 +189,16 @@ fn tls_migration_works_and_peers_from_another_ca_are_refused() {
 /// Every request that would change the VM answers 409 with `reason` in it.
 fn refused_while(api: &api::http::ApiClient, reason: &str) {
     let attempts: Vec<(&str, Result<(), api::http::ClientError>)> = vec![
-        ("resume", api.resume()),
-        ("pause", api.pause()),
-        ("shutdown", api.shutdown(&ShutdownRequest::default())),
-        ("boot", api.boot()),
+        ("resume", api.resume().map(drop)),
+        ("pause", api.pause().map(drop)),
+        (
+            "shutdown",
+            api.shutdown(&ShutdownRequest::default()).map(drop),
+        ),
+        ("boot", api.boot().map(drop)),
+        ("reboot", api.reboot().map(drop)),
+        ("power-button", api.power_button().map(drop)),
+        ("delete", api.delete().map(drop)),
         ("balloon", api.balloon(16).map(drop)),
     ];
     for (what, result) in attempts {
@@ -615,4 +621,78 @@ fn a_bad_peer_at_switch_over_never_loses_the_guest() {
         );
     }
     check_pages(&mut source);
+}
+
+/// What a hostile peer may say: a forged log line, a terminal escape
+/// sequence that clears the screen, an OSC title and a bell.
+const FORGED: &str = "no room\nvmm: exiting: guest powered off\x1b[2J\x1b]0;owned\x07";
+
+/// No line of `lines` carries a control character, and none starts with
+/// the line the peer tried to forge.
+fn no_forged_lines(lines: &[String], report: &str) {
+    for line in lines {
+        assert!(
+            !line.chars().any(char::is_control),
+            "a control character reached the log: {line:?}\n{report}"
+        );
+        assert!(
+            !line.starts_with("vmm: exiting: guest powered off"),
+            "a forged line: {line:?}\n{report}"
+        );
+    }
+}
+
+#[test]
+fn a_peers_words_reach_logs_and_terminals_escaped() {
+    require_kvm!();
+    // A fake source tells a real target its forged error.
+    let dir = TempDir::new("forged-source");
+    let (mut target, listen) = Vmm::incoming(&dir, TOKEN);
+    let mut stream = connect_unix(std::path::Path::new(listen.trim_start_matches("unix:")));
+    authenticate(&mut stream, TOKEN).expect("the target accepts the token");
+    refuse(&mut stream, FORGED);
+    drop(stream);
+    assert_eq!(target.exit_code(SHORT), 1, "{}", target.report());
+    let stderr = target.stderr();
+    let said = stderr
+        .iter()
+        .find(|l| l.contains("the peer reported: no room"))
+        .unwrap_or_else(|| panic!("the peer's error is not logged\n{}", target.report()));
+    assert!(
+        said.contains("no room\\nvmm: exiting: guest powered off\\x1b[2J\\x1b]0;owned\\x07"),
+        "{said}"
+    );
+    no_forged_lines(&stderr, &target.report());
+
+    // A fake target answers a real source with it: the log, the status
+    // and vmmctl all show it escaped.
+    let dir = TempDir::new("forged-target");
+    let mut source = spawn_source(&dir, "pages mib=16", "128M", &[], &[]);
+    source.wait_for("pages: start", BOOT);
+    let fake = FakeTarget::refusing(FORGED);
+    let api = source.api();
+    api.send_migration(&send(
+        &fake.destination,
+        TOKEN,
+        MigrationParameters::default(),
+    ))
+    .unwrap();
+    let status = wait_status(&api, MIGRATE, "failure", |s| {
+        s.phase == MigrationPhase::Failed
+    });
+    let error = status.error.unwrap_or_default();
+    assert!(error.contains("the peer reported: no room\\n"), "{error}");
+    assert!(!error.chars().any(char::is_control), "{error:?}");
+    source.wait_for_stderr("the peer reported: no room", SHORT);
+    no_forged_lines(&source.stderr(), &source.report());
+    let out = std::process::Command::new(vmmctl_binary())
+        .args(["--api-socket", dir.join("source.sock").to_str().unwrap()])
+        .arg("migrate-status")
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(shown.contains("no room"), "{shown}");
+    assert!(!shown.contains('\x1b'), "{shown:?}");
+    source_runs_intact(&mut source);
+    drop(fake);
 }

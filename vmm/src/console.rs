@@ -501,8 +501,8 @@ impl ConsoleThread {
             match send(&self.buffer, &mut client.stream, &mut client.pos) {
                 Sent::All | Sent::Blocked => i += 1,
                 Sent::Behind => {
-                    eprintln!(
-                        "vmm: console: dropped client {}: it fell {capacity} bytes behind",
+                    log::warn!(
+                        "console: dropped client {}: it fell {capacity} bytes behind",
                         client.id
                     );
                     self.remove_client(i);
@@ -647,7 +647,7 @@ impl ConsoleThread {
                 Err(_) => return,
             };
             if self.clients.len() >= MAX_CLIENTS {
-                eprintln!("vmm: console: refused a client: {MAX_CLIENTS} are attached");
+                log::warn!("console: refused a client: {MAX_CLIENTS} are attached");
                 continue;
             }
             if stream.set_nonblocking(true).is_err() {

@@ -8,10 +8,10 @@ use std::time::{Duration, Instant};
 
 use api::http::ApiCall;
 use api::request::{
-    ApiError, ApiErrorKind, ApiRequest, ApiResponse, ApiResult, BalloonStatistics, BalloonUpdate,
-    MemoryInfo, MigrationPhase, MigrationRole, MigrationStatus, PingInfo, ReceiveMigrationRequest,
-    RestoreRequest, SendMigrationRequest, ShutdownMode, ShutdownRequest, SnapshotRequest, VmInfo,
-    VmState,
+    ActionReply, ApiError, ApiErrorKind, ApiRequest, ApiResponse, ApiResult, BalloonStatistics,
+    BalloonUpdate, MemoryInfo, MigrationPhase, MigrationRole, MigrationStatus, PingInfo,
+    ReceiveMigrationRequest, RestoreRequest, SendMigrationRequest, ShutdownMode, ShutdownRequest,
+    SnapshotRequest, VmInfo, VmState,
 };
 use config::{ResetAction, VmConfig};
 use devices::legacy::PowerEvent;
@@ -97,6 +97,10 @@ pub struct Controller {
     managed_by: Option<String>,
     /// A snapshot or restore under way, and whom to tell.
     pending: Option<PendingJob>,
+    /// The guest's name when its config has none (the API socket's).
+    default_name: Option<String>,
+    /// When the guest last booted here, or arrived by a migration.
+    booted_at: Option<Instant>,
 }
 
 impl Default for Controller {
@@ -121,6 +125,8 @@ impl Controller {
             exit: None,
             managed_by: None,
             pending: None,
+            default_name: None,
+            booted_at: None,
         }
     }
 
@@ -128,6 +134,19 @@ impl Controller {
     /// migration that is not forced (the manager's agent forces its own).
     pub fn set_managed_by(&mut self, manager: Option<String>) {
         self.managed_by = manager;
+    }
+
+    /// The name `vm.info` reports for a VM whose config has none.
+    pub fn set_default_name(&mut self, name: Option<String>) {
+        self.default_name = name;
+    }
+
+    /// The guest's name: its config's, else the default.
+    fn name(&self) -> Option<String> {
+        self.config
+            .as_ref()
+            .and_then(|c| c.name.clone())
+            .or_else(|| self.default_name.clone())
     }
 
     /// Where other threads send events.
@@ -166,7 +185,7 @@ impl Controller {
                         Ok(event) => event,
                         Err(RecvTimeoutError::Timeout) => {
                             if !why.is_empty() {
-                                eprintln!("vmm: {why}");
+                                log::warn!("{why}");
                             }
                             self.deadline = None;
                             self.exit = Some(status);
@@ -194,7 +213,20 @@ impl Controller {
                             // A refusal is answered already.
                             let _ = self.start_restore(request, Some(reply));
                         }
-                        request => reply(self.handle(request)),
+                        request => {
+                            let endpoint = request.endpoint();
+                            log::debug!("api: {endpoint}");
+                            let result = self.handle(request);
+                            match &result {
+                                // What an action changed is worth a line at info.
+                                Ok(ApiResponse::Action(done)) if done.changed => {
+                                    log::info!("{endpoint}: {}", done.message)
+                                }
+                                Err(e) => log::debug!("api: {endpoint}: refused: {e}"),
+                                _ => {}
+                            }
+                            reply(result)
+                        }
                     }
                 }
                 ControlEvent::Vm(event) => self.handle_vm_event(event),
@@ -203,7 +235,7 @@ impl Controller {
                     let _ = reply.send(result);
                 }
                 ControlEvent::Signal(signal) => {
-                    eprintln!("vmm: {}: stopping", crate::signals::name(signal));
+                    log::info!("{}: stopping", crate::signals::name(signal));
                     self.exit = Some(self.exit_by_request());
                 }
             }
@@ -217,17 +249,17 @@ impl Controller {
             // A target stopped before the guest ran here: no guest ended,
             // the migration failed.
             if matches!(self.pending, Some(PendingJob::Restore { .. })) {
-                eprintln!("vmm: stopped during a restore: no guest ran");
+                log::warn!("stopped during a restore: no guest ran");
             } else {
-                eprintln!("vmm: stopped while waiting for an incoming migration: no guest ran");
+                log::warn!("stopped while waiting for an incoming migration: no guest ran");
             }
             return ExitStatus::Error;
         }
         match (self.state, &self.vm) {
             (VmState::Migrated, _) => ExitStatus::Migrated,
             (VmState::MigrationUndecided, _) => {
-                eprintln!(
-                    "vmm: stopping with the migration undecided: the guest may run on the target"
+                log::warn!(
+                    "stopping with the migration undecided: the guest may run on the target"
                 );
                 ExitStatus::Stopped
             }
@@ -248,7 +280,10 @@ impl Controller {
             | ApiRequest::VmReceiveMigration(_)
             | ApiRequest::VmBalloon(_)
             | ApiRequest::VmSnapshot(_)
-            | ApiRequest::VmRestore(_) => true,
+            | ApiRequest::VmRestore(_)
+            | ApiRequest::VmReboot
+            | ApiRequest::VmPowerButton
+            | ApiRequest::VmDelete => true,
             // The one way out of an undecided outcome.
             ApiRequest::VmResume(r) => {
                 !(r.force && self.migration_state == MigrationState::Undecided)
@@ -284,6 +319,7 @@ impl Controller {
             ApiRequest::VmmPing => Ok(ApiResponse::Ping(PingInfo {
                 version: env!("CARGO_PKG_VERSION").to_string(),
                 pid: std::process::id(),
+                name: self.name(),
                 state: self.state,
             })),
             ApiRequest::VmmShutdown => {
@@ -291,23 +327,53 @@ impl Controller {
                 Ok(ApiResponse::Empty)
             }
             ApiRequest::VmCreate(config) => self.create(*config).map(|_| ApiResponse::Empty),
-            ApiRequest::VmBoot => self.boot().map(|_| ApiResponse::Empty),
+            ApiRequest::VmBoot => {
+                if matches!(self.state, VmState::Running | VmState::Paused) {
+                    return self.already(format!("already booted ({})", self.state));
+                }
+                self.boot()?;
+                self.action("booted")
+            }
             ApiRequest::VmPause => {
+                if self.state == VmState::Paused {
+                    return self.already("already paused");
+                }
                 self.expect_state("pause", &[VmState::Running])?;
                 self.vm()?.pause();
                 self.state = VmState::Paused;
-                Ok(ApiResponse::Empty)
+                self.action("paused")
             }
             ApiRequest::VmResume(_) if self.state == VmState::MigrationUndecided => {
                 self.resume_undecided()
             }
             ApiRequest::VmResume(_) => {
+                if self.state == VmState::Running {
+                    return self.already("already running");
+                }
                 self.expect_state("resume", &[VmState::Paused])?;
                 self.vm()?.resume();
                 self.state = VmState::Running;
-                Ok(ApiResponse::Empty)
+                self.action("resumed")
             }
             ApiRequest::VmShutdown(request) => self.shutdown(request),
+            ApiRequest::VmReboot => self.api_reboot(),
+            ApiRequest::VmPowerButton => {
+                if self.state == VmState::Paused {
+                    return Err(ApiError::new(
+                        ApiErrorKind::WrongState,
+                        "cannot press the power button: the VM is paused (resume it first)",
+                    ));
+                }
+                self.expect_state(
+                    "press the power button",
+                    &[VmState::Running, VmState::ShuttingDown],
+                )?;
+                self.vm()?.press_power_button().map_err(|e| {
+                    ApiError::internal(format!("cannot press the ACPI power button: {e}"))
+                })?;
+                self.action("the ACPI power button was pressed")
+            }
+            ApiRequest::VmDelete => self.delete(),
             ApiRequest::VmInfo => {
                 let config = self
                     .config
@@ -328,7 +394,14 @@ impl Controller {
                     }
                 });
                 Ok(ApiResponse::Info(Box::new(VmInfo {
+                    name: self.name(),
                     state: self.state,
+                    pid: std::process::id(),
+                    uptime_ms: self
+                        .booted_at
+                        .filter(|_| self.vm.is_some())
+                        .map(|at| at.elapsed().as_millis() as u64),
+                    cpu_time_ms: process_cpu_time_ms(),
                     config,
                     serial_pty: self
                         .console
@@ -569,10 +642,10 @@ impl Controller {
         }
         vm.device_manager().resume();
         vm.resume();
-        eprintln!("vmm: the guest was resumed by force after an undecided migration");
+        log::warn!("the guest was resumed by force after an undecided migration");
         self.migration_state = MigrationState::Idle;
         self.state = VmState::Running;
-        Ok(ApiResponse::Empty)
+        self.action("resumed by force after an undecided migration")
     }
 
     /// `vm.balloon`: a new target for the running balloon, or for the one
@@ -666,6 +739,7 @@ impl Controller {
         vm.resume();
         self.vm = Some(vm);
         self.state = VmState::Running;
+        self.booted_at = Some(Instant::now());
         Ok(())
     }
 
@@ -692,6 +766,10 @@ impl Controller {
                     &[VmState::Running, VmState::Paused, VmState::ShuttingDown],
                 )?;
                 self.exit = Some(ExitStatus::Stopped);
+                Ok(ApiResponse::Action(ActionReply::done(
+                    VmState::Shutdown,
+                    "forced off: the VMM exits",
+                )))
             }
             // Both ask the guest (ACPI power button, or Ctrl-Alt-Del for
             // guests without ACPI) and are handled alike from then on.
@@ -715,6 +793,7 @@ impl Controller {
                         "cannot press the ACPI power button: {e}"
                     )));
                 }
+                let again = self.state == VmState::ShuttingDown;
                 self.state = VmState::ShuttingDown;
                 if let Some(ms) = request.timeout_ms {
                     self.deadline = Some((
@@ -723,9 +802,85 @@ impl Controller {
                         "the guest did not shut down in time; forcing it off",
                     ));
                 }
+                let how = match request.mode {
+                    ShutdownMode::CtrlAltDel => "Ctrl-Alt-Del was sent",
+                    _ => "the ACPI power button was pressed",
+                };
+                let timeout = request
+                    .timeout_ms
+                    .map(|ms| format!("; forced off after {}", show_ms(ms)))
+                    .unwrap_or_default();
+                let again = if again { " again" } else { "" };
+                self.action(format!("shutting down: {how}{again}{timeout}"))
             }
         }
-        Ok(ApiResponse::Empty)
+    }
+
+    /// The reply of an action that was done: the state it left.
+    fn action(&self, message: impl Into<String>) -> ApiResult {
+        Ok(ApiResponse::Action(ActionReply::done(self.state, message)))
+    }
+
+    /// The reply of an action whose result was already there.
+    fn already(&self, message: impl Into<String>) -> ApiResult {
+        Ok(ApiResponse::Action(ActionReply::already(
+            self.state, message,
+        )))
+    }
+
+    /// `vm.reboot`: the guest is reset in place, as a guest reset with
+    /// `on_reset` `reboot` does. If the VM cannot be rebuilt, it stays
+    /// created (not running), for `vm.boot` to retry or `vm.delete`.
+    fn api_reboot(&mut self) -> ApiResult {
+        self.expect_state("reboot", &[VmState::Running, VmState::Paused])?;
+        if self.migration_state != MigrationState::Idle {
+            return Err(ApiError::new(
+                ApiErrorKind::WrongState,
+                "cannot reboot: a migration is under way",
+            ));
+        }
+        let config = self
+            .config
+            .clone()
+            .ok_or_else(|| ApiError::internal("no VM config"))?;
+        if let Err(e) = self.rebuild(&config) {
+            self.state = VmState::Created;
+            return Err(ApiError::of_class(
+                e.class(),
+                format!("reboot failed: {e}; the VM is created, not running (vm.boot retries)"),
+            ));
+        }
+        self.action("rebooted")
+    }
+
+    /// `vm.delete`: back to no VM, so that `vm.create` can define it again
+    /// (after a failed boot, or to change the config). A running or paused
+    /// VM is not deleted: stopping it ends this VMM, with its exit code.
+    fn delete(&mut self) -> ApiResult {
+        if self.state == VmState::NotCreated {
+            return self.already("already deleted: no VM is defined");
+        }
+        if self.migration_state != MigrationState::Idle {
+            return Err(ApiError::new(
+                ApiErrorKind::WrongState,
+                "cannot delete the VM: a migration is under way",
+            ));
+        }
+        if self.state != VmState::Created {
+            return Err(ApiError::new(
+                ApiErrorKind::WrongState,
+                format!(
+                    "cannot delete the VM: it is {} (shut it down or stop it first; the VMM \
+                     exits with it)",
+                    self.state
+                ),
+            ));
+        }
+        self.config = None;
+        // A console opened by a boot that failed afterwards.
+        self.console = None;
+        self.state = VmState::NotCreated;
+        self.action("deleted")
     }
 
     fn handle_vm_event(&mut self, event: VmEvent) {
@@ -738,7 +893,7 @@ impl Controller {
                 return;
             }
             VmEvent::Vcpu(id, VcpuStop::Crash(why)) => {
-                eprintln!("vmm: guest crashed: vcpu{id}: {why}");
+                log::error!("guest crashed: vcpu{id}: {why}");
                 self.exit = Some(ExitStatus::Crashed);
                 return;
             }
@@ -758,28 +913,35 @@ impl Controller {
         }
     }
 
-    /// Rebuilds the VM from its config: a cold reset in place.
+    /// A guest reset with `on_reset` `reboot`: rebuilt in place, or the
+    /// VMM exits with an error.
     fn reboot(&mut self) {
+        let Some(config) = self.config.clone() else {
+            self.exit = Some(ExitStatus::Error);
+            return;
+        };
+        match self.rebuild(&config) {
+            Ok(()) => log::info!("the guest reset itself: rebooted"),
+            Err(e) => {
+                log::error!("reboot failed: {e}");
+                self.exit = Some(ExitStatus::Error);
+            }
+        }
+    }
+
+    /// Rebuilds the VM from its config and runs it: a cold reset in place.
+    fn rebuild(&mut self, config: &VmConfig) -> Result<(), VmError> {
         if let Some(mut vm) = self.vm.take() {
             vm.stop();
         }
         // Events of the old VM still queued refer to it, not to the new one.
         self.drain_vm_events();
-        let Some(config) = self.config.clone() else {
-            self.exit = Some(ExitStatus::Error);
-            return;
-        };
-        match self.build_vm(&config, VmStart::Boot) {
-            Ok(vm) => {
-                vm.resume();
-                self.vm = Some(vm);
-                self.state = VmState::Running;
-            }
-            Err(e) => {
-                eprintln!("vmm: reboot failed: {e}");
-                self.exit = Some(ExitStatus::Error);
-            }
-        }
+        let vm = self.build_vm(config, VmStart::Boot)?;
+        vm.resume();
+        self.vm = Some(vm);
+        self.state = VmState::Running;
+        self.booted_at = Some(Instant::now());
+        Ok(())
     }
 
     fn drain_vm_events(&mut self) {
@@ -948,8 +1110,8 @@ impl Controller {
             MigrationCall::Undecided => {
                 self.migration_state = MigrationState::Undecided;
                 self.state = VmState::MigrationUndecided;
-                eprintln!(
-                    "vmm: migration undecided: the target got Complete but never confirmed \
+                log::error!(
+                    "migration undecided: the target got Complete but never confirmed \
                      that it runs the guest, which may run there; this VMM keeps it paused \
                      with its disks released (check the target; resume here only with force)"
                 );
@@ -959,7 +1121,7 @@ impl Controller {
                 self.migration_state = MigrationState::Idle;
                 // The guest runs on the target: nothing may resume it here.
                 self.state = VmState::Migrated;
-                eprintln!("vmm: the guest was migrated; exiting");
+                log::info!("the guest was migrated; exiting");
                 self.deadline = Some((Instant::now() + MIGRATED_GRACE, ExitStatus::Migrated, ""));
                 Ok(MigrationReply::Done)
             }
@@ -976,6 +1138,7 @@ impl Controller {
                 if run {
                     vm.resume();
                 }
+                self.booted_at = Some(Instant::now());
                 vm.device_manager().migration_completed();
                 self.state = if run {
                     VmState::Running
@@ -984,8 +1147,8 @@ impl Controller {
                 };
                 self.migration_state = MigrationState::Idle;
                 if let Some(PendingJob::Restore { source, reply }) = self.pending.take() {
-                    eprintln!(
-                        "vmm: restored from {}: the guest {}",
+                    log::info!(
+                        "restored from {}: the guest {}",
                         source.display(),
                         if run { "runs" } else { "is paused, as it was" }
                     );
@@ -1020,7 +1183,7 @@ impl Controller {
                 } else {
                     "the incoming migration"
                 };
-                eprintln!("vmm: exiting: {what} failed: {message}");
+                log::error!("exiting: {what} failed: {message}");
                 self.exit = Some(ExitStatus::Error);
                 Ok(MigrationReply::Done)
             }
@@ -1049,8 +1212,8 @@ impl Controller {
                 });
                 match result {
                     Ok(bytes) => {
-                        eprintln!(
-                            "vmm: snapshot written to {} ({} MiB in {} ms); the guest stays paused",
+                        log::info!(
+                            "snapshot written to {} ({} MiB in {} ms); the guest stays paused",
                             files.dir.display(),
                             bytes >> 20,
                             started.elapsed().as_millis()
@@ -1064,7 +1227,7 @@ impl Controller {
                     Err(e) => {
                         files.discard();
                         let message = format!("cannot write the snapshot: {e}");
-                        eprintln!("vmm: {message}");
+                        log::error!("{message}");
                         self.migration.update(|s| {
                             s.phase = MigrationPhase::Failed;
                             s.error = Some(message.clone());
@@ -1149,6 +1312,28 @@ fn no_balloon() -> ApiError {
         ApiErrorKind::WrongState,
         "the VM has no balloon device (configure one with --balloon or \"balloon\" in the VM config)",
     )
+}
+
+/// `1500` ms as `1.5 s`, `300` as `300 ms`.
+fn show_ms(ms: u64) -> String {
+    if ms >= 1000 {
+        format!("{} s", ms as f64 / 1000.0)
+    } else {
+        format!("{ms} ms")
+    }
+}
+
+/// CPU time of the whole VMM process (every thread), user plus system.
+pub fn process_cpu_time_ms() -> u64 {
+    let mut time = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `time` is a valid out-pointer; the clock id is a constant.
+    if unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut time) } != 0 {
+        return 0;
+    }
+    (time.tv_sec as u64) * 1000 + (time.tv_nsec as u64) / 1_000_000
 }
 
 /// The VMM process's proportional set size, from /proc/self/smaps_rollup.

@@ -10,6 +10,7 @@ pub mod dirty_log;
 pub mod exit;
 pub mod interrupt;
 pub mod layout;
+pub mod logger;
 pub mod memory;
 pub mod migrate;
 pub mod pci;

@@ -166,7 +166,7 @@ fn serve(set: libc::sigset_t, stop: impl Fn(libc::c_int) -> bool, log_file: Opti
                 if asked {
                     // A second stop while the first is being handled: the
                     // control loop is stuck or too slow; leave now.
-                    eprintln!("vmm: {name} again: exiting at once");
+                    log::warn!("{name} again: exiting at once");
                     std::process::exit(ExitStatus::Stopped.code());
                 }
                 asked = true;
@@ -176,15 +176,15 @@ fn serve(set: libc::sigset_t, stop: impl Fn(libc::c_int) -> bool, log_file: Opti
             }
             libc::SIGHUP => match &log_file {
                 Some(path) => match redirect_stderr(path) {
-                    Ok(()) => eprintln!("vmm: {name}: reopened the log file {}", path.display()),
-                    Err(e) => eprintln!(
-                        "vmm: {name}: cannot reopen the log file {}: {e}; still writing to the old one",
+                    Ok(()) => log::info!("{name}: reopened the log file {}", path.display()),
+                    Err(e) => log::error!(
+                        "{name}: cannot reopen the log file {}: {e}; still writing to the old one",
                         path.display()
                     ),
                 },
-                None => eprintln!("vmm: {name} ignored (no --log-file to reopen)"),
+                None => log::info!("{name} ignored (no --log-file to reopen)"),
             },
-            _ => eprintln!("vmm: {name} ignored"),
+            _ => log::info!("{name} ignored"),
         }
     }
 }

@@ -4,6 +4,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use config::DurationUnit;
+
 pub const USAGE: &str = "\
 vmm-web: a web console for every VMM on this host
 
@@ -21,8 +23,10 @@ usage: vmm-web [OPTIONS]
                             stops DNS-rebinding pages from reaching the console
   --socket-dir DIR          where the VMMs' API sockets are (default
                             $VMM_SOCKET_DIR, else /run/vmm); each NAME.sock is a guest
-  --interval-ms N           sampling period (default 1000)
-  --history-s N             how long the charts reach back (default 300)
+  --interval DURATION       sampling period (default 1s; 100ms to 1m; a plain
+                            number is ms, as for the older --interval-ms)
+  --history DURATION        how long the charts reach back (default 5m; 10s to
+                            1 day; a plain number is s, as for --history-s)
   -h, --help                this text
   -V, --version             the version
 ";
@@ -124,13 +128,14 @@ pub fn parse_args(args: Vec<String>, socket_dir: PathBuf) -> Result<Parsed, Stri
                 parsed.allow_hosts.push(host);
             }
             "--socket-dir" => parsed.socket_dir = PathBuf::from(value("--socket-dir")?),
-            "--interval-ms" => {
-                let ms = number("--interval-ms", &value("--interval-ms")?, 100, 60_000)?;
-                parsed.interval = Duration::from_millis(ms);
+            // The older names (plain numbers keep their units) stay.
+            "--interval" | "--interval-ms" => {
+                let text = value(&flag)?;
+                parsed.interval = duration(&flag, &text, DurationUnit::Millis, 100, 60_000)?;
             }
-            "--history-s" => {
-                let s = number("--history-s", &value("--history-s")?, 10, 86_400)?;
-                parsed.history = Duration::from_secs(s);
+            "--history" | "--history-s" => {
+                let text = value(&flag)?;
+                parsed.history = duration(&flag, &text, DurationUnit::Seconds, 10_000, 86_400_000)?;
             }
             other => return Err(format!("unknown argument {other:?}")),
         }
@@ -138,12 +143,33 @@ pub fn parse_args(args: Vec<String>, socket_dir: PathBuf) -> Result<Parsed, Stri
     Ok(Parsed::Run(parsed))
 }
 
-fn number(flag: &str, text: &str, min: u64, max: u64) -> Result<u64, String> {
-    match text.parse::<u64>() {
-        Ok(n) if (min..=max).contains(&n) => Ok(n),
-        _ => Err(format!(
-            "{flag} {text:?} is not a number from {min} to {max}"
-        )),
+/// A duration between `min_ms` and `max_ms` (the grammar of every VMM
+/// flag: `500ms`, `30s`, `2m`; a plain number in `plain`).
+fn duration(
+    flag: &str,
+    text: &str,
+    plain: DurationUnit,
+    min_ms: u64,
+    max_ms: u64,
+) -> Result<Duration, String> {
+    let d =
+        config::parse_duration(flag, text, plain).map_err(|e| format!("{flag} {}", e.message))?;
+    let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    if !(min_ms..=max_ms).contains(&ms) {
+        return Err(format!(
+            "{flag} {text:?} is not from {} to {}",
+            show(min_ms),
+            show(max_ms)
+        ));
+    }
+    Ok(d)
+}
+
+fn show(ms: u64) -> String {
+    if ms % 1000 == 0 {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{ms}ms")
     }
 }
 
@@ -196,7 +222,9 @@ mod tests {
             (&["--listen", "localhost:80"][..], "not ADDR:PORT"),
             (&["--listen", "unix:"], "needs a path"),
             (&["--listen"], "needs a value"),
-            (&["--interval-ms", "5"], "from 100 to 60000"),
+            (&["--interval-ms", "5"], "is not from 100ms to 60s"),
+            (&["--interval", "5s5"], "is not a duration"),
+            (&["--history", "2d"], "is not a duration"),
             (&["--bogus"], "unknown argument \"--bogus\""),
             (&["--allow-host", "a/b"], "not a host name"),
         ] {
@@ -213,5 +241,15 @@ mod tests {
         assert_eq!(args.listen, Listen::Unix("/tmp/w.sock".into()));
         assert_eq!(args.auth_token_file, Some("/etc/t".into()));
         assert_eq!(args.allow_hosts, vec!["console.example".to_string()]);
+    }
+
+    #[test]
+    fn periods_take_durations_and_the_old_plain_numbers() {
+        let args = run(&["--interval", "250ms", "--history", "10m"]);
+        assert_eq!(args.interval, Duration::from_millis(250));
+        assert_eq!(args.history, Duration::from_secs(600));
+        let args = run(&["--interval-ms", "500", "--history-s", "60"]);
+        assert_eq!(args.interval, Duration::from_millis(500));
+        assert_eq!(args.history, Duration::from_secs(60));
     }
 }

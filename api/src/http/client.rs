@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 use super::routes::{encode, route_named, Method, Route, API_PREFIX};
 use super::wire::{clip, find_head, parse_content_length, reason, split_head};
 use crate::request::{
-    ApiError, ApiErrorKind, ApiRequest, ApiResponse, BalloonStatistics, BalloonUpdate, Counters,
-    MigrationParameters, MigrationStatus, PingInfo, ReceiveMigrationRequest, ResumeRequest,
-    SendMigrationRequest, ShutdownRequest, VmInfo,
+    ActionReply, ApiError, ApiErrorKind, ApiRequest, ApiResponse, BalloonStatistics, BalloonUpdate,
+    Counters, MigrationParameters, MigrationStatus, PingInfo, ReceiveMigrationRequest,
+    ResumeRequest, SendMigrationRequest, ShutdownRequest, VmInfo,
 };
 use crate::request::{RestoreRequest, SnapshotRequest};
 use config::VmConfig;
@@ -195,31 +195,51 @@ impl ApiClient {
     }
 
     /// `PUT vm.boot`.
-    pub fn boot(&self) -> Result<(), ClientError> {
-        self.call(&ApiRequest::VmBoot).map(drop)
+    pub fn boot(&self) -> Result<ActionReply, ClientError> {
+        self.action(&ApiRequest::VmBoot)
     }
 
     /// `PUT vm.pause`.
-    pub fn pause(&self) -> Result<(), ClientError> {
-        self.call(&ApiRequest::VmPause).map(drop)
+    pub fn pause(&self) -> Result<ActionReply, ClientError> {
+        self.action(&ApiRequest::VmPause)
     }
 
     /// `PUT vm.resume`.
-    pub fn resume(&self) -> Result<(), ClientError> {
-        self.call(&ApiRequest::VmResume(ResumeRequest::default()))
-            .map(drop)
+    pub fn resume(&self) -> Result<ActionReply, ClientError> {
+        self.action(&ApiRequest::VmResume(ResumeRequest::default()))
     }
 
     /// `PUT vm.resume` with force: after an undecided migration.
-    pub fn resume_force(&self) -> Result<(), ClientError> {
-        self.call(&ApiRequest::VmResume(ResumeRequest { force: true }))
-            .map(drop)
+    pub fn resume_force(&self) -> Result<ActionReply, ClientError> {
+        self.action(&ApiRequest::VmResume(ResumeRequest { force: true }))
     }
 
     /// `PUT vm.shutdown`.
-    pub fn shutdown(&self, request: &ShutdownRequest) -> Result<(), ClientError> {
-        self.call(&ApiRequest::VmShutdown(request.clone()))
-            .map(drop)
+    pub fn shutdown(&self, request: &ShutdownRequest) -> Result<ActionReply, ClientError> {
+        self.action(&ApiRequest::VmShutdown(request.clone()))
+    }
+
+    /// `PUT vm.reboot`.
+    pub fn reboot(&self) -> Result<ActionReply, ClientError> {
+        self.action(&ApiRequest::VmReboot)
+    }
+
+    /// `PUT vm.power-button`.
+    pub fn power_button(&self) -> Result<ActionReply, ClientError> {
+        self.action(&ApiRequest::VmPowerButton)
+    }
+
+    /// `PUT vm.delete`.
+    pub fn delete(&self) -> Result<ActionReply, ClientError> {
+        self.action(&ApiRequest::VmDelete)
+    }
+
+    /// An action and what it did.
+    pub fn action(&self, request: &ApiRequest) -> Result<ActionReply, ClientError> {
+        match self.call(request)? {
+            ApiResponse::Action(reply) => Ok(reply),
+            other => Err(self.unexpected(other)),
+        }
     }
 
     /// `GET vm.info`.

@@ -14,9 +14,9 @@ use std::fmt;
 use serde::de::DeserializeOwned;
 
 use crate::request::{
-    validate_migration_url, ApiError, ApiRequest, ApiResponse, BalloonStatistics, BalloonUpdate,
-    Counters, MigrationParameters, MigrationStatus, PingInfo, ReceiveMigrationRequest,
-    ResumeRequest, SendMigrationRequest, ShutdownRequest, VmInfo,
+    validate_migration_url, ActionReply, ApiError, ApiRequest, ApiResponse, BalloonStatistics,
+    BalloonUpdate, Counters, MigrationParameters, MigrationStatus, PingInfo,
+    ReceiveMigrationRequest, ResumeRequest, SendMigrationRequest, ShutdownRequest, VmInfo,
 };
 use crate::request::{validate_snapshot_dir, RestoreRequest, SnapshotRequest};
 use config::VmConfig;
@@ -81,6 +81,8 @@ pub enum BodyKind {
 pub enum ReplyKind {
     /// Nothing: 204.
     Empty,
+    /// 200 with an [`ActionReply`]: what the action did.
+    Action,
     /// 200 with a [`PingInfo`].
     Ping,
     /// 200 with a [`VmInfo`].
@@ -98,6 +100,7 @@ impl ReplyKind {
     pub fn schema(self) -> Option<&'static str> {
         match self {
             ReplyKind::Empty => None,
+            ReplyKind::Action => Some("ActionReply"),
             ReplyKind::Ping => Some("PingInfo"),
             ReplyKind::Info => Some("VmInfo"),
             ReplyKind::Counters => Some("Counters"),
@@ -121,6 +124,7 @@ impl ReplyKind {
         }
         Ok(match self {
             ReplyKind::Empty => ApiResponse::Empty,
+            ReplyKind::Action => ApiResponse::Action(json::<ActionReply>(body)?),
             ReplyKind::Ping => ApiResponse::Ping(json::<PingInfo>(body)?),
             ReplyKind::Info => ApiResponse::Info(Box::new(json::<VmInfo>(body)?)),
             ReplyKind::Counters => ApiResponse::Counters(json::<Counters>(body)?),
@@ -191,21 +195,21 @@ pub static ROUTES: &[Route] = &[
         method: Method::Put,
         path: "/api/v1/vm.boot",
         body: BodyKind::None,
-        reply: ReplyKind::Empty,
+        reply: ReplyKind::Action,
         parse: |_| Ok(ApiRequest::VmBoot),
     },
     Route {
         method: Method::Put,
         path: "/api/v1/vm.pause",
         body: BodyKind::None,
-        reply: ReplyKind::Empty,
+        reply: ReplyKind::Action,
         parse: |_| Ok(ApiRequest::VmPause),
     },
     Route {
         method: Method::Put,
         path: "/api/v1/vm.resume",
         body: BodyKind::Optional("ResumeRequest"),
-        reply: ReplyKind::Empty,
+        reply: ReplyKind::Action,
         parse: |body| {
             let request = match body {
                 Some(body) => json_body::<ResumeRequest>(body)?,
@@ -218,7 +222,7 @@ pub static ROUTES: &[Route] = &[
         method: Method::Put,
         path: "/api/v1/vm.shutdown",
         body: BodyKind::Optional("ShutdownRequest"),
-        reply: ReplyKind::Empty,
+        reply: ReplyKind::Action,
         parse: |body| {
             let request = match body {
                 Some(body) => json_body::<ShutdownRequest>(body)?,
@@ -226,6 +230,27 @@ pub static ROUTES: &[Route] = &[
             };
             Ok(ApiRequest::VmShutdown(request))
         },
+    },
+    Route {
+        method: Method::Put,
+        path: "/api/v1/vm.reboot",
+        body: BodyKind::None,
+        reply: ReplyKind::Action,
+        parse: |_| Ok(ApiRequest::VmReboot),
+    },
+    Route {
+        method: Method::Put,
+        path: "/api/v1/vm.power-button",
+        body: BodyKind::None,
+        reply: ReplyKind::Action,
+        parse: |_| Ok(ApiRequest::VmPowerButton),
+    },
+    Route {
+        method: Method::Put,
+        path: "/api/v1/vm.delete",
+        body: BodyKind::None,
+        reply: ReplyKind::Action,
+        parse: |_| Ok(ApiRequest::VmDelete),
     },
     Route {
         method: Method::Get,
@@ -397,6 +422,9 @@ pub fn encode(request: &ApiRequest) -> Result<(&'static Route, Option<Vec<u8>>),
         ApiRequest::VmResume(r) if !r.force => (Method::Put, "vm.resume", None),
         ApiRequest::VmResume(r) => (Method::Put, "vm.resume", json(r)?),
         ApiRequest::VmShutdown(shutdown) => (Method::Put, "vm.shutdown", json(shutdown)?),
+        ApiRequest::VmReboot => (Method::Put, "vm.reboot", None),
+        ApiRequest::VmPowerButton => (Method::Put, "vm.power-button", None),
+        ApiRequest::VmDelete => (Method::Put, "vm.delete", None),
         ApiRequest::VmInfo => (Method::Get, "vm.info", None),
         ApiRequest::VmCounters => (Method::Get, "vm.counters", None),
         ApiRequest::VmSendMigration(r) => (Method::Put, "vm.send-migration", json(r)?),
@@ -434,6 +462,9 @@ mod tests {
                 mode: ShutdownMode::Graceful,
                 timeout_ms: Some(1500),
             }),
+            ApiRequest::VmReboot,
+            ApiRequest::VmPowerButton,
+            ApiRequest::VmDelete,
             ApiRequest::VmInfo,
             ApiRequest::VmCounters,
             ApiRequest::VmSendMigration(SendMigrationRequest {
@@ -503,10 +534,11 @@ mod tests {
                 "duplicate {}",
                 route.path
             );
-            // Queries are GETs with a reply; actions are PUTs.
+            // Queries are GETs with a reply; actions are PUTs, answering
+            // what they did or nothing.
             assert_eq!(
                 route.method == Method::Get,
-                route.reply != ReplyKind::Empty,
+                !matches!(route.reply, ReplyKind::Empty | ReplyKind::Action),
                 "{}",
                 route.path
             );
@@ -695,8 +727,15 @@ mod tests {
         let ping = PingInfo {
             version: "1".into(),
             pid: 7,
+            name: Some("web1".into()),
             state: VmState::Paused,
         };
+        let action = ActionReply::already(VmState::Paused, "already paused");
+        let json = ApiResponse::Action(action.clone()).to_json().unwrap();
+        assert_eq!(
+            ReplyKind::Action.decode(json.as_bytes()).unwrap(),
+            ApiResponse::Action(action)
+        );
         let json = ApiResponse::Ping(ping.clone()).to_json().unwrap();
         assert_eq!(
             ReplyKind::Ping.decode(json.as_bytes()).unwrap(),

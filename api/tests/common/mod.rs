@@ -65,7 +65,11 @@ pub fn sample_config() -> VmConfig {
 
 pub fn sample_info() -> VmInfo {
     VmInfo {
+        name: Some("web1".into()),
         state: VmState::Running,
+        pid: 4242,
+        uptime_ms: Some(3_723_000),
+        cpu_time_ms: 1500,
         config: sample_config(),
         serial_pty: None,
         memory: Some(MemoryInfo {
@@ -153,6 +157,7 @@ pub fn canned_answer(request: &ApiRequest) -> Result<ApiResponse, ApiError> {
         ApiRequest::VmmPing => Ok(ApiResponse::Ping(PingInfo {
             version: "0.1.0".into(),
             pid: 4242,
+            name: Some("web1".into()),
             state: VmState::Running,
         })),
         ApiRequest::VmInfo => Ok(ApiResponse::Info(Box::new(sample_info()))),
@@ -164,8 +169,25 @@ pub fn canned_answer(request: &ApiRequest) -> Result<ApiResponse, ApiError> {
             sample_balloon_statistics(),
         ))),
         ApiRequest::VmPause => Err(ApiError::wrong_state("pause", VmState::Created)),
+        ApiRequest::VmBoot => Ok(action(VmState::Running, "booted")),
+        ApiRequest::VmResume(_) => Ok(action(VmState::Running, "resumed")),
+        ApiRequest::VmReboot => Ok(action(VmState::Running, "rebooted")),
+        ApiRequest::VmPowerButton => Ok(action(
+            VmState::Running,
+            "the ACPI power button was pressed",
+        )),
+        ApiRequest::VmDelete => Ok(action(VmState::NotCreated, "deleted")),
+        ApiRequest::VmShutdown(_) => Ok(action(
+            VmState::ShuttingDown,
+            "shutting down: the ACPI power button was pressed",
+        )),
         _ => Ok(ApiResponse::Empty),
     }
+}
+
+/// The reply of an action that was done.
+pub fn action(state: VmState, message: &str) -> ApiResponse {
+    ApiResponse::Action(api::request::ActionReply::done(state, message))
 }
 
 /// A server with the canned VMM, recording every request it is handed.

@@ -518,7 +518,7 @@ impl VirtioPciDevice {
                 | STATUS_NEEDS_RESET);
         if newly_ok && self.status & STATUS_FEATURES_OK != 0 && !self.activated {
             if let Err(e) = self.activate() {
-                eprintln!("vmm: {}: cannot activate: {e}", self.id);
+                log::error!("{}: cannot activate: {e}", self.id);
                 self.status |= STATUS_NEEDS_RESET;
                 self.config_generation = self.config_generation.wrapping_add(1);
                 let _ = self.interrupt.notify_config();

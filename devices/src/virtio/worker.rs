@@ -63,7 +63,7 @@ impl<H: WorkerHandler> Worker<H> {
         let builder = std::thread::Builder::new().name(name.to_string());
         let thread = confine::spawn(H::THREAD_KIND, builder, move || {
             if let Err(e) = handler.register(&events) {
-                eprintln!("vmm: device worker cannot start: {e}");
+                log::error!("device worker cannot start: {e}");
                 return handler;
             }
             let mut ready = vec![EpollEvent::default(); 16];
@@ -72,7 +72,7 @@ impl<H: WorkerHandler> Worker<H> {
                     Ok(n) => n,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) => {
-                        eprintln!("vmm: device worker epoll failed: {e}");
+                        log::error!("device worker epoll failed: {e}");
                         return handler;
                     }
                 };
@@ -231,7 +231,7 @@ impl<H: WorkerHandler> DeviceWorker<H> {
 
     fn restart(&mut self, handler: H) {
         if let Err(e) = self.spawn(handler) {
-            eprintln!("vmm: {}: cannot restart the worker: {e}", self.label);
+            log::error!("{}: cannot restart the worker: {e}", self.label);
         }
     }
 }

@@ -214,7 +214,7 @@ fn disk_boot_files(config: &VmConfig) -> Result<disk::BootFiles, BootError> {
     let image = partition::FileDisk::new(file).map_err(|e| error(disk::DiskBootError::Io(e)))?;
     let limits = disk::Limits::for_memory(config.memory.size_bytes());
     let files = disk::find_boot_files(Rc::new(image), limits).map_err(error)?;
-    eprintln!("vmm: booting from {name}: {}", files.describe());
+    log::info!("booting from {name}: {}", files.describe());
     Ok(files)
 }
 

@@ -307,12 +307,16 @@ impl Drop for Listener {
     }
 }
 
-/// With VMM_MIGRATION_TRACE set, prints switch-over timings to stderr.
+/// Logs switch-over timings at debug level (info with VMM_MIGRATION_TRACE set).
 pub fn trace(what: &str, since: std::time::Instant) {
-    if std::env::var_os("VMM_MIGRATION_TRACE").is_some() {
-        eprintln!(
-            "vmm: migration: {:>8.3} ms: {what}",
-            since.elapsed().as_secs_f64() * 1e3
-        );
-    }
+    let level = if std::env::var_os("VMM_MIGRATION_TRACE").is_some() {
+        log::Level::Info
+    } else {
+        log::Level::Debug
+    };
+    log::log!(
+        level,
+        "migration: {:>8.3} ms: {what}",
+        since.elapsed().as_secs_f64() * 1e3
+    );
 }

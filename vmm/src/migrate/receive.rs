@@ -50,17 +50,17 @@ pub fn run(context: ReceiveContext) {
         s.role = Some(MigrationRole::Receive);
     });
     let until = Instant::now() + context.timeout;
-    let mut stream = loop {
+    let (mut stream, peer) = loop {
         match context.listener.accept_until(until) {
             Ok(Some(socket)) => {
                 let peer = socket.peer();
                 match authenticate(socket, &context) {
                     Ok(stream) => {
-                        eprintln!("vmm: migration: source {peer} authenticated");
-                        break stream;
+                        log::info!("migration: source {peer} authenticated");
+                        break (stream, peer);
                     }
                     Err(e) => {
-                        eprintln!("vmm: migration: dropped a connection from {peer}: {e}")
+                        log::warn!("migration: dropped a connection from {peer}: {e}")
                     }
                 }
             }
@@ -83,10 +83,19 @@ pub fn run(context: ReceiveContext) {
     drop(context.listener);
     let start = Instant::now();
     match receive(&mut stream, &shared, &control, start) {
-        Ok(()) => shared.update(|s| {
-            s.phase = MigrationPhase::Completed;
-            s.total_time_ms = start.elapsed().as_millis() as u64;
-        }),
+        Ok(()) => {
+            shared.update(|s| {
+                s.phase = MigrationPhase::Completed;
+                s.total_time_ms = start.elapsed().as_millis() as u64;
+            });
+            let status = shared.status();
+            log::info!(
+                "migration: completed: the guest arrived from {peer} and runs here \
+                 ({} MiB received in {} ms)",
+                status.transferred_bytes >> 20,
+                status.total_time_ms
+            );
+        }
         Err(e) => {
             let message = e.to_string();
             // Tell the source why, if it still listens.
@@ -119,7 +128,7 @@ fn authenticate(mut socket: Socket, context: &ReceiveContext) -> Result<Stream, 
 }
 
 fn fail(shared: &MigrationShared, control: &ControlHandle, message: String) {
-    eprintln!("vmm: incoming migration failed: {message}");
+    log::error!("incoming migration failed: {message}");
     fail_quietly(shared, control, message, config::ErrorClass::Host);
 }
 
@@ -164,7 +173,7 @@ pub fn restore(mut stream: Stream, shared: Arc<MigrationShared>, control: Contro
                 }
                 e => e.to_string(),
             };
-            eprintln!("vmm: restore failed: {message}");
+            log::error!("restore failed: {message}");
             fail_quietly(&shared, &control, message, class);
         }
     }

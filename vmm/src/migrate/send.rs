@@ -159,9 +159,9 @@ pub fn run(context: SendContext) {
             } else {
                 MigrationCall::Abort
             };
-            eprintln!("vmm: migration failed: {message}");
+            log::error!("migration failed: {message}");
             if let Err(undo) = call(&control, undo) {
-                eprintln!("vmm: migration: cannot resume the guest: {undo}");
+                log::error!("migration: cannot resume the guest: {undo}");
             }
             shared.update(|s| {
                 s.phase = if cancelled {

@@ -69,7 +69,7 @@ pub(crate) fn attach(client: &ApiClient, target: &ConsoleTarget) -> Result<Strin
     let mut peer = match target {
         ConsoleTarget::Socket(path) => connect(path)?,
         ConsoleTarget::Api => {
-            let info = client.info().map_err(client_error)?;
+            let info = client.info().map_err(|e| client_error(&e))?;
             match &info.config.serial {
                 SerialConfig::Socket { path, .. } => connect(path)?,
                 SerialConfig::Pty => {
@@ -221,6 +221,10 @@ impl RawTerminal {
         // SAFETY: cfmakeraw edits the struct in place. No ISIG: Ctrl-C, Ctrl-Z
         // and Ctrl-\ are bytes for the guest, not signals.
         unsafe { libc::cfmakeraw(&mut raw) };
+        // Output processing stays: a guest line that ends in a bare LF
+        // (firmware, the test guest) starts at the left margin instead of
+        // stair-stepping; Linux's CR LF shows the same as before.
+        raw.c_oflag |= libc::OPOST | libc::ONLCR;
         // SAFETY: fd is a terminal and raw a valid termios.
         if unsafe { libc::tcsetattr(fd, libc::TCSAFLUSH, &raw) } != 0 {
             return None;

@@ -44,14 +44,14 @@ pub(crate) fn follow_migration(client: &ApiClient, as_json: bool) -> Result<Stri
                         ),
                     )
                 } else {
-                    client_error(e)
+                    client_error(&e)
                 });
             }
             Err(e) => {
                 if tty {
                     eprint!("\r\x1b[K");
                 }
-                return Err(client_error(e));
+                return Err(client_error(&e));
             }
         };
         let done = matches!(

@@ -92,12 +92,38 @@ pub(crate) fn rate(limit: &Option<config::RateLimitConfig>) -> Option<String> {
     Some(format!("rate {}", parts.join(" ")))
 }
 
+/// `3723000` ms as `1h 2m 3s`; days as `2d 3h`.
+fn uptime(ms: u64) -> String {
+    let s = ms / 1000;
+    let (d, h, m, s) = (s / 86_400, s / 3600 % 24, s / 60 % 60, s % 60);
+    match (d, h, m) {
+        (0, 0, 0) => format!("{s}s"),
+        (0, 0, _) => format!("{m}m {s}s"),
+        (0, _, _) => format!("{h}h {m}m {s}s"),
+        _ => format!("{d}d {h}h {m}m"),
+    }
+}
+
 pub(crate) fn show_info(info: &VmInfo) -> String {
     let config: &VmConfig = &info.config;
-    let mut lines = vec![
-        format!("state: {}", info.state),
-        format!("vcpus: {}", config.cpus.boot_vcpus),
-    ];
+    let mut lines = Vec::new();
+    if let Some(name) = &info.name {
+        lines.push(format!("name: {name}"));
+    }
+    lines.push(format!("state: {}", info.state));
+    if info.pid != 0 {
+        lines.push(format!("pid: {}", info.pid));
+    }
+    if let Some(ms) = info.uptime_ms {
+        lines.push(format!("uptime: {}", uptime(ms)));
+    }
+    if info.pid != 0 {
+        lines.push(format!(
+            "cpu time: {:.1} s",
+            info.cpu_time_ms as f64 / 1000.0
+        ));
+    }
+    lines.push(format!("vcpus: {}", config.cpus.boot_vcpus));
     let backing = match config.memory.backing {
         MemoryBacking::Anonymous => "anonymous",
         MemoryBacking::Memfd => "memfd",

@@ -753,7 +753,7 @@ impl BalloonHandler {
     fn log(&mut self, message: std::fmt::Arguments) {
         if self.logged_errors < MAX_LOGGED_ERRORS {
             self.logged_errors += 1;
-            eprintln!("vmm: balloon: {message}");
+            log::warn!("balloon: {message}");
         }
     }
 }

@@ -367,7 +367,7 @@ impl BlockHandler {
     fn log(&mut self, message: std::fmt::Arguments) {
         if self.logged_errors < MAX_LOGGED_ERRORS {
             self.logged_errors += 1;
-            eprintln!("vmm: disk {}: {message}", self.disk.path().display());
+            log::warn!("disk {}: {message}", self.disk.path().display());
         }
     }
 }
@@ -621,8 +621,8 @@ impl Block {
             IoEngine::Uring => match UringEngine::new(&self.disk) {
                 Ok(uring) => Some(uring),
                 Err(e) => {
-                    eprintln!(
-                        "vmm: disk {}: io_uring is not available ({e}); using synchronous I/O",
+                    log::warn!(
+                        "disk {}: io_uring is not available ({e}); using synchronous I/O",
                         self.disk.path().display()
                     );
                     None

@@ -263,7 +263,7 @@ impl Net {
     }
 
     fn log_panicked(&self) {
-        eprintln!("vmm: net {}: the worker thread panicked", self.id);
+        log::error!("net {}: the worker thread panicked", self.id);
     }
 
     fn limiter(&self) -> std::io::Result<RateLimiter> {
@@ -434,7 +434,7 @@ impl VirtioDevice for Net {
     fn migration_completed(&mut self) {
         // Switches learn where the guest went; a failure only delays that.
         if let Err(e) = self.announce() {
-            eprintln!("vmm: {}: cannot announce the guest: {e}", self.id);
+            log::warn!("{}: cannot announce the guest: {e}", self.id);
         }
     }
 }

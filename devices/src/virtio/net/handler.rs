@@ -375,7 +375,7 @@ impl NetHandler {
         };
         match result {
             Ok(()) => self.tap_registered = (!want.is_empty()).then_some(want),
-            Err(e) => eprintln!("vmm: tap {}: cannot watch: {e}", self.tap.name()),
+            Err(e) => log::error!("tap {}: cannot watch: {e}", self.tap.name()),
         }
     }
 
@@ -506,8 +506,8 @@ impl NetHandler {
 
     fn tap_error(&mut self, events: &EventLoop, e: io::Error) {
         inc(&self.shared.counters.errors, 1);
-        eprintln!(
-            "vmm: tap {}: read failed: {e}; receiving stops until the guest adds rx buffers",
+        log::warn!(
+            "tap {}: read failed: {e}; receiving stops until the guest adds rx buffers",
             self.tap.name()
         );
         self.tap_failed = true;
@@ -680,8 +680,8 @@ impl NetHandler {
                             Err(e) => {
                                 inc(&self.shared.counters.errors, 1);
                                 if !std::mem::replace(&mut self.logged_tx_error, true) {
-                                    eprintln!(
-                                        "vmm: tap {}: write failed: {e} (frames dropped; logged once)",
+                                    log::warn!(
+                                        "tap {}: write failed: {e} (frames dropped; logged once)",
                                         self.tap.name()
                                     );
                                 }
@@ -833,7 +833,7 @@ impl NetHandler {
                         OK
                     }
                     Err(e) => {
-                        eprintln!("vmm: {e}");
+                        log::warn!("{e}");
                         ERR
                     }
                 }
