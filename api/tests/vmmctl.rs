@@ -672,7 +672,7 @@ fn migration_usage_errors_exit_2() {
         ),
         (
             &["migrate", "unix:/m", "--token", "t", "--force=yes"],
-            "takes no value",
+            "unexpected value 'yes' for '--force'",
         ),
         (&["migrate-set", "--force"], "--force"),
         (&["migrate", "--cancel", "unix:/m"], "--cancel"),

@@ -381,10 +381,16 @@ fn actions_reach_the_vmm_and_its_refusals_come_back_in_words() {
 
     assert_eq!(post("/api/guests/g1/pause", "").status, 200);
     wait_state(&g1, VmState::Paused);
+    // Pausing again is done already, not an error.
+    assert_eq!(post("/api/guests/g1/pause", "").status, 200);
     // The VMM's own refusal, with its status and words.
-    let again = post("/api/guests/g1/pause", "");
-    assert_eq!(again.status, 409);
-    assert_eq!(error(&again), "guest g1: cannot pause: the VM is paused");
+    let refused = post("/api/guests/g2/balloon", r#"{"target_mib": 16}"#);
+    assert_eq!(refused.status, 409);
+    assert!(
+        error(&refused).starts_with("guest g2: the VM has no balloon device"),
+        "{}",
+        error(&refused)
+    );
     assert_eq!(post("/api/guests/g1/resume", "").status, 200);
     wait_state(&g1, VmState::Running);
 

@@ -231,20 +231,22 @@ enum Cmd {
     /// Pause the VM (it stays paused) and write it to DIR (mode 0700): memory,
     /// device and vCPU state, config; disks are not copied
     Snapshot {
-        #[command(flatten)]
-        target: Target,
+        /// The guest, or the DIR when only one word is given
+        #[arg(value_name = "NAME")]
+        name: Option<String>,
         /// The directory to write (created if missing)
         #[arg(value_name = "DIR")]
-        dir: PathBuf,
+        dir: Option<PathBuf>,
     },
     /// On a VMM without a VM: resume the snapshot in DIR as it was (running,
     /// or paused)
     Restore {
-        #[command(flatten)]
-        target: Target,
+        /// The VMM, or the DIR when only one word is given
+        #[arg(value_name = "NAME")]
+        name: Option<String>,
         /// The snapshot directory
         #[arg(value_name = "DIR")]
-        dir: PathBuf,
+        dir: Option<PathBuf>,
     },
     /// Attach this terminal to the guest's serial console (Ctrl-] detaches)
     #[command(
@@ -740,15 +742,13 @@ fn command_of(cmd: Cmd) -> Result<(Command, Option<String>), UsageError> {
             }
             Ok((Command::Setmem(mib), name))
         }
-        Cmd::Snapshot { target, dir } => {
-            let dir = std::path::absolute(&dir)
-                .map_err(|e| usage("snapshot", format!("{}: {e}", dir.display())))?;
-            simple(Command::Snapshot(dir), target)
+        Cmd::Snapshot { name, dir } => {
+            let (dir, name) = name_and_dir("snapshot", name, dir)?;
+            Ok((Command::Snapshot(dir), name))
         }
-        Cmd::Restore { target, dir } => {
-            let dir = std::path::absolute(&dir)
-                .map_err(|e| usage("restore", format!("{}: {e}", dir.display())))?;
-            simple(Command::Restore(dir), target)
+        Cmd::Restore { name, dir } => {
+            let (dir, name) = name_and_dir("restore", name, dir)?;
+            Ok((Command::Restore(dir), name))
         }
         Cmd::Console { target, socket } => simple(Command::Console(socket), target),
         Cmd::List { socket_dir } => {
@@ -761,6 +761,26 @@ fn command_of(cmd: Cmd) -> Result<(Command, Option<String>), UsageError> {
             Ok((Command::List(socket_dir), None))
         }
     }
+}
+
+/// `[NAME] DIR`: a single word is the DIR, made absolute (the VMM may run
+/// elsewhere in the file system).
+fn name_and_dir(
+    command: &'static str,
+    first: Option<String>,
+    second: Option<PathBuf>,
+) -> Result<(PathBuf, Option<String>), UsageError> {
+    let (name, dir) = match (first, second) {
+        (Some(dir), None) => (None, PathBuf::from(dir)),
+        (name, Some(dir)) => (name, dir),
+        (None, None) => return Err(usage(command, "give the snapshot DIR")),
+    };
+    if let Some(name) = &name {
+        check_name(command, name)?;
+    }
+    let dir =
+        std::path::absolute(&dir).map_err(|e| usage(command, format!("{}: {e}", dir.display())))?;
+    Ok((dir, name))
 }
 
 /// `[NAME] URL`: a single word is the URL (names have no ':').
