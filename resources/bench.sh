@@ -11,7 +11,7 @@ command -v qemu-system-x86_64 >/dev/null || {
 }
 cargo build --release --workspace
 benches=("$@")
-[ ${#benches[@]} -gt 0 ] || benches=(boot migration devices overcommit)
+[ ${#benches[@]} -gt 0 ] || benches=(boot migration devices overcommit linux)
 for b in "${benches[@]}"; do
     cargo bench -p vmm-tests --bench "$b"
 done

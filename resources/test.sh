@@ -15,7 +15,10 @@ packages=(
     build-essential pkg-config curl ca-certificates
     qemu-system-x86        # the comparison peer in benchmarks and guest checks
     iproute2 util-linux mount procps kmod   # namespaces, veth, tap; losetup; sysctl; modprobe
-    busybox-static cpio xz-utils   # the Linux guest's initramfs
+    busybox-static cpio xz-utils   # the Linux guests' initramfs
+    # tests/tests/linux.rs: the test kernel (resources/linux/build-test-kernel.sh builds it
+    # from Debian's source package, with gcc/make from build-essential) and host-side ping
+    linux-source-6.12 flex bison bc libelf-dev libssl-dev lz4 iputils-ping
     acpica-tools           # iasl/acpiexec check the VMM's ACPI tables
     pacemaker corosync pacemaker-cli-utils resource-agents   # tests/tests/cluster.rs: the OCF agent, a two-node cluster
     libxml2-utils jq       # ocf-tester's meta-data check (xmllint); the agent's config check
@@ -54,4 +57,9 @@ if [ "${1:-}" = "--" ]; then shift; args=("$@"); fi
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo build --workspace --all-targets
+# The Linux test kernel: cached under /var/cache/vmm-test-linux by the hash of its inputs
+# (seconds when cached; a first build takes 6-20 min here). Built before the tests so its
+# progress shows and a broken build stops the run with the build's own error.
+echo "building the Linux test kernel (resources/linux/build-test-kernel.sh)"
+bash resources/linux/build-test-kernel.sh >/dev/null
 cargo test --workspace -- "${args[@]}"

@@ -13,15 +13,20 @@
 #   initramfs.cpio      busybox initramfs, uncompressed newc cpio (boot this one: inflating
 #                       the gzip one costs over a minute of emulated ring 0 here):
 #                       /bin/busybox with every applet as a hard link, /init = test-init.sh
-#                       (console command protocol, see that file), /etc/fstab, and
-#                       /etc/acpi/PWRF/00000080 (busybox acpid's power-button handler)
+#                       (console command protocol, see that file), /bin/linux-test-helper
+#                       (test-helper.c, static: memory pattern loop, TCP echo, BLKZEROOUT,
+#                       hole punching), /etc/fstab, and /etc/acpi/PWRF/00000080 (busybox
+#                       acpid's power-button handler)
 #   initramfs.cpio.gz   the same, gzip-compressed
 #   config, System.map  the kernel's .config and symbols (to read oopses)
 #   kernel-version      `uname -r` in the guest
 #   .stamp              the inputs of this build (versions and file hashes); written last
 #
-# Key: sha256 over this script, test-kernel.config, patches/*.patch, test-init.sh and the
-# versions of linux-source-6.12 and busybox-static (installed, else apt's candidate).
+# Two cache levels under the cache root: kernel-<key>/ holds a kernel built from
+# linux-source-6.12, test-kernel.config, patches/*.patch and the kernel recipe below
+# (`kernel_recipe`), and <key>/ the whole output, whose key adds this script, test-init.sh,
+# test-helper.c and busybox-static. Changing the initramfs side rebuilds in seconds; only the
+# kernel's own inputs cost a kernel build.
 #
 # The kernel: `make tinyconfig`, then test-kernel.config, then `make olddefconfig` (every
 # `=y` of the fragment is checked to have survived), with patches/*.patch applied: three
@@ -40,14 +45,16 @@
 # installed, or else downloaded (`apt-get download`) and unpacked, never installed (it
 # conflicts with `busybox`).
 # Runs are serialized with flock (tests may start several at once); a cached build is
-# found in about a second. About 6-11 min on 2 cores otherwise.
-# VMM_TEST_LINUX_FORCE=1 rebuilds anyway.
+# found in about a second. About 6-20 min on 2 cores otherwise (the kernel; the initramfs
+# alone takes seconds).
+# VMM_TEST_LINUX_FORCE=1 rebuilds anyway (kernel included).
 set -euo pipefail
 
 script=$(readlink -f "${BASH_SOURCE[0]}")
 script_dir=$(dirname "$script")
 fragment=$script_dir/test-kernel.config
 init_script=$script_dir/test-init.sh
+helper_src=$script_dir/test-helper.c
 patch_dir=$script_dir/patches
 cache_root=${VMM_TEST_LINUX_CACHE:-/var/cache/vmm-test-linux}
 src_pkg=linux-source-6.12
@@ -86,25 +93,39 @@ package_version() {  # installed, else the candidate (after an apt-get update if
     echo "$v"
 }
 
-# --- the key --------------------------------------------------------------------------------
+# --- the keys -------------------------------------------------------------------------------
+# Bump when the kernel's build steps below change (the kernel key does not hash this script).
+kernel_recipe=1
 src_ver=$(package_version "$src_pkg")
 bb_ver=$(package_version busybox-static)
 shopt -s nullglob
 patches=("$patch_dir"/*.patch)
 shopt -u nullglob
 [ ${#patches[@]} -gt 0 ] || die "no patches in $patch_dir"
-inputs=$(
+kernel_inputs=$(
+    echo "kernel_recipe=$kernel_recipe"
     echo "$src_pkg=$src_ver"
+    cd "$script_dir" && sha256sum test-kernel.config "${patches[@]#"$script_dir"/}"
+)
+kernel_key=$(echo "$kernel_inputs" | sha256sum | cut -c1-16)
+inputs=$(
+    echo "$kernel_inputs"
     echo "busybox-static=$bb_ver"
     cd "$script_dir" &&
-        sha256sum "${script#"$script_dir"/}" test-kernel.config test-init.sh \
-            "${patches[@]#"$script_dir"/}"
+        sha256sum "${script#"$script_dir"/}" test-init.sh test-helper.c
 )
 key=$(echo "$inputs" | sha256sum | cut -c1-16)
 out=${1:-$cache_root/$key}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
+kdir=$cache_root/kernel-$kernel_key
 
+kernel_files=(vmlinux bzImage config System.map kernel-version gen_init_cpio)
+have_kernel() {
+    [ -f "$kdir/.stamp" ] && [ "$(cat "$kdir/.stamp")" = "$kernel_inputs" ] || return 1
+    local f
+    for f in "${kernel_files[@]}"; do [ -s "$kdir/$f" ] || return 1; done
+}
 have_all() {
     [ -f "$out/.stamp" ] && [ "$(cat "$out/.stamp")" = "$inputs" ] && [ -s "$out/vmlinux" ] &&
         [ -s "$out/bzImage" ] && [ -s "$out/initramfs.cpio" ] && [ -s "$out/initramfs.cpio.gz" ]
@@ -115,8 +136,9 @@ if [ "${VMM_TEST_LINUX_FORCE:-0}" != 1 ] && have_all; then
     exit 0
 fi
 
-# One build at a time (per output directory; the cache root's directories share one lock).
-lock=$(dirname "$out")/.vmm-test-linux.lock
+# One build at a time (one lock in the cache root, which the kernel cache is shared through).
+mkdir -p "$cache_root"
+lock=$cache_root/.vmm-test-linux.lock
 exec 9>"$lock"
 if ! flock -n 9; then
     log "waiting for another build ($lock)"
@@ -132,8 +154,12 @@ log "building key $key into $out"
 echo "$inputs" | sed 's/^/build-test-kernel:   /' >&2
 
 # --- tools and sources ------------------------------------------------------------------------
+need_kernel=1
+[ "${VMM_TEST_LINUX_FORCE:-0}" != 1 ] && have_kernel && need_kernel=0
 missing=()
-[ -n "$(installed_version "$src_pkg")" ] && [ -f "$src_tar" ] || missing+=("$src_pkg")
+if [ "$need_kernel" = 1 ]; then
+    [ -n "$(installed_version "$src_pkg")" ] && [ -f "$src_tar" ] || missing+=("$src_pkg")
+fi
 for tool in gcc:gcc make:make flex:flex bison:bison bc:bc cpio:cpio gzip:gzip xz:xz-utils \
             lz4:lz4 strip:binutils patch:patch perl:perl-base; do
     command -v "${tool%%:*}" >/dev/null || missing+=("${tool#*:}")
@@ -142,7 +168,7 @@ for pkg in libc6-dev libelf-dev libssl-dev; do
     [ -n "$(installed_version "$pkg")" ] || missing+=("$pkg")
 done
 [ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}"
-if [ "$(installed_version "$src_pkg")" != "$src_ver" ]; then
+if [ "$need_kernel" = 1 ] && [ "$(installed_version "$src_pkg")" != "$src_ver" ]; then
     die "$src_pkg $(installed_version "$src_pkg") installed, but the key was made for $src_ver; run again"
 fi
 
@@ -164,44 +190,64 @@ else
 fi
 [ -x "$busybox" ] || die "no busybox binary ($busybox)"
 
-log "unpacking $src_tar"
-tar -xJf "$src_tar" -C "$build"
-src=$(echo "$build"/linux-source-*)
-[ -f "$src/Makefile" ] || die "unexpected layout of $src_tar"
+build_kernel() {
+    log "unpacking $src_tar"
+    tar -xJf "$src_tar" -C "$build"
+    src=$(echo "$build"/linux-source-*)
+    [ -f "$src/Makefile" ] || die "unexpected layout of $src_tar"
 
-for p in "${patches[@]}"; do
-    log "applying ${p#"$script_dir"/}"
-    patch -d "$src" -p1 --quiet --forward --no-backup-if-mismatch < "$p" ||
-        die "${p#"$script_dir"/} does not apply to $src_pkg $src_ver"
-done
+    for p in "${patches[@]}"; do
+        log "applying ${p#"$script_dir"/}"
+        patch -d "$src" -p1 --quiet --forward --no-backup-if-mismatch < "$p" ||
+            die "${p#"$script_dir"/} does not apply to $src_pkg $src_ver"
+    done
 
-# --- configure --------------------------------------------------------------------------------
-make_() { make -C "$src" -s "$@"; }
-make_ tinyconfig >/dev/null 2>&1 || die "make tinyconfig failed"
-cat "$fragment" >> "$src/.config"
-make_ olddefconfig >/dev/null 2>"$build/olddefconfig.log" ||
-    { cat "$build/olddefconfig.log" >&2; die "make olddefconfig failed"; }
-lost=()
-while IFS= read -r line; do
-    grep -qxF "$line" "$src/.config" || lost+=("$line")
-done < <(grep -E '^CONFIG_[A-Z0-9_]+=' "$fragment")
-while read -r _ sym _; do
-    grep -q "^$sym=" "$src/.config" && lost+=("# $sym is not set")
-done < <(grep -E '^# CONFIG_[A-Z0-9_]+ is not set' "$fragment")
-[ ${#lost[@]} -eq 0 ] || die "olddefconfig did not keep: ${lost[*]} (missing dependencies?)"
+    # --- configure --------------------------------------------------------------------------------
+    make_() { make -C "$src" -s "$@"; }
+    make_ tinyconfig >/dev/null 2>&1 || die "make tinyconfig failed"
+    cat "$fragment" >> "$src/.config"
+    make_ olddefconfig >/dev/null 2>"$build/olddefconfig.log" ||
+        { cat "$build/olddefconfig.log" >&2; die "make olddefconfig failed"; }
+    lost=()
+    while IFS= read -r line; do
+        grep -qxF "$line" "$src/.config" || lost+=("$line")
+    done < <(grep -E '^CONFIG_[A-Z0-9_]+=' "$fragment")
+    while read -r _ sym _; do
+        grep -q "^$sym=" "$src/.config" && lost+=("# $sym is not set")
+    done < <(grep -E '^# CONFIG_[A-Z0-9_]+ is not set' "$fragment")
+    [ ${#lost[@]} -eq 0 ] || die "olddefconfig did not keep: ${lost[*]} (missing dependencies?)"
 
-# --- build ------------------------------------------------------------------------------------
-jobs=$(nproc)
-log "make -j$jobs bzImage (log: $build/make.log)"
-t0=$(date +%s)
-if ! make -C "$src" -j"$jobs" KBUILD_BUILD_USER=vmm KBUILD_BUILD_HOST=test \
-        bzImage > "$build/make.log" 2>&1; then
-    tail -n 40 "$build/make.log" >&2
-    die "the kernel build failed"
+    # --- build ------------------------------------------------------------------------------------
+    jobs=$(nproc)
+    log "make -j$jobs bzImage (log: $build/make.log)"
+    t0=$(date +%s)
+    if ! make -C "$src" -j"$jobs" KBUILD_BUILD_USER=vmm KBUILD_BUILD_HOST=test \
+            bzImage > "$build/make.log" 2>&1; then
+        tail -n 40 "$build/make.log" >&2
+        die "the kernel build failed"
+    fi
+    log "kernel built in $(( $(date +%s) - t0 )) s"
+    # Into the kernel cache: the kernel and what the initramfs needs of its tree.
+    local kbuild=$kdir.new
+    rm -rf "$kbuild"
+    mkdir -p "$kbuild"
+    strip -o "$kbuild/vmlinux" "$src/vmlinux"
+    cp "$src/arch/x86/boot/bzImage" "$src/.config" "$src/System.map" "$src/usr/gen_init_cpio" \
+        "$kbuild/"
+    mv "$kbuild/.config" "$kbuild/config"
+    make_ kernelrelease > "$kbuild/kernel-version"
+    echo "$kernel_inputs" > "$kbuild/.stamp"
+    rm -rf "$kdir"
+    mv "$kbuild" "$kdir"
+    rm -rf "$src"
+
+}
+if [ "$need_kernel" = 1 ]; then
+    build_kernel
+else
+    log "kernel up to date ($kdir)"
 fi
-log "kernel built in $(( $(date +%s) - t0 )) s"
-strip -o "$build/vmlinux" "$src/vmlinux"
-kver=$(make_ kernelrelease)
+kver=$(cat "$kdir/kernel-version")
 
 # --- initramfs ----------------------------------------------------------------------------------
 # gen_init_cpio (built with the kernel) makes the device nodes without root, reproducibly.
@@ -221,6 +267,7 @@ list=$build/initramfs.list
     done
     echo
     echo "file /init $init_script 0755 0 0"
+    echo "file /bin/linux-test-helper $build/linux-test-helper 0755 0 0"
     echo "file /etc/acpi/PWRF/00000080 $build/power-button 0755 0 0"
     echo "file /etc/passwd $build/passwd 0644 0 0"
     echo "file /etc/group $build/group 0644 0 0"
@@ -241,18 +288,21 @@ sysfs     /sys   sysfs     defaults   0 0
 devtmpfs  /dev   devtmpfs  defaults   0 0
 tmpfs     /tmp   tmpfs     mode=1777  0 0
 EOF
-"$src/usr/gen_init_cpio" -t 0 "$list" > "$build/initramfs.cpio"
+# The helper: static, so it needs nothing of the initramfs (no libc, no loader).
+gcc -static -O2 -s -Wall -Wextra -Werror -o "$build/linux-test-helper" "$helper_src" >&2 ||
+    die "test-helper.c does not build (gcc -static needs libc6-dev)"
+"$kdir/gen_init_cpio" -t 0 "$list" > "$build/initramfs.cpio"
 gzip -9nc "$build/initramfs.cpio" > "$build/initramfs.cpio.gz"
 
 # --- install ------------------------------------------------------------------------------------
 rm -f "$out/.stamp"
-mv "$build/vmlinux" "$out/vmlinux"
-cp "$src/arch/x86/boot/bzImage" "$out/bzImage"
+for f in vmlinux bzImage config System.map kernel-version; do
+    # Hard links where the cache allows (same file system), copies otherwise.
+    rm -f "$out/$f"
+    ln "$kdir/$f" "$out/$f" 2>/dev/null || cp "$kdir/$f" "$out/$f"
+done
 mv "$build/initramfs.cpio" "$out/initramfs.cpio"
 mv "$build/initramfs.cpio.gz" "$out/initramfs.cpio.gz"
-cp "$src/.config" "$out/config"
-cp "$src/System.map" "$out/System.map"
-echo "$kver" > "$out/kernel-version"
 echo "$inputs" > "$out/.stamp"
 log "done in $(( $(date +%s) - started )) s: kernel $kver, vmlinux $(stat -c %s "$out/vmlinux") B," \
     "bzImage $(stat -c %s "$out/bzImage") B, initramfs.cpio $(stat -c %s "$out/initramfs.cpio") B"

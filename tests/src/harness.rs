@@ -274,6 +274,15 @@ impl Vmm {
         }
     }
 
+    /// Like [`Vmm::try_wait_for`], but returns every line consumed on the
+    /// way, the matching one last.
+    pub fn try_wait_for_lines(&mut self, needle: &str, timeout: Duration) -> Option<Vec<String>> {
+        let start = self.cursor;
+        let found = self.try_wait_for(needle, timeout);
+        let guard = self.stdout.lines.lock().unwrap();
+        found.map(|_| guard.0[start..self.cursor].to_vec())
+    }
+
     /// Skips the console lines printed so far: the next waits see only
     /// newer ones (output still in the VMM's console buffer may follow).
     pub fn skip_console(&mut self) {

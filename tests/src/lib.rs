@@ -11,6 +11,7 @@ pub const TESTGUEST_IMAGE: &str = match option_env!("TESTGUEST_IMAGE") {
 
 pub mod bench;
 pub mod harness;
+pub mod linux;
 pub mod migration;
 pub mod netns;
 pub mod probe;

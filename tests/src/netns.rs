@@ -117,6 +117,63 @@ impl Drop for Netns {
     }
 }
 
+/// The tap's transmit offloads as the host kernel has them: (checksum,
+/// TCP segmentation), what `ethtool -k` shows as `tx-checksumming` and
+/// `tcp-segmentation-offload` (the VMM sets them with TUNSETOFFLOAD from the
+/// guest's GUEST_* features: the kernel may then hand the tap frames with
+/// partial checksums and GSO frames). Read with the SIOCETHTOOL commands
+/// ETHTOOL_GTXCSUM and ETHTOOL_GTSO (stable ABI; ETHTOOL_GFEATURES would
+/// need the feature names from ETHTOOL_GSTRINGS), inside the namespace.
+pub fn tap_offloads(net: &Netns, tap: &'static str) -> (bool, bool) {
+    const ETHTOOL_GTXCSUM: u32 = 0x16;
+    const ETHTOOL_GTSO: u32 = 0x1e;
+    #[repr(C)]
+    struct EthtoolValue {
+        cmd: u32,
+        data: u32,
+    }
+    /// `struct ifreq` with `ifr_data`.
+    #[repr(C)]
+    struct IfreqData {
+        name: [u8; libc::IFNAMSIZ],
+        data: *mut EthtoolValue,
+        _pad: [u8; 16],
+    }
+    net.run(move || {
+        // SAFETY: a plain socket call; the fd is owned below.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        // SAFETY: a fresh fd we own.
+        let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        let get = |cmd: u32| {
+            let mut value = EthtoolValue { cmd, data: 0 };
+            let mut req = IfreqData {
+                name: [0; libc::IFNAMSIZ],
+                data: &mut value,
+                _pad: [0; 16],
+            };
+            req.name[..tap.len()].copy_from_slice(tap.as_bytes());
+            // SAFETY: SIOCETHTOOL with an ifreq whose ifr_data points at an
+            // ethtool_value that outlives the call.
+            let rc = unsafe {
+                libc::ioctl(
+                    std::os::fd::AsRawFd::as_raw_fd(&fd),
+                    libc::SIOCETHTOOL,
+                    &mut req,
+                )
+            };
+            assert_eq!(
+                rc,
+                0,
+                "SIOCETHTOOL {cmd:#x} on {tap}: {}",
+                std::io::Error::last_os_error()
+            );
+            value.data != 0
+        };
+        (get(ETHTOOL_GTXCSUM), get(ETHTOOL_GTSO))
+    })
+}
+
 /// A raw Ethernet socket bound to one interface and ethertype.
 pub struct PacketSocket {
     fd: OwnedFd,

@@ -35,7 +35,8 @@
 //!
 //! DSDT (AML, integers 64-bit): `\_SB.PCI0` (PNP0A08/PNP0A03; bus 0, the
 //! config ports 0xCF8-0xCFF, the 32-bit BAR window 0xC000_0000-0xDFFF_FFFF;
-//! no I/O window and no 64-bit window because no BAR is ever placed there),
+//! no I/O window and no 64-bit window because no BAR is ever placed there;
+//! an `_OSC` that grants the OS every PCIe feature it asks for),
 //! `\_SB.COM1` (PNP0501, 0x3F8, IRQ 4), `\_SB.KBD_` (PNP0303, 0x60/0x64,
 //! IRQ 1), `\_SB.PWRB` (PNP0C0C), `\_SB.GED_` (ACPI0013), `\_SB.MBRS`
 //! (PNP0C02: the sleep/GED ports and ECAM as motherboard resources) and the
@@ -71,6 +72,9 @@ use crate::layout::{
     SERIAL_PORT_LEN, SLEEP_CONTROL_PORT,
 };
 use crate::memory::GuestMemoryMmap;
+
+/// The `_OSC` UUID of PCI host bridges (PCI Firmware Specification).
+const PCI_OSC_UUID: &str = "33DB4D5B-1FF7-401C-9657-7441C03DD766";
 
 /// Identifies the tables' maker; nothing Linux keys a quirk on.
 pub const OEM_ID: [u8; 6] = *b"RUSTVM";
@@ -314,9 +318,42 @@ fn dsdt_aml() -> Vec<u8> {
     let pci_seg = aml::Name::new("_SEG".into(), &aml::ZERO);
     let pci_bbn = aml::Name::new("_BBN".into(), &aml::ZERO);
     let pci_crs = aml::Name::new("_CRS".into(), &pci_crs);
+    // Method (_OSC, 4) { // PCI Firmware Specification 3.3, 4.5.1
+    //     CreateDWordField (Arg3, 0, CDW1)
+    //     If (Arg0 == ToUUID ("33db4d5b-1ff7-401c-9657-7441c03dd766")) {
+    //         If (Arg1 != 1) { CDW1 |= 8 }    // unrecognized revision
+    //         // Every control the OS asks for is granted (CDW3 as given): no
+    //         // firmware here handles hotplug, PME, AER or anything else.
+    //     } Else { CDW1 |= 4 }                // unrecognized UUID
+    //     Return (Arg3)
+    // }
+    // Without it Linux logs "_OSC: platform retains control of PCIe features
+    // (AE_NOT_FOUND)" for a PNP0A08 (PCI Express) root.
+    let cdw1 = aml::Path::new("CDW1");
+    let osc_uuid = aml::Uuid::new(PCI_OSC_UUID);
+    let create_cdw1 = aml::CreateDWordField::new(&cdw1, &aml::Arg(3), &aml::ZERO);
+    let is_pci_uuid = aml::Equal::new(&aml::Arg(0), &osc_uuid);
+    let revision_one: u8 = 1;
+    let bad_revision = aml::NotEqual::new(&aml::Arg(1), &revision_one);
+    let unknown_revision: u8 = 8;
+    let unknown_uuid: u8 = 4;
+    let flag_revision = aml::Or::new(&cdw1, &cdw1, &unknown_revision);
+    let flag_uuid = aml::Or::new(&cdw1, &cdw1, &unknown_uuid);
+    let if_bad_revision = aml::If::new(&bad_revision, vec![&flag_revision]);
+    let if_pci = aml::If::new(&is_pci_uuid, vec![&if_bad_revision]);
+    let else_other = aml::Else::new(vec![&flag_uuid]);
+    let return_caps = aml::Return::new(&aml::Arg(3));
+    let pci_osc = aml::Method::new(
+        "_OSC".into(),
+        4,
+        false,
+        vec![&create_cdw1, &if_pci, &else_other, &return_caps],
+    );
     aml::Device::new(
         "_SB_.PCI0".into(),
-        vec![&pci_hid, &pci_cid, &pci_seg, &pci_bbn, &uid0, &pci_crs],
+        vec![
+            &pci_hid, &pci_cid, &pci_seg, &pci_bbn, &uid0, &pci_crs, &pci_osc,
+        ],
     )
     .to_aml_bytes(&mut out);
 
@@ -762,6 +799,31 @@ mod tests {
             "_EVT notified without an event: {idle}"
         );
         println!("acpiexec: tables load, _EVT notifies PWRB with 0x80 on bit 0 only, _S5 = 5");
+        // _OSC of the PCI root (Linux found none: "_OSC: platform retains
+        // control of PCIe features (AE_NOT_FOUND)"): the PCI UUID, revision
+        // 1, three dwords (status, support, control 0x1f): every control
+        // granted, status clear; a wrong revision or UUID is flagged in the
+        // status dword (bits 3 and 2), the controls left as asked.
+        let osc = |uuid: &str, revision: u8| {
+            let text = acpiexec(
+                "0",
+                &format!(
+                    "evaluate \\_SB.PCI0._OSC ({uuid}) {revision} 3 \
+                     (00 00 00 00 1f 00 00 00 1f 00 00 00)"
+                ),
+            );
+            text.lines()
+                .find_map(|l| Some(l.split_once("[Buffer] Length 0C =")?.1.trim().to_string()))
+                .unwrap_or_else(|| panic!("_OSC returned no 12-byte buffer: {text}"))
+        };
+        const PCI_UUID: &str = "5b 4d db 33 f7 1f 1c 40 96 57 74 41 c0 3d d7 66";
+        const OTHER_UUID: &str = "00 11 22 33 f7 1f 1c 40 96 57 74 41 c0 3d d7 66";
+        assert!(osc(PCI_UUID, 1).starts_with("0000: 00 00 00 00 1F 00 00 00 1F 00 00 00"));
+        assert!(osc(PCI_UUID, 2).starts_with("0000: 08 00 00 00 1F 00 00 00 1F 00 00 00"));
+        assert!(osc(OTHER_UUID, 1).starts_with("0000: 04 00 00 00 1F 00 00 00 1F 00 00 00"));
+        println!(
+            "acpiexec: PCI0._OSC grants every control asked for, flags other revisions and UUIDs"
+        );
         if std::env::var_os("VMM_ACPI_KEEP").is_none() {
             let _ = std::fs::remove_dir_all(&dir);
         } else {

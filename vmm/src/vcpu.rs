@@ -30,6 +30,29 @@ const BOOT_MSRS: &[(u32, u64)] = &[
     (0x2ff, (1 << 11) | 6), // MTRR default type: enabled, write-back
 ];
 
+/// AMD's hardware configuration register (MSR C001_0015).
+const MSR_K7_HWCR: u32 = 0xc001_0015;
+/// HWCR bit 24, TscFreqSel: the TSC counts at the P0 frequency. Read-only
+/// and set on every AMD CPU since family 10h; Linux checks it on those and
+/// logs "[Firmware Bug]: TSC doesn't count with P0 frequency!" when it is
+/// clear. KVM keeps HWCR at 0 unless the VMM sets it (Linux 6.7+ lets it).
+const HWCR_TSC_FREQ_SEL: u64 = 1 << 24;
+
+/// Whether `cpuid` names an AMD (or Hygon, AMD-derived) CPU in leaf 0.
+fn is_amd(cpuid: &CpuId) -> bool {
+    cpuid
+        .as_slice()
+        .iter()
+        .find(|e| e.function == 0 && e.index == 0)
+        .is_some_and(|e| {
+            let vendor = [e.ebx, e.edx, e.ecx]
+                .iter()
+                .flat_map(|r| r.to_le_bytes())
+                .collect::<Vec<u8>>();
+            vendor == b"AuthenticAMD" || vendor == b"HygonGenuine"
+        })
+}
+
 // LAPIC registers and delivery modes for the local interrupt pins.
 const APIC_LVT_LINT0: usize = 0x350;
 const APIC_LVT_LINT1: usize = 0x360;
@@ -171,6 +194,17 @@ impl Vcpu {
             .collect();
         let msrs = Msrs::from_entries(&entries).expect("the boot MSR list is small");
         self.fd.set_msrs(&msrs).map_err(self.err("KVM_SET_MSRS"))?;
+        if is_amd(cpuid) {
+            let hwcr = Msrs::from_entries(&[kvm_msr_entry {
+                index: MSR_K7_HWCR,
+                data: HWCR_TSC_FREQ_SEL,
+                ..Default::default()
+            }])
+            .expect("one MSR");
+            // A KVM older than 6.7 refuses the bit (0 MSRs set): the guest
+            // then only logs its complaint, as on such a host with any VMM.
+            let _ = self.fd.set_msrs(&hwcr);
+        }
         let fpu = kvm_fpu {
             fcw: 0x37f,
             mxcsr: 0x1f80,
@@ -653,5 +687,64 @@ fn vcpu_thread(vcpu: Arc<Mutex<Vcpu>>, control: Arc<Control>, on_stop: VcpuStopS
 impl Vcpu {
     pub fn get_sregs(&self) -> Result<kvm_sregs, VcpuError> {
         self.fd.get_sregs().map_err(self.err("KVM_GET_SREGS"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvm_ioctls::Kvm;
+
+    /// A configured vCPU of an AMD host has HWCR.TscFreqSel set, as the
+    /// hardware has, so Linux does not log a firmware bug about its TSC.
+    #[test]
+    fn amd_vcpus_have_hwcr_tsc_freq_sel_set() {
+        let Ok(kvm) = Kvm::new() else {
+            println!("SKIP: /dev/kvm cannot be opened");
+            return;
+        };
+        let vm = kvm.create_vm().unwrap();
+        vm.create_irq_chip().unwrap(); // the LAPIC that configure() sets up
+        let cpuid = crate::cpuid::supported(&kvm).unwrap();
+        let fd = vm.create_vcpu(0).unwrap();
+        let bus = Arc::new(Bus::new());
+        let vcpu = Vcpu::new(0, fd, bus.clone(), bus, Arc::new(Vec::new()));
+        vcpu.configure(&crate::cpuid::for_vcpu(&cpuid, 0, 1, None))
+            .unwrap();
+        let mut msrs = Msrs::from_entries(&[kvm_msr_entry {
+            index: MSR_K7_HWCR,
+            ..Default::default()
+        }])
+        .unwrap();
+        let read = vcpu.fd.get_msrs(&mut msrs).unwrap();
+        if !is_amd(&cpuid) {
+            println!("SKIP: not an AMD host (HWCR is AMD's)");
+            return;
+        }
+        assert_eq!(read, 1, "KVM reads HWCR");
+        let hwcr = msrs.as_slice()[0].data;
+        assert_ne!(
+            hwcr & HWCR_TSC_FREQ_SEL,
+            0,
+            "HWCR {hwcr:#x}: TscFreqSel (bit 24) is set"
+        );
+    }
+
+    #[test]
+    fn the_vendor_is_read_from_leaf_0() {
+        let leaf0 = |vendor: &[u8; 12]| {
+            let word = |i: usize| u32::from_le_bytes(vendor[i..i + 4].try_into().unwrap());
+            CpuId::from_entries(&[kvm_bindings::kvm_cpuid_entry2 {
+                function: 0,
+                ebx: word(0),
+                edx: word(4),
+                ecx: word(8),
+                ..Default::default()
+            }])
+            .unwrap()
+        };
+        assert!(is_amd(&leaf0(b"AuthenticAMD")));
+        assert!(is_amd(&leaf0(b"HygonGenuine")));
+        assert!(!is_amd(&leaf0(b"GenuineIntel")));
     }
 }

@@ -50,6 +50,29 @@ const CONFIG_SYSTEM: u8 = 1 << 2;
 
 /// Answer of a keyboard to any command it understands.
 const KBD_ACK: u8 = 0xfa;
+
+// Keyboard commands (bytes written to port 0x60 while no controller command
+// waits for data), and what a PS/2 keyboard answers after its ACK. Linux's
+// atkbd probes with them; without their answers it times out on GET_ID,
+// falls back to treating the keyboard as an old AT one, and logs failures.
+/// Set the LEDs; a parameter byte follows.
+const KBD_SET_LEDS: u8 = 0xed;
+/// Echo: answered with 0xEE, no ACK.
+const KBD_ECHO: u8 = 0xee;
+/// Get or set the scan code set; a parameter byte follows (0: get).
+const KBD_SCAN_SET: u8 = 0xf0;
+/// Identify: ACK, then the MF2 keyboard ID 0xAB 0x83.
+const KBD_GET_ID: u8 = 0xf2;
+/// Set the typematic rate; a parameter byte follows.
+const KBD_TYPEMATIC: u8 = 0xf3;
+/// Reset and self test: ACK, then 0xAA (basic assurance test passed).
+const KBD_RESET: u8 = 0xff;
+/// The MF2 keyboard's ID bytes.
+const KBD_ID: [u8; 2] = [0xab, 0x83];
+/// Basic assurance test passed.
+const KBD_BAT_OK: u8 = 0xaa;
+/// The scan code set in use (Linux's default for an untranslated port).
+const KBD_SCAN_SET_2: u8 = 2;
 /// Answer of the controller self test.
 const SELF_TEST_OK: u8 = 0x55;
 
@@ -68,12 +91,17 @@ pub struct I8042State {
     /// A command waiting for its data byte on port 0x60.
     pub pending_command: Option<u8>,
     pub buffer: Vec<u8>,
+    /// A keyboard command waiting for its parameter byte (absent in
+    /// states saved before the keyboard answered its commands).
+    #[serde(default)]
+    pub kbd_pending: Option<u8>,
 }
 
 pub struct I8042Device {
     config: u8,
     output_port: u8,
     pending_command: Option<u8>,
+    kbd_pending: Option<u8>,
     buffer: VecDeque<u8>,
     last_was_command: bool,
     kbd_irq: Arc<dyn Interrupt>,
@@ -86,6 +114,7 @@ impl I8042Device {
             config: CONFIG_KBD_INTERRUPT | CONFIG_SYSTEM,
             output_port: 0,
             pending_command: None,
+            kbd_pending: None,
             buffer: VecDeque::new(),
             last_was_command: false,
             kbd_irq,
@@ -110,6 +139,7 @@ impl I8042Device {
             output_port: self.output_port,
             pending_command: self.pending_command,
             buffer: self.buffer.iter().copied().collect(),
+            kbd_pending: self.kbd_pending,
         }
     }
 
@@ -123,6 +153,7 @@ impl I8042Device {
         self.config = state.config;
         self.output_port = state.output_port;
         self.pending_command = state.pending_command;
+        self.kbd_pending = state.kbd_pending;
         self.buffer = state.buffer.iter().copied().collect();
         if !self.buffer.is_empty() {
             self.raise_interrupt();
@@ -153,9 +184,38 @@ impl I8042Device {
 
     /// Replaces whatever is waiting with one answer byte.
     fn answer(&mut self, byte: u8) {
+        self.reply(&[byte]);
+    }
+
+    /// Replaces whatever is waiting with an answer.
+    fn reply(&mut self, bytes: &[u8]) {
         self.buffer.clear();
-        self.buffer.push_back(byte);
+        self.buffer.extend(bytes);
         self.raise_interrupt();
+    }
+
+    /// A byte for the keyboard itself, answered as an MF2 keyboard does.
+    fn keyboard(&mut self, value: u8) {
+        if let Some(command) = self.kbd_pending.take() {
+            // The parameter of SET_LEDS, TYPEMATIC or SCAN_SET.
+            if command == KBD_SCAN_SET && value == 0 {
+                self.reply(&[KBD_ACK, KBD_SCAN_SET_2]);
+            } else {
+                self.answer(KBD_ACK);
+            }
+            return;
+        }
+        match value {
+            KBD_SET_LEDS | KBD_TYPEMATIC | KBD_SCAN_SET => {
+                self.kbd_pending = Some(value);
+                self.answer(KBD_ACK);
+            }
+            KBD_GET_ID => self.reply(&[KBD_ACK, KBD_ID[0], KBD_ID[1]]),
+            KBD_RESET => self.reply(&[KBD_ACK, KBD_BAT_OK]),
+            KBD_ECHO => self.answer(KBD_ECHO),
+            // Enable, disable, defaults, and the rest: acknowledged.
+            _ => self.answer(KBD_ACK),
+        }
     }
 
     fn command(&mut self, command: u8) {
@@ -183,8 +243,8 @@ impl I8042Device {
                     (self.power)(PowerEvent::Reset);
                 }
             }
-            // A byte for the keyboard itself: acknowledge everything.
-            _ => self.answer(KBD_ACK),
+            Some(_) => {}
+            None => self.keyboard(value),
         }
     }
 }
@@ -287,11 +347,56 @@ mod tests {
         assert_eq!(read(&mut dev, DATA_OFFSET), 0x45);
         dev.write(STATUS_OFFSET, &[CMD_SELF_TEST]);
         assert_eq!(read(&mut dev, DATA_OFFSET), SELF_TEST_OK);
-        dev.write(DATA_OFFSET, &[0xff]); // keyboard reset
-        assert_eq!(read(&mut dev, DATA_OFFSET), KBD_ACK);
+        dev.write(DATA_OFFSET, &[KBD_SET_LEDS]); // a keyboard command waiting for its parameter
         let state = dev.state();
         let (mut other, _, _) = device();
         other.restore(&state).unwrap();
         assert_eq!(other.state(), state);
+    }
+
+    fn answers(dev: &mut I8042Device) -> Vec<u8> {
+        let mut got = Vec::new();
+        while read(dev, STATUS_OFFSET) & STATUS_OUTPUT_FULL != 0 {
+            got.push(read(dev, DATA_OFFSET));
+        }
+        got
+    }
+
+    /// What Linux's atkbd sends while probing (found by booting Linux: it
+    /// logged "Failed to enable keyboard" and "Spurious ACK" when GET_ID and
+    /// RESET were only acknowledged), answered as an MF2 keyboard does.
+    #[test]
+    fn the_keyboard_answers_linux_atkbd_probe_like_an_mf2_keyboard() {
+        let (mut dev, _, _) = device();
+        let mut exchange = |bytes: &[u8]| {
+            let mut got = Vec::new();
+            for &b in bytes {
+                dev.write(DATA_OFFSET, &[b]);
+                got.extend(answers(&mut dev));
+            }
+            got
+        };
+        assert_eq!(exchange(&[KBD_RESET]), [KBD_ACK, KBD_BAT_OK]);
+        assert_eq!(exchange(&[KBD_GET_ID]), [KBD_ACK, 0xab, 0x83]);
+        assert_eq!(exchange(&[KBD_SET_LEDS, 0x00]), [KBD_ACK, KBD_ACK]);
+        assert_eq!(exchange(&[KBD_SCAN_SET, 0x00]), [KBD_ACK, KBD_ACK, 2]);
+        assert_eq!(exchange(&[KBD_SCAN_SET, 0x02]), [KBD_ACK, KBD_ACK]);
+        assert_eq!(exchange(&[KBD_TYPEMATIC, 0x20]), [KBD_ACK, KBD_ACK]);
+        assert_eq!(exchange(&[0xf4]), [KBD_ACK], "enable");
+        assert_eq!(exchange(&[0xf5]), [KBD_ACK], "disable");
+        assert_eq!(exchange(&[KBD_ECHO]), [KBD_ECHO]);
+        // A parameter byte that looks like a command is still a parameter.
+        assert_eq!(exchange(&[KBD_SET_LEDS, KBD_GET_ID]), [KBD_ACK, KBD_ACK]);
+    }
+
+    /// A state saved before the keyboard had pending parameters still loads.
+    #[test]
+    fn an_older_state_without_the_keyboard_field_restores() {
+        let old = r#"{"config":69,"output_port":0,"pending_command":null,"buffer":[250]}"#;
+        let state: I8042State = serde_json::from_str(old).unwrap();
+        assert_eq!(state.kbd_pending, None);
+        let (mut dev, _, _) = device();
+        dev.restore(&state).unwrap();
+        assert_eq!(answers(&mut dev), [KBD_ACK]);
     }
 }
