@@ -23,6 +23,15 @@
  *   linux-test-helper tcp-echo HOST PORT
  *       Connects to HOST:PORT (IPv4) and sends back every byte it receives
  *       until the peer closes.
+ *   linux-test-helper tcp-send HOST PORT FILE
+ *   linux-test-helper tcp-recv HOST PORT FILE
+ *       Connects to HOST:PORT and sends FILE, or writes what arrives until the
+ *       peer closes into FILE, 64 KiB per system call (busybox nc moves 1 KiB
+ *       per call, a segment each, and takes minutes for a few MiB here).
+ *   linux-test-helper pattern MIB SEED
+ *       Writes MIB MiB of pseudo-random bytes (xorshift64 from SEED) to
+ *       stdout: test data made in user space, where /dev/urandom would take
+ *       the emulated kernel about a minute per MiB.
  *   linux-test-helper zeroout DEVICE OFFSET LENGTH
  *       BLKZEROOUT: virtio-blk WRITE_ZEROES without the unmap flag.
  *   linux-test-helper punch DEVICE OFFSET LENGTH
@@ -158,24 +167,55 @@ static int fill(const char *mib_text)
 	return 0;
 }
 
-static int tcp_echo(const char *host, const char *port)
+/* A TCP connection to HOST:PORT (IPv4), or -1 with a message. */
+static int tcp_connect(const char *host, const char *port)
 {
 	struct sockaddr_in addr = { .sin_family = AF_INET };
-	char buf[65536];
 	int fd;
 
 	addr.sin_port = htons((uint16_t)atoi(port));
 	if (inet_pton(AF_INET, host, &addr.sin_addr) != 1) {
-		fprintf(stderr, "linux-test-helper: tcp-echo: %s is not an IPv4 address\n", host);
-		return 1;
+		fprintf(stderr, "linux-test-helper: %s is not an IPv4 address\n", host);
+		return -1;
 	}
 	fd = socket(AF_INET, SOCK_STREAM, 0);
-	if (fd < 0)
-		return fail("socket");
-	if (connect(fd, (struct sockaddr *)&addr, sizeof(addr)) < 0)
-		return fail("connect");
+	if (fd < 0) {
+		fail("socket");
+		return -1;
+	}
+	if (connect(fd, (struct sockaddr *)&addr, sizeof(addr)) < 0) {
+		fail("connect");
+		close(fd);
+		return -1;
+	}
+	return fd;
+}
+
+/* Writes all n bytes of buf to fd. */
+static int write_all(int fd, const char *buf, size_t n)
+{
+	size_t off = 0;
+
+	while (off < n) {
+		ssize_t w = write(fd, buf + off, n - off);
+
+		if (w < 0) {
+			if (errno == EINTR)
+				continue;
+			return fail("write");
+		}
+		off += (size_t)w;
+	}
+	return 0;
+}
+
+/* Copies from `in` to `out` until `in` ends. */
+static int copy(int in, int out)
+{
+	static char buf[65536];
+
 	for (;;) {
-		ssize_t n = read(fd, buf, sizeof(buf)), off = 0;
+		ssize_t n = read(in, buf, sizeof(buf));
 
 		if (n == 0)
 			return 0;
@@ -184,17 +224,51 @@ static int tcp_echo(const char *host, const char *port)
 				continue;
 			return fail("read");
 		}
-		while (off < n) {
-			ssize_t w = write(fd, buf + off, (size_t)(n - off));
-
-			if (w < 0) {
-				if (errno == EINTR)
-					continue;
-				return fail("write");
-			}
-			off += w;
-		}
+		if (write_all(out, buf, (size_t)n))
+			return 1;
 	}
+}
+
+static int tcp_echo(const char *host, const char *port)
+{
+	int fd = tcp_connect(host, port);
+
+	return fd < 0 ? 1 : copy(fd, fd);
+}
+
+static int tcp_file(const char *op, const char *host, const char *port, const char *path)
+{
+	int sending = strcmp(op, "tcp-send") == 0;
+	int file = sending ? open(path, O_RDONLY) : open(path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+	int fd, rc;
+
+	if (file < 0)
+		return fail(path);
+	fd = tcp_connect(host, port);
+	if (fd < 0)
+		return 1;
+	rc = sending ? copy(file, fd) : copy(fd, file);
+	if (close(fd) < 0 || close(file) < 0)
+		return fail("close");
+	return rc;
+}
+
+static int random_pattern(const char *mib_text, const char *seed_text)
+{
+	static uint64_t buf[8192];
+	uint64_t mib = strtoull(mib_text, NULL, 10), x = strtoull(seed_text, NULL, 0) | 1;
+
+	for (uint64_t chunk = 0; chunk < mib * 16; chunk++) {
+		for (size_t i = 0; i < 8192; i++) {
+			x ^= x << 13;
+			x ^= x >> 7;
+			x ^= x << 17;
+			buf[i] = x;
+		}
+		if (write_all(1, (const char *)buf, sizeof(buf)))
+			return 1;
+	}
+	return 0;
 }
 
 static int block_range(const char *op, const char *dev, const char *off, const char *len)
@@ -223,9 +297,14 @@ int main(int argc, char **argv)
 		return fill(argv[2]);
 	if (argc == 4 && strcmp(argv[1], "tcp-echo") == 0)
 		return tcp_echo(argv[2], argv[3]);
+	if (argc == 5 && (strcmp(argv[1], "tcp-send") == 0 || strcmp(argv[1], "tcp-recv") == 0))
+		return tcp_file(argv[1], argv[2], argv[3], argv[4]);
+	if (argc == 4 && strcmp(argv[1], "pattern") == 0)
+		return random_pattern(argv[2], argv[3]);
 	if (argc == 5 && (strcmp(argv[1], "zeroout") == 0 || strcmp(argv[1], "punch") == 0))
 		return block_range(argv[1], argv[2], argv[3], argv[4]);
 	fprintf(stderr, "usage: linux-test-helper memloop MIB STATUS | fill MIB | tcp-echo HOST PORT |\n"
+			"       tcp-send HOST PORT FILE | tcp-recv HOST PORT FILE | pattern MIB SEED |\n"
 			"       zeroout DEVICE OFFSET LENGTH | punch DEVICE OFFSET LENGTH\n");
 	return 2;
 }

@@ -83,7 +83,7 @@ fn run(vmm: Vmm, kernel: &TestKernel, dir: &TempDir, timeout: Duration) -> (f64,
     let init = start.elapsed().as_secs_f64();
     guest.wait("linux-test: ready");
     let line = guest.run(
-        "run b1 dd if=/dev/urandom of=/tmp/x bs=64k count=64 2>/dev/null && \
+        "run b1 linux-test-helper pattern 4 1 > /tmp/x && \
          dd if=/tmp/x of=/dev/vda bs=64k conv=fsync 2>/dev/null && \
          echo 3 > /proc/sys/vm/drop_caches && \
          dd if=/dev/vda bs=64k count=64 2>/dev/null | cmp - /tmp/x && echo same",

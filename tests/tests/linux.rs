@@ -552,7 +552,7 @@ fn check_blk_data(vm: &mut LinuxVm, api: &ApiClient, disk: &Path) {
     // O_DIRECT at 2 MiB, and at 4, 6 and 8 MiB for the discard and
     // write-zeroes checks; then read back past the page cache.
     let out = vm.run_ok(
-        "dd if=/dev/urandom of=/tmp/p bs=64k count=16 2>/dev/null && sha256sum /tmp/p && \
+        "linux-test-helper pattern 1 1 > /tmp/p && sha256sum /tmp/p && \
          dd if=/tmp/p of=/dev/vda bs=64k conv=fsync 2>/dev/null && \
          dd if=/tmp/p of=/dev/vda bs=64k seek=32 oflag=direct conv=fsync 2>/dev/null && \
          for at in 64 96 128; do dd if=/tmp/p of=/dev/vda bs=64k seek=$at conv=fsync 2>/dev/null; done && \
@@ -646,7 +646,7 @@ fn check_blk_read_only(vm: &mut LinuxVm, ro_disk: &Path, content: &[u8]) {
 
 fn check_blk_loop(vm: &mut LinuxVm, loop_file: &Path) {
     let out = vm.run_ok(
-        "dd if=/dev/urandom of=/tmp/l bs=64k count=16 2>/dev/null && sha256sum /tmp/l && \
+        "linux-test-helper pattern 1 2 > /tmp/l && sha256sum /tmp/l && \
          dd if=/tmp/l of=/dev/vdc bs=64k seek=16 oflag=direct conv=fsync 2>/dev/null && \
          dd if=/dev/vdc bs=64k skip=16 count=16 iflag=direct 2>/dev/null | sha256sum",
     );
@@ -679,7 +679,8 @@ fn check_net(vm: &mut LinuxVm, net: &Netns, tap: &'static str, features: u64) {
     );
     ok("virtio-net: the guest pings the host 3/3, the host pings the guest 3/3");
 
-    // TCP, 4 MiB each way, checked on both ends.
+    // TCP, 4 MiB each way, checked on both ends (by the helper: busybox nc
+    // moves 1 KiB per system call, which takes minutes here).
     let to_host = listen_in(net, "10.0.2.1:5001");
     let to_guest = listen_in(net, "10.0.2.1:5002");
     let payload = random_bytes(4 << 20);
@@ -696,8 +697,9 @@ fn check_net(vm: &mut LinuxVm, net: &Netns, tap: &'static str, features: u64) {
         stream.write_all(&payload).expect("the stream to the guest");
     });
     let out = vm.run_ok(
-        "dd if=/dev/urandom of=/tmp/t bs=64k count=64 2>/dev/null && sha256sum /tmp/t && \
-         nc 10.0.2.1 5001 < /tmp/t && nc 10.0.2.1 5002 < /dev/null > /tmp/r && sha256sum /tmp/r",
+        "linux-test-helper pattern 4 3 > /tmp/t && sha256sum /tmp/t && \
+         linux-test-helper tcp-send 10.0.2.1 5001 /tmp/t && \
+         linux-test-helper tcp-recv 10.0.2.1 5002 /tmp/r && sha256sum /tmp/r",
     );
     let got = receiver.join().unwrap();
     sender.join().unwrap();
@@ -706,7 +708,7 @@ fn check_net(vm: &mut LinuxVm, net: &Netns, tap: &'static str, features: u64) {
     assert_eq!(got.len(), 4 << 20, "bytes from the guest");
     assert_eq!(sha256_hex(&got), s[0], "guest to host: checksums match");
     assert_eq!(s[1], payload_sum, "host to guest: checksums match");
-    ok("virtio-net: 4 MiB over TCP each way (busybox nc), SHA-256 equal on both ends");
+    ok("virtio-net: 4 MiB over TCP each way, SHA-256 equal on both ends");
 
     // The offloads the guest took are on the tap: the host hands it
     // partially checksummed and segmentation-offloaded frames.
@@ -1001,7 +1003,7 @@ fn linux_migrates_during_boot_and_while_running_with_memory_tcp_clock_and_disk_i
     let before = first.run_ok(
         "linux-test-helper memloop 64 /tmp/mem > /dev/null 2>&1 & \
          linux-test-helper tcp-echo 10.0.3.1 5003 > /dev/null 2>&1 & \
-         dd if=/dev/urandom of=/tmp/a bs=64k count=16 2>/dev/null && sha256sum /tmp/a && \
+         linux-test-helper pattern 1 4 > /tmp/a && sha256sum /tmp/a && \
          dd if=/tmp/a of=/dev/vda bs=64k conv=fsync 2>/dev/null && sleep 2 && cat /tmp/mem /proc/uptime && date +%s",
     );
     let sum_a = sums(&before)[0].clone();
@@ -1036,7 +1038,7 @@ fn linux_migrates_during_boot_and_while_running_with_memory_tcp_clock_and_disk_i
     round_trip(&mut echo, "after the migration\n");
     ok("the TCP connection opened before the migration carries data after it");
     let after = second.run_ok(
-        "dd if=/dev/urandom of=/tmp/b bs=64k count=16 2>/dev/null && sha256sum /tmp/b && \
+        "linux-test-helper pattern 1 5 > /tmp/b && sha256sum /tmp/b && \
          dd if=/tmp/b of=/dev/vda bs=64k seek=32 conv=fsync 2>/dev/null && \
          echo 3 > /proc/sys/vm/drop_caches && \
          dd if=/dev/vda bs=64k count=16 2>/dev/null | sha256sum && \
