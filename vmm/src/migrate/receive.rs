@@ -15,7 +15,7 @@ use migration::protocol::{
 
 use super::{
     call, ControlHandle, Listener, MigrationCall, MigrationError, MigrationReply, MigrationShared,
-    Socket, Stream,
+    ReceiveStream, Socket, Stream,
 };
 use crate::memory::{self, GuestMemoryMmap};
 
@@ -127,8 +127,12 @@ fn fail(shared: &MigrationShared, control: &ControlHandle, message: String) {
     let _ = call(control, MigrationCall::Failed(message));
 }
 
-fn receive(
-    stream: &mut Stream,
+/// Receives the VM from an authenticated `stream`: the source's config,
+/// memory and state through `control`, until `Complete` (the guest runs) or
+/// an error (nothing runs). Public for the fuzzer, which drives it with
+/// bytes and a stand-in control loop.
+pub fn receive<S: ReceiveStream>(
+    stream: &mut S,
     shared: &MigrationShared,
     control: &ControlHandle,
     start: Instant,
@@ -212,8 +216,8 @@ fn receive(
 }
 
 /// Reads one Memory message of `length` payload bytes into guest RAM.
-fn receive_memory(
-    stream: &mut Stream,
+fn receive_memory<S: ReceiveStream>(
+    stream: &mut S,
     length: u64,
     memory: &GuestMemoryMmap,
     shared: &MigrationShared,
