@@ -54,3 +54,7 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo build --workspace --all-targets
 cargo test --workspace -- "${args[@]}"
+# The whole suite also fuzzes every parser briefly (docs/fuzzing.md).
+if [ ${#args[@]} -eq 0 ]; then
+    ./resources/fuzz.sh 20
+fi

@@ -22,7 +22,7 @@ struct CheckingBackend;
 impl BalloonBackend for CheckingBackend {
     fn discard(&self, gpa: u64, len: u64) -> io::Result<()> {
         assert!(
-            len > 0 && gpa % 4096 == 0 && len % 4096 == 0,
+            len > 0 && gpa.is_multiple_of(4096) && len.is_multiple_of(4096),
             "{gpa:#x}+{len:#x}"
         );
         let inside = RAM

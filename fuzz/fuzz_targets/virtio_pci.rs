@@ -121,7 +121,7 @@ fuzz_target!(|data: &[u8]| {
                 // Our slot, or the host bridge's.
                 let slot = if op & 8 != 0 { 0 } else { u64::from(slot) };
                 let offset = (slot << 15) | u64::from(input.u16() & 0xfff);
-                if op % 8 == 0 {
+                if op & 1 == 0 {
                     ecam.read(offset, &mut buf[..len]);
                 } else {
                     let data = input.bytes(len);
@@ -132,7 +132,7 @@ fuzz_target!(|data: &[u8]| {
                 let bar = usize::from(op & 8 != 0);
                 let offset = u64::from(input.u16()) % BAR_SIZE;
                 let mut device = device.lock().unwrap();
-                if op % 8 == 2 {
+                if op & 1 == 0 {
                     device.read_bar(bar, offset, &mut buf[..len]);
                 } else {
                     let data = input.bytes(len);
