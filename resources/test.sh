@@ -63,3 +63,7 @@ cargo build --workspace --all-targets
 echo "building the Linux test kernel (resources/linux/build-test-kernel.sh)"
 bash resources/linux/build-test-kernel.sh >/dev/null
 cargo test --workspace -- "${args[@]}"
+# The whole suite also fuzzes every parser briefly (docs/fuzzing.md).
+if [ ${#args[@]} -eq 0 ]; then
+    ./resources/fuzz.sh 20
+fi

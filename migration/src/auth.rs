@@ -144,10 +144,15 @@ pub fn from_hex<const N: usize>(text: &str, what: &'static str) -> Result<[u8; N
             2 * N
         )));
     }
+    // Byte-wise: the peer's text may hold multi-byte characters, where
+    // slicing the string by byte offsets would panic (found by fuzzing).
+    let digit = |b: u8| char::from(b).to_digit(16);
     let mut out = [0u8; N];
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(&text[2 * i..2 * i + 2], 16)
-            .map_err(|_| bad("not hex".to_string()))?;
+    for (byte, pair) in out.iter_mut().zip(text.as_bytes().chunks_exact(2)) {
+        let (Some(high), Some(low)) = (digit(pair[0]), digit(pair[1])) else {
+            return Err(bad("not hex".to_string()));
+        };
+        *byte = (high << 4 | low) as u8;
     }
     Ok(out)
 }
@@ -285,6 +290,72 @@ mod tests {
         );
         assert!(from_hex::<2>("abc", "x").is_err());
         assert!(from_hex::<1>("zz", "x").is_err());
+    }
+
+    /// Fuzzing found `from_hex` slicing a peer's nonce by byte offsets,
+    /// which panics inside a multi-byte character: any local user could
+    /// crash a waiting target (and a fake target the source) before
+    /// proving anything.
+    #[test]
+    fn a_nonce_of_non_ascii_text_is_refused_not_a_panic() {
+        // 64 bytes, the length of a hex nonce, none of them hex.
+        let nonce = "\u{fffd}".repeat(21) + "x";
+        assert_eq!(nonce.len(), 2 * NONCE_SIZE);
+        assert!(from_hex::<NONCE_SIZE>(&nonce, "nonce").is_err());
+        assert!(
+            from_hex::<1>("+f", "x").is_err(),
+            "a sign is not a hex digit"
+        );
+
+        let mut source = Vec::new();
+        protocol::send_json(
+            &mut source,
+            Kind::Hello,
+            &Hello {
+                vmm_version: "0".into(),
+                nonce: nonce.clone(),
+            },
+        )
+        .unwrap();
+        let mut stream = std::io::Cursor::new(source);
+        let result = authenticate_target(&mut stream, b"secret", b"");
+        assert!(
+            matches!(result, Err(ProtocolError::Malformed { .. })),
+            "{result:?}"
+        );
+
+        let mut target = Vec::new();
+        protocol::send_json(&mut target, Kind::Challenge, &Challenge { nonce }).unwrap();
+        let mut stream = FakePeer {
+            input: &target[..],
+            output: Vec::new(),
+        };
+        let result = authenticate_source(&mut stream, b"secret", b"");
+        assert!(
+            matches!(result, Err(ProtocolError::TargetAuthentication(_))),
+            "{result:?}"
+        );
+    }
+
+    /// A peer that sends `input` and keeps what it is sent.
+    struct FakePeer<'a> {
+        input: &'a [u8],
+        output: Vec<u8>,
+    }
+
+    impl Read for FakePeer<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.input.read(buf)
+        }
+    }
+
+    impl Write for FakePeer<'_> {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.output.write(buf)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
     }
 
     fn handshake(

@@ -28,7 +28,7 @@ use tokio::sync::{oneshot, watch};
 use tokio::task::JoinSet;
 use tokio::time::{timeout, timeout_at, Instant};
 
-use super::routes::{find_route, BodyKind, RouteError};
+use super::routes::{find_route, BodyKind, Route, RouteError};
 use super::wire::{clip, find_head, has_token, parse_content_length, reason, split_head};
 use crate::request::{ApiError, ApiErrorKind, ApiRequest, ApiResponse, ApiResult};
 use crate::socket::{self, SocketFile};
@@ -302,14 +302,15 @@ async fn refuse(mut stream: UnixStream) {
 }
 
 /// A parsed request.
-struct Request {
-    method: String,
-    path: String,
-    body: Vec<u8>,
+#[derive(Debug)]
+pub struct Request {
+    pub method: String,
+    pub path: String,
+    pub body: Vec<u8>,
     /// Whether the client sent a Content-Length header.
-    has_length: bool,
+    pub has_length: bool,
     /// Close the connection after answering.
-    close: bool,
+    pub close: bool,
 }
 
 /// A response to write.
@@ -428,15 +429,11 @@ async fn read_request(
     let timed_out = || ReadOutcome::Fatal(Response::fatal(408, "timed out reading the request"));
 
     // The head.
-    let (start, end) = loop {
-        if let Some(found) = find_head(buf) {
-            break found;
-        }
-        if buf.len() >= MAX_HEAD_SIZE {
-            return ReadOutcome::Fatal(Response::fatal(
-                431,
-                format!("the request head is over {MAX_HEAD_SIZE} bytes"),
-            ));
+    let (head, end) = loop {
+        match take_head(buf) {
+            Ok(Some(found)) => break found,
+            Ok(None) => {}
+            Err(response) => return ReadOutcome::Fatal(response),
         }
         match timeout_at(deadline, read_more(stream, buf)).await {
             Err(_) => return timed_out(),
@@ -444,27 +441,10 @@ async fn read_request(
             Ok(Ok(_)) => {}
         }
     };
-    if end - start > MAX_HEAD_SIZE {
-        return ReadOutcome::Fatal(Response::fatal(
-            431,
-            format!("the request head is over {MAX_HEAD_SIZE} bytes"),
-        ));
-    }
-    let head = match parse_head(&buf[start..end]) {
-        Ok(head) => head,
-        Err(response) => return ReadOutcome::Fatal(response),
-    };
     buf.drain(..end);
 
     // The body.
-    let length = head.content_length.unwrap_or(0);
-    if length > MAX_BODY_SIZE as u64 {
-        return ReadOutcome::Fatal(Response::fatal(
-            413,
-            format!("the request body ({length} bytes) is over the {MAX_BODY_SIZE}-byte limit"),
-        ));
-    }
-    let length = length as usize;
+    let length = head.content_length.unwrap_or(0) as usize;
     if head.expect_continue && buf.len() < length {
         let sent = timeout_at(deadline, stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")).await;
         if !matches!(sent, Ok(Ok(()))) {
@@ -486,6 +466,61 @@ async fn read_request(
         has_length: head.content_length.is_some(),
         close: head.close,
     })
+}
+
+/// The head of the request at the start of `buf` and where it ends, once
+/// it is all there (None before); or the answer that refuses it: a head over
+/// [`MAX_HEAD_SIZE`], a malformed head, a body over [`MAX_BODY_SIZE`].
+fn take_head(buf: &[u8]) -> Result<Option<(Head, usize)>, Response> {
+    let too_large = || {
+        Response::fatal(
+            431,
+            format!("the request head is over {MAX_HEAD_SIZE} bytes"),
+        )
+    };
+    let Some((start, end)) = find_head(buf) else {
+        return if buf.len() >= MAX_HEAD_SIZE {
+            Err(too_large())
+        } else {
+            Ok(None)
+        };
+    };
+    if end - start > MAX_HEAD_SIZE {
+        return Err(too_large());
+    }
+    let head = parse_head(&buf[start..end])?;
+    let length = head.content_length.unwrap_or(0);
+    if length > MAX_BODY_SIZE as u64 {
+        return Err(Response::fatal(
+            413,
+            format!("the request body ({length} bytes) is over the {MAX_BODY_SIZE}-byte limit"),
+        ));
+    }
+    Ok(Some((head, end)))
+}
+
+/// The server's request parser on bytes in memory, for fuzzing: the first
+/// request in `buf` and the bytes it took (None while incomplete), or the
+/// status and JSON error body the server answers before closing the
+/// connection.
+pub fn parse_request(buf: &[u8]) -> Result<Option<(Request, usize)>, (u16, String)> {
+    let refused = |r: Response| (r.status, r.body.unwrap_or_default());
+    let Some((head, end)) = take_head(buf).map_err(refused)? else {
+        return Ok(None);
+    };
+    // At most MAX_BODY_SIZE (checked by take_head).
+    let length = head.content_length.unwrap_or(0) as usize;
+    let Some(body) = buf[end..].get(..length) else {
+        return Ok(None);
+    };
+    let request = Request {
+        method: head.method,
+        path: head.path,
+        body: body.to_vec(),
+        has_length: head.content_length.is_some(),
+        close: head.close,
+    };
+    Ok(Some((request, end + length)))
 }
 
 struct Head {
@@ -562,15 +597,16 @@ fn parse_head(head: &[u8]) -> Result<Head, Response> {
     })
 }
 
-/// Routes a request, hands it to the VMM and waits for the answer.
-async fn answer(request: Request, dispatch: &Dispatch) -> Response {
+/// Routes a request and builds what it asks of the VMM, or the answer that
+/// refuses it.
+fn route_request(request: &Request) -> Result<(&'static Route, ApiRequest), Response> {
     let route = match find_route(&request.method, &request.path) {
         Ok(route) => route,
         Err(RouteError::NotFound) => {
-            return Response::api_error(ApiError::new(
+            return Err(Response::api_error(ApiError::new(
                 ApiErrorKind::NotFound,
                 format!("no endpoint {}", clip(&request.path)),
-            ))
+            )))
         }
         Err(RouteError::MethodNotAllowed { allow }) => {
             let mut response = Response::api_error(ApiError::new(
@@ -582,37 +618,51 @@ async fn answer(request: Request, dispatch: &Dispatch) -> Response {
                 ),
             ));
             response.allow = Some(allow);
-            return response;
+            return Err(response);
         }
     };
     let body = (!request.body.is_empty()).then_some(&request.body[..]);
     match (route.body, body) {
         (BodyKind::None, Some(_)) => {
-            return Response::api_error(ApiError::bad_request(format!(
+            return Err(Response::api_error(ApiError::bad_request(format!(
                 "{} takes no request body",
                 route.name()
-            )))
+            ))))
         }
         (BodyKind::Required(schema), None) if !request.has_length => {
-            return Response::error(
+            return Err(Response::error(
                 411,
                 ApiError::bad_request(format!(
                     "{} needs a {schema} JSON body with a Content-Length",
                     route.name()
                 )),
-            )
+            ))
         }
         (BodyKind::Required(schema), None) => {
-            return Response::api_error(ApiError::bad_request(format!(
+            return Err(Response::api_error(ApiError::bad_request(format!(
                 "{} needs a {schema} JSON body",
                 route.name()
-            )))
+            ))))
         }
         _ => {}
     }
-    let api_request = match (route.parse)(body) {
-        Ok(api_request) => api_request,
-        Err(error) => return Response::api_error(error),
+    let api_request = (route.parse)(body).map_err(Response::api_error)?;
+    Ok((route, api_request))
+}
+
+/// [`route_request`] for fuzzing: the request for the VMM, or the status
+/// and JSON error body the server answers.
+pub fn api_request(request: &Request) -> Result<ApiRequest, (u16, String)> {
+    route_request(request)
+        .map(|(_, api_request)| api_request)
+        .map_err(|r| (r.status, r.body.unwrap_or_default()))
+}
+
+/// Routes a request, hands it to the VMM and waits for the answer.
+async fn answer(request: Request, dispatch: &Dispatch) -> Response {
+    let (route, api_request) = match route_request(&request) {
+        Ok(routed) => routed,
+        Err(response) => return response,
     };
 
     let (reply, answer) = oneshot::channel();

@@ -676,6 +676,10 @@ impl VirtioPciDevice {
         let id = self.id.clone();
         self.restore_transport(&snapshot.transport)
             .map_err(|e| e.of(&id))?;
+        // Started on the source: DRIVER_OK alone does not say so (it sticks
+        // without FEATURES_OK, or after a failed start), the queues do.
+        self.activated =
+            snapshot.transport.status & STATUS_DRIVER_OK != 0 && !snapshot.queues.is_empty();
         let context = if self.activated {
             Some(
                 self.restored_context(&snapshot.queues)
@@ -705,8 +709,11 @@ impl VirtioPciDevice {
                 return Err(bad("queue sizes differ from the snapshot".into()));
             }
         }
+        // Until FEATURES_OK the register holds whatever the driver wrote
+        // (write_status refuses FEATURES_OK for unoffered ones): only
+        // negotiated features must be offered here.
         let unoffered = state.driver_features & !self.device.features();
-        if unoffered != 0 {
+        if unoffered != 0 && state.status & STATUS_FEATURES_OK != 0 {
             return Err(bad(format!(
                 "the driver acked features {unoffered:#x} this device does not offer"
             )));
@@ -735,7 +742,6 @@ impl VirtioPciDevice {
             .config_vector
             .store(state.config_vector, Ordering::SeqCst);
         self.config_generation = state.config_generation;
-        self.activated = state.status & STATUS_DRIVER_OK != 0;
         Ok(())
     }
 
@@ -1004,6 +1010,7 @@ mod tests {
         let memory = memory();
         let mut snapshot = balloon_transport(&memory).snapshot();
         snapshot.transport.driver_features |= 1 << 40;
+        snapshot.transport.status |= STATUS_FEATURES_OK;
         let error = balloon_transport(&memory)
             .restore(snapshot)
             .unwrap_err()
@@ -1011,6 +1018,74 @@ mod tests {
         assert!(
             error.contains("features 0x10000000000 this device does not offer"),
             "{error}"
+        );
+    }
+
+    fn write_common(device: &mut VirtioPciDevice, offset: u64, value: &[u8]) {
+        device.write_bar(BAR_INDEX, COMMON_OFFSET + offset, value);
+    }
+
+    fn read_common(device: &mut VirtioPciDevice, offset: u64) -> u32 {
+        let mut value = [0u8; 4];
+        device.read_bar(BAR_INDEX, COMMON_OFFSET + offset, &mut value);
+        u32::from_le_bytes(value)
+    }
+
+    /// Found by fuzzing: a driver that wrote feature bits the device does
+    /// not offer (refused at FEATURES_OK, but kept in the register) left a
+    /// state no target would restore, so its guest could not migrate.
+    #[test]
+    fn a_driver_still_negotiating_unoffered_features_migrates() {
+        let memory = memory();
+        let mut source = balloon_transport(&memory);
+        write_common(&mut source, common::DEVICE_STATUS, &[3]);
+        write_common(
+            &mut source,
+            common::DRIVER_FEATURE_SELECT,
+            &0u32.to_le_bytes(),
+        );
+        write_common(
+            &mut source,
+            common::DRIVER_FEATURE,
+            &0x2_0010u32.to_le_bytes(),
+        );
+        write_common(
+            &mut source,
+            common::DEVICE_STATUS,
+            &[3 | STATUS_FEATURES_OK],
+        );
+        assert_eq!(
+            read_common(&mut source, common::DEVICE_STATUS) as u8 & STATUS_FEATURES_OK,
+            0,
+            "FEATURES_OK refused"
+        );
+        let snapshot = through_the_wire(&source.snapshot());
+        let mut target = balloon_transport(&memory);
+        target.restore(snapshot).unwrap();
+        assert_eq!(read_common(&mut target, common::DRIVER_FEATURE), 0x2_0010);
+    }
+
+    /// Found by fuzzing: DRIVER_OK sticks without FEATURES_OK, with the
+    /// device never started; the target took it for a started device and
+    /// refused the state for its missing queues.
+    #[test]
+    fn a_device_never_started_despite_driver_ok_migrates() {
+        let memory = memory();
+        let mut source = balloon_transport(&memory);
+        // No VERSION_1: FEATURES_OK does not stick, DRIVER_OK does.
+        write_common(&mut source, common::DEVICE_STATUS, &[15]);
+        let status = read_common(&mut source, common::DEVICE_STATUS) as u8;
+        assert_eq!(
+            status & (STATUS_FEATURES_OK | STATUS_DRIVER_OK),
+            STATUS_DRIVER_OK
+        );
+        let snapshot = through_the_wire(&source.snapshot());
+        assert!(snapshot.queues.is_empty(), "never started");
+        let mut target = balloon_transport(&memory);
+        target.restore(snapshot).unwrap();
+        assert_eq!(
+            read_common(&mut target, common::DEVICE_STATUS) as u8,
+            status
         );
     }
 }

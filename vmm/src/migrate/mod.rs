@@ -32,7 +32,7 @@ use crate::memory::GuestMemoryMmap;
 use crate::snapshot::SnapshotError;
 use crate::vm::VmError;
 
-pub use stream::{connect, IoVecs, Socket, SocketKind, Stream};
+pub use stream::{connect, IoVecs, ReceiveStream, Socket, SocketKind, Stream};
 pub use tls::TlsError;
 
 /// Why a migration failed, on either side.

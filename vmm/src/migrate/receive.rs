@@ -15,7 +15,7 @@ use migration::protocol::{
 
 use super::{
     call, ControlHandle, Listener, MigrationCall, MigrationError, MigrationReply, MigrationShared,
-    Socket, Stream,
+    ReceiveStream, Socket, Stream,
 };
 use crate::memory::{self, GuestMemoryMmap};
 
@@ -246,8 +246,12 @@ fn restore_from(
     }
 }
 
-fn receive(
-    stream: &mut Stream,
+/// Receives the VM from an authenticated `stream`: the source's config,
+/// memory and state through `control`, until `Complete` (the guest runs) or
+/// an error (nothing runs). Public for the fuzzer, which drives it with
+/// bytes and a stand-in control loop.
+pub fn receive<S: ReceiveStream>(
+    stream: &mut S,
     shared: &MigrationShared,
     control: &ControlHandle,
     start: Instant,
@@ -331,8 +335,8 @@ fn receive(
 }
 
 /// Reads one Memory message of `length` payload bytes into guest RAM.
-fn receive_memory(
-    stream: &mut Stream,
+fn receive_memory<S: ReceiveStream>(
+    stream: &mut S,
     length: u64,
     memory: &GuestMemoryMmap,
     shared: &MigrationShared,

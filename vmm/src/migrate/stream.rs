@@ -667,6 +667,23 @@ impl Stream {
     }
 }
 
+/// What the receiver reads a migration from and answers on: a [`Stream`],
+/// or bytes in memory (the fuzzer's stand-in for a source).
+pub trait ReceiveStream: Read + Write {
+    /// Reads exactly `len` bytes into memory at `ptr`.
+    ///
+    /// # Safety
+    /// As [`Stream::read_exact_raw`].
+    unsafe fn read_exact_raw(&mut self, ptr: *mut u8, len: usize) -> io::Result<()>;
+}
+
+impl ReceiveStream for Stream {
+    unsafe fn read_exact_raw(&mut self, ptr: *mut u8, len: usize) -> io::Result<()> {
+        // SAFETY: the caller gives Stream::read_exact_raw's guarantees.
+        unsafe { Stream::read_exact_raw(self, ptr, len) }
+    }
+}
+
 impl Read for Stream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {

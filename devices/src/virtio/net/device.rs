@@ -137,6 +137,12 @@ impl Net {
         Ok(net)
     }
 
+    /// The device on a stand-in tap from [`Tap::from_socket`] (the fuzzer).
+    #[cfg(feature = "fuzzing")]
+    pub fn on_tap(config: &NetConfig, tap: Tap) -> Result<Net, NetError> {
+        Net::with_tap(config, tap)
+    }
+
     pub(super) fn with_tap(config: &NetConfig, tap: Tap) -> Result<Net, NetError> {
         let id = config.id.clone().unwrap_or_else(|| tap.name().to_string());
         let config_mac = match &config.mac {

@@ -213,10 +213,10 @@ impl Tap {
         Ok(tap)
     }
 
-    /// A non-tap stand-in for unit tests: one end of a datagram socket pair,
-    /// which keeps frame boundaries like a tap does.
-    #[cfg(test)]
-    pub(crate) fn from_socket(fd: OwnedFd, name: &str) -> Tap {
+    /// A non-tap stand-in for unit tests and the fuzzer: one end of a
+    /// datagram socket pair, which keeps frame boundaries like a tap does.
+    #[cfg(any(test, feature = "fuzzing"))]
+    pub fn from_socket(fd: OwnedFd, name: &str) -> Tap {
         Tap {
             file: File::from(fd),
             name: name.to_string(),
