@@ -508,20 +508,26 @@ pub struct KsmGuard {
 }
 
 impl KsmGuard {
-    pub fn start(pages_to_scan: u32, sleep_millisecs: u32) -> Result<KsmGuard, String> {
+    /// Remembers the host's `run`, `pages_to_scan` and `sleep_millisecs`
+    /// without changing them.
+    pub fn save() -> Result<KsmGuard, String> {
         let read = |knob: &str| {
             std::fs::read_to_string(format!("{KSM}/{knob}"))
                 .map(|s| s.trim().to_string())
                 .map_err(|e| format!("{KSM}/{knob}: {e}"))
         };
         // `run` first: it is restored first.
-        let guard = KsmGuard {
+        Ok(KsmGuard {
             saved: vec![
                 ("run", read("run")?),
                 ("pages_to_scan", read("pages_to_scan")?),
                 ("sleep_millisecs", read("sleep_millisecs")?),
             ],
-        };
+        })
+    }
+
+    pub fn start(pages_to_scan: u32, sleep_millisecs: u32) -> Result<KsmGuard, String> {
+        let guard = KsmGuard::save()?;
         for (knob, value) in [
             ("pages_to_scan", pages_to_scan.to_string()),
             ("sleep_millisecs", sleep_millisecs.to_string()),
