@@ -336,7 +336,13 @@ impl CpusConfig {
     /// CPU list whose own commas need no quoting (`affinity=0-1,3`).
     pub fn parse(text: &str) -> ConfigResult<CpusConfig> {
         let mut cpus = CpusConfig::default();
-        if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+        if text.is_empty() {
+            return Err(ConfigError::new(
+                "--cpus",
+                "needs N or boot=N[,weight=W][,max_percent=P][,affinity=LIST]",
+            ));
+        }
+        if text.bytes().all(|b| b.is_ascii_digit()) {
             cpus.boot_vcpus = parse_number("--cpus", text)?;
         } else {
             // An item without `=` after `affinity=` continues its CPU list.
@@ -1457,6 +1463,7 @@ mod tests {
             .wants_cgroup());
 
         for (spec, field) in [
+            ("", "--cpus"),
             ("0", "--cpus.boot_vcpus"),
             ("weight=0", "--cpus.weight"),
             ("weight=10001", "--cpus.weight"),
