@@ -306,6 +306,10 @@ pub struct VmInfo {
     /// Host memory of the VMM process.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory: Option<MemoryInfo>,
+    /// The VMM's own cgroup directory, when `cpus.weight` or
+    /// `cpus.max_percent` gave it one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<PathBuf>,
 }
 
 /// Host-side memory figures of a VMM.

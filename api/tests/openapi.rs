@@ -475,7 +475,12 @@ fn full_config(serial: SerialConfig, backing: MemoryBacking, on_reset: ResetActi
     });
     VmConfig {
         name: Some("web1".into()),
-        cpus: CpusConfig { boot_vcpus: 4 },
+        cpus: CpusConfig {
+            boot_vcpus: 4,
+            weight: Some(300),
+            max_percent: Some(150),
+            affinity: Some("0-1,3".into()),
+        },
         memory: MemoryConfig {
             size_mib: 1024,
             backing,
@@ -558,6 +563,7 @@ fn full_info(state: VmState) -> VmInfo {
             balloon_target_bytes: Some(256 << 20),
             balloon_actual_bytes: Some(200 << 20),
         }),
+        cgroup: Some(PathBuf::from("/sys/fs/cgroup/vmm.slice/vm-web1")),
     }
 }
 

@@ -232,21 +232,49 @@ pub fn json_error(e: serde_json::Error) -> ConfigError {
     ConfigError::new(field, e.to_string())
 }
 
+/// The vCPUs and their share of the host's CPUs.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CpusConfig {
     #[serde(default = "default_vcpus")]
     pub boot_vcpus: u8,
+    /// The guest's CPU weight against other guests when the host's CPUs are
+    /// busy (1-10000, 100 is the usual share): its VMM's cgroup `cpu.weight`
+    /// (`cpu.shares` = weight × 1024 / 100 on cgroup v1). Unset: no cgroup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<u32>,
+    /// A cap on the VMM's CPU time, in percent of one host CPU (150 = one
+    /// and a half CPUs): its cgroup's `cpu.max` (`cpu.cfs_quota_us`). Unset:
+    /// no cap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_percent: Option<u32>,
+    /// The host CPUs the vCPU threads may run on, as a CPU list (`0-1,3`);
+    /// the VMM's other threads stay unpinned. Unset: any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<String>,
 }
 
 fn default_vcpus() -> u8 {
     1
 }
 
+/// The range of `cpus.weight` (cgroup v2's `cpu.weight`).
+pub const CPU_WEIGHT_MIN: u32 = 1;
+pub const CPU_WEIGHT_MAX: u32 = 10_000;
+/// The weight of a guest that sets none (as cgroup v2's default).
+pub const CPU_WEIGHT_DEFAULT: u32 = 100;
+/// The largest `cpus.max_percent`: 1024 host CPUs.
+pub const CPU_MAX_PERCENT_MAX: u32 = 100 * 1024;
+/// Host CPU numbers in `cpus.affinity` are below this (glibc's CPU_SETSIZE).
+pub const MAX_HOST_CPUS: usize = 1024;
+
 impl Default for CpusConfig {
     fn default() -> Self {
         CpusConfig {
             boot_vcpus: default_vcpus(),
+            weight: None,
+            max_percent: None,
+            affinity: None,
         }
     }
 }
@@ -262,8 +290,143 @@ impl CpusConfig {
                 ),
             ));
         }
+        if let Some(weight) = self.weight {
+            if !(CPU_WEIGHT_MIN..=CPU_WEIGHT_MAX).contains(&weight) {
+                return Err(ConfigError::new(
+                    "weight",
+                    format!(
+                        "must be between {CPU_WEIGHT_MIN} and {CPU_WEIGHT_MAX} (got {weight}; \
+                         {CPU_WEIGHT_DEFAULT} is the usual share)"
+                    ),
+                ));
+            }
+        }
+        if let Some(percent) = self.max_percent {
+            if !(1..=CPU_MAX_PERCENT_MAX).contains(&percent) {
+                return Err(ConfigError::new(
+                    "max_percent",
+                    format!(
+                        "must be between 1 and {CPU_MAX_PERCENT_MAX} percent of one host CPU \
+                         (got {percent})"
+                    ),
+                ));
+            }
+        }
+        if let Some(list) = &self.affinity {
+            parse_cpu_list(list).map_err(|message| ConfigError::new("affinity", message))?;
+        }
         Ok(())
     }
+
+    /// Whether the guest asks for a cgroup of its own (a weight or a cap).
+    pub fn wants_cgroup(&self) -> bool {
+        self.weight.is_some() || self.max_percent.is_some()
+    }
+
+    /// The host CPUs of `affinity`, ascending (None: unpinned). The config
+    /// was validated, so the list parses.
+    pub fn affinity_cpus(&self) -> Option<Vec<usize>> {
+        self.affinity
+            .as_deref()
+            .and_then(|l| parse_cpu_list(l).ok())
+    }
+
+    /// Parses the command-line form: `N` (the vCPU count), or
+    /// `boot=N[,weight=W][,max_percent=P][,affinity=LIST]` where LIST is a
+    /// CPU list whose own commas need no quoting (`affinity=0-1,3`).
+    pub fn parse(text: &str) -> ConfigResult<CpusConfig> {
+        let mut cpus = CpusConfig::default();
+        if text.is_empty() {
+            return Err(ConfigError::new(
+                "--cpus",
+                "needs N or boot=N[,weight=W][,max_percent=P][,affinity=LIST]",
+            ));
+        }
+        if text.bytes().all(|b| b.is_ascii_digit()) {
+            cpus.boot_vcpus = parse_number("--cpus", text)?;
+        } else {
+            // An item without `=` after `affinity=` continues its CPU list.
+            let mut items: Vec<String> = Vec::new();
+            for item in text.split(',') {
+                match items.last_mut() {
+                    Some(last) if !item.contains('=') && last.starts_with("affinity=") => {
+                        last.push(',');
+                        last.push_str(item);
+                    }
+                    _ => items.push(item.to_string()),
+                }
+            }
+            let mut pairs: Vec<(&str, &str)> = Vec::new();
+            for item in items.iter().filter(|s| !s.is_empty()) {
+                let (key, value) = item.split_once('=').ok_or_else(|| {
+                    ConfigError::new("--cpus", format!("{item:?} is not of the form key=value"))
+                })?;
+                if pairs.iter().any(|(k, _)| *k == key) {
+                    return Err(ConfigError::new("--cpus", format!("{key} is given twice")));
+                }
+                pairs.push((key, value));
+            }
+            for (key, value) in pairs {
+                let field = || format!("--cpus {key}");
+                match key {
+                    "boot" | "boot_vcpus" => cpus.boot_vcpus = parse_number(&field(), value)?,
+                    "weight" => cpus.weight = Some(parse_number(&field(), value)?),
+                    "max_percent" => cpus.max_percent = Some(parse_number(&field(), value)?),
+                    "affinity" => cpus.affinity = Some(value.to_string()),
+                    _ => return Err(unknown_key("--cpus", key)),
+                }
+            }
+        }
+        cpus.validate().map_err(|e| e.within("--cpus"))?;
+        Ok(cpus)
+    }
+}
+
+/// Parses a Linux CPU list (`0-3,8,10-11`) into ascending CPU numbers,
+/// each below [`MAX_HOST_CPUS`].
+pub fn parse_cpu_list(text: &str) -> Result<Vec<usize>, String> {
+    let bad = |why: &str| format!("{text:?} is not a CPU list like 0-1,3: {why}");
+    if text.is_empty() {
+        return Err(bad("it is empty"));
+    }
+    let mut cpus = std::collections::BTreeSet::new();
+    for item in text.split(',') {
+        let (first, last) = item.split_once('-').unwrap_or((item, item));
+        let number = |s: &str| -> Result<usize, String> {
+            if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(bad(&format!("{item:?} is not N or N-M")));
+            }
+            match s.parse::<usize>() {
+                Ok(n) if n < MAX_HOST_CPUS => Ok(n),
+                _ => Err(bad(&format!("CPU numbers are below {MAX_HOST_CPUS}"))),
+            }
+        };
+        let (first, last) = (number(first)?, number(last)?);
+        if first > last {
+            return Err(bad(&format!("{item:?} is a range backwards")));
+        }
+        cpus.extend(first..=last);
+    }
+    Ok(cpus.into_iter().collect())
+}
+
+/// Writes CPU numbers as a CPU list (`0-1,3`), as the kernel does.
+pub fn format_cpu_list(cpus: &[usize]) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < cpus.len() {
+        let mut j = i;
+        while j + 1 < cpus.len() && cpus[j + 1] == cpus[j] + 1 {
+            j += 1;
+        }
+        parts.push(if i == j {
+            cpus[i].to_string()
+        } else {
+            format!("{}-{}", cpus[i], cpus[j])
+        });
+        i = j + 1;
+    }
+    parts.join(",")
 }
 
 /// Where guest RAM comes from.
@@ -1273,6 +1436,77 @@ mod tests {
         assert_eq!(e.field, "--net.tap");
         let e = NetConfig::parse("tap=t,mac=01:00:00:00:00:01").unwrap_err();
         assert_eq!(e.field, "--net.mac");
+    }
+
+    #[test]
+    fn cpus_take_a_count_or_a_spec_with_weight_cap_and_affinity() {
+        assert_eq!(
+            CpusConfig::parse("2").unwrap(),
+            CpusConfig {
+                boot_vcpus: 2,
+                ..CpusConfig::default()
+            }
+        );
+        let c = CpusConfig::parse("boot=2,weight=300,max_percent=150,affinity=0-1,3").unwrap();
+        assert_eq!(c.boot_vcpus, 2);
+        assert_eq!(c.weight, Some(300));
+        assert_eq!(c.max_percent, Some(150));
+        assert_eq!(c.affinity.as_deref(), Some("0-1,3"));
+        assert_eq!(c.affinity_cpus(), Some(vec![0, 1, 3]));
+        assert!(c.wants_cgroup());
+        // The CPU list may come first, and its commas stay its own.
+        let c = CpusConfig::parse("affinity=2,0,weight=5").unwrap();
+        assert_eq!(c.affinity_cpus(), Some(vec![0, 2]));
+        assert_eq!(c.weight, Some(5));
+        assert!(!CpusConfig::parse("boot=1,affinity=0")
+            .unwrap()
+            .wants_cgroup());
+
+        for (spec, field) in [
+            ("", "--cpus"),
+            ("0", "--cpus.boot_vcpus"),
+            ("weight=0", "--cpus.weight"),
+            ("weight=10001", "--cpus.weight"),
+            ("weight=heavy", "--cpus weight"),
+            ("max_percent=0", "--cpus.max_percent"),
+            ("max_percent=-5", "--cpus max_percent"),
+            ("affinity=", "--cpus.affinity"),
+            ("affinity=3-1", "--cpus.affinity"),
+            ("affinity=0-x", "--cpus.affinity"),
+            ("affinity=1024", "--cpus.affinity"),
+            ("boot=2,speed=9", "--cpus"),
+            ("2,weight=3", "--cpus"),
+            ("weight=3,weight=4", "--cpus"),
+        ] {
+            let e = CpusConfig::parse(spec).unwrap_err();
+            assert_eq!(e.field, field, "{spec}: {e}");
+        }
+        let e = VmConfig::from_json(br#"{"payload": {"kernel": "/k"}, "cpus": {"weight": 20000}}"#)
+            .unwrap_err();
+        assert_eq!(e.field, "cpus.weight");
+        assert!(e.message.contains("between 1 and 10000"), "{e}");
+        let e =
+            VmConfig::from_json(br#"{"payload": {"kernel": "/k"}, "cpus": {"affinity": "0,,1"}}"#)
+                .unwrap_err();
+        assert_eq!(e.field, "cpus.affinity");
+        // Unset fields stay out of the JSON (and out of cgroups).
+        let text = serde_json::to_string(&CpusConfig::default()).unwrap();
+        assert_eq!(text, r#"{"boot_vcpus":1}"#);
+    }
+
+    #[test]
+    fn cpu_lists_parse_and_format_like_the_kernel() {
+        assert_eq!(
+            parse_cpu_list("0-3,8,10-11").unwrap(),
+            [0, 1, 2, 3, 8, 10, 11]
+        );
+        assert_eq!(parse_cpu_list("3,1,1-2").unwrap(), [1, 2, 3]);
+        assert_eq!(format_cpu_list(&[0, 1, 2, 3, 8, 10, 11]), "0-3,8,10-11");
+        assert_eq!(format_cpu_list(&[5]), "5");
+        assert_eq!(format_cpu_list(&[]), "");
+        for bad in ["", ",", "1-", "-1", "a", "1 ", "99999999999999999999999"] {
+            assert!(parse_cpu_list(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -10,4 +10,4 @@ pub mod seccomp;
 pub mod syscalls;
 pub mod user;
 
-pub use seccomp::{apply, spawn, Mode, ThreadKind};
+pub use seccomp::{apply, spawn, spawn_with_setup, Mode, ThreadKind};

@@ -295,10 +295,58 @@ where
     F: FnOnce() -> T + Send + 'static,
     T: Send + 'static,
 {
-    let body = move || {
+    start(builder, move || {
         apply(kind);
         f()
-    };
+    })
+}
+
+/// Like [`spawn`], but the new thread first runs `setup`, before it
+/// installs its filter (under the spawner's, which allows what [`spawn`]'s
+/// children do before theirs: see the spawner's list). A failed `setup`
+/// ends the thread without running `f` and is returned here. For what a
+/// thread's own list must not allow it to change later: a vCPU thread pins
+/// itself to its host CPUs this way.
+pub fn spawn_with_setup<S, F>(
+    kind: ThreadKind,
+    builder: Builder,
+    setup: S,
+    f: F,
+) -> io::Result<JoinHandle<()>>
+where
+    S: FnOnce() -> io::Result<()> + Send + 'static,
+    F: FnOnce() + Send + 'static,
+{
+    let (done, set_up) = mpsc::sync_channel(1);
+    let thread = start(builder, move || {
+        let result = setup();
+        let ok = result.is_ok();
+        let _ = done.send(result);
+        if ok {
+            apply(kind);
+            f()
+        }
+    })?;
+    match set_up.recv() {
+        Ok(Ok(())) => Ok(thread),
+        Ok(Err(e)) => {
+            let _ = thread.join();
+            Err(e)
+        }
+        Err(_) => {
+            let _ = thread.join();
+            Err(io::Error::other("the thread ended during its set-up"))
+        }
+    }
+}
+
+/// Starts `body` on a thread from `builder`: by the spawner thread, or
+/// directly when the filters are off.
+fn start<T, B>(builder: Builder, body: B) -> io::Result<JoinHandle<T>>
+where
+    B: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
     let Some(spawner) = SPAWNER.get() else {
         return builder.spawn(body);
     };

@@ -257,6 +257,9 @@ fn kind_list(kind: ThreadKind) -> Vec<Entry> {
             sys!(sysinfo),
             // vm.snapshot: an existing snapshot directory must be ours.
             sys!(geteuid),
+            // cpus.weight/max_percent: the VMM's cgroup (a stale one of the
+            // same name removed when a VM is built, its own at exit).
+            sys!(rmdir),
         ],
         ThreadKind::Vcpu => vec![
             sys!(ioctl, Allow::Ioctls(VCPU_IOCTLS)),
@@ -419,6 +422,9 @@ fn kind_list(kind: ThreadKind) -> Vec<Entry> {
             sys!(clone),
             sys!(prctl, Allow::ThreadSetup),
             sys!(seccomp),
+            // cpus.affinity: a vCPU thread pins itself before its own
+            // filter, which then forbids changing it (seccomp::spawn_with_setup).
+            sys!(sched_setaffinity),
         ],
     }
 }
@@ -604,6 +610,7 @@ names!(
     SYS_recvmmsg,
     SYS_sendmmsg,
     SYS_rename,
+    SYS_rmdir,
     SYS_renameat,
     SYS_renameat2,
     SYS_restart_syscall,
@@ -613,6 +620,7 @@ names!(
     SYS_rt_sigreturn,
     SYS_rt_sigtimedwait,
     SYS_sched_getaffinity,
+    SYS_sched_setaffinity,
     SYS_sched_yield,
     SYS_sendmsg,
     SYS_sendto,
@@ -683,5 +691,8 @@ mod tests {
         let vcpu = rules(ThreadKind::Vcpu, false).unwrap();
         assert_eq!(vcpu[&libc::SYS_ioctl].len(), VCPU_IOCTLS.len());
         assert!(!vcpu.contains_key(&libc::SYS_openat));
+        // A vCPU thread is pinned before its filter and cannot unpin itself.
+        assert!(!vcpu.contains_key(&libc::SYS_sched_setaffinity));
+        assert!(spawner.contains_key(&libc::SYS_sched_setaffinity));
     }
 }

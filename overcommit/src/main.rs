@@ -8,8 +8,12 @@
 //! (what it uses plus a margin). Every change is logged with its reason.
 //! `policy.rs` holds the rules; this file the I/O around them.
 //!
+//! With `--ksm` it also runs ksmd while guests with mergeable memory run
+//! and paces it (`ksm.rs`).
+//!
 //! Runs as a service: resources/systemd/vmm-overcommit.service.
 
+mod ksm;
 mod policy;
 
 use std::collections::HashMap;
@@ -43,6 +47,13 @@ the VMMs in the socket directory; logs every change on stderr.
                            for the guests)
   --stats-max-age-ms N     ignore guest statistics older than N ms (default 10000;
                            give guests a balloon stats_interval_s below it)
+  --ksm                    run ksmd (/sys/kernel/mm/ksm) while guests with mergeable
+                           memory run, paced by how much there is to merge and how
+                           short of memory the host is; stop it (run 0) when none runs
+  --ksm-fast-scan-s N      a full scan of the mergeable memory every N s when the
+                           host is at or below its target (default 10)
+  --ksm-slow-scan-s N      every N s when it has twice its target (default 300)
+  --ksm-max-pages N        at most N pages per ksmd batch (default 5000)
   -h, --help               this text
 
 Exit status: 0 stopped by SIGTERM or SIGINT, 1 the socket directory cannot
@@ -56,6 +67,8 @@ struct Options {
     psi_limit: f64,
     host_memory: Option<Mib>,
     stats_max_age_ms: u64,
+    /// Manage ksmd, at this pace (`--ksm`).
+    ksm: Option<ksm::Pacing>,
 }
 
 fn parse_args(args: &[String]) -> Result<Option<Options>, String> {
@@ -71,7 +84,10 @@ fn parse_args(args: &[String]) -> Result<Option<Options>, String> {
         psi_limit: 10.0,
         host_memory: None,
         stats_max_age_ms: 10_000,
+        ksm: None,
     };
+    let mut ksm_on = false;
+    let mut pacing = ksm::Pacing::default();
     let mut args = args.iter();
     while let Some(arg) = args.next() {
         let (flag, inline) = match arg.split_once('=') {
@@ -80,6 +96,10 @@ fn parse_args(args: &[String]) -> Result<Option<Options>, String> {
         };
         if flag == "-h" || flag == "--help" {
             return Ok(None);
+        }
+        if arg == "--ksm" {
+            ksm_on = true;
+            continue;
         }
         let value = inline
             .or_else(|| args.next().cloned())
@@ -116,8 +136,28 @@ fn parse_args(args: &[String]) -> Result<Option<Options>, String> {
             }
             "--host-memory-mib" => options.host_memory = Some(number()?),
             "--stats-max-age-ms" => options.stats_max_age_ms = number()?,
+            "--ksm-fast-scan-s" | "--ksm-slow-scan-s" | "--ksm-max-pages" => {
+                let n = u32::try_from(number()?)
+                    .ok()
+                    .filter(|&n| n >= 1)
+                    .ok_or_else(|| format!("{flag}: must be between 1 and {}", u32::MAX))?;
+                match flag {
+                    "--ksm-fast-scan-s" => pacing.fast_scan_s = n,
+                    "--ksm-slow-scan-s" => pacing.slow_scan_s = n,
+                    _ => pacing.max_pages = n,
+                }
+            }
             _ => return Err(format!("unknown option {arg:?}")),
         }
+    }
+    if pacing.fast_scan_s > pacing.slow_scan_s {
+        return Err(format!(
+            "--ksm-fast-scan-s: {} s is slower than --ksm-slow-scan-s {} s",
+            pacing.fast_scan_s, pacing.slow_scan_s
+        ));
+    }
+    if ksm_on {
+        options.ksm = Some(pacing);
     }
     Ok(Some(options))
 }
@@ -186,6 +226,7 @@ fn round(options: &Options, state: &mut State) -> Result<(), String> {
         .map_err(|e| format!("cannot read {}: {e}", options.socket_dir.display()))?;
     let mut seen = Vec::new();
     let mut resident: Mib = 0;
+    let (mut mergeable_guests, mut mergeable): (usize, Mib) = (0, 0);
     for (name, path) in sockets {
         let client = ApiClient::new(&path).with_timeout(Duration::from_secs(2));
         let info = match client.info() {
@@ -197,6 +238,11 @@ fn round(options: &Options, state: &mut State) -> Result<(), String> {
         };
         if let Some(memory) = &info.memory {
             resident += memory.rss_bytes >> 20;
+            // A built VM (running, paused, migrating) has its memory.
+            if info.config.memory.mergeable {
+                mergeable_guests += 1;
+                mergeable += memory.guest_bytes >> 20;
+            }
         }
         if info.config.balloon.is_none() {
             state.note(&name, "skipped: no balloon device".into());
@@ -235,6 +281,14 @@ fn round(options: &Options, state: &mut State) -> Result<(), String> {
         available,
         pressure,
     };
+    if let Some(pacing) = &options.ksm {
+        let seen = ksm::Seen {
+            mergeable_guests,
+            mergeable,
+            urgency: ksm::urgency(available, options.settings.host_target, pressure),
+        };
+        ksm_round(seen, pacing, state);
+    }
     let guests: Vec<Guest> = seen.iter().map(|s| s.guest.clone()).collect();
     for action in decide(host, &guests, &options.settings) {
         let Some(vmm) = seen.iter().find(|s| s.guest.name == action.guest) else {
@@ -262,6 +316,80 @@ fn round(options: &Options, state: &mut State) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Where the kernel has its KSM knobs.
+const KSM_DIR: &str = "/sys/kernel/mm/ksm";
+
+fn ksm_read(knob: &str) -> Result<String, String> {
+    std::fs::read_to_string(format!("{KSM_DIR}/{knob}"))
+        .map(|s| s.trim().to_string())
+        .map_err(|e| format!("{KSM_DIR}/{knob}: {e}"))
+}
+
+fn ksm_number(knob: &str) -> Result<u32, String> {
+    let text = ksm_read(knob)?;
+    text.parse()
+        .map_err(|_| format!("{KSM_DIR}/{knob}: {text:?} is not a number"))
+}
+
+/// Starts, stops or paces ksmd as `ksm::decide` says; logs every change.
+fn ksm_round(seen: ksm::Seen, pacing: &ksm::Pacing, state: &mut State) {
+    let now = (|| {
+        Ok::<_, String>(ksm::Knobs {
+            run: ksm_number("run")?,
+            pages_to_scan: ksm_number("pages_to_scan")?,
+            sleep_millisecs: ksm_number("sleep_millisecs")?,
+        })
+    })();
+    let now = match now {
+        Ok(now) => now,
+        Err(e) => {
+            state.note("ksm", format!("not managed: {e}"));
+            return;
+        }
+    };
+    // Linux 6.7+: with advisor_mode scan-time the kernel sets
+    // pages_to_scan itself.
+    let advisor = ksm_read("advisor_mode").is_ok_and(|m| m.contains("[scan-time]"));
+    let Some(change) = ksm::decide(now, seen, pacing, !advisor) else {
+        return;
+    };
+    let verb = change.verb(&now);
+    let mut writes = Vec::new();
+    let mut what = Vec::new();
+    // The pace before run, so that ksmd starts at it.
+    for (knob, old, new) in [
+        ("pages_to_scan", now.pages_to_scan, change.to.pages_to_scan),
+        (
+            "sleep_millisecs",
+            now.sleep_millisecs,
+            change.to.sleep_millisecs,
+        ),
+        ("run", now.run, change.to.run),
+    ] {
+        if old != new {
+            writes.push((knob, new));
+            what.push(format!("{knob} {old} -> {new}"));
+        }
+    }
+    for (knob, value) in writes {
+        if let Err(e) = std::fs::write(format!("{KSM_DIR}/{knob}"), value.to_string()) {
+            eprintln!(
+                "vmm-overcommit: ksm: {verb} failed: cannot write {value} to {KSM_DIR}/{knob}: {e}"
+            );
+            return;
+        }
+    }
+    let merged = match (ksm_read("pages_shared"), ksm_read("pages_sharing")) {
+        (Ok(shared), Ok(sharing)) => format!("; pages_shared {shared}, pages_sharing {sharing}"),
+        _ => String::new(),
+    };
+    eprintln!(
+        "vmm-overcommit: ksm: {verb}: {} ({}){merged}",
+        what.join(", "),
+        change.why
+    );
 }
 
 fn main() -> ExitCode {
@@ -297,6 +425,13 @@ fn main() -> ExitCode {
         s.guest_margin,
         s.step
     );
+    if let Some(p) = &options.ksm {
+        eprintln!(
+            "vmm-overcommit: managing ksmd ({KSM_DIR}): a full scan every {} s when short of \
+             memory to every {} s with room, at most {} pages a batch",
+            p.fast_scan_s, p.slow_scan_s, p.max_pages
+        );
+    }
     let mut state = State::default();
     while !STOP.load(Ordering::SeqCst) {
         if let Err(e) = round(&options, &mut state) {

@@ -517,20 +517,26 @@ pub struct KsmGuard {
 }
 
 impl KsmGuard {
-    pub fn start(pages_to_scan: u32, sleep_millisecs: u32) -> Result<KsmGuard, String> {
+    /// Remembers the host's `run`, `pages_to_scan` and `sleep_millisecs`
+    /// without changing them.
+    pub fn save() -> Result<KsmGuard, String> {
         let read = |knob: &str| {
             std::fs::read_to_string(format!("{KSM}/{knob}"))
                 .map(|s| s.trim().to_string())
                 .map_err(|e| format!("{KSM}/{knob}: {e}"))
         };
         // `run` first: it is restored first.
-        let guard = KsmGuard {
+        Ok(KsmGuard {
             saved: vec![
                 ("run", read("run")?),
                 ("pages_to_scan", read("pages_to_scan")?),
                 ("sleep_millisecs", read("sleep_millisecs")?),
             ],
-        };
+        })
+    }
+
+    pub fn start(pages_to_scan: u32, sleep_millisecs: u32) -> Result<KsmGuard, String> {
+        let guard = KsmGuard::save()?;
         for (knob, value) in [
             ("pages_to_scan", pages_to_scan.to_string()),
             ("sleep_millisecs", sleep_millisecs.to_string()),
@@ -572,4 +578,41 @@ pub fn smaps_rollup_bytes(pid: u32, field: &str) -> u64 {
         .and_then(|kb| kb.parse::<u64>().ok())
         .unwrap_or(0)
         * 1024
+}
+
+/// The status files of the threads of `pid` that run VMM code: not the
+/// kernel's workers KVM adds to the process (`kvm-nx-lpage-recovery`),
+/// which run in the kernel only.
+pub fn vmm_thread_statuses(pid: u32) -> Vec<(std::path::PathBuf, String)> {
+    const PF_USER_WORKER: u64 = 0x4000;
+    const PF_KTHREAD: u64 = 0x0020_0000;
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|task| {
+            let task = task.unwrap().path();
+            let stat = std::fs::read_to_string(task.join("stat")).ok()?;
+            // Fields after the parenthesised name; flags is field 9.
+            let flags: u64 = stat
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .nth(6)?
+                .parse()
+                .ok()?;
+            if flags & (PF_USER_WORKER | PF_KTHREAD) != 0 {
+                return None;
+            }
+            let status = std::fs::read_to_string(task.join("status")).ok()?;
+            Some((task, status))
+        })
+        .collect()
+}
+
+/// A field of a `/proc/.../status` text (`Uid`, `Cpus_allowed_list`).
+pub fn status_field<'a>(status: &'a str, name: &str) -> &'a str {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}:")))
+        .map(str::trim)
+        .unwrap_or_else(|| panic!("no {name} in {status}"))
 }

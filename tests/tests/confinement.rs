@@ -14,7 +14,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::time::{Duration, Instant};
 
 use api::request::{MigrationParameters, MigrationPhase, SendMigrationRequest, VmState};
-use vmm_tests::harness::{field, testguest, TempDir, Vmm};
+use vmm_tests::harness::{field, status_field, testguest, vmm_thread_statuses, TempDir, Vmm};
 use vmm_tests::netns::{self, Netns, PacketSocket};
 use vmm_tests::require_kvm;
 
@@ -319,42 +319,6 @@ fn filters_are_on_by_default_and_off_on_request() {
             task.display()
         );
     }
-}
-
-/// The status files of the threads of `pid` that run VMM code: not the
-/// kernel's workers KVM adds to the process (`kvm-nx-lpage-recovery`),
-/// which run in the kernel only.
-fn vmm_thread_statuses(pid: u32) -> Vec<(std::path::PathBuf, String)> {
-    const PF_USER_WORKER: u64 = 0x4000;
-    const PF_KTHREAD: u64 = 0x0020_0000;
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .filter_map(|task| {
-            let task = task.unwrap().path();
-            let stat = std::fs::read_to_string(task.join("stat")).ok()?;
-            // Fields after the parenthesised name; flags is field 9.
-            let flags: u64 = stat
-                .rsplit_once(')')?
-                .1
-                .split_whitespace()
-                .nth(6)?
-                .parse()
-                .ok()?;
-            if flags & (PF_USER_WORKER | PF_KTHREAD) != 0 {
-                return None;
-            }
-            let status = std::fs::read_to_string(task.join("status")).ok()?;
-            Some((task, status))
-        })
-        .collect()
-}
-
-fn status_field<'a>(status: &'a str, name: &str) -> &'a str {
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{name}:")))
-        .map(str::trim)
-        .unwrap_or_else(|| panic!("no {name} in {status}"))
 }
 
 /// The user the `--user` tests run as: `nobody`, on every Debian system.

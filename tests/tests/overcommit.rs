@@ -1024,6 +1024,11 @@ fn the_overcommit_policy_refuses_bad_options_and_its_unit_is_valid() {
         (&["--psi-limit", "150"], "--psi-limit"),
         (&["--bogus", "1"], "--bogus"),
         (&["--host-target-mib"], "needs a value"),
+        (&["--ksm", "--ksm-max-pages", "0"], "--ksm-max-pages"),
+        (
+            &["--ksm-fast-scan-s", "60", "--ksm-slow-scan-s", "30"],
+            "--ksm-fast-scan-s",
+        ),
     ] {
         let out = run(args);
         assert_eq!(out.status.code(), Some(2), "{args:?}");
@@ -1033,7 +1038,9 @@ fn the_overcommit_policy_refuses_bad_options_and_its_unit_is_valid() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    assert!(String::from_utf8_lossy(&run(&["--help"]).stdout).contains("--host-memory-mib"));
+    let help = run(&["--help"]).stdout;
+    assert!(String::from_utf8_lossy(&help).contains("--host-memory-mib"));
+    assert!(String::from_utf8_lossy(&help).contains("--ksm-slow-scan-s"));
 
     let Some(analyze) = ["/usr/bin/systemd-analyze", "/bin/systemd-analyze"]
         .into_iter()
@@ -1065,4 +1072,148 @@ fn the_overcommit_policy_refuses_bad_options_and_its_unit_is_valid() {
         "systemd-analyze verify: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// A KSM counter of the host (`pages_shared`, `run`, ...).
+fn ksm_knob(knob: &str) -> u64 {
+    std::fs::read_to_string(Path::new(KSM).join(knob))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn the_policy_runs_ksmd_while_mergeable_guests_run_and_stops_it_after() {
+    require_kvm!();
+    if !ksm_reported_by_this_kernel() || !Path::new(KSM).join("run").exists() {
+        eprintln!("SKIP: this kernel has no KSM or no per-process KSM figures");
+        return;
+    }
+    let _lock = KSM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    // The host's settings come back at the end, also if the test fails.
+    let _guard = match KsmGuard::save() {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("SKIP: cannot read the KSM settings: {e}");
+            return;
+        }
+    };
+    std::fs::write(Path::new(KSM).join("run"), "0").unwrap();
+    // Four patterns of 12 MiB, the same in both guests: at least four KSM
+    // pages (pages_shared), each shared by thousands of guest pages.
+    const FILL_MIB: u64 = 48;
+    let cmdline = format!(
+        "-- {}",
+        (0..4)
+            .map(|i| format!(
+                "memfill pattern=5a5a5a5a00c0ff{i:02x} mib=12 off_mib={}",
+                i * 12
+            ))
+            .collect::<Vec<_>>()
+            .join("; ")
+    );
+    let dir = TempDir::new("policy-ksm");
+    let mut vmms: Vec<Vmm> = ["m-a", "m-b"]
+        .iter()
+        .map(|name| {
+            let mut vmm = boot(
+                &dir,
+                name,
+                &cmdline,
+                &["--memory", "size=128M,mergeable=on"],
+            );
+            for _ in 0..4 {
+                vmm.wait_for("memfill: done", BOOT);
+            }
+            vmm
+        })
+        .collect();
+    let shared_before = ksm_knob("pages_shared");
+
+    // A host with plenty of room (a budget far above what the guests use):
+    // the slow pace, a full scan of the 256 MiB every 2 s.
+    let policy = Policy::start(
+        &dir,
+        &[
+            "--interval-ms",
+            "300",
+            "--host-memory-mib",
+            "100000",
+            "--ksm",
+            "--ksm-fast-scan-s",
+            "1",
+            "--ksm-slow-scan-s",
+            "2",
+        ],
+    );
+    let deadline = Instant::now() + SHORT;
+    while ksm_knob("run") != 1 {
+        assert!(
+            Instant::now() < deadline,
+            "ksmd not started\n{}",
+            policy.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // 65536 pages every 2 s: 655 pages every 20 ms.
+    assert_eq!(
+        (ksm_knob("pages_to_scan"), ksm_knob("sleep_millisecs")),
+        (656, 20),
+        "{}",
+        policy.log()
+    );
+    let want = FILL_MIB * MIB / PAGE * 9 / 10;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut shared_max = 0;
+    loop {
+        shared_max = shared_max.max(ksm_knob("pages_shared"));
+        let merged: Vec<u64> = vmms.iter().map(merging_pages).collect();
+        if merged.iter().all(|&m| m >= want) && shared_max > shared_before {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "KSM merged {merged:?} pages of the guests (want {want} each); pages_shared \
+             {shared_before} -> at most {shared_max}\n{}",
+            policy.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!("policy ksm: pages_shared {shared_before} -> {shared_max}");
+
+    // The guests go: ksmd stops, with run 0 (merged pages elsewhere stay).
+    for vmm in &mut vmms {
+        vmm.signal(libc::SIGTERM);
+        assert_eq!(vmm.exit_code(SHORT), 5);
+    }
+    let deadline = Instant::now() + SHORT;
+    while ksm_knob("run") != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "ksmd not stopped\n{}",
+            policy.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = policy.stop();
+    let start = log
+        .lines()
+        .find(|l| l.contains("ksm: start"))
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(
+        start.contains("run 0 -> 1")
+            && start.contains("pages_to_scan")
+            && start.contains("2 guests"),
+        "{start}"
+    );
+    let stop = log
+        .lines()
+        .find(|l| l.contains("ksm: stop"))
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(stop.contains("run 1 -> 0"), "{stop}");
+    eprintln!("{start}\n{stop}");
+    // Started once, stopped once: no flapping in between.
+    assert_eq!(log.matches("ksm: start").count(), 1, "{log}");
+    assert_eq!(log.matches("ksm: stop").count(), 1, "{log}");
 }

@@ -17,6 +17,7 @@ use config::{ResetAction, VmConfig};
 use devices::legacy::PowerEvent;
 use devices::virtio::balloon::BalloonReport;
 
+use crate::cgroup::{CgroupError, CpuCgroup};
 use crate::console::Console;
 use crate::exit::ExitStatus;
 use crate::memory;
@@ -101,6 +102,11 @@ pub struct Controller {
     default_name: Option<String>,
     /// When the guest last booted here, or arrived by a migration.
     booted_at: Option<Instant>,
+    /// The VMM's cgroup (`cpus.weight`, `cpus.max_percent`), from the first
+    /// VM that asked for one until the VMM exits.
+    cgroup: Option<CpuCgroup>,
+    /// Where that cgroup goes (`--cgroup-parent`).
+    cgroup_parent: String,
 }
 
 impl Default for Controller {
@@ -127,6 +133,38 @@ impl Controller {
             pending: None,
             default_name: None,
             booted_at: None,
+            cgroup: None,
+            cgroup_parent: crate::cgroup::DEFAULT_PARENT.to_string(),
+        }
+    }
+
+    /// Where the VMM's cgroup goes, relative to the cpu hierarchy's root.
+    pub fn set_cgroup_parent(&mut self, parent: String) {
+        self.cgroup_parent = parent;
+    }
+
+    /// Gives the VMM the CPU share `config` asks for: enters its cgroup the
+    /// first time, or gives the one it is in the new settings (a default
+    /// weight and no cap for a VM that sets neither). Called when a VM is
+    /// defined, before it runs: with `--user`, that is while the VMM is
+    /// still root for a VM given on the command line.
+    fn join_cgroup(&mut self, config: &VmConfig) -> Result<(), CgroupError> {
+        match &self.cgroup {
+            Some(cgroup) => cgroup.apply(&config.cpus),
+            None if config.cpus.wants_cgroup() => {
+                let name = config
+                    .name
+                    .clone()
+                    .or_else(|| self.default_name.clone())
+                    .unwrap_or_else(|| format!("pid-{}", std::process::id()));
+                self.cgroup = Some(CpuCgroup::enter_own(
+                    &self.cgroup_parent,
+                    &name,
+                    &config.cpus,
+                )?);
+                Ok(())
+            }
+            None => Ok(()),
         }
     }
 
@@ -408,6 +446,7 @@ impl Controller {
                         .as_ref()
                         .and_then(|c| c.pty_path().map(|p| p.to_path_buf())),
                     memory,
+                    cgroup: self.cgroup.as_ref().map(|c| c.dir().to_path_buf()),
                 })))
             }
             ApiRequest::VmCounters => {
@@ -716,6 +755,9 @@ impl Controller {
             .map_err(|e| ApiError::of_class(e.class(), format!("serial: {e}")))?;
         memory::check_fits_host(&config.memory)
             .map_err(|e| ApiError::of_class(e.class(), e.to_string()))?;
+        crate::vcpu::check_affinity(&config.cpus)?;
+        self.join_cgroup(&config)
+            .map_err(|e| ApiError::of_class(e.class(), e.to_string()))?;
         config.assign_device_ids();
         self.config = Some(config);
         self.state = VmState::Created;
@@ -989,8 +1031,10 @@ impl Controller {
             ),
             None => None,
         };
-        // Whether a guest may outgrow the host is the target host's call.
+        // Whether a guest may outgrow the host, and on which of its CPUs
+        // the guest runs, are the target host's call.
         config.memory.overcommit = false;
+        config.cpus.affinity = None;
         let context = crate::migrate::send::SendContext {
             destination: request.destination,
             token: request.token,
@@ -1262,6 +1306,10 @@ impl Controller {
                 return Err(MigrationError::Busy(state));
             }
         };
+        if let Err(e) = crate::vcpu::check_affinity(&config.cpus) {
+            return Err(MigrationError::InvalidConfig(e));
+        }
+        self.join_cgroup(&config).map_err(VmError::from)?;
         if self.console.is_none() {
             self.console = Some(Console::open(&config.serial)?);
         }
@@ -1280,6 +1328,8 @@ impl Controller {
         if let Some(mut vm) = self.vm.take() {
             vm.stop();
         }
+        // Leaves and removes it (drop).
+        self.cgroup = None;
         self.state = VmState::Shutdown;
     }
 }

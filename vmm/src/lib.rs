@@ -2,6 +2,7 @@
 
 pub mod acpi;
 pub mod boot;
+pub mod cgroup;
 pub mod console;
 pub mod control;
 pub mod cpuid;

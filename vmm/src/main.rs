@@ -9,8 +9,8 @@ use std::process::ExitCode;
 
 use api::request::{validate_migration_url, ReceiveMigrationRequest, RestoreRequest};
 use config::{
-    parse_duration, parse_number, BalloonConfig, ConfigError, CpusConfig, DiskConfig, DurationUnit,
-    MemoryConfig, NetConfig, PayloadConfig, ResetAction, SerialConfig, VmConfig,
+    parse_duration, BalloonConfig, ConfigError, CpusConfig, DiskConfig, DurationUnit, MemoryConfig,
+    NetConfig, PayloadConfig, ResetAction, SerialConfig, VmConfig,
 };
 use vmm::control::{ControlEvent, Controller};
 use vmm::exit::ExitStatus;
@@ -66,8 +66,11 @@ struct Cli {
     /// name, web1 for /run/vmm/web1.sock)
     #[arg(long, value_name = "NAME", help_heading = VM_FLAGS)]
     name: Option<String>,
-    /// Number of vCPUs [default: 1]
-    #[arg(long, value_name = "N", help_heading = VM_FLAGS)]
+    /// N, or boot=N[,weight=W][,max_percent=P][,affinity=LIST]: W is the
+    /// guest's CPU weight (1-10000, 100 the usual share), P caps it at P% of
+    /// one host CPU, LIST pins the vCPU threads to host CPUs (0-1,3)
+    /// [default: 1]
+    #[arg(long, value_name = "N|SPEC", help_heading = VM_FLAGS)]
     cpus: Option<String>,
     /// size=SIZE[,backing=anonymous|memfd|hugetlbfs][,mergeable=on][,thp=on|off][,overcommit=on].
     /// A plain size is MiB. thp defaults to on for anonymous memory without a
@@ -147,6 +150,10 @@ struct Cli {
     /// README for what the host prepares)
     #[arg(long, value_name = "NAME")]
     user: Option<String>,
+    /// Where the cgroups of guests with cpus.weight or cpus.max_percent go:
+    /// PATH/vm-NAME, PATH relative to the cpu hierarchy's root
+    #[arg(long, value_name = "PATH", default_value = vmm::cgroup::DEFAULT_PARENT)]
+    cgroup_parent: String,
     /// A cluster manager (e.g. pacemaker) runs this guest: vm.send-migration
     /// is refused unless forced, so that a hand-run migration cannot leave
     /// the manager believing the guest stopped here (it would start a second
@@ -184,6 +191,7 @@ struct Args {
     incoming: Option<ReceiveMigrationRequest>,
     restore: Option<RestoreRequest>,
     managed_by: Option<String>,
+    cgroup_parent: String,
     log_file: Option<PathBuf>,
     log_level: log::LevelFilter,
     seccomp: confine::Mode,
@@ -212,9 +220,7 @@ fn vm_from_flags(cli: &Cli) -> Result<Option<VmConfig>, ConfigError> {
         ..PayloadConfig::default()
     };
     if let Some(cpus) = &cli.cpus {
-        vm.cpus = CpusConfig {
-            boot_vcpus: parse_number("--cpus", cpus)?,
-        };
+        vm.cpus = CpusConfig::parse(cpus)?;
     }
     if let Some(memory) = &cli.memory {
         vm.memory = MemoryConfig::parse(memory)?;
@@ -367,6 +373,8 @@ fn parse_args(cli: Cli) -> Result<Option<Args>, ConfigError> {
             ));
         }
     }
+    vmm::cgroup::validate_parent(&cli.cgroup_parent)
+        .map_err(|e| ConfigError::new("--cgroup-parent", e))?;
     if cli.api_socket_group.is_some() && cli.api_socket.is_none() {
         return Err(ConfigError::new("--api-socket-group", "needs --api-socket"));
     }
@@ -393,6 +401,7 @@ fn parse_args(cli: Cli) -> Result<Option<Args>, ConfigError> {
         incoming,
         restore,
         managed_by: cli.managed_by,
+        cgroup_parent: cli.cgroup_parent,
         log_file: cli.log_file,
         log_level,
         seccomp,
@@ -510,6 +519,7 @@ fn main() -> ExitCode {
     let mut controller = Controller::new();
     controller.set_default_name(args.api_socket.as_deref().and_then(name_from_socket));
     controller.set_managed_by(args.managed_by.clone());
+    controller.set_cgroup_parent(args.cgroup_parent.clone());
     let sender = controller.sender();
     let stop = move |signal| sender.send(ControlEvent::Signal(signal)).is_ok();
     if let Err(e) = vmm::signals::forward(stop, args.log_file.clone()) {

@@ -517,8 +517,14 @@ pub struct VcpuSet {
 }
 
 impl VcpuSet {
-    /// Starts one thread per vCPU, parked; `resume` lets them run.
-    pub fn start(vcpus: Vec<Vcpu>, on_stop: VcpuStopSink) -> std::io::Result<VcpuSet> {
+    /// Starts one thread per vCPU, parked; `resume` lets them run. With
+    /// `affinity` (host CPU numbers), each thread is pinned to those CPUs
+    /// before it installs its seccomp filter, which then keeps it there.
+    pub fn start(
+        vcpus: Vec<Vcpu>,
+        on_stop: VcpuStopSink,
+        affinity: Option<Vec<usize>>,
+    ) -> std::io::Result<VcpuSet> {
         let control = Arc::new(Control {
             state: Mutex::new(ControlState {
                 command: Command::Pause,
@@ -537,11 +543,17 @@ impl VcpuSet {
             let control = control.clone();
             let on_stop = on_stop.clone();
             let id = vcpu.lock().unwrap_or_else(|e| e.into_inner()).id;
-            let thread = crate::seccomp::spawn(
-                crate::seccomp::ThreadKind::Vcpu,
-                std::thread::Builder::new().name(format!("vcpu{id}")),
-                move || vcpu_thread(vcpu, control, on_stop),
-            )?;
+            let builder = std::thread::Builder::new().name(format!("vcpu{id}"));
+            let body = move || vcpu_thread(vcpu, control, on_stop);
+            let thread = match affinity.clone() {
+                None => crate::seccomp::spawn(crate::seccomp::ThreadKind::Vcpu, builder, body)?,
+                Some(cpus) => confine::spawn_with_setup(
+                    crate::seccomp::ThreadKind::Vcpu,
+                    builder,
+                    move || pin_current_thread(&cpus),
+                    body,
+                )?,
+            };
             threads.push(thread);
         }
         {
@@ -634,6 +646,74 @@ impl Drop for VcpuSet {
             }
         }
     }
+}
+
+/// Restricts the calling thread to the host CPUs `cpus` (each below
+/// `config::MAX_HOST_CPUS`, which is CPU_SETSIZE).
+pub fn pin_current_thread(cpus: &[usize]) -> std::io::Result<()> {
+    // SAFETY: cpu_set_t is a plain bit array; all zeroes is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for &cpu in cpus {
+        if cpu >= config::MAX_HOST_CPUS {
+            return Err(std::io::Error::from(std::io::ErrorKind::InvalidInput));
+        }
+        // SAFETY: cpu is below CPU_SETSIZE, inside the set's bits.
+        unsafe { libc::CPU_SET(cpu, &mut set) };
+    }
+    // SAFETY: pid 0 is the calling thread; `set` is a valid cpu_set_t of
+    // the size given.
+    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The host CPUs this thread may run on (its affinity).
+pub fn allowed_host_cpus() -> std::io::Result<Vec<usize>> {
+    // SAFETY: all zeroes is a valid (empty) cpu_set_t.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: pid 0 is the calling thread; `set` is writable for its size.
+    let rc =
+        unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: every index is below CPU_SETSIZE.
+    Ok((0..config::MAX_HOST_CPUS)
+        .filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) })
+        .collect())
+}
+
+/// Checks that every host CPU of `cpus.affinity` is one this VMM may run
+/// on (one the host has, in the VMM's cpuset), before any thread is pinned.
+pub fn check_affinity(cpus: &config::CpusConfig) -> Result<(), config::ConfigError> {
+    let Some(wanted) = cpus.affinity_cpus() else {
+        return Ok(());
+    };
+    let field = "cpus.affinity";
+    let available = allowed_host_cpus().map_err(|e| {
+        config::ConfigError::new(
+            field,
+            format!("cannot read the host CPUs this VMM may use: {e}"),
+        )
+    })?;
+    let missing: Vec<usize> = wanted
+        .into_iter()
+        .filter(|cpu| !available.contains(cpu))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(config::ConfigError::new(
+        field,
+        format!(
+            "host CPU {} {} not available to this VMM (it may run on {})",
+            config::format_cpu_list(&missing),
+            if missing.len() == 1 { "is" } else { "are" },
+            config::format_cpu_list(&available)
+        ),
+    ))
 }
 
 fn vcpu_thread(vcpu: Arc<Mutex<Vcpu>>, control: Arc<Control>, on_stop: VcpuStopSink) {

@@ -64,6 +64,8 @@ pub enum VmError {
     Device(#[from] DeviceError),
     #[error("cannot start vCPU threads: {0}")]
     Thread(std::io::Error),
+    #[error(transparent)]
+    Cgroup(#[from] crate::cgroup::CgroupError),
 }
 
 impl VmError {
@@ -72,6 +74,7 @@ impl VmError {
             VmError::Boot(e) => e.class(),
             VmError::Device(e) => e.class(),
             VmError::Memory(e) => e.class(),
+            VmError::Cgroup(e) => e.class(),
             VmError::Kvm(_)
             | VmError::MissingCapability(_)
             | VmError::KvmCall { .. }
@@ -157,7 +160,8 @@ impl Vm {
             bsp.set_boot_registers(&regs, &sregs)?;
         }
         let on_stop: VcpuStopSink = Arc::new(move |id, stop| events(VmEvent::Vcpu(id, stop)));
-        let vcpus = VcpuSet::start(vcpus, on_stop).map_err(VmError::Thread)?;
+        let vcpus =
+            VcpuSet::start(vcpus, on_stop, config.cpus.affinity_cpus()).map_err(VmError::Thread)?;
 
         let LegacyDevices {
             serial,

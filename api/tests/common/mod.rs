@@ -82,6 +82,7 @@ pub fn sample_info() -> VmInfo {
             balloon_target_bytes: Some(128 << 20),
             balloon_actual_bytes: Some(64 << 20),
         }),
+        cgroup: None,
     }
 }
 

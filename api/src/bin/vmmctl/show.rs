@@ -123,7 +123,24 @@ pub(crate) fn show_info(info: &VmInfo) -> String {
             info.cpu_time_ms as f64 / 1000.0
         ));
     }
-    lines.push(format!("vcpus: {}", config.cpus.boot_vcpus));
+    let cpus = &config.cpus;
+    let share: Vec<String> = [
+        cpus.weight.map(|w| format!("weight {w}")),
+        cpus.max_percent
+            .map(|p| format!("at most {p}% of a host CPU")),
+        cpus.affinity.as_ref().map(|a| format!("on host CPUs {a}")),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    if share.is_empty() {
+        lines.push(format!("vcpus: {}", cpus.boot_vcpus));
+    } else {
+        lines.push(format!("vcpus: {} ({})", cpus.boot_vcpus, share.join(", ")));
+    }
+    if let Some(dir) = &info.cgroup {
+        lines.push(format!("cgroup: {}", dir.display()));
+    }
     let backing = match config.memory.backing {
         MemoryBacking::Anonymous => "anonymous",
         MemoryBacking::Memfd => "memfd",
