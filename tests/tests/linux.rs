@@ -818,10 +818,17 @@ fn memloop_status(output: &Output) -> (u64, u64, String) {
     (field("gen"), field("mono_ms"), line)
 }
 
+/// Waits (up to 5 min) for the memory loop's first status, then 2 s more, and
+/// prints it with the uptime: its first pass faults in every page, which
+/// takes the emulated kernel seconds, more on a loaded host.
+const MEMLOOP_STATUS: &str =
+    "i=0; while [ ! -s /tmp/mem ] && [ $i -lt 300 ]; do sleep 1; i=$((i+1)); done; \
+     sleep 2; cat /tmp/mem /proc/uptime";
+
 fn check_pause_resume(vm: &mut LinuxVm, api: &ApiClient) {
     // A userspace counter (the memory pattern loop) and the guest's clock.
     vm.run_ok("linux-test-helper memloop 8 /tmp/mem > /dev/null 2>&1 &");
-    let look = "sleep 2; cat /tmp/mem /proc/uptime";
+    let look = MEMLOOP_STATUS;
     let (gen_before, mono_before, _) = memloop_status(&vm.run_ok(look));
     api.pause().expect("vm.pause");
     assert_eq!(api.info().unwrap().state, VmState::Paused);
@@ -1000,12 +1007,12 @@ fn linux_migrates_during_boot_and_while_running_with_memory_tcp_clock_and_disk_i
 
     // --- while running ---------------------------------------------------------------------------
     let listener = listen_in(&net, "10.0.3.1:5003");
-    let before = first.run_ok(
+    let before = first.run_ok(&format!(
         "linux-test-helper memloop 64 /tmp/mem > /dev/null 2>&1 & \
          linux-test-helper tcp-echo 10.0.3.1 5003 > /dev/null 2>&1 & \
          linux-test-helper pattern 1 4 > /tmp/a && sha256sum /tmp/a && \
-         dd if=/tmp/a of=/dev/vda bs=64k conv=fsync 2>/dev/null && sleep 2 && cat /tmp/mem /proc/uptime && date +%s",
-    );
+         dd if=/tmp/a of=/dev/vda bs=64k conv=fsync 2>/dev/null && {{ {MEMLOOP_STATUS}; }} && date +%s"
+    ));
     let sum_a = sums(&before)[0].clone();
     let (gen_before, mono_before, _) = memloop_status(&before);
     let mut echo = accept_within(&listener, deadline(linux::COMMAND));

@@ -354,6 +354,16 @@ impl Write for Socket {
         Ok(n)
     }
 
+    /// rustls hands its queued records here (up to 64 at a time): one
+    /// writev for them all, not a write per 16 KiB record.
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        // SAFETY: IoSlice is guaranteed ABI-compatible with iovec on Unix,
+        // and the slices stay borrowed for the call.
+        let iov =
+            unsafe { std::slice::from_raw_parts(bufs.as_ptr().cast::<libc::iovec>(), bufs.len()) };
+        self.writev(iov)
+    }
+
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
     }
@@ -608,20 +618,8 @@ impl Stream {
                 }
                 n
             }
-            tls => {
-                let mut n = 0;
-                for v in window.slices() {
-                    // SAFETY: the iovec points at mapped memory of iov_len
-                    // bytes (guest RAM or the caller's buffers); the guest
-                    // may write it meanwhile, and a page torn that way is
-                    // dirty and goes again.
-                    let bytes =
-                        unsafe { std::slice::from_raw_parts(v.iov_base.cast::<u8>(), v.iov_len) };
-                    tls.write_all(bytes)?;
-                    n += v.iov_len;
-                }
-                n
-            }
+            Stream::TlsClient(t) => tls_write(&mut t.conn, &mut t.sock, window.slices())?,
+            Stream::TlsServer(t) => tls_write(&mut t.conn, &mut t.sock, window.slices())?,
         };
         iov.advance(written);
         Ok(written as u64)
@@ -682,6 +680,50 @@ impl ReceiveStream for Stream {
         // SAFETY: the caller gives Stream::read_exact_raw's guarantees.
         unsafe { Stream::read_exact_raw(self, ptr, len) }
     }
+}
+
+/// Encrypts all of `iov` and writes it out: records queue in rustls up to
+/// its buffer limit and leave in writevs of many records (through
+/// `StreamOwned::write`, each call would be encrypted and sent on its own).
+fn tls_write<C, D>(conn: &mut C, sock: &mut Socket, iov: &[libc::iovec]) -> io::Result<usize>
+where
+    C: std::ops::DerefMut<Target = rustls::ConnectionCommon<D>>,
+{
+    let mut written = 0;
+    for v in iov {
+        // SAFETY: the iovec points at mapped memory of iov_len bytes (guest
+        // RAM or the caller's buffers); the guest may write it meanwhile,
+        // and a page torn that way is dirty and goes again.
+        let bytes = unsafe { std::slice::from_raw_parts(v.iov_base.cast::<u8>(), v.iov_len) };
+        let mut done = 0;
+        while done < bytes.len() {
+            let n = conn.writer().write(&bytes[done..])?;
+            if n == 0 {
+                // The buffer limit is reached: send what is queued.
+                tls_flush(conn, sock)?;
+            }
+            done += n;
+        }
+        written += v.iov_len;
+    }
+    tls_flush(conn, sock)?;
+    Ok(written)
+}
+
+/// Writes every record rustls has queued.
+fn tls_flush<C, D>(conn: &mut C, sock: &mut Socket) -> io::Result<()>
+where
+    C: std::ops::DerefMut<Target = rustls::ConnectionCommon<D>>,
+{
+    while conn.wants_write() {
+        if conn.write_tls(sock)? == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                "the peer stopped reading",
+            ));
+        }
+    }
+    Ok(())
 }
 
 impl Read for Stream {
