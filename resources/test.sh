@@ -62,7 +62,8 @@ cargo build --workspace --all-targets
 # progress shows and a broken build stops the run with the build's own error.
 echo "building the Linux test kernel (resources/linux/build-test-kernel.sh)"
 bash resources/linux/build-test-kernel.sh >/dev/null
-cargo test --workspace -- "${args[@]}"
+# --no-fail-fast: one failing test file does not hide the others' results.
+cargo test --workspace --no-fail-fast -- "${args[@]}"
 # The whole suite also fuzzes every parser briefly (docs/fuzzing.md).
 if [ ${#args[@]} -eq 0 ]; then
     ./resources/fuzz.sh 20

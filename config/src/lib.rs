@@ -102,7 +102,7 @@ impl VmConfig {
     /// Checks every field; assigns default device ids where none were given.
     pub fn validate(&self) -> ConfigResult<()> {
         if let Some(name) = &self.name {
-            validate_name(name).map_err(|message| ConfigError::new("name", message))?;
+            validate_name(name)?;
         }
         self.cpus.validate().map_err(|e| e.within("cpus"))?;
         self.memory.validate().map_err(|e| e.within("memory"))?;
@@ -313,7 +313,7 @@ impl CpusConfig {
             }
         }
         if let Some(list) = &self.affinity {
-            parse_cpu_list(list).map_err(|message| ConfigError::new("affinity", message))?;
+            parse_cpu_list(list)?;
         }
         Ok(())
     }
@@ -383,16 +383,21 @@ impl CpusConfig {
 }
 
 /// Parses a Linux CPU list (`0-3,8,10-11`) into ascending CPU numbers,
-/// each below [`MAX_HOST_CPUS`].
-pub fn parse_cpu_list(text: &str) -> Result<Vec<usize>, String> {
-    let bad = |why: &str| format!("{text:?} is not a CPU list like 0-1,3: {why}");
+/// each below [`MAX_HOST_CPUS`]; errors name the field `affinity`.
+pub fn parse_cpu_list(text: &str) -> ConfigResult<Vec<usize>> {
+    let bad = |why: &str| {
+        ConfigError::new(
+            "affinity",
+            format!("{text:?} is not a CPU list like 0-1,3: {why}"),
+        )
+    };
     if text.is_empty() {
         return Err(bad("it is empty"));
     }
     let mut cpus = std::collections::BTreeSet::new();
     for item in text.split(',') {
         let (first, last) = item.split_once('-').unwrap_or((item, item));
-        let number = |s: &str| -> Result<usize, String> {
+        let number = |s: &str| -> ConfigResult<usize> {
             if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
                 return Err(bad(&format!("{item:?} is not N or N-M")));
             }
@@ -1058,7 +1063,7 @@ impl MemoryConfig {
 
 /// A guest name: what names its socket (`NAME.sock`) and its log lines:
 /// 1-64 of `[A-Za-z0-9._-]`, not starting with `.` or `-`.
-pub fn validate_name(name: &str) -> Result<(), String> {
+pub fn validate_name(name: &str) -> ConfigResult<()> {
     let ok = !name.is_empty()
         && name.len() <= 64
         && !name.starts_with(['.', '-'])
@@ -1068,8 +1073,12 @@ pub fn validate_name(name: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!(
-            "{name:?} is not a guest name: 1-64 characters of [A-Za-z0-9._-], not starting with '.' or '-'"
+        Err(ConfigError::new(
+            "name",
+            format!(
+                "{name:?} is not a guest name: 1-64 characters of [A-Za-z0-9._-], not starting \
+                 with '.' or '-'"
+            ),
         ))
     }
 }

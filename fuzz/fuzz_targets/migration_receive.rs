@@ -38,7 +38,7 @@ fuzz_target!(|data: &[u8]| {
                     }
                     Err(e) => Err(MigrationError::Snapshot(e)),
                 },
-                MigrationCall::Start => {
+                MigrationCall::Start { .. } => {
                     assert!(
                         restored.load(Ordering::SeqCst),
                         "the guest was started without a restored state"
@@ -46,7 +46,7 @@ fuzz_target!(|data: &[u8]| {
                     started.store(true, Ordering::SeqCst);
                     Ok(MigrationReply::Done)
                 }
-                MigrationCall::Failed(_) => Ok(MigrationReply::Done),
+                MigrationCall::Failed(..) => Ok(MigrationReply::Done),
                 _ => panic!("the receiver made a source-side call"),
             };
             reply.send(answer).is_ok()

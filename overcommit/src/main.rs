@@ -221,9 +221,24 @@ impl State {
     }
 }
 
-fn round(options: &Options, state: &mut State) -> Result<(), String> {
-    let sockets = api::http::find_vmm_sockets(&options.socket_dir)
-        .map_err(|e| format!("cannot read {}: {e}", options.socket_dir.display()))?;
+/// What stops a round of the policy, or keeps it from managing ksmd.
+#[derive(Debug, thiserror::Error)]
+enum PolicyError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: {text:?} is not a number")]
+    NotANumber { path: String, text: String },
+}
+
+fn round(options: &Options, state: &mut State) -> Result<(), PolicyError> {
+    let sockets =
+        api::http::find_vmm_sockets(&options.socket_dir).map_err(|source| PolicyError::Read {
+            path: options.socket_dir.display().to_string(),
+            source,
+        })?;
     let mut seen = Vec::new();
     let mut resident: Mib = 0;
     let (mut mergeable_guests, mut mergeable): (usize, Mib) = (0, 0);
@@ -321,22 +336,25 @@ fn round(options: &Options, state: &mut State) -> Result<(), String> {
 /// Where the kernel has its KSM knobs.
 const KSM_DIR: &str = "/sys/kernel/mm/ksm";
 
-fn ksm_read(knob: &str) -> Result<String, String> {
-    std::fs::read_to_string(format!("{KSM_DIR}/{knob}"))
+fn ksm_read(knob: &str) -> Result<String, PolicyError> {
+    let path = format!("{KSM_DIR}/{knob}");
+    std::fs::read_to_string(&path)
         .map(|s| s.trim().to_string())
-        .map_err(|e| format!("{KSM_DIR}/{knob}: {e}"))
+        .map_err(|source| PolicyError::Read { path, source })
 }
 
-fn ksm_number(knob: &str) -> Result<u32, String> {
+fn ksm_number(knob: &str) -> Result<u32, PolicyError> {
     let text = ksm_read(knob)?;
-    text.parse()
-        .map_err(|_| format!("{KSM_DIR}/{knob}: {text:?} is not a number"))
+    text.parse().map_err(|_| PolicyError::NotANumber {
+        path: format!("{KSM_DIR}/{knob}"),
+        text,
+    })
 }
 
 /// Starts, stops or paces ksmd as `ksm::decide` says; logs every change.
 fn ksm_round(seen: ksm::Seen, pacing: &ksm::Pacing, state: &mut State) {
     let now = (|| {
-        Ok::<_, String>(ksm::Knobs {
+        Ok::<_, PolicyError>(ksm::Knobs {
             run: ksm_number("run")?,
             pages_to_scan: ksm_number("pages_to_scan")?,
             sleep_millisecs: ksm_number("sleep_millisecs")?,

@@ -41,6 +41,11 @@ pub enum CgroupError {
          the VMM drops root)"
     )]
     Unprivileged { path: String },
+    #[error(
+        "{parent:?} is not a cgroup path relative to the hierarchy's root (like vmm.slice \
+         or machine.slice/vmm)"
+    )]
+    BadParent { parent: String },
     #[error("cannot find this process's cgroup in /proc/self/cgroup")]
     NoOwnCgroup,
     #[error("cgroup {path}: {source}")]
@@ -49,7 +54,10 @@ pub enum CgroupError {
 
 impl CgroupError {
     pub fn class(&self) -> ErrorClass {
-        ErrorClass::Host
+        match self {
+            CgroupError::BadParent { .. } => ErrorClass::Caller,
+            _ => ErrorClass::Host,
+        }
     }
 }
 
@@ -128,7 +136,7 @@ pub fn settings(version: Version, cpus: &CpusConfig) -> Vec<(&'static str, Strin
 }
 
 /// Checks `--cgroup-parent`: a relative path of plain names.
-pub fn validate_parent(parent: &str) -> Result<(), String> {
+pub fn validate_parent(parent: &str) -> Result<(), CgroupError> {
     let ok = !parent.is_empty()
         && !parent.starts_with('/')
         && parent.split('/').all(|c| {
@@ -137,10 +145,9 @@ pub fn validate_parent(parent: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!(
-            "{parent:?} is not a cgroup path relative to the hierarchy's root (like vmm.slice \
-             or machine.slice/vmm)"
-        ))
+        Err(CgroupError::BadParent {
+            parent: parent.to_string(),
+        })
     }
 }
 

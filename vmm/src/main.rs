@@ -374,7 +374,7 @@ fn parse_args(cli: Cli) -> Result<Option<Args>, ConfigError> {
         }
     }
     vmm::cgroup::validate_parent(&cli.cgroup_parent)
-        .map_err(|e| ConfigError::new("--cgroup-parent", e))?;
+        .map_err(|e| ConfigError::new("--cgroup-parent", e.to_string()))?;
     if cli.api_socket_group.is_some() && cli.api_socket.is_none() {
         return Err(ConfigError::new("--api-socket-group", "needs --api-socket"));
     }

@@ -145,7 +145,8 @@ impl ApiClient {
 
     /// Sends `request` on its route and decodes the reply.
     pub fn call(&self, request: &ApiRequest) -> Result<ApiResponse, ClientError> {
-        let (route, body) = encode(request).map_err(ClientError::InvalidRequest)?;
+        let (route, body) =
+            encode(request).map_err(|e| ClientError::InvalidRequest(e.to_string()))?;
         self.call_route(route, body.as_deref())
     }
 
@@ -449,7 +450,7 @@ impl ApiClient {
     }
 
     fn parse_reply_head(&self, head: &[u8]) -> Result<(u16, Option<usize>), ClientError> {
-        let (first, headers) = split_head(head).map_err(|e| self.bad_reply(e))?;
+        let (first, headers) = split_head(head).map_err(|e| self.bad_reply(e.to_string()))?;
         let mut parts = first.splitn(3, ' ');
         let version = parts.next().unwrap_or_default();
         let status = parts.next().unwrap_or_default();

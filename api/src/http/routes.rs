@@ -404,14 +404,21 @@ pub fn route_named(method: Method, name: &str) -> Option<&'static Route> {
         .find(|r| r.method == method && r.name() == name)
 }
 
+/// Why a request cannot be put on the wire.
+#[derive(Debug, thiserror::Error)]
+pub enum EncodeError {
+    #[error("cannot encode the request body: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("no route for {method} {name}")]
+    NoRoute { method: Method, name: &'static str },
+}
+
 /// The route and JSON body that carry `request` (the client side of
 /// [`Route::parse`]). Fails only if the request cannot be serialized (a path
 /// that is not UTF-8).
-pub fn encode(request: &ApiRequest) -> Result<(&'static Route, Option<Vec<u8>>), String> {
-    fn json<T: serde::Serialize>(value: &T) -> Result<Option<Vec<u8>>, String> {
-        serde_json::to_vec(value)
-            .map(Some)
-            .map_err(|e| e.to_string())
+pub fn encode(request: &ApiRequest) -> Result<(&'static Route, Option<Vec<u8>>), EncodeError> {
+    fn json<T: serde::Serialize>(value: &T) -> Result<Option<Vec<u8>>, EncodeError> {
+        Ok(Some(serde_json::to_vec(value)?))
     }
     let (method, name, body) = match request {
         ApiRequest::VmmPing => (Method::Get, "vmm.ping", None),
@@ -437,7 +444,7 @@ pub fn encode(request: &ApiRequest) -> Result<(&'static Route, Option<Vec<u8>>),
         ApiRequest::VmSnapshot(r) => (Method::Put, "vm.snapshot", json(r)?),
         ApiRequest::VmRestore(r) => (Method::Put, "vm.restore", json(r)?),
     };
-    let route = route_named(method, name).ok_or_else(|| format!("no route for {method} {name}"))?;
+    let route = route_named(method, name).ok_or(EncodeError::NoRoute { method, name })?;
     Ok((route, body))
 }
 

@@ -533,7 +533,7 @@ struct Head {
 
 fn parse_head(head: &[u8]) -> Result<Head, Response> {
     let bad = |message: String| Response::fatal(400, message);
-    let (first, headers) = split_head(head).map_err(bad)?;
+    let (first, headers) = split_head(head).map_err(|e| bad(e.to_string()))?;
     let mut parts = first.split(' ');
     let (Some(method), Some(target), Some(version), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())

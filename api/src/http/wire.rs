@@ -29,29 +29,41 @@ pub(crate) fn find_head(buf: &[u8]) -> Option<(usize, usize)> {
 /// A start line and its headers.
 pub(crate) type SplitHead<'a> = (&'a str, Vec<(&'a str, &'a str)>);
 
+/// What is wrong with a message head.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum HeadError {
+    #[error("the message head is not UTF-8")]
+    NotUtf8,
+    #[error("empty message head")]
+    Empty,
+    #[error("folded header lines are not supported")]
+    Folded,
+    #[error("header line {0:?} has no colon")]
+    NoColon(String),
+    #[error("bad header name {0:?}")]
+    BadName(String),
+}
+
 /// A message head split into its start line and `(name, value)` headers
 /// (values trimmed). Fails on text that is not UTF-8, on folded header lines
 /// and on lines without a colon.
-pub(crate) fn split_head(head: &[u8]) -> Result<SplitHead<'_>, String> {
-    let text =
-        std::str::from_utf8(head).map_err(|_| "the request head is not UTF-8".to_string())?;
+pub(crate) fn split_head(head: &[u8]) -> Result<SplitHead<'_>, HeadError> {
+    let text = std::str::from_utf8(head).map_err(|_| HeadError::NotUtf8)?;
     let mut lines = text
         .split('\n')
         .map(|l| l.strip_suffix('\r').unwrap_or(l))
         .filter(|l| !l.is_empty());
-    let first = lines
-        .next()
-        .ok_or_else(|| "empty message head".to_string())?;
+    let first = lines.next().ok_or(HeadError::Empty)?;
     let mut headers = Vec::new();
     for line in lines {
         if line.starts_with([' ', '\t']) {
-            return Err("folded header lines are not supported".to_string());
+            return Err(HeadError::Folded);
         }
         let (name, value) = line
             .split_once(':')
-            .ok_or_else(|| format!("header line {:?} has no colon", clip(line)))?;
+            .ok_or_else(|| HeadError::NoColon(clip(line)))?;
         if name.is_empty() || !name.bytes().all(is_token_byte) {
-            return Err(format!("bad header name {:?}", clip(name)));
+            return Err(HeadError::BadName(clip(name)));
         }
         headers.push((name, value.trim_matches([' ', '\t'])));
     }

@@ -263,9 +263,27 @@ fn format_uuid(b: &[u8]) -> String {
     )
 }
 
+/// What is wrong with an ext2/3/4 superblock whose geometry does not fit.
+#[derive(Debug, thiserror::Error)]
+enum SuperblockError {
+    #[error("ext2/3/4 superblock: block size 2^{0} is not between 1 KiB and 64 KiB")]
+    BlockSize(u64),
+    #[error(
+        "ext2/3/4 superblock: {blocks} blocks of {block_size} bytes do not fit in the \
+         partition's {size} bytes"
+    )]
+    TooBig {
+        blocks: u64,
+        block_size: u64,
+        size: u64,
+    },
+    #[error("ext2/3/4 superblock: {per_group} blocks per group make more than {max} block groups")]
+    TooManyGroups { per_group: u64, max: u64 },
+}
+
 /// Whether `partition` holds an ext2/3/4 superblock whose geometry fits
 /// it; Err names what is wrong with one that does not.
-fn check_superblock(disk: &dyn DiskRead, partition: &Partition) -> Result<bool, String> {
+fn check_superblock(disk: &dyn DiskRead, partition: &Partition) -> Result<bool, SuperblockError> {
     let mut sb = [0u8; 1024];
     if partition.size < EXT_SUPERBLOCK + sb.len() as u64
         || disk
@@ -279,10 +297,7 @@ fn check_superblock(disk: &dyn DiskRead, partition: &Partition) -> Result<bool, 
     }
     let log_block = read_u32(&sb, 0x18);
     if log_block > 6 {
-        return Err(format!(
-            "ext2/3/4 superblock: block size 2^{} is not between 1 KiB and 64 KiB",
-            u64::from(log_block) + 10
-        ));
+        return Err(SuperblockError::BlockSize(u64::from(log_block) + 10));
     }
     let block_size = 1024u64 << log_block;
     let is_64bit = read_u32(&sb, 0x60) & 0x80 != 0;
@@ -294,21 +309,21 @@ fn check_superblock(disk: &dyn DiskRead, partition: &Partition) -> Result<bool, 
         .checked_mul(block_size)
         .is_none_or(|b| b > partition.size)
     {
-        return Err(format!(
-            "ext2/3/4 superblock: {blocks} blocks of {block_size} bytes do not fit in the \
-             partition's {} bytes",
-            partition.size
-        ));
+        return Err(SuperblockError::TooBig {
+            blocks,
+            block_size,
+            size: partition.size,
+        });
     }
     let per_group = u64::from(read_u32(&sb, 0x20));
     let groups = blocks
         .saturating_sub(u64::from(read_u32(&sb, 0x14)))
         .checked_div(per_group);
     if groups.is_none_or(|g| g > MAX_BLOCK_GROUPS) {
-        return Err(format!(
-            "ext2/3/4 superblock: {per_group} blocks per group make more than \
-             {MAX_BLOCK_GROUPS} block groups"
-        ));
+        return Err(SuperblockError::TooManyGroups {
+            per_group,
+            max: MAX_BLOCK_GROUPS,
+        });
     }
     Ok(true)
 }
@@ -644,15 +659,14 @@ impl<'a> Tree<'a> {
 
     /// A settings file: None if it is missing, Err if it is there but
     /// cannot be read.
-    fn read_text(&self, path: &str) -> Result<Option<String>, String> {
+    fn read_text(&self, path: &str) -> Result<Option<String>, Miss> {
         let found = match self.resolve(path) {
             Ok(found) => found,
             Err(Lookup::Missing(_)) => return Ok(None),
-            Err(e) => return Err(note(path, &e)),
+            Err(e) => return Err(Miss::Path(note(path, &e))),
         };
-        read_file(&found, MAX_TEXT_BYTES, "settings file")
-            .map(|bytes| Some(String::from_utf8_lossy(&bytes).into_owned()))
-            .map_err(|e| e.to_string())
+        let bytes = read_file(&found, MAX_TEXT_BYTES, "settings file")?;
+        Ok(Some(String::from_utf8_lossy(&bytes).into_owned()))
     }
 
     /// The names in directory `path` (at most MAX_DIR_ENTRIES looked at).
@@ -719,6 +733,28 @@ fn read_initrds(initrds: &[Found], cap: u64) -> Result<Vec<u8>, DiskBootError> {
     Ok(out)
 }
 
+/// Why one way of finding the kernel (or a settings file) found nothing
+/// usable; [`choose_kernel`] lists every way's reason in
+/// [`DiskBootError::NoKernel`].
+#[derive(Debug, thiserror::Error)]
+enum Miss {
+    /// A path that is missing, not a file, or unreadable (see [`note`]).
+    #[error("{0}")]
+    Path(String),
+    #[error("{0}")]
+    Read(#[from] DiskBootError),
+    #[error("/boot/grub/grub.cfg: its default entry ({0}) is not a menu entry with a kernel")]
+    NoGrubEntry(String),
+    #[error("/boot/grub/grub.cfg: entry {title:?}: {why}")]
+    GrubEntry { title: String, why: Box<Miss> },
+    #[error("{0} uses a GRUB variable")]
+    GrubVariable(String),
+    #[error("no linux line")]
+    NoLinuxLine,
+    #[error("/boot has no vmlinuz-*")]
+    NoVmlinuz,
+}
+
 /// What to load, before reading it.
 struct Choice<'a> {
     kernel: Found<'a>,
@@ -736,6 +772,7 @@ fn choose_kernel<'a>(tree: &Tree<'a>) -> Result<Choice<'a>, DiskBootError> {
             Err(note) => notes.push(note),
         }
     }
+    let mut notes: Vec<String> = notes.iter().map(Miss::to_string).collect();
     let last = notes.pop().unwrap_or_default();
     let message = if notes.is_empty() {
         last
@@ -747,12 +784,12 @@ fn choose_kernel<'a>(tree: &Tree<'a>) -> Result<Choice<'a>, DiskBootError> {
 
 const GRUB_CFG: &str = "/boot/grub/grub.cfg";
 
-fn grub_default<'a>(tree: &Tree<'a>) -> Result<Choice<'a>, String> {
+fn grub_default<'a>(tree: &Tree<'a>) -> Result<Choice<'a>, Miss> {
     let cfg = match tree.resolve(GRUB_CFG) {
         Ok(found) => found,
-        Err(e) => return Err(note(GRUB_CFG, &e)),
+        Err(e) => return Err(Miss::Path(note(GRUB_CFG, &e))),
     };
-    let text = read_file(&cfg, MAX_TEXT_BYTES, "GRUB configuration").map_err(|e| e.to_string())?;
+    let text = read_file(&cfg, MAX_TEXT_BYTES, "GRUB configuration")?;
     let text = String::from_utf8_lossy(&text);
     let env = tree.read_text("/boot/grub/grubenv").ok().flatten();
     let saved = env
@@ -760,10 +797,11 @@ fn grub_default<'a>(tree: &Tree<'a>) -> Result<Choice<'a>, String> {
         .and_then(|e| grub::grubenv_value(e, "saved_entry"));
     let menu = grub::parse_grub_cfg(&text, saved);
     let default = menu.default.clone().unwrap_or_else(|| "0".into());
-    let entry = menu.default_entry().ok_or_else(|| {
-        format!("{GRUB_CFG}: its default entry ({default}) is not a menu entry with a kernel")
-    })?;
-    let bad = |m: String| format!("{GRUB_CFG}: entry {:?}: {m}", entry.title);
+    let entry = menu.default_entry().ok_or(Miss::NoGrubEntry(default))?;
+    let bad = |why: Miss| Miss::GrubEntry {
+        title: entry.title.clone(),
+        why: Box::new(why),
+    };
     // GRUB reads paths on its own root: the filesystem grub.cfg is on.
     let grub_tree = Tree {
         root: Some(cfg.fs),
@@ -774,21 +812,20 @@ fn grub_default<'a>(tree: &Tree<'a>) -> Result<Choice<'a>, String> {
             ""
         },
     };
-    let open = |path: &str| -> Result<Found<'a>, String> {
+    let open = |path: &str| -> Result<Found<'a>, Miss> {
         if path.contains('$') {
-            return Err(bad(format!("{path} uses a GRUB variable")));
+            return Err(bad(Miss::GrubVariable(path.to_string())));
         }
         // A device prefix such as `($root)` or `(hd0,gpt2)`: the same filesystem.
         let path = match path.strip_prefix('(') {
             Some(rest) => rest.split_once(')').map(|(_, p)| p).unwrap_or(rest),
             None => path,
         };
-        grub_tree.resolve(path).map_err(|e| bad(note(path, &e)))
+        grub_tree
+            .resolve(path)
+            .map_err(|e| bad(Miss::Path(note(path, &e))))
     };
-    let linux = entry
-        .linux
-        .first()
-        .ok_or_else(|| bad("no linux line".into()))?;
+    let linux = entry.linux.first().ok_or_else(|| bad(Miss::NoLinuxLine))?;
     let kernel = open(linux)?;
     let initrds = entry
         .initrd
@@ -804,14 +841,14 @@ fn grub_default<'a>(tree: &Tree<'a>) -> Result<Choice<'a>, String> {
 }
 
 /// Debian's links, in / (the default) or in /boot (`link_in_boot`).
-fn links<'a>(tree: &Tree<'a>) -> Result<Choice<'a>, String> {
+fn links<'a>(tree: &Tree<'a>) -> Result<Choice<'a>, Miss> {
     let mut first_note = None;
     for dir in ["", "/boot"] {
         let link = format!("{dir}/vmlinuz");
         let kernel = match tree.resolve(&link) {
             Ok(found) => found,
             Err(e) => {
-                first_note.get_or_insert(note(&link, &e));
+                first_note.get_or_insert(Miss::Path(note(&link, &e)));
                 continue;
             }
         };
@@ -819,7 +856,7 @@ fn links<'a>(tree: &Tree<'a>) -> Result<Choice<'a>, String> {
         let initrds = match tree.resolve(&initrd_link) {
             Ok(found) => vec![found],
             Err(Lookup::Missing(p)) if p == initrd_link => Vec::new(),
-            Err(e) => return Err(note(&initrd_link, &e)),
+            Err(e) => return Err(Miss::Path(note(&initrd_link, &e))),
         };
         return Ok(Choice {
             kernel,
@@ -827,27 +864,29 @@ fn links<'a>(tree: &Tree<'a>) -> Result<Choice<'a>, String> {
             source: BootSource::Links,
         });
     }
-    Err(first_note.unwrap_or_default())
+    Err(first_note.unwrap_or(Miss::Path("/vmlinuz".into())))
 }
 
 /// The newest /boot/vmlinuz-VERSION and its /boot/initrd.img-VERSION.
-fn newest<'a>(tree: &Tree<'a>) -> Result<Choice<'a>, String> {
-    let names = tree.list("/boot").map_err(|e| note("/boot", &e))?;
+fn newest<'a>(tree: &Tree<'a>) -> Result<Choice<'a>, Miss> {
+    let names = tree
+        .list("/boot")
+        .map_err(|e| Miss::Path(note("/boot", &e)))?;
     let version = names
         .iter()
         .filter_map(|n| n.strip_prefix("vmlinuz-"))
         .filter(|v| !v.is_empty() && !v.contains(".dpkg-"))
         .max_by(|a, b| grub::compare_versions(a, b))
-        .ok_or_else(|| "/boot has no vmlinuz-*".to_string())?;
+        .ok_or(Miss::NoVmlinuz)?;
     let kernel_path = format!("/boot/vmlinuz-{version}");
     let kernel = tree
         .resolve(&kernel_path)
-        .map_err(|e| note(&kernel_path, &e))?;
+        .map_err(|e| Miss::Path(note(&kernel_path, &e)))?;
     let initrd_path = format!("/boot/initrd.img-{version}");
     let initrds = match tree.resolve(&initrd_path) {
         Ok(found) => vec![found],
         Err(Lookup::Missing(p)) if p == initrd_path => Vec::new(),
-        Err(e) => return Err(note(&initrd_path, &e)),
+        Err(e) => return Err(Miss::Path(note(&initrd_path, &e))),
     };
     Ok(Choice {
         kernel,
@@ -873,7 +912,7 @@ fn guest_cmdline(tree: &Tree, root_uuid: &str) -> Result<String, DiskBootError> 
             match tree.read_text(file) {
                 Ok(Some(text)) => grub::apply_shell_assignments(&text, &mut vars),
                 Ok(None) => {}
-                Err(e) => return Err(DiskBootError::Settings(e)),
+                Err(e) => return Err(DiskBootError::Settings(e.to_string())),
             }
         }
     }

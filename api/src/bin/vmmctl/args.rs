@@ -488,7 +488,7 @@ pub(crate) fn parse_args(
 
 /// A guest NAME: what names its socket.
 fn check_name(command: &'static str, name: &str) -> Result<(), UsageError> {
-    config::validate_name(name).map_err(|e| usage(command, e))
+    config::validate_name(name).map_err(|e| usage(command, e.message))
 }
 
 fn convert(cli: Cli, env_socket: Option<String>) -> Result<Parsed, UsageError> {
