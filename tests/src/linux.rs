@@ -298,6 +298,18 @@ impl LinuxVm {
     }
 }
 
+/// Whether a console line is the kernel's (`[   12.345678] ...`), not the
+/// output of a command the test ran (which may say "error" on purpose).
+fn is_kernel_line(line: &str) -> bool {
+    line.trim_start()
+        .strip_prefix('[')
+        .and_then(|rest| rest.split_once(']'))
+        .is_some_and(|(stamp, _)| {
+            let stamp = stamp.trim();
+            !stamp.is_empty() && stamp.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+        })
+}
+
 /// The kernel log lines (as printed on the console) that report a problem
 /// (matched without regard to case).
 pub fn kernel_complaints(console: &[String]) -> Vec<String> {
@@ -323,7 +335,7 @@ pub fn kernel_complaints(console: &[String]) -> Vec<String> {
     ];
     console
         .iter()
-        .filter(|l| !l.contains("linux-test:"))
+        .filter(|l| is_kernel_line(l))
         .filter(|l| {
             let l = l.to_lowercase();
             PATTERNS.iter().any(|p| l.contains(p))
@@ -387,6 +399,9 @@ mod tests {
             "[   88.47] \tRCU CPU stall warnings timeout set to 300 (rcu_cpu_stall_timeout).",
             "[   34.70] PCI: Using host bridge windows from ACPI; if necessary, use \"pci=nocrs\" and report a bug",
             "linux-test: end c3 rc=1 failed",
+            // A command's own output, however alarming, is not the kernel's.
+            "dd: error writing '/dev/vdb': Operation not permitted",
+            "memloop gen=155 errors=0 clock_errors=0 first_error=-",
         ]
         .iter()
         .map(|s| s.to_string())
