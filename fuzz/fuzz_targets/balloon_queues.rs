@@ -12,10 +12,9 @@ use std::sync::Arc;
 
 use config::BalloonConfig;
 use devices::virtio::balloon::{Balloon, BalloonBackend};
-use devices::virtio::{ActivateContext, VirtioDevice};
+use devices::virtio::VirtioDevice;
 use libfuzzer_sys::fuzz_target;
-use vmm_fuzz::{install_data, memory, CountingInterrupt, Input, QueueSpec, RAM};
-use vmm_sys_util::eventfd::EventFd;
+use vmm_fuzz::{activate_context, Input, RAM};
 
 struct CheckingBackend;
 
@@ -45,23 +44,7 @@ fuzz_target!(|data: &[u8]| {
     let mut balloon = Balloon::new(&config, &RAM, Arc::new(CheckingBackend)).expect("balloon");
     let handle = balloon.handle();
     let acked = input.u64() & balloon.features();
-    let mem = Arc::new(memory());
-    let queues = (0..balloon.queue_max_sizes().len() as u64)
-        .map(|i| {
-            let spec = QueueSpec::decode(&mut input);
-            (
-                spec.install(&mem, i),
-                EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
-            )
-        })
-        .collect();
-    install_data(&mem, input.rest());
-    let context = ActivateContext {
-        memory: mem.clone(),
-        queues,
-        interrupt: Arc::new(CountingInterrupt::default()),
-        acked_features: acked,
-    };
+    let context = activate_context(&mut input, balloon.queue_max_sizes().len() as u64, acked);
     if balloon.activate(context).is_ok() {
         balloon.request_stats();
         let _ = balloon.held_stats_buffer();

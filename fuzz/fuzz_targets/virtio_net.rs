@@ -8,14 +8,12 @@
 #![no_main]
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::Arc;
 
 use config::NetConfig;
 use devices::virtio::net::{Net, Tap, MAX_FRAME_LEN, NET_HDR_LEN};
-use devices::virtio::{ActivateContext, VirtioDevice};
+use devices::virtio::VirtioDevice;
 use libfuzzer_sys::fuzz_target;
-use vmm_fuzz::{install_data, memory, CountingInterrupt, Input, QueueSpec};
-use vmm_sys_util::eventfd::EventFd;
+use vmm_fuzz::{activate_context, Input};
 
 fn socket_pair() -> (OwnedFd, OwnedFd) {
     let mut fds = [0; 2];
@@ -51,23 +49,7 @@ fuzz_target!(|data: &[u8]| {
             libc::send(host_end.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0);
         }
     }
-    let mem = Arc::new(memory());
-    let queues = (0..3)
-        .map(|i| {
-            let spec = QueueSpec::decode(&mut input);
-            (
-                spec.install(&mem, i),
-                EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
-            )
-        })
-        .collect();
-    install_data(&mem, input.rest());
-    let context = ActivateContext {
-        memory: mem.clone(),
-        queues,
-        interrupt: Arc::new(CountingInterrupt::default()),
-        acked_features: acked,
-    };
+    let context = activate_context(&mut input, 3, acked);
     if net.activate(context).is_ok() {
         // Stops the worker once it has served what was queued.
         net.reset();

@@ -6,11 +6,13 @@
 
 use std::io::{self, Read, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
-use devices::virtio::VirtioInterrupt;
+use devices::virtio::{ActivateContext, VirtioInterrupt};
 use devices::GuestMemoryMmap;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::eventfd::EventFd;
 
 /// Reads numbers and byte strings off the fuzz input; past its end every
 /// read gives zeros (or an empty slice), so any input decodes.
@@ -296,5 +298,28 @@ impl vmm::migrate::ReceiveStream for FuzzStream<'_> {
         // that nothing else accesses meanwhile.
         let buf = unsafe { std::slice::from_raw_parts_mut(ptr, len) };
         self.read_exact(buf)
+    }
+}
+
+/// What activates a device in a target: `count` queues laid out from the
+/// input (each with its notification eventfd), then the rest of the input
+/// as data in guest memory, and an interrupt that counts.
+pub fn activate_context(input: &mut Input, count: u64, acked_features: u64) -> ActivateContext {
+    let memory = Arc::new(memory());
+    let queues = (0..count)
+        .map(|i| {
+            let spec = QueueSpec::decode(input);
+            (
+                spec.install(&memory, i),
+                EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
+            )
+        })
+        .collect();
+    install_data(&memory, input.rest());
+    ActivateContext {
+        memory,
+        queues,
+        interrupt: Arc::new(CountingInterrupt::default()),
+        acked_features,
     }
 }
