@@ -11,7 +11,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use api::http::ApiClient;
-use api::request::{MigrationParameters, MigrationStatus, SendMigrationRequest};
+use api::request::{MigrationParameters, MigrationPhase, MigrationStatus, SendMigrationRequest};
 use migration::auth;
 use migration::protocol::{self, Empty, ErrorMessage, Kind};
 
@@ -179,6 +179,11 @@ pub fn wait_status(
         std::thread::sleep(Duration::from_millis(20));
     }
     panic!("migration never reached {what}; last status: {last:#?}");
+}
+
+/// [`wait_status`] until the migration failed.
+pub fn wait_failed(api: &ApiClient, timeout: Duration, what: &str) -> MigrationStatus {
+    wait_status(api, timeout, what, |s| s.phase == MigrationPhase::Failed)
 }
 
 pub fn pages_pass(vmm: &mut Vmm) -> u64 {

@@ -133,9 +133,7 @@ fn a_wrong_token_is_refused_and_both_sides_run_on() {
         MigrationParameters::default(),
     ))
     .unwrap();
-    let status = wait_status(&api, MIGRATE, "failure", |s| {
-        s.phase == MigrationPhase::Failed
-    });
+    let status = wait_failed(&api, MIGRATE, "failure");
     let error = status.error.unwrap_or_default();
     assert!(error.contains("token"), "{error}");
     // The source still runs, memory intact.
@@ -177,9 +175,7 @@ fn a_target_killed_mid_stream_leaves_the_source_running_intact() {
         s.phase == MigrationPhase::Active && s.transferred_bytes > 1 << 20
     });
     pair.target.signal(libc::SIGKILL);
-    let status = wait_status(&api, MIGRATE, "failure", |s| {
-        s.phase == MigrationPhase::Failed
-    });
+    let status = wait_failed(&api, MIGRATE, "failure");
     assert!(status.error.is_some(), "{status:#?}");
     assert_eq!(api.info().unwrap().state, api::request::VmState::Running);
     let before = pages_pass(&mut pair.source);
@@ -242,9 +238,7 @@ fn cancel_and_timeout_leave_the_source_running() {
         },
     ))
     .unwrap();
-    let status = wait_status(&api, MIGRATE, "timeout", |s| {
-        s.phase == MigrationPhase::Failed
-    });
+    let status = wait_failed(&api, MIGRATE, "timeout");
     assert!(status.error.unwrap_or_default().contains("timed out"));
     assert_eq!(target2.exit_code(SHORT), EXIT_ERROR);
     pages_pass(&mut pair.source);

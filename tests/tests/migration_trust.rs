@@ -46,9 +46,7 @@ fn a_target_without_the_token_gets_only_a_nonce_and_a_proof_and_the_source_runs_
             MigrationParameters::default(),
         ))
         .unwrap();
-        let status = wait_status(&api, MIGRATE, "failure", |s| {
-            s.phase == MigrationPhase::Failed
-        });
+        let status = wait_failed(&api, MIGRATE, "failure");
         let error = status.error.unwrap_or_default();
         assert!(
             error.contains("target failed authentication"),
@@ -132,9 +130,7 @@ fn tls_migration_works_and_peers_from_another_ca_are_refused() {
     for tls_dir in [Some(bad.clone()), None] {
         request.tls_dir = tls_dir.clone().map(Into::into);
         api.send_migration(&request).unwrap();
-        let status = wait_status(&api, MIGRATE, "failure", |s| {
-            s.phase == MigrationPhase::Failed
-        });
+        let status = wait_failed(&api, MIGRATE, "failure");
         assert!(status.error.is_some(), "{tls_dir:?}: {status:#?}");
         source_runs_intact(&mut pair.source);
         assert!(pair.target.wait_exit(Duration::from_millis(200)).is_none());
@@ -156,9 +152,7 @@ fn tls_migration_works_and_peers_from_another_ca_are_refused() {
     let mut to_rogue = send(&rogue_listen, TOKEN, MigrationParameters::default());
     to_rogue.tls_dir = Some(good.clone().into());
     api.send_migration(&to_rogue).unwrap();
-    let status = wait_status(&api, MIGRATE, "failure", |s| {
-        s.phase == MigrationPhase::Failed
-    });
+    let status = wait_failed(&api, MIGRATE, "failure");
     let error = status.error.unwrap_or_default();
     assert!(error.contains("target failed authentication"), "{error}");
     source_runs_intact(&mut pair.source);
@@ -251,9 +245,7 @@ fn a_switch_over_cannot_run_two_copies() {
         MigrationPhase::SwitchOver
     );
     refused_while(&api, "switch-over");
-    let status = wait_status(&api, MIGRATE, "an undecided end", |s| {
-        s.phase == MigrationPhase::Failed
-    });
+    let status = wait_failed(&api, MIGRATE, "an undecided end");
     assert!(
         status.error.unwrap_or_default().contains("may already run"),
         "undecided must say so"
@@ -679,9 +671,7 @@ fn a_peers_words_reach_logs_and_terminals_escaped() {
         MigrationParameters::default(),
     ))
     .unwrap();
-    let status = wait_status(&api, MIGRATE, "failure", |s| {
-        s.phase == MigrationPhase::Failed
-    });
+    let status = wait_failed(&api, MIGRATE, "failure");
     let error = status.error.unwrap_or_default();
     assert!(error.contains("the peer reported: no room\\n"), "{error}");
     assert!(!error.chars().any(char::is_control), "{error:?}");
